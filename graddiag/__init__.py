@@ -1,0 +1,38 @@
+"""graddiag: per-layer gradient diagnostics for PyTorch and PyTorch Lightning.
+
+It records per-layer gradient norms while training runs, flags vanishing, exploding,
+non-finite and missing gradients, saturated and dead activations, explains the likely cause
+and suggests what to try.
+"""
+
+from graddiag.activations import ActivationRegistry, ActivationSpec, default_registry
+from graddiag.config import MonitorConfig
+from graddiag.errors import GradientAlarm
+from graddiag.findings import FINDING_KINDS, Finding
+from graddiag.monitor import GradientMonitor, StepReport
+from graddiag.records import ActivationRecord, StepRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FINDING_KINDS",
+    "ActivationRecord",
+    "ActivationRegistry",
+    "ActivationSpec",
+    "Finding",
+    "GradientAlarm",
+    "GradientDiagnostics",
+    "GradientMonitor",
+    "MonitorConfig",
+    "StepRecord",
+    "StepReport",
+    "default_registry",
+]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy import keeps Lightning optional for plain loops
+    if name == "GradientDiagnostics":
+        from graddiag.callback import GradientDiagnostics
+
+        return GradientDiagnostics
+    raise AttributeError(f"module 'graddiag' has no attribute {name!r}")

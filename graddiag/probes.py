@@ -1,0 +1,196 @@
+"""Probes read numbers off the model on recorded steps: per-layer gradient and parameter norms.
+
+Norms are computed with one fused ``torch._foreach_norm`` per (device, dtype) group,
+accumulated in float32, and aggregated per layer on the device. Nothing here copies to the
+host: the monitor gathers every probe's tensors into one transfer (:mod:`graddiag.transfer`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from graddiag.layers import LayerIndex, is_dtensor
+
+@dataclass
+class GradientReading:
+    """Device-side result of one gradient read, plus what is known on the host already."""
+
+    layer_norms: torch.Tensor  # (L,) float32 on device; 0 for layers without gradients
+    has_grad: list[bool]  # per layer: at least one parameter has a gradient
+    missing: dict[int, list[str]] = field(default_factory=dict)  # layer -> params without grad
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_sparse:
+        tensor = tensor.coalesce().values()
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def _group_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    if is_dtensor(tensor):
+        return (tensor.device, tensor.dtype, id(tensor.device_mesh), tuple(tensor.placements))
+    return (tensor.device, tensor.dtype, None, None)
+
+
+def _norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
+    """Per-tensor p-norms as one float32 vector on the tensors' device."""
+    return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
+
+
+def _reduce_sharded(contrib: torch.Tensor, sample: torch.Tensor, p: float) -> None:
+    """Combine per-shard contributions of DTensors into the full tensor's (in place)."""
+    mesh = sample.device_mesh
+    op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
+    for dim, placement in enumerate(sample.placements):
+        if placement.is_shard():
+            dist.all_reduce(contrib, op=op, group=mesh.get_group(dim))
+
+
+class LayerNormAggregator:
+    """Computes per-layer p-norms of many tensors with fused kernels, on device.
+
+    The norm of a layer is the p-norm of all its tensors' elements together:
+    ``(sum_i ||t_i||_p^p)^(1/p)``, or the largest ``||t_i||_inf`` for ``p = inf``.
+    """
+
+    def __init__(self, n_layers: int, p: float) -> None:
+        self.n_layers = n_layers
+        self.p = p
+        self._index_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def _index(self, device: torch.device, layer_ids: list[int]) -> torch.Tensor:
+        key = (device, tuple(layer_ids))
+        index = self._index_cache.get(key)
+        if index is None:
+            if len(self._index_cache) > 64:
+                self._index_cache.clear()
+            index = torch.tensor(layer_ids, dtype=torch.long).to(device, non_blocking=True)
+            self._index_cache[key] = index
+        return index
+
+    def __call__(self, tensors: list[torch.Tensor], layer_ids: list[int]) -> torch.Tensor:
+        """Per-layer norms, a float32 ``(n_layers,)`` tensor on the first tensor's device."""
+        groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int], torch.Tensor]] = {}
+        for tensor, lid in zip(tensors, layer_ids):
+            key = _group_key(tensor)
+            entry = groups.get(key)
+            if entry is None:
+                entry = groups[key] = ([], [], tensor)
+            entry[0].append(_local(tensor))
+            entry[1].append(lid)
+        p = self.p
+        total: torch.Tensor | None = None
+        for local_tensors, lids, sample in groups.values():
+            device = local_tensors[0].device
+            norms = _norms(local_tensors, p)
+            index = self._index(device, lids)
+            contrib = torch.zeros(self.n_layers, dtype=torch.float32, device=device)
+            if math.isinf(p):
+                contrib.scatter_reduce_(0, index, norms, "amax", include_self=True)
+            else:
+                contrib.index_add_(0, index, norms if p == 1.0 else norms.pow(p))
+            if is_dtensor(sample):
+                _reduce_sharded(contrib, sample, p)
+            if total is None:
+                total = contrib
+            else:
+                contrib = contrib.to(total.device, non_blocking=True)
+                total = torch.maximum(total, contrib) if math.isinf(p) else total + contrib
+        if total is None:
+            return torch.zeros(self.n_layers, dtype=torch.float32)
+        if math.isinf(p) or p == 1.0:
+            return total
+        return total.pow(1.0 / p)
+
+
+class GradientProbe:
+    """Reads each layer's gradient norm; notes parameters that got no gradient."""
+
+    def __init__(self, index: LayerIndex, norm_type: float) -> None:
+        self._flat = [
+            (lid, name, param)
+            for lid, layer in enumerate(index.layers)
+            for name, param in zip(layer.param_names, layer.params)
+        ]
+        self._n_layers = len(index)
+        self._aggregate = LayerNormAggregator(self._n_layers, norm_type)
+
+    def read(self, grad_scale: torch.Tensor | None = None) -> GradientReading:
+        """Read the current ``.grad`` of every monitored parameter.
+
+        Args:
+            grad_scale: If gradients are still multiplied by an AMP loss scale, the scale
+                (a device tensor); norms are divided by it on device, without a host sync.
+        """
+        grads: list[torch.Tensor] = []
+        lids: list[int] = []
+        has_grad = [False] * self._n_layers
+        missing: dict[int, list[str]] = {}
+        for lid, name, param in self._flat:
+            if not param.requires_grad:  # frozen after discovery: never flagged
+                continue
+            grad = param.grad
+            if grad is None:
+                missing.setdefault(lid, []).append(name)
+                continue
+            grads.append(grad)
+            lids.append(lid)
+            has_grad[lid] = True
+        norms = self._aggregate(grads, lids) if grads else torch.zeros(self._n_layers)
+        if grad_scale is not None:
+            norms = norms / grad_scale.to(norms.device, torch.float32)
+        return GradientReading(norms, has_grad, missing)
+
+    def nonfinite_elements(self, layer_ids: set[int]) -> dict[int, dict[str, int]]:
+        """Count NaN/Inf elements per parameter of the given layers (slow path, anomalies only)."""
+        entries = [
+            (lid, name, param.grad)
+            for lid, name, param in self._flat
+            if lid in layer_ids and param.grad is not None
+        ]
+        if not entries:
+            return {}
+        counts = torch.stack(
+            [(~torch.isfinite(_local(g))).sum().to(entries[0][2].device) for _, _, g in entries]
+        ).tolist()
+        result: dict[int, dict[str, int]] = {}
+        for (lid, name, _), count in zip(entries, counts):
+            if count:
+                result.setdefault(lid, {})[name] = int(count)
+        return result
+
+
+class ParameterProbe:
+    """Reads each layer's parameter norm and the size of its update since the last read.
+
+    The update ratio ``||w_now - w_then|| / ||w_now||`` needs a copy of the monitored weights,
+    kept on their device and refreshed on every read.
+    """
+
+    def __init__(self, index: LayerIndex) -> None:
+        self._params = [p for layer in index.layers for p in layer.params]
+        self._lids = [lid for lid, layer in enumerate(index.layers) for _ in layer.params]
+        self._aggregate = LayerNormAggregator(len(index), 2.0)
+        self._snapshot: list[torch.Tensor] | None = None
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-layer parameter norms, and per-layer update norms (``None`` on the first read)."""
+        with torch.no_grad():
+            params = [p.detach() for p in self._params]
+            norms = self._aggregate(params, self._lids)
+            update = None
+            if self._snapshot is None:
+                self._snapshot = [p.clone() for p in params]
+            else:
+                update = self._aggregate(torch._foreach_sub(params, self._snapshot), self._lids)
+                torch._foreach_copy_(self._snapshot, params)
+        return norms, update
+
+    def reset(self) -> None:
+        """Forget the weight copy (frees its memory)."""
+        self._snapshot = None

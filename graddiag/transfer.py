@@ -1,0 +1,30 @@
+"""Moving measurements to the host: everything a recorded step measured travels in one copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _copy_to_host(flat: torch.Tensor) -> np.ndarray:
+    """The single device-to-host copy of a recorded step (tests count calls to this)."""
+    return flat.detach().to("cpu", torch.float64).numpy().copy()
+
+
+def to_host(chunks: list[torch.Tensor]) -> list[np.ndarray]:
+    """Concatenate device tensors, copy them to the host once, and split them again.
+
+    Args:
+        chunks: Small tensors, possibly on different devices (they are first gathered on the
+            device of the first one, device-to-device, without a host sync).
+
+    Returns:
+        One float64 numpy array per chunk, flattened.
+    """
+    if not chunks:
+        return []
+    home = chunks[0].device
+    flat = torch.cat([c.detach().reshape(-1).to(home, torch.float32) for c in chunks])
+    host = _copy_to_host(flat)
+    sizes = [c.numel() for c in chunks]
+    return list(np.split(host, np.cumsum(sizes)[:-1]))
