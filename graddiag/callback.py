@@ -87,7 +87,7 @@ class GradientDiagnostics(Callback):
         no_gradient_patience: int = 3,
         derivative_floor: float = 0.01,
         saturated_fraction: float = 0.5,
-        dead_fraction: float = 0.5,
+        dead_fraction: float = 0.7,
         activation_patience: int = 2,
         on_nonfinite: Action = "warn",
         on_exploding: Action = "warn",

@@ -76,7 +76,7 @@ class MonitorConfig:
     no_gradient_patience: int = 3
     derivative_floor: float = 0.01
     saturated_fraction: float = 0.5
-    dead_fraction: float = 0.5
+    dead_fraction: float = 0.7
     activation_patience: int = 2
     on_nonfinite: Action = "warn"
     on_exploding: Action = "warn"
@@ -113,7 +113,7 @@ class MonitorConfig:
         unknown = [k for k in self.ignore if k not in FINDING_KINDS]
         if unknown:
             raise ValueError(
-                f"ignore must list finding kinds from {list(FINDING_KINDS)}, got unknown {unknown}"
+                f"ignore must list finding kinds from {list(FINDING_KINDS)}, got {unknown}"
             )
 
     @classmethod

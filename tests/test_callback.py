@@ -1,0 +1,156 @@
+"""GradientDiagnostics inside a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import CSVLogger
+
+from graddiag import GradientAlarm, GradientDiagnostics
+from graddiag.data import DigitsDataModule
+from graddiag.models import DeepMLP
+from tests.helpers import quiet_trainer
+
+
+class NaNAt(DeepMLP):
+    """A DeepMLP whose loss turns NaN on one optimizer step."""
+
+    def __init__(self, bad_step: int, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.bad_step = bad_step
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.global_step == self.bad_step:
+            loss = loss * torch.tensor(float("nan"))
+        return loss
+
+
+def _fit(model: pl.LightningModule, cb: GradientDiagnostics, steps: int, **trainer) -> pl.Trainer:  # noqa: ANN003
+    pl.seed_everything(0, verbose=False)
+    t = quiet_trainer(max_steps=steps, callbacks=[cb], **trainer)
+    t.fit(model, DigitsDataModule(batch_size=32))
+    return t
+
+
+def test_callback_finds_vanishing_and_names_layers_relative_to_the_module() -> None:
+    cb = GradientDiagnostics(activation_every_n_steps=5)
+    model = DeepMLP(depth=10, width=32, activation="sigmoid", optimizer="sgd", lr=0.1)
+    _fit(model, cb, 30)
+    h = cb.history
+    assert sorted(h.step.unique()) == list(range(30))  # one record per optimizer step
+    assert h.layer.iloc[0] == "net.0"
+    assert {"step", "layer", "grad_norm"} <= set(h.columns)
+    assert any(f.kind == "vanishing" and f.layer == "net.0" for f in cb.findings)
+    assert cb.activation_history.site.iloc[0] == "net.1"
+    summary = cb.summary()
+    assert summary.layer.iloc[0] == "net.0" and summary.first_finding.iloc[0] == "vanishing"
+
+
+def test_findings_are_logged_once_as_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    cb = GradientDiagnostics(activation_every_n_steps=0)
+    with caplog.at_level(logging.WARNING, logger="graddiag"):
+        _fit(DeepMLP(depth=10, width=32, activation="sigmoid", optimizer="sgd", lr=0.1), cb, 30)
+    lines = [r.getMessage() for r in caplog.records if "[vanishing]" in r.getMessage()]
+    assert len(lines) == len([f for f in cb.findings if f.kind == "vanishing"])
+    assert any("layer 'net.0'" in line and "Try:" in line for line in lines)
+
+
+def test_scalars_go_through_the_trainer_logger_at_its_interval(tmp_path: Path) -> None:
+    cb = GradientDiagnostics(activation_every_n_steps=0, param_every_n_steps=0)
+    logger = CSVLogger(tmp_path, name="run")
+    _fit(DeepMLP(depth=2, width=16), cb, 12, logger=logger, log_every_n_steps=4)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    logged = {int(r["step"]): float(r["graddiag/grad_norm/net.0"])
+              for r in rows if r.get("graddiag/grad_norm/net.0")}
+    assert sorted(logged) == [0, 4, 8]
+    h = cb.history
+    for step, value in logged.items():
+        expected = h[(h.step == step) & (h.layer == "net.0")].grad_norm.item()
+        assert value == pytest.approx(expected, rel=1e-6)
+
+
+def test_works_without_logger() -> None:
+    cb = GradientDiagnostics()
+    _fit(DeepMLP(depth=2, width=16), cb, 5, logger=False)
+    assert len(cb.history) == 5 * 3
+
+
+def _first_layer_weight(model: DeepMLP) -> torch.Tensor:
+    return model.net[0].weight.detach().clone()
+
+
+def test_skip_applies_nothing_on_a_nonfinite_step() -> None:
+    model = NaNAt(bad_step=3, depth=2, width=16)
+    cb = GradientDiagnostics(on_nonfinite="skip")
+    _fit(model, cb, 6)
+    assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+    assert [f.kind for f in cb.findings] == ["nonfinite"]
+    assert cb.findings[0].step == 3
+
+
+def test_warn_lets_the_nan_through() -> None:
+    model = NaNAt(bad_step=3, depth=2, width=16, optimizer="sgd")
+    _fit(model, GradientDiagnostics(), 6)
+    assert not torch.isfinite(model.net[0].weight).all()
+
+
+def test_stop_ends_training_cleanly_at_the_bad_step() -> None:
+    model = NaNAt(bad_step=3, depth=2, width=16)
+    trainer = _fit(model, GradientDiagnostics(on_nonfinite="stop"), 50)
+    assert trainer.global_step <= 4
+    assert torch.isfinite(model.net[0].weight).all()
+
+
+def test_raise_raises_gradient_alarm() -> None:
+    with pytest.raises(GradientAlarm, match="nonfinite"):
+        _fit(NaNAt(bad_step=2, depth=2, width=16), GradientDiagnostics(on_nonfinite="raise"), 10)
+
+
+def test_nonfinite_origin_is_the_layer_nearest_the_loss() -> None:
+    class BadMiddle(DeepMLP):
+        def forward(self, x):  # noqa: ANN001, ANN201
+            h = self.net[1](self.net[0](x))
+            h = _InfGrad.apply(h) if self.global_step == 1 else h
+            for m in list(self.net)[2:]:
+                h = m(h)
+            return h
+
+    model = BadMiddle(depth=3, width=8)
+    cb = GradientDiagnostics(on_nonfinite="skip", activation_every_n_steps=0)
+    _fit(model, cb, 3)
+    found = [f for f in cb.findings if f.kind == "nonfinite"]
+    assert [f.layer for f in found] == ["net.0"]
+    assert found[0].details["upstream_affected"] == 0
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad * float("inf")
+
+
+def test_frozen_parameters_are_never_flagged_and_unused_ones_are() -> None:
+    class Partial(DeepMLP):
+        def __init__(self) -> None:
+            super().__init__(depth=2, width=16)
+            self.unused = torch.nn.Linear(4, 4)
+            self.frozen = torch.nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+
+    cb = GradientDiagnostics(activation_every_n_steps=0)
+    _fit(Partial(), cb, 5)
+    flagged = [(f.kind, f.layer) for f in cb.findings]
+    assert flagged == [("no_gradient", "unused")]
+    assert "frozen" not in set(cb.history.layer)

@@ -1,0 +1,165 @@
+"""Rules fed with sequences of numbers (table-driven), including 0, NaN and inf."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from graddiag.config import MonitorConfig
+from graddiag.records import ActivationRecord, StepRecord
+from graddiag.rules import (
+    ExplodingRule,
+    NoGradientRule,
+    NonfiniteRule,
+    Onsets,
+    RuleSet,
+    VanishingRule,
+)
+from graddiag.activation_rules import DeadReluRule, SaturatedRule
+
+NAN, INF = math.nan, math.inf
+
+
+def record(step: int, norms: list[float], *, missing: dict[int, list[str]] | None = None,
+           amp_overflow: bool = False) -> StepRecord:
+    values = np.array(norms, dtype=float)
+    has_grad = np.ones(len(norms), dtype=bool)
+    for i in missing or {}:
+        has_grad[i] = False
+        values[i] = NAN
+    nonfinite = {i: {"weight": 1} for i, v in enumerate(values) if has_grad[i] and not math.isfinite(v)}
+    return StepRecord(step, [f"l{i}" for i in range(len(norms))], values, has_grad,
+                      missing=missing or {}, nonfinite=nonfinite, amp_overflow=amp_overflow)
+
+
+def run(rule, sequence):  # noqa: ANN001, ANN201
+    out = []
+    for step, norms in enumerate(sequence):
+        found = rule.update(norms if isinstance(norms, StepRecord) else record(step, norms))
+        out.extend((f.kind, f.layer, f.step) for f in found)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("sequence", "expected"),
+    [
+        # relative: layer 0 at 1e-6 of layer 1 for 3 steps -> reported once, at step 2
+        ([[1e-6, 1.0]] * 5, [("vanishing", "l0", 2)]),
+        # a dip shorter than the patience is not reported
+        ([[1e-6, 1.0], [1e-6, 1.0], [0.5, 1.0], [1e-6, 1.0]], []),
+        # ends and begins again -> reported twice
+        ([[1e-6, 1.0]] * 3 + [[0.5, 1.0]] + [[1e-6, 1.0]] * 3,
+         [("vanishing", "l0", 2), ("vanishing", "l0", 6)]),
+        # exactly zero gradient counts as vanishing
+        ([[0.0, 1.0]] * 3, [("vanishing", "l0", 2)]),
+        # absolute floor: everything tiny
+        ([[1e-14, 1e-14]] * 3, [("vanishing", "l0", 2), ("vanishing", "l1", 2)]),
+        # NaN/inf layers are not vanishing, and do not make others vanish
+        ([[NAN, 1.0, INF]] * 4, []),
+        # healthy ratios
+        ([[0.01, 1.0]] * 10, []),
+    ],
+)
+def test_vanishing(sequence: list[list[float]], expected: list[tuple[str, str, int]]) -> None:
+    assert run(VanishingRule(1e-12, 1e-4, patience=3), sequence) == expected
+
+
+@pytest.mark.parametrize(
+    ("sequence", "expected"),
+    [
+        ([[1.0]] * 6 + [[500.0]], [("exploding", "l0", 6)]),  # 500x its median
+        ([[1.0]] * 6 + [[50.0]], []),  # 50x is below the factor
+        ([[2e4]], [("exploding", "l0", 0)]),  # absolute ceiling, no history needed
+        ([[1.0]] * 3 + [[500.0]], []),  # too little history for a median
+        ([[0.0]] * 6 + [[1.0]], []),  # a zero median never makes a jump
+        ([[1.0]] * 6 + [[INF]], []),  # non-finite belongs to the nonfinite rule
+        ([[1.0]] * 6 + [[500.0], [600.0], [1.0], [700.0]],
+         [("exploding", "l0", 6), ("exploding", "l0", 9)]),
+    ],
+)
+def test_exploding(sequence: list[list[float]], expected: list[tuple[str, str, int]]) -> None:
+    assert run(ExplodingRule(1e4, 100.0, window=20, patience=1), sequence) == expected
+
+
+def test_exploding_patience_needs_consecutive_steps() -> None:
+    rule = ExplodingRule(10.0, 100.0, window=20, patience=2)
+    assert run(rule, [[20.0], [1.0], [20.0], [30.0]]) == [("exploding", "l0", 3)]
+
+
+def test_nonfinite_names_the_layer_nearest_the_loss_once_per_onset() -> None:
+    rule = NonfiniteRule()
+    steps = [[NAN, INF, 1.0], [NAN, NAN, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, NAN]]
+    found = []
+    for s, norms in enumerate(steps):
+        found.extend(rule.update(record(s, norms)))
+    assert [(f.layer, f.step) for f in found] == [("l1", 0), ("l2", 3)]
+    assert found[0].details["upstream_affected"] == 1
+    assert found[1].details["upstream_affected"] == 0
+
+
+def test_nonfinite_active_flag_follows_every_bad_step() -> None:
+    rule = NonfiniteRule()
+    actives = []
+    for s, norms in enumerate([[NAN], [NAN], [1.0]]):
+        rule.update(record(s, norms))
+        actives.append(rule.active)
+    assert actives == [True, True, False]
+
+
+def test_amp_overflow_is_not_an_alarm_until_it_persists() -> None:
+    rule = NonfiniteRule()
+    found = []
+    for s in range(NonfiniteRule.amp_overflow_limit + 2):
+        found.extend(rule.update(record(s, [INF], amp_overflow=True)))
+    assert [f.step for f in found] == [NonfiniteRule.amp_overflow_limit - 1]
+    assert "consecutive AMP steps" in found[0].message
+
+
+def test_no_gradient_with_patience() -> None:
+    rule = NoGradientRule(patience=2)
+    first = rule.update(record(0, [1.0, 1.0], missing={1: ["weight"]}))
+    second = rule.update(record(1, [1.0, 1.0], missing={1: ["weight"]}))
+    third = rule.update(record(2, [1.0, 1.0], missing={1: ["weight"]}))
+    assert first == [] and third == []
+    assert [(f.layer, f.step) for f in second] == [("l1", 1)]
+    assert "['weight']" in second[0].message and "straight-through" in second[0].remedy
+
+
+def test_onsets_state_round_trip() -> None:
+    a = Onsets(2)
+    a.observe("x", True)
+    b = Onsets(2)
+    b.load_state_dict(a.state_dict())
+    assert b.observe("x", True) is True
+
+
+def _acts(step: int, saturated: float, dead: float) -> StepRecord:
+    r = record(step, [1.0])
+    r.activations = ActivationRecord(
+        sites=["s", "r"], kinds=["sigmoid", "relu"], families=["saturating", "rectifier"],
+        saturated=np.array([saturated, 0.4]), dead=np.array([0.0, dead]),
+        gain=np.array([0.01, 0.3]), calls=np.array([1.0, 1.0]),
+    )
+    return r
+
+
+def test_activation_rules_count_only_activation_records() -> None:
+    sat, dead = SaturatedRule(0.5, patience=2), DeadReluRule(0.5, patience=2)
+    seq = [_acts(0, 0.9, 0.8), record(1, [1.0]), _acts(2, 0.95, 0.7), _acts(4, 0.1, 0.1)]
+    assert run(sat, seq) == [("saturated", "s", 2)]
+    assert run(dead, seq) == [("dead_relu", "r", 2)]
+
+
+def test_ruleset_ignores_kinds() -> None:
+    rules = RuleSet(MonitorConfig(ignore=("vanishing",), vanishing_patience=1))
+    assert rules.update(record(0, [0.0, 1.0])) == []
+    rules = RuleSet(MonitorConfig(vanishing_patience=1))
+    assert [f.kind for f in rules.update(record(0, [0.0, 1.0]))] == ["vanishing"]
+
+
+def test_constant_healthy_sequence_never_flags() -> None:
+    rules = RuleSet(MonitorConfig())
+    for s in range(200):
+        assert rules.update(record(s, [0.3, 0.5, 1.2])) == []
