@@ -199,6 +199,8 @@ default_registry = _build_default()
 ZERO_GRADIENT_OPS = frozenset({"round", "floor", "ceil", "trunc", "sign", "round_", "floor_",
                                "ceil_", "trunc_", "sign_"})
 
+_ATTRIBUTE_ACCESS = frozenset({"__get__", "__set__", "size", "dim", "numel", "is_floating_point"})
+
 
 def _unit_dim(ndim: int) -> int:
     return 1 if ndim in (4, 5) else ndim - 1
@@ -403,6 +405,8 @@ class ActivationProbe:
         if not needs_grad:
             return
         op = getattr(func, "__name__", str(func))
+        if op in _ATTRIBUTE_ACCESS:
+            return
         cut = isinstance(result, torch.Tensor) and not result.requires_grad
         if cut or op in ZERO_GRADIENT_OPS:
             caller, _ = self._caller()

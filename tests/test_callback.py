@@ -154,3 +154,30 @@ def test_frozen_parameters_are_never_flagged_and_unused_ones_are() -> None:
     flagged = [(f.kind, f.layer) for f in cb.findings]
     assert flagged == [("no_gradient", "unused")]
     assert "frozen" not in set(cb.history.layer)
+
+
+def test_activation_statistics_are_logged_and_hooks_are_gone_after_fit(tmp_path: Path) -> None:
+    cb = GradientDiagnostics(activation_every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="acts")
+    model = DeepMLP(depth=2, width=16, activation="tanh")
+    _fit(model, cb, 5, logger=logger, log_every_n_steps=2)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    saturated = {int(r["step"]): float(r["graddiag/saturated/net.1"])
+                 for r in rows if r.get("graddiag/saturated/net.1")}
+    acts = cb.activation_history
+    assert sorted(saturated) == [0, 2, 4] == sorted(acts.step.unique())
+    for step, value in saturated.items():
+        expected = acts[(acts.step == step) & (acts.site == "net.1")].saturated_fraction.item()
+        assert value == pytest.approx(expected)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_dead_relu_vanishing_is_explained_with_dead_relu_remedies_first() -> None:
+    cb = GradientDiagnostics(activation_every_n_steps=2)
+    _fit(DeepMLP(depth=4, width=32, activation="relu", init="kaiming", bias_init=-3.0), cb, 24)
+    kinds = {f.kind for f in cb.findings}
+    assert "dead_relu" in kinds
+    vanishing = [f for f in cb.findings if f.kind == "vanishing"]
+    assert vanishing  # upstream layers starve behind the dead units, which are named the cause
+    assert vanishing[0].remedy.startswith("lower the learning rate; initialise biases")

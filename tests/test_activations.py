@@ -1,0 +1,211 @@
+"""Activation statistics against naive references, functional == module, and hook hygiene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graddiag import ActivationSpec, GradientMonitor, default_registry
+from graddiag.activations import ActivationProbe
+
+FLOOR = 0.01
+
+MODULES = [
+    nn.Sigmoid(), nn.Tanh(), nn.ReLU(), nn.LeakyReLU(0.05), nn.ReLU6(), nn.Hardtanh(-2.0, 2.0),
+    nn.Hardsigmoid(), nn.ELU(alpha=0.7), nn.GELU(), nn.SiLU(),
+]
+
+
+def _stats(module: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    probe = ActivationProbe(nn.Sequential(module), derivative_floor=FLOOR)
+    probe.arm()
+    probe.root(x)
+    probe.disarm()
+    chunks, finish = probe.collect()
+    record = finish([c.detach().double().numpy().reshape(-1) for c in chunks])
+    assert record.sites == ["0"]
+    return {"saturated": float(record.saturated[0]), "dead": float(record.dead[0]),
+            "gain": float(record.gain[0])}
+
+
+def _autograd_derivative(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().double().requires_grad_(True)
+    module.double()(x).sum().backward()
+    module.float()
+    return x.grad.abs()
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: type(m).__name__)
+def test_statistics_match_autograd_derivatives(module: nn.Module) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 16) * 4
+    x[:, :3] = -torch.rand(32, 3) * 5 - 8  # three units always very negative
+    d = _autograd_derivative(module, x)
+    stats = _stats(module, x)
+    assert stats["gain"] == pytest.approx(d.mean().item(), rel=1e-4)
+    assert stats["saturated"] == pytest.approx((d < FLOOR).double().mean().item(), abs=1e-6)
+    dead_units = (d < FLOOR).all(dim=0).double().mean().item()
+    assert stats["dead"] == pytest.approx(dead_units, abs=1e-6)
+
+
+def test_hand_computed_sigmoid_saturation() -> None:
+    # sigmoid'(x) = s(1-s): at |x| = 5 it is 0.0066 < 0.01, at 0 it is 0.25
+    x = torch.tensor([[-10.0, -5.0, 0.0, 5.0, 10.0]])
+    stats = _stats(nn.Sigmoid(), x)
+    assert stats["saturated"] == pytest.approx(4 / 5)
+    s = torch.sigmoid(x.double())
+    assert stats["gain"] == pytest.approx((s * (1 - s)).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("module", [nn.Sigmoid(), nn.Tanh()], ids=["sigmoid", "tanh"])
+def test_low_precision_outputs_use_exact_thresholds(dtype: torch.dtype, module: nn.Module) -> None:
+    x = torch.linspace(-6, 6, 241).reshape(1, -1).to(dtype)
+    y = module(x).double()  # the rounded low-precision outputs, in float64
+    d = y * (1 - y) if isinstance(module, nn.Sigmoid) else 1 - y * y
+    stats = _stats(module, x)
+    assert stats["saturated"] == pytest.approx((d < FLOOR).double().mean().item(), abs=1e-9)
+    assert stats["gain"] == pytest.approx(d.mean().item(), rel=1e-4)
+
+
+def test_dead_units_are_channels_for_conv_outputs() -> None:
+    x = torch.randn(4, 3, 5, 5)
+    x[:, 1] = -1.0  # channel 1 never fires
+    assert _stats(nn.ReLU(), x)["dead"] == pytest.approx(1 / 3)
+
+
+class ModuleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 8)
+        self.act1 = nn.Tanh()
+        self.b = nn.Linear(8, 8)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.b(self.act1(self.a(x))))
+
+
+class FunctionalNet(ModuleNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.b(torch.tanh(self.a(x))))
+
+
+def _activation_table(model: nn.Module) -> np.ndarray:
+    torch.manual_seed(1)
+    x = torch.randn(16, 8)
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(x).sum().backward()
+        monitor.step()
+    table = monitor.activation_history
+    return table, table[["saturated_fraction", "dead_fraction", "gain"]].to_numpy()
+
+
+def test_functional_and_module_activations_give_the_same_numbers() -> None:
+    modules, m_values = _activation_table(ModuleNet())
+    functional, f_values = _activation_table(FunctionalNet())
+    np.testing.assert_allclose(m_values, f_values, rtol=1e-6)
+    assert list(modules.site) == ["act1", "act2"]
+    assert list(functional.site) == ["FunctionalNet:tanh", "FunctionalNet:relu"]
+    assert list(functional.kind) == ["tanh", "relu"]
+
+
+def test_functional_calls_are_attributed_to_the_calling_module() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.lin(x)) + torch.sigmoid(x)
+
+    model = nn.Sequential(Block(), Block())
+    _, _ = None, None
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(torch.randn(3, 4)).sum().backward()
+        monitor.step()
+    assert list(monitor.activation_history.site) == ["0:sigmoid", "0:sigmoid#2", "1:sigmoid",
+                                                     "1:sigmoid#2"]
+
+
+def test_functional_off_sees_only_modules() -> None:
+    model = FunctionalNet()
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1,
+                         functional_activations=False) as monitor:
+        model(torch.randn(4, 8)).sum().backward()
+        monitor.step()
+    assert len(monitor.activation_history) == 0
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_exist_only_on_activation_steps_and_never_after_close() -> None:
+    model = ModuleNet()
+    baseline_global = len(nn.modules.module._global_forward_hooks)
+    monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
+    armed = []
+    for _ in range(6):
+        model(torch.randn(2, 8)).sum().backward()
+        armed.append(_hook_count(model) > 0)  # hooks during the forward of this step
+        monitor.step()
+    monitor.close()
+    # step 0 also has the one-off forward-order hooks; steps 1, 2, 4, 5 have none
+    assert armed == [True, False, False, True, False, False]
+    assert _hook_count(model) == 0
+    assert len(nn.modules.module._global_forward_hooks) == baseline_global
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_user_registered_activation() -> None:
+    class Swish2(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(2 * x)
+
+    def swish2_grad(x, y, p):  # noqa: ANN001, ANN202
+        s = torch.sigmoid(2 * x)
+        return s + 2 * x * s * (1 - s)
+
+    registry = default_registry.copy()
+    registry.register_module(Swish2, ActivationSpec("swish2", "rectifier", swish2_grad,
+                                                    needs_input=True))
+    model = nn.Sequential(nn.Linear(4, 4), Swish2())
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1,
+                         activation_registry=registry) as monitor:
+        x = torch.randn(8, 4)
+        model(x).sum().backward()
+        monitor.step()
+    table = monitor.activation_history
+    assert list(table.kind) == ["swish2"]  # its inner torch.sigmoid is not counted separately
+    with pytest.raises(ValueError, match="module_type must be an nn.Module subclass"):
+        registry.register_module(int, ActivationSpec("x", "rectifier", swish2_grad))
+
+
+class Router(nn.Module):
+    """Routes through argmax: the gate's parameters get no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(4, 3)
+        self.experts = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.gate(x).argmax(-1)
+        return self.experts(x).gather(1, choice[:, None])
+
+
+def test_no_gradient_names_the_graph_cutting_operation() -> None:
+    model = Router()
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(5, 4)).sum().backward()
+            monitor.step()
+    found = [f for f in monitor.findings if f.kind == "no_gradient"]
+    assert [f.layer for f in found] == ["gate"]
+    assert "'Router' called argmax" in found[0].message
