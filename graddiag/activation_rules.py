@@ -6,6 +6,8 @@ streaks untouched, so ``patience`` counts activation steps.
 
 from __future__ import annotations
 
+import numpy as np
+
 from graddiag import remedies
 from graddiag.findings import Finding
 from graddiag.records import StepRecord
@@ -20,9 +22,6 @@ class _FractionRule(_OnsetRule):
         super().__init__(patience)
         self.fraction = fraction
 
-    def _value(self, record: StepRecord, i: int) -> float:
-        raise NotImplementedError
-
     def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
         raise NotImplementedError
 
@@ -30,16 +29,13 @@ class _FractionRule(_OnsetRule):
         acts = record.activations
         if acts is None:
             return []
-        findings = []
-        self._active = False
-        for i, site in enumerate(acts.sites):
-            if acts.families[i] != self.family:
-                continue
-            value = self._value(record, i)
-            if self.onsets.observe(site, bool(value > self.fraction)):
-                findings.append(self._finding(record, i, value))
-            self._active |= self.onsets.confirmed(site)
-        return findings
+        values = acts.saturated if self.family == "saturating" else acts.dead
+        family = np.array([f == self.family for f in acts.families], dtype=bool)
+        with np.errstate(invalid="ignore"):
+            condition = family & (values > self.fraction)
+        onsets = self.onsets.observe_all(acts.sites, condition, evaluated=family)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i), float(values[i])) for i in onsets]
 
 
 class SaturatedRule(_FractionRule):
@@ -47,10 +43,6 @@ class SaturatedRule(_FractionRule):
 
     kind = "saturated"
     family = "saturating"
-
-    def _value(self, record: StepRecord, i: int) -> float:
-        assert record.activations is not None
-        return float(record.activations.saturated[i])
 
     def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
         a = record.activations
@@ -76,10 +68,6 @@ class DeadReluRule(_FractionRule):
 
     kind = "dead_relu"
     family = "rectifier"
-
-    def _value(self, record: StepRecord, i: int) -> float:
-        assert record.activations is not None
-        return float(record.activations.dead[i])
 
     def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
         a = record.activations

@@ -39,6 +39,8 @@ def _group_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 
 def _norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
     """Per-tensor p-norms as one float32 vector on the tensors' device."""
+    if tensors[0].dtype == torch.float32:  # already float32: the plain kernel is the fastest
+        return torch.stack(torch._foreach_norm(tensors, p))
     return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
 
 
@@ -63,7 +65,8 @@ class LayerNormAggregator:
         self.p = p
         self._index_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def _index(self, device: torch.device, layer_ids: list[int]) -> torch.Tensor:
+    def index(self, device: torch.device, layer_ids: list[int]) -> torch.Tensor:
+        """The layer ids as a device tensor (cached: built once per distinct list)."""
         key = (device, tuple(layer_ids))
         index = self._index_cache.get(key)
         if index is None:
@@ -73,39 +76,54 @@ class LayerNormAggregator:
             self._index_cache[key] = index
         return index
 
-    def __call__(self, tensors: list[torch.Tensor], layer_ids: list[int]) -> torch.Tensor:
-        """Per-layer norms, a float32 ``(n_layers,)`` tensor on the first tensor's device."""
-        groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int], torch.Tensor]] = {}
-        for tensor, lid in zip(tensors, layer_ids):
-            key = _group_key(tensor)
-            entry = groups.get(key)
-            if entry is None:
-                entry = groups[key] = ([], [], tensor)
-            entry[0].append(_local(tensor))
-            entry[1].append(lid)
+    def group_contribution(self, tensors: list[torch.Tensor], index: torch.Tensor,
+                           sample: torch.Tensor) -> torch.Tensor:
+        """Per-layer sums of ``||t||_p^p`` (or maxima for inf) of one (device, dtype) group."""
         p = self.p
-        total: torch.Tensor | None = None
-        for local_tensors, lids, sample in groups.values():
-            device = local_tensors[0].device
-            norms = _norms(local_tensors, p)
-            index = self._index(device, lids)
-            contrib = torch.zeros(self.n_layers, dtype=torch.float32, device=device)
-            if math.isinf(p):
-                contrib.scatter_reduce_(0, index, norms, "amax", include_self=True)
-            else:
-                contrib.index_add_(0, index, norms if p == 1.0 else norms.pow(p))
-            if is_dtensor(sample):
-                _reduce_sharded(contrib, sample, p)
-            if total is None:
-                total = contrib
-            else:
-                contrib = contrib.to(total.device, non_blocking=True)
-                total = torch.maximum(total, contrib) if math.isinf(p) else total + contrib
-        if total is None:
+        local = [_local(t) for t in tensors] if is_dtensor(sample) or sample.is_sparse else tensors
+        norms = _norms(local, p)
+        contrib = torch.zeros(self.n_layers, dtype=torch.float32, device=norms.device)
+        if math.isinf(p):
+            contrib.scatter_reduce_(0, index, norms, "amax", include_self=True)
+        else:
+            contrib.index_add_(0, index, norms if p == 1.0 else norms.pow(p))
+        if is_dtensor(sample):
+            _reduce_sharded(contrib, sample, p)
+        return contrib
+
+    def combine(self, contributions: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer norms from group contributions, on the first contribution's device."""
+        if not contributions:
             return torch.zeros(self.n_layers, dtype=torch.float32)
+        p = self.p
+        total = contributions[0]
+        for contrib in contributions[1:]:
+            contrib = contrib.to(total.device, non_blocking=True)
+            total = torch.maximum(total, contrib) if math.isinf(p) else total + contrib
         if math.isinf(p) or p == 1.0:
             return total
         return total.pow(1.0 / p)
+
+    def __call__(self, tensors: list[torch.Tensor], layer_ids: list[int]) -> torch.Tensor:
+        """Per-layer norms, a float32 ``(n_layers,)`` tensor on the first tensor's device."""
+        groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
+        for tensor, lid in zip(tensors, layer_ids):
+            entry = groups.setdefault(_group_key(tensor), ([], []))
+            entry[0].append(tensor)
+            entry[1].append(lid)
+        return self.combine([
+            self.group_contribution(ts, self.index(ts[0].device, lids), ts[0])
+            for ts, lids in groups.values()
+        ])
+
+
+class _ParamGroup:
+    """Monitored parameters sharing device, dtype (and DTensor layout)."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.nn.Parameter] = []
+        self.names: list[str] = []
+        self.lids: list[int] = []
 
 
 class GradientProbe:
@@ -119,6 +137,13 @@ class GradientProbe:
         ]
         self._n_layers = len(index)
         self._aggregate = LayerNormAggregator(self._n_layers, norm_type)
+        groups: dict[tuple[Any, ...], _ParamGroup] = {}
+        for lid, name, param in self._flat:
+            group = groups.setdefault(_group_key(param), _ParamGroup())
+            group.params.append(param)
+            group.names.append(name)
+            group.lids.append(lid)
+        self._groups = list(groups.values())
 
     def read(self, grad_scale: torch.Tensor | None = None) -> GradientReading:
         """Read the current ``.grad`` of every monitored parameter.
@@ -127,21 +152,26 @@ class GradientProbe:
             grad_scale: If gradients are still multiplied by an AMP loss scale, the scale
                 (a device tensor); norms are divided by it on device, without a host sync.
         """
-        grads: list[torch.Tensor] = []
-        lids: list[int] = []
         has_grad = [False] * self._n_layers
         missing: dict[int, list[str]] = {}
-        for lid, name, param in self._flat:
-            if not param.requires_grad:  # frozen after discovery: never flagged
-                continue
-            grad = param.grad
-            if grad is None:
-                missing.setdefault(lid, []).append(name)
-                continue
-            grads.append(grad)
-            lids.append(lid)
-            has_grad[lid] = True
-        norms = self._aggregate(grads, lids) if grads else torch.zeros(self._n_layers)
+        contributions = []
+        for group in self._groups:
+            grads = [p.grad for p in group.params]
+            lids = group.lids
+            if any(g is None for g in grads):  # some parameters got no gradient this step
+                kept = [(g, lid) for g, lid in zip(grads, lids) if g is not None]
+                for g, lid, name, param in zip(grads, lids, group.names, group.params):
+                    if g is None and param.requires_grad:  # frozen ones are never flagged
+                        missing.setdefault(lid, []).append(name)
+                grads = [g for g, _ in kept]
+                lids = [lid for _, lid in kept]
+                if not grads:
+                    continue
+            for lid in lids:
+                has_grad[lid] = True
+            index = self._aggregate.index(grads[0].device, lids)
+            contributions.append(self._aggregate.group_contribution(grads, index, grads[0]))
+        norms = self._aggregate.combine(contributions)
         if grad_scale is not None:
             norms = norms / grad_scale.to(norms.device, torch.float32)
         return GradientReading(norms, has_grad, missing)
@@ -155,8 +185,9 @@ class GradientProbe:
         ]
         if not entries:
             return {}
+        home = entries[0][2].device
         counts = torch.stack(
-            [(~torch.isfinite(_local(g))).sum().to(entries[0][2].device) for _, _, g in entries]
+            [(~torch.isfinite(_local(g))).sum().to(home) for _, _, g in entries]
         ).tolist()
         result: dict[int, dict[str, int]] = {}
         for (lid, name, _), count in zip(entries, counts):

@@ -51,9 +51,35 @@ class Onsets:
             return True
         return False
 
+    def observe_all(self, keys: list[str], condition: np.ndarray,
+                    evaluated: np.ndarray | None = None) -> np.ndarray:
+        """Vectorised :meth:`observe` for many keys; keys not ``evaluated`` keep their state.
+
+        Returns the positions whose condition has just begun.
+        """
+        positions = np.flatnonzero(condition)
+        if not self.streak and not len(positions):
+            return positions  # the common, healthy case: nothing to do
+        onset = []
+        if self.streak:  # conditions that held before and may have ended now
+            held = set(positions.tolist())
+            index = {k: i for i, k in enumerate(keys)}
+            for key in list(self.streak):
+                i = index.get(key)
+                if i is None or i in held or (evaluated is not None and not evaluated[i]):
+                    continue
+                self.observe(key, False)
+        for i in positions.tolist():
+            if self.observe(keys[i], True):
+                onset.append(i)
+        return np.asarray(onset, dtype=int)
+
     def confirmed(self, key: str) -> bool:
         """Whether ``key`` holds now and has held for at least ``patience`` steps."""
         return self.streak.get(key, 0) >= self.patience
+
+    def any_confirmed(self) -> bool:
+        return any(v >= self.patience for v in self.streak.values())
 
     def state_dict(self) -> dict[str, Any]:
         return {"streak": dict(self.streak), "reported": sorted(self.reported)}
@@ -101,46 +127,48 @@ class VanishingRule(_OnsetRule):
         if record.amp_overflow or not usable.any():
             self._active = False
             return []
-        top_pos = int(np.argmax(np.where(usable, norms, -np.inf)))
+        masked = np.where(usable, norms, -np.inf)
+        top_pos = int(np.argmax(masked))
         top = float(norms[top_pos])
         rel_threshold = self.rel_floor * top
-        findings = []
-        self._active = False
-        for i, name in enumerate(record.layers):
-            value = float(norms[i])
-            below_abs = usable[i] and value < self.abs_floor
-            below_rel = usable[i] and value < rel_threshold
-            if self.onsets.observe(name, bool(below_abs or below_rel)):
-                threshold = self.abs_floor if below_abs else rel_threshold
-                ratio = value / top if top > 0 else 0.0
-                evidence = (
-                    f"gradient norm {_fmt(value)} is {_fmt(ratio)} x the largest layer's "
-                    f"('{record.layers[top_pos]}', {_fmt(top)})"
-                    if not below_abs
-                    else f"gradient norm {_fmt(value)} is below the floor {_fmt(self.abs_floor)}"
-                )
-                findings.append(
-                    Finding(
-                        kind=self.kind,
-                        layer=name,
-                        step=record.step,
-                        value=value,
-                        threshold=threshold,
-                        message=(
-                            f"Vanishing gradient: {evidence} for {self.onsets.patience} "
-                            "recorded steps; this layer barely learns."
-                        ),
-                        remedy=remedies.VANISHING,
-                        details={"ratio_to_largest": ratio, "largest_layer": record.layers[top_pos],
-                                 "largest_norm": top},
-                    )
-                )
-            self._active |= self.onsets.confirmed(name)
-        return findings
+        below_abs = usable & (norms < self.abs_floor)
+        below_rel = usable & (norms < rel_threshold)
+        onsets = self.onsets.observe_all(record.layers, below_abs | below_rel)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i), top_pos, bool(below_abs[i]), rel_threshold)
+                for i in onsets]
+
+    def _finding(self, record: StepRecord, i: int, top_pos: int, below_abs: bool,
+                 rel_threshold: float) -> Finding:
+        value = float(record.grad_norm[i])
+        top = float(record.grad_norm[top_pos])
+        ratio = value / top if top > 0 else 0.0
+        if below_abs:
+            evidence = f"gradient norm {_fmt(value)} is below the floor {_fmt(self.abs_floor)}"
+        else:
+            evidence = (f"gradient norm {_fmt(value)} is {_fmt(ratio)} x the largest layer's "
+                        f"('{record.layers[top_pos]}', {_fmt(top)})")
+        return Finding(
+            kind=self.kind,
+            layer=record.layers[i],
+            step=record.step,
+            value=value,
+            threshold=self.abs_floor if below_abs else rel_threshold,
+            message=(f"Vanishing gradient: {evidence} for {self.onsets.patience} recorded steps; "
+                     "this layer barely learns."),
+            remedy=remedies.VANISHING,
+            details={"ratio_to_largest": ratio, "largest_layer": record.layers[top_pos],
+                     "largest_norm": top},
+        )
 
 
 class ExplodingRule(_OnsetRule):
-    """A layer's gradient norm exceeds ``abs_ceiling`` or ``factor`` x its own running median."""
+    """A layer's gradient norm exceeds ``abs_ceiling`` or ``factor`` x its own recent level.
+
+    The recent level is a running geometric mean (an exponential moving average of
+    ``log(norm)`` with the span of ``window`` recorded steps): robust to single spikes, O(layers)
+    per step. A jump is judged only after ``min_history`` finite values.
+    """
 
     kind = "exploding"
     min_history = 5
@@ -150,57 +178,76 @@ class ExplodingRule(_OnsetRule):
         self.abs_ceiling = abs_ceiling
         self.factor = factor
         self.window = window
-        self.recent: dict[str, list[float]] = {}
+        self.alpha = 2.0 / (window + 1.0)
+        self.log_level: np.ndarray | None = None
+        self.count: np.ndarray | None = None
+        self.layers: list[str] = []
+
+    def _ensure(self, layers: list[str]) -> None:
+        if self.log_level is None or layers != self.layers:
+            self.layers = list(layers)
+            self.log_level = np.zeros(len(layers))
+            self.count = np.zeros(len(layers), dtype=int)
 
     def update(self, record: StepRecord) -> list[Finding]:
-        findings = []
         self._active = False
         if record.amp_overflow:
             return []
-        for i, name in enumerate(record.layers):
-            value = float(record.grad_norm[i])
-            if not record.has_grad[i] or i in record.nonfinite or math.isnan(value):
-                self.onsets.observe(name, False)
-                continue
-            recent = self.recent.setdefault(name, [])
-            median = float(np.median(recent)) if len(recent) >= self.min_history else math.nan
-            jump = median > 0 and value > self.factor * median
-            above = value > self.abs_ceiling
-            if self.onsets.observe(name, bool(above or jump)):
-                if above:
-                    evidence = f"gradient norm {_fmt(value)} exceeds the ceiling {_fmt(self.abs_ceiling)}"
-                    threshold = self.abs_ceiling
-                else:
-                    evidence = (
-                        f"gradient norm {_fmt(value)} is {_fmt(value / median)} x its recent "
-                        f"median {_fmt(median)}"
-                    )
-                    threshold = self.factor * median
-                findings.append(
-                    Finding(
-                        kind=self.kind,
-                        layer=name,
-                        step=record.step,
-                        value=value,
-                        threshold=threshold,
-                        message=f"Exploding gradient: {evidence}; updates this large destabilise training.",
-                        remedy=remedies.EXPLODING,
-                        details={"recent_median": median},
-                    )
-                )
-            self._active |= self.onsets.confirmed(name)
-            if math.isfinite(value):
-                recent.append(value)
-                if len(recent) > self.window:
-                    del recent[0]
+        self._ensure(record.layers)
+        assert self.log_level is not None and self.count is not None
+        norms = np.where(record.has_grad, record.grad_norm, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            logs = np.log(norms)  # NaN for missing/NaN, -inf for 0, +inf for inf
+            # an inf norm whose elements are all finite (float32 overflow) counts as above
+            above = norms > self.abs_ceiling
+            if record.nonfinite:
+                above[list(record.nonfinite)] = False
+            ready = self.count >= self.min_history
+            jump = ready & (logs > self.log_level + math.log(self.factor)) & np.isfinite(logs)
+            onsets = self.onsets.observe_all(record.layers, above | jump)
+            self._active = self.onsets.any_confirmed()
+            findings = [self._finding(record, int(i), bool(above[i]),
+                                      float(np.exp(self.log_level[i]))) for i in onsets]
+            usable = np.isfinite(logs)
+            target = np.where(self.count == 0, logs, self.log_level + self.alpha * (logs - self.log_level))
+            self.log_level = np.where(usable, target, self.log_level)
+            self.count += usable
         return findings
 
+    def _finding(self, record: StepRecord, i: int, above: bool, level: float) -> Finding:
+        value = float(record.grad_norm[i])
+        if above:
+            evidence = f"gradient norm {_fmt(value)} exceeds the ceiling {_fmt(self.abs_ceiling)}"
+            threshold = self.abs_ceiling
+        else:
+            evidence = (f"gradient norm {_fmt(value)} is {_fmt(value / level)} x its recent "
+                        f"level {_fmt(level)}")
+            threshold = self.factor * level
+        return Finding(
+            kind=self.kind,
+            layer=record.layers[i],
+            step=record.step,
+            value=value,
+            threshold=threshold,
+            message=f"Exploding gradient: {evidence}; updates this large destabilise training.",
+            remedy=remedies.EXPLODING,
+            details={"recent_level": level},
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "recent": {k: list(v) for k, v in self.recent.items()}}
+        state = super().state_dict()
+        if self.log_level is not None and self.count is not None:
+            state["level"] = {n: [float(l), int(c)] for n, l, c in
+                              zip(self.layers, self.log_level, self.count)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.recent = {k: list(v) for k, v in state["recent"].items()}
+        level = state.get("level")
+        if level:
+            self.layers = list(level)
+            self.log_level = np.array([v[0] for v in level.values()], dtype=float)
+            self.count = np.array([v[1] for v in level.values()], dtype=int)
 
 
 class NonfiniteRule(_OnsetRule):
@@ -290,30 +337,31 @@ class NoGradientRule(_OnsetRule):
     kind = "no_gradient"
 
     def update(self, record: StepRecord) -> list[Finding]:
-        findings = []
-        self._active = False
-        for i, name in enumerate(record.layers):
-            params = record.missing.get(i, [])
-            if self.onsets.observe(name, bool(params)):
-                findings.append(
-                    Finding(
-                        kind=self.kind,
-                        layer=name,
-                        step=record.step,
-                        value=float(len(params)),
-                        threshold=0.0,
-                        message=(
-                            f"No gradient: trainable parameter(s) {params} of '{name}' got no "
-                            f"gradient (.grad is None) for {self.onsets.patience} recorded steps, "
-                            "so the optimizer never updates them. Nothing between them and the "
-                            f"loss is differentiable, or they are unused."
-                        ),
-                        remedy=remedies.NO_GRADIENT,
-                        details={"parameters": list(params)},
-                    )
-                )
-            self._active |= self.onsets.confirmed(name)
-        return findings
+        condition = np.zeros(len(record.layers), dtype=bool)
+        if record.missing:
+            condition[list(record.missing)] = True
+        onsets = self.onsets.observe_all(record.layers, condition)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i)) for i in onsets]
+
+    def _finding(self, record: StepRecord, i: int) -> Finding:
+        name = record.layers[i]
+        params = record.missing[i]
+        return Finding(
+            kind=self.kind,
+            layer=name,
+            step=record.step,
+            value=float(len(params)),
+            threshold=0.0,
+            message=(
+                f"No gradient: trainable parameter(s) {params} of '{name}' got no gradient "
+                f"(.grad is None) for {self.onsets.patience} recorded steps, so the optimizer "
+                "never updates them. Nothing between them and the loss is differentiable, or "
+                "they are unused."
+            ),
+            remedy=remedies.NO_GRADIENT,
+            details={"parameters": list(params)},
+        )
 
 
 class RuleSet:
