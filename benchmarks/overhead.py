@@ -127,8 +127,7 @@ CONFIGS: dict[str, Callable[[], tuple[list[pl.Callback], str]]] = {
     "graddiag defaults, activations off": lambda: (
         [GradientDiagnostics(activation_every_n_steps=0, reporters=[])], ""),
     "graddiag all on (acts every step, TB)": lambda: (
-        [GradientDiagnostics(activation_every_n_steps=1, param_every_n_steps=1,
-                             tensorboard_every_n_steps=10)], ""),
+        [GradientDiagnostics(activation_every_n_steps=1, param_every_n_steps=1)], ""),
     "Lightning grad_norm + log_dict": lambda: ([], "lightning"),
     "histogram hooks -> TensorBoard": lambda: ([HistogramHooks(every_n_steps=10)], ""),
 }

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from graddiag.activations import ActivationRegistry
 from graddiag.config import MonitorConfig
 from graddiag.errors import GradientAlarm
 from graddiag.findings import Finding
 from graddiag.monitor import GradientMonitor, StepReport
+from graddiag.tables import save_table
 from graddiag.reporters import ConsoleReporter, Reporter
 from graddiag.reporters.logger import LoggerReporter
+from graddiag.reporters.tensorboard import TensorBoardReporter
 
 log = logging.getLogger("graddiag")
 
@@ -63,7 +67,11 @@ class GradientDiagnostics(Callback):
         on_exploding: Same choices, for exploding gradients.
         ignore: Finding kinds never reported.
         max_history_rows: Bound on rows (steps x layers) kept in :attr:`history`.
+        histogram_every_n_steps: Per-layer gradient-magnitude histograms every this many
+            steps (0: off), with fixed log-spaced bins; TensorBoard only.
         log_every_n_steps: Scalar logging interval; ``None`` uses the trainer's.
+        figure_every_n_steps: Gradient-flow image interval in TensorBoard (0: only the final
+            image, also saved as ``gradient_flow.png`` in the log directory).
         prefix: Prefix of every logged key.
     """
 
@@ -93,7 +101,9 @@ class GradientDiagnostics(Callback):
         on_exploding: Action = "warn",
         ignore: list[str] | None = None,
         max_history_rows: int = 500_000,
+        histogram_every_n_steps: int = 0,
         log_every_n_steps: int | None = None,
+        figure_every_n_steps: int = 500,
         prefix: str = "graddiag/",
         activation_registry: ActivationRegistry | None = None,
         reporters: Sequence[Reporter] | None = None,
@@ -123,6 +133,7 @@ class GradientDiagnostics(Callback):
             on_exploding=on_exploding,
             ignore=tuple(ignore or ()),
             max_history_rows=max_history_rows,
+            histogram_every_n_steps=histogram_every_n_steps,
         )
         if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
@@ -131,9 +142,15 @@ class GradientDiagnostics(Callback):
             raise ValueError(
                 f"log_every_n_steps must be None or an integer >= 1, got {log_every_n_steps!r}"
             )
+        if isinstance(figure_every_n_steps, bool) or not isinstance(figure_every_n_steps, int) \
+                or figure_every_n_steps < 0:
+            raise ValueError(
+                f"figure_every_n_steps must be an integer >= 0, got {figure_every_n_steps!r}"
+            )
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, got {prefix!r}")
         self.log_every_n_steps = log_every_n_steps
+        self.figure_every_n_steps = figure_every_n_steps
         self.prefix = prefix
         self.activation_registry = activation_registry
         self.extra_reporters = list(reporters or [])
@@ -171,15 +188,31 @@ class GradientDiagnostics(Callback):
             return GradientMonitor.empty_summary()
         return self.monitor.summary()
 
+    def save_history(self, path: str | Path) -> Path:
+        """Write :attr:`history` to ``.csv`` or ``.parquet`` (by the file's extension)."""
+        return save_table(self.history, path)
+
     # ------------------------------------------------------------------ wiring
     def _reporters(self, trainer: pl.Trainer) -> list[Reporter]:
         if trainer.global_rank != 0:
             return []
         every = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
         reporters: list[Reporter] = [ConsoleReporter()]
-        if trainer.loggers:
-            reporters.append(
-                LoggerReporter(trainer.loggers, every, self.prefix, self._active_count)
+        others = []
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                reporters.append(TensorBoardReporter(
+                    logger.experiment, prefix=self.prefix, scalars_every_n_steps=every,
+                    figure_every_n_steps=self.figure_every_n_steps,
+                ))
+            else:
+                others.append(logger)
+        if others:
+            reporters.append(LoggerReporter(others, every, self.prefix, self._active_count))
+            log.info(
+                "graddiag: %s get scalars only; the dashboard layout, text, figures and "
+                "histograms need a TensorBoardLogger.",
+                ", ".join(type(lg).__name__ for lg in others),
             )
         return reporters + self.extra_reporters
 

@@ -30,6 +30,8 @@ class MonitorConfig:
             this (0 turns them off). Each such step reads the weights twice and keeps one copy.
         activation_every_n_steps: Record activation statistics on steps divisible by this
             (0 turns them off). Hooks exist only during those steps.
+        histogram_every_n_steps: Record per-layer gradient-magnitude histograms (fixed
+            log-spaced bins) on steps divisible by this (0, the default, turns them off).
         functional_activations: Also intercept ``torch.sigmoid``, ``F.relu`` and friends
             called inside ``forward`` (and non-differentiable ops such as ``argmax``) on
             activation steps.
@@ -65,6 +67,7 @@ class MonitorConfig:
     exclude: tuple[str, ...] = ()
     param_every_n_steps: int = 50
     activation_every_n_steps: int = 50
+    histogram_every_n_steps: int = 0
     functional_activations: bool = True
     vanishing_abs: float = 1e-12
     vanishing_rel: float = 1e-4
@@ -95,7 +98,8 @@ class MonitorConfig:
                      "no_gradient_patience", "activation_patience", "exploding_window",
                      "max_history_rows"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("param_every_n_steps", "activation_every_n_steps"):
+        for name in ("param_every_n_steps", "activation_every_n_steps",
+                     "histogram_every_n_steps"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("vanishing_abs", "exploding_abs", "derivative_floor"):
             _check_float(name, getattr(self, name), low=0.0, low_open=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Sequence
 
@@ -19,12 +20,13 @@ from graddiag.explain import Explainer
 from graddiag.findings import Finding
 from graddiag.history import History
 from graddiag.layers import ForwardOrderRecorder, discover_layers
-from graddiag.probes import GradientProbe, ParameterProbe
+from graddiag.probes import GradientProbe, HistogramProbe, ParameterProbe
 from graddiag.records import StepRecord
 from graddiag.reporters import ConsoleReporter, Reporter, SafeReporter
 from graddiag.rules import RuleSet
 from graddiag.activation_rules import DeadReluRule, SaturatedRule
 from graddiag.summary import summarize
+from graddiag.tables import save_table
 from graddiag.transfer import to_host
 
 log = logging.getLogger("graddiag")
@@ -120,6 +122,7 @@ class GradientMonitor:
         self._order: ForwardOrderRecorder | None = ForwardOrderRecorder(self.index)
         self._grad_probe: GradientProbe | None = None
         self._param_probe: ParameterProbe | None = None
+        self._histogram_probe: HistogramProbe | None = None
         self._activations: ActivationProbe | None = None
         if self.config.activation_every_n_steps:
             self._activations = ActivationProbe(
@@ -129,6 +132,10 @@ class GradientMonitor:
                 functional=self.config.functional_activations,
             )
         self._explainer = Explainer(model)
+        for reporter in self.reporters:
+            bind = getattr(reporter.inner, "bind", None)
+            if callable(bind):
+                bind(self)
         self._next_step = 0
         self._closed = False
         self.prepare(0)
@@ -141,7 +148,12 @@ class GradientMonitor:
             step % c.every_n_steps == 0
             or self._param_step(step)
             or self._activation_step(step)
+            or self._histogram_step(step)
         )
+
+    def _histogram_step(self, step: int) -> bool:
+        n = self.config.histogram_every_n_steps
+        return bool(n) and step % n == 0
 
     def _param_step(self, step: int) -> bool:
         n = self.config.param_every_n_steps
@@ -179,6 +191,8 @@ class GradientMonitor:
             self._grad_probe = GradientProbe(self.index, self.config.norm_type)
             if self.config.param_every_n_steps:
                 self._param_probe = ParameterProbe(self.index)
+            if self.config.histogram_every_n_steps:
+                self._histogram_probe = HistogramProbe(self.index)
 
     def measure(
         self,
@@ -204,6 +218,10 @@ class GradientMonitor:
             chunks.append(params[0])
             if params[1] is not None:
                 chunks.append(params[1])
+        histogram_at = None
+        if self._histogram_probe is not None and self._histogram_step(step):
+            histogram_at = len(chunks)
+            chunks.append(self._histogram_probe.read())
         act_chunks, finish_activations = [], None
         if self._activations is not None and self._activations.has_data:
             act_chunks, finish_activations = self._activations.collect()
@@ -218,6 +236,9 @@ class GradientMonitor:
             if params[1] is not None:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     update_ratio = np.where(param_norm > 0, host[2] / param_norm, np.nan)
+        histograms = None
+        if histogram_at is not None:
+            histograms = host[histogram_at].reshape(len(self.index), -1)
         activations = None
         if finish_activations is not None:
             activations = finish_activations(host[len(host) - len(act_chunks):])
@@ -237,6 +258,7 @@ class GradientMonitor:
             param_norm=param_norm,
             update_ratio=update_ratio,
             activations=activations,
+            grad_histograms=histograms,
             optimizer=optimizer,
             amp_overflow=amp_overflow,
         )
@@ -328,6 +350,26 @@ class GradientMonitor:
     def summary(self) -> pd.DataFrame:
         """Per-layer summary: median/min/max gradient norm, first and last finding."""
         return summarize(self.history, self.findings)
+
+    def site_marks(self) -> list[tuple[float, str, str]]:
+        """Where the last seen activation sites sit among the layers, for figures.
+
+        Returns ``(x, site, kind)`` with ``x`` in layer-index units: a site between layers
+        ``k-1`` and ``k`` (forward order) has ``x = k - 0.5``.
+        """
+        acts = self._explainer.activations
+        if acts is None:
+            return []
+        layer_pos = [self._explainer.position.get(n, float("inf")) for n in self.index.names]
+        marks = []
+        for site, kind in zip(acts.sites, acts.kinds):
+            where = self._explainer.site_position(site)
+            marks.append((sum(1 for p in layer_pos if p < where) - 0.5, site, kind))
+        return marks
+
+    def save_history(self, path: str | Path) -> Path:
+        """Write :attr:`history` to ``.csv`` or ``.parquet`` (by the file's extension)."""
+        return save_table(self.history, path)
 
     def active_conditions(self) -> int:
         """How many reported conditions still hold (a layer still vanishing counts once)."""

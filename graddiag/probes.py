@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -225,3 +226,46 @@ class ParameterProbe:
     def reset(self) -> None:
         """Forget the weight copy (frees its memory)."""
         self._snapshot = None
+
+
+#: Fixed, log-spaced edges of gradient-magnitude histograms: 1e-12 ... 1e4, four bins a decade.
+HISTOGRAM_EDGES = np.logspace(-12, 4, 65)
+#: Bins: [below 1e-12 (zeros too), 64 log-spaced bins, at or above 1e4, NaN/Inf]
+HISTOGRAM_BINS = len(HISTOGRAM_EDGES) + 2
+
+
+class HistogramProbe:
+    """Counts each layer's gradient magnitudes in fixed log-spaced bins, on device, without syncs.
+
+    Fixed bins make histograms of different steps directly comparable. Returns per layer the
+    counts and the sum and sum of squares of the finite gradient elements.
+    """
+
+    def __init__(self, index: LayerIndex) -> None:
+        self._layers = [layer.params for layer in index.layers]
+        self._log_edges: torch.Tensor | None = None
+
+    def read(self) -> torch.Tensor:
+        """``(layers, HISTOGRAM_BINS + 2)`` float32: counts, then sum and sum of squares."""
+        rows = []
+        for params in self._layers:
+            grads = [_local(p.grad).detach().reshape(-1) for p in params if p.grad is not None]
+            if not grads:
+                device = params[0].device if params else torch.device("cpu")
+                rows.append(torch.zeros(HISTOGRAM_BINS + 2, device=device))
+                continue
+            values = torch.cat(grads).float()
+            device = values.device
+            if self._log_edges is None or self._log_edges.device != device:
+                self._log_edges = torch.tensor(np.log10(HISTOGRAM_EDGES), dtype=torch.float32,
+                                               device=device)
+            magnitude = values.abs()
+            finite = torch.isfinite(magnitude)
+            bucket = torch.bucketize(torch.log10(magnitude), self._log_edges, right=True)
+            bucket = torch.where(finite, bucket, HISTOGRAM_BINS - 1)
+            counts = torch.zeros(HISTOGRAM_BINS, device=device)
+            counts.index_add_(0, bucket, torch.ones_like(magnitude))
+            safe = torch.where(finite, values, 0.0)
+            rows.append(torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)]))
+        home = rows[0].device if rows else torch.device("cpu")
+        return torch.stack([r.to(home) for r in rows]) if rows else torch.zeros(0, HISTOGRAM_BINS + 2)

@@ -47,6 +47,8 @@ class StepRecord:
         update_ratio: Per-layer ``||w_now - w_last|| / ||w_now||`` since the previous parameter
             read, or ``None``.
         activations: Activation statistics, or ``None`` on steps without them.
+        grad_histograms: ``(layers, bins + 2)`` gradient-magnitude histogram counts over
+            :data:`graddiag.probes.HISTOGRAM_EDGES` plus sum and sum of squares, or ``None``.
         optimizer: Index of the optimizer whose step this is (0 with a single optimizer).
         amp_overflow: The AMP grad scaler found inf/NaN and skips this step (not an alarm).
     """
@@ -60,6 +62,7 @@ class StepRecord:
     param_norm: np.ndarray | None = None
     update_ratio: np.ndarray | None = None
     activations: ActivationRecord | None = None
+    grad_histograms: np.ndarray | None = None
     optimizer: int = 0
     amp_overflow: bool = False
 
