@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
 
 from graddiag.activations import ActivationRegistry
 from graddiag.config import MonitorConfig
@@ -19,6 +20,7 @@ from graddiag.findings import Finding
 from graddiag.monitor import GradientMonitor, StepReport
 from graddiag.tables import save_table
 from graddiag.reporters import ConsoleReporter, Reporter
+from graddiag.reporters.console import summary_screen
 from graddiag.reporters.logger import LoggerReporter
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
@@ -105,6 +107,8 @@ class GradientDiagnostics(Callback):
         log_every_n_steps: int | None = None,
         figure_every_n_steps: int = 500,
         prefix: str = "graddiag/",
+        progress_bar: bool = True,
+        print_summary: bool = True,
         activation_registry: ActivationRegistry | None = None,
         reporters: Sequence[Reporter] | None = None,
     ) -> None:
@@ -152,6 +156,11 @@ class GradientDiagnostics(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.figure_every_n_steps = figure_every_n_steps
         self.prefix = prefix
+        for name, flag in (("progress_bar", progress_bar), ("print_summary", print_summary)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        self.progress_bar = progress_bar
+        self.print_summary = print_summary
         self.activation_registry = activation_registry
         self.extra_reporters = list(reporters or [])
         self.monitor: GradientMonitor | None = None
@@ -262,6 +271,9 @@ class GradientDiagnostics(Callback):
             prepare_next=False,
         )
         self._apply(trainer, optimizer, report)
+        if self.progress_bar and report.recorded:
+            pl_module.log("graddiag", float(self.monitor.active_conditions()), prog_bar=True,
+                          logger=False, on_step=True, on_epoch=False)
 
     def _apply(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: StepReport) -> None:
         action = report.action
@@ -287,6 +299,8 @@ class GradientDiagnostics(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()
+        if self.print_summary and trainer.is_global_zero and self.monitor is not None:
+            rank_zero_info(summary_screen(self.monitor.summary(), self.monitor.findings))
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

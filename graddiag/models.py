@@ -140,3 +140,72 @@ class DeepMLP(pl.LightningModule):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+EstimatorName = Literal["argmax", "straight_through", "gumbel"]
+
+
+class RoutedMLP(pl.LightningModule):
+    """An MLP whose hidden features are gated by a hard, discrete choice made by a ``router``.
+
+    With ``estimator="argmax"`` the router's choice goes through ``argmax``, which has no
+    gradient: the router never learns (graddiag reports ``no_gradient``). ``straight_through``
+    uses the hard one-hot choice forward and the softmax's gradient backward;
+    ``gumbel`` uses ``F.gumbel_softmax(hard=True)``. Both let the router learn.
+
+    Args:
+        in_features: Input size.
+        num_classes: Classes.
+        width: Hidden units.
+        groups: Number of feature groups the router chooses between.
+        estimator: How the discrete choice is made differentiable (or not).
+        lr: Adam learning rate.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        num_classes: int = 10,
+        width: int = 64,
+        groups: int = 4,
+        estimator: EstimatorName = "argmax",
+        lr: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        _choice("estimator", estimator, {"argmax", "straight_through", "gumbel"})
+        if width % groups:
+            raise ValueError(f"width must be divisible by groups, got width={width}, groups={groups}")
+        self.save_hyperparameters()
+        self.encoder = nn.Linear(in_features, width)
+        self.router = nn.Linear(in_features, groups)
+        self.head = nn.Linear(width, num_classes)
+
+    def choice(self, x: torch.Tensor) -> torch.Tensor:
+        """One-hot group choice per sample, ``(batch, groups)``."""
+        logits = self.router(x)
+        if self.hparams.estimator == "gumbel":
+            return F.gumbel_softmax(logits, tau=1.0, hard=True)
+        hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        if self.hparams.estimator == "straight_through":
+            soft = logits.softmax(-1)
+            return soft + (hard - soft).detach()  # forward: hard; backward: softmax's gradient
+        return hard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.encoder(x))
+        groups = self.hparams.groups
+        gate = self.choice(x).repeat_interleave(h.shape[-1] // groups, dim=-1)
+        return self.head(h * (0.5 + gate))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
