@@ -399,7 +399,7 @@ class ActivationProbe:
 
     def check_cut(self, func: Callable[..., Any], args: tuple[Any, ...], result: Any) -> None:
         """Note an operation that cut the graph (or has zero derivative) on a tensor needing grad."""
-        if self._busy:
+        if self._busy or not self._stack:  # only inside a module's forward (not in loss/logging code)
             return
         needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         if not needs_grad:

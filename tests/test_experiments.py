@@ -1,0 +1,136 @@
+"""Configs, the fit/study commands and the examples all run (tiny step counts) and do what they say."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from graddiag.cli import main as cli_main
+from graddiag.experiments import diagnostics_of, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+         "--diagnostics.print_summary", "false"]
+
+
+def _expected(config: Path) -> set[str]:
+    match = re.search(r"^# expect: (.+)$", config.read_text(), re.MULTILINE)
+    assert match, f"{config.name} must say what it should find ('# expect: ...')"
+    return set() if match.group(1).strip() == "none" else set(match.group(1).split("|"))
+
+
+def test_there_is_a_config_per_pathology_and_healthy_baselines() -> None:
+    expectations = [_expected(c) for c in CONFIGS]
+    for kind in ("vanishing", "saturated", "dead_relu", "no_gradient", "exploding"):
+        assert any(kind in e for e in expectations), kind
+    assert sum(1 for e in expectations if not e) >= 3  # quickstart + two healthy baselines
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_produces_its_expected_findings(config: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = _expected(config)
+    healthy = not expected
+    steps = "300" if healthy else "60"
+    cli = run_cli(["fit", "--config", str(config), "--trainer.max_steps", steps,
+                   "--trainer.max_epochs", "20", *QUIET])
+    found = {f.kind for f in diagnostics_of(cli).findings}
+    if healthy:
+        assert found == set()
+    else:
+        assert found & expected, f"{config.name}: expected one of {expected}, found {found}"
+
+
+def test_command_line_overrides_reach_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+                   "--model.activation", "tanh", "--trainer.max_steps", "2", *QUIET])
+    assert cli.model.hparams.activation == "tanh"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (["--diagnostics.every_n_steps", "ten"], "every_n_steps"),
+        (["--diagnostics.on_nonfinite", "panic"], "on_nonfinite"),
+        (["--diagnostics.every_n_stepz", "3"], "every_n_stepz"),
+        (["--model.activation", "swish"], "activation"),
+    ],
+)
+def test_bad_config_values_are_rejected_before_training(override: list[str], named: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *override, *QUIET])
+    assert exit_.value.code != 0
+    assert named in capsys.readouterr().err
+
+
+def test_fit_help_documents_every_callback_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from graddiag.config import OPTION_NAMES
+
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in OPTION_NAMES:
+        assert f"--diagnostics.{name}" in text, name
+    assert "Fraction of the largest layer's gradient norm below which a layer" in text
+
+
+def test_study_command_writes_table_and_figure(tmp_path: Path) -> None:
+    assert cli_main(["study", "--depths", "2", "8", "--steps", "60", "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "activation_study.csv")
+    assert len(table) == 6
+    sig = table[table.activation == "sigmoid"].set_index("depth").first_to_last_grad_ratio
+    assert sig[8] < sig[2] / 100  # the deeper sigmoid net starves its first layer
+    assert (tmp_path / "activation_study.png").stat().st_size > 10_000
+
+
+def _example(name: str, *argv: str):  # noqa: ANN202
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        module = runpy.run_path(str(ROOT / "examples" / f"{name}.py"), run_name="example")
+    finally:
+        sys.path.pop(0)
+    return module["main"](list(argv))
+
+
+def test_example_quickstart() -> None:
+    diagnostics = _example("quickstart", "--steps", "30")
+    assert any(f.kind == "vanishing" for f in diagnostics.findings)
+
+
+def test_example_plain_pytorch() -> None:
+    monitor = _example("plain_pytorch", "--steps", "20")
+    assert sorted(monitor.history.step.unique()) == list(range(20))
+    assert monitor.findings == []
+
+
+def test_example_non_differentiable() -> None:
+    runs = _example("non_differentiable", "--steps", "12")
+    argmax = [f for f in runs["argmax"].findings if f.kind == "no_gradient"]
+    assert [f.layer for f in argmax] == ["router"] and "argmax" in argmax[0].message
+    for fixed in ("straight_through", "gumbel"):
+        assert not [f for f in runs[fixed].findings if f.kind == "no_gradient"]
+
+
+def test_example_custom_backward() -> None:
+    monitor = _example("custom_backward", "--steps", "20")
+    hidden = monitor.history.query("layer == 'hidden'").grad_norm
+    assert (hidden > 0).all()  # the surrogate gradient reaches the layer before the step
+    assert monitor.findings == []
+
+
+def test_example_fix_vanishing() -> None:
+    results = _example("fix_vanishing", "--epochs", "3")
+    (before, acc_before), (after, acc_after) = results.values()
+    assert any(f.kind == "vanishing" for f in before.findings)
+    assert not any(f.kind == "vanishing" for f in after.findings)
+    assert acc_after > acc_before + 0.3
