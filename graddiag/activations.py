@@ -19,6 +19,7 @@ with exact thresholds, not thresholds rounded to the low-precision type.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -31,6 +32,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from graddiag.layers import clean_name
+
+log = logging.getLogger("graddiag")
 from graddiag.records import ActivationRecord
 
 Family = Literal["saturating", "rectifier"]
@@ -244,10 +247,32 @@ class _Site:
         self.elements += d.numel()
         self.units = int(alive.numel())
 
-    def stats(self, device: torch.device) -> torch.Tensor:
+    def sums(self, device: torch.device) -> torch.Tensor:
+        """``[saturated elements, sum of |f'|, elements]`` on ``device``."""
         assert self.below is not None and self.gain is not None
-        dead = (~self.alive).sum(dtype=torch.float32) if self.alive is not None else torch.tensor(math.nan)
-        return torch.stack([self.below.to(device), self.gain.to(device), dead.to(device)])
+        elements = torch.tensor(float(self.elements), device=device)
+        return torch.stack([self.below.to(device), self.gain.to(device), elements])
+
+
+def _data_parallel() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _reduce_across_ranks(
+    sums: torch.Tensor, alive: list[torch.Tensor | None]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Sum the counts over ranks; a unit is alive if it fired on any rank. Two collectives."""
+    dist = torch.distributed
+    sums = sums.clone()
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    present = [a for a in alive if a is not None]
+    if present:
+        flat = torch.cat([a.reshape(-1).to(torch.uint8) for a in present])
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        parts = iter(torch.split(flat, [a.numel() for a in present]))
+        alive = [next(parts).reshape(a.shape).bool() if a is not None else None for a in alive]
+    return sums, alive
 
 
 class _Interceptor(TorchFunctionMode):
@@ -293,6 +318,11 @@ class ActivationProbe:
         self.functional = functional
         self.names = {m: clean_name(n) for n, m in root.named_modules()}
         self.root_name = type(root).__name__
+        compiled = [n for m, n in self.names.items() if type(m).__name__ == "OptimizedModule"]
+        self.disabled = bool(compiled)
+        if compiled:  # hooks inside compiled graphs would force recompilation or graph breaks
+            log.info("graddiag: activation statistics are off: %s is torch.compile'd",
+                     compiled[0] or self.root_name)
         self.sites: dict[str, _Site] = {}
         self.cut_ops: dict[str, list[str]] = {}
         self.paused = False
@@ -313,7 +343,7 @@ class ActivationProbe:
     def arm(self) -> None:
         """Install hooks (and the function interceptor) until :meth:`disarm`."""
         self.paused = False
-        if self.armed:
+        if self.armed or self.disabled:
             return
         self._stack.clear()
         for module, name in self.names.items():
@@ -425,11 +455,19 @@ class ActivationProbe:
         chunks: list[torch.Tensor] = []
         if sites:
             home = sites[0].below.device  # type: ignore[union-attr]
-            chunks.append(torch.stack([s.stats(home) for s in sites]))
+            sums = torch.stack([s.sums(home) for s in sites])
+            alive = [s.alive.to(home) if s.alive is not None else None for s in sites]
+            if _data_parallel():  # every rank must see (and decide on) the same statistics
+                sums, alive = _reduce_across_ranks(sums, alive)
+            dead = torch.stack([
+                (~a).sum(dtype=torch.float32) if a is not None
+                else torch.tensor(math.nan, device=home) for a in alive
+            ])
+            chunks.append(torch.cat([sums, dead[:, None]], dim=1))
 
         def finish(host: list[np.ndarray]) -> ActivationRecord:
-            values = host[0].reshape(len(sites), 3) if sites else np.zeros((0, 3))
-            elements = np.array([s.elements for s in sites], dtype=float)
+            values = host[0].reshape(len(sites), 4) if sites else np.zeros((0, 4))
+            elements = values[:, 2]
             units = np.array([s.units for s in sites], dtype=float)
             with np.errstate(divide="ignore", invalid="ignore"):
                 return ActivationRecord(
@@ -437,7 +475,7 @@ class ActivationProbe:
                     kinds=[s.spec.kind for s in sites],
                     families=[s.spec.family for s in sites],
                     saturated=values[:, 0] / elements,
-                    dead=values[:, 2] / units,
+                    dead=values[:, 3] / units,
                     gain=values[:, 1] / elements,
                     calls=np.array([s.calls for s in sites], dtype=float),
                     cut_ops=cut_ops,

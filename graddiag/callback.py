@@ -229,8 +229,12 @@ class GradientDiagnostics(Callback):
         return self.monitor.active_conditions() if self.monitor else 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.monitor is not None:
+        if stage != "fit":
             return
+        if self.monitor is not None:
+            if not self.monitor.closed:
+                return
+            self._saved = self._saved or self.monitor.state_dict()  # a second fit() continues
         self.monitor = GradientMonitor(
             pl_module,
             config=self.config,
@@ -259,14 +263,16 @@ class GradientDiagnostics(Callback):
         if self.monitor is None:
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        grad_scale = None
-        if scaler is not None and _optimizer_unscales_itself(optimizer):
-            grad_scale = scaler._scale  # still scaled here; divided on device, no host sync
+        amp_scale = getattr(scaler, "_scale", None) if scaler is not None else None
+        inner = getattr(optimizer, "optimizer", optimizer)
+        clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "norm" else None
         report = self.monitor.step(
             trainer.global_step,
             optimizer=_optimizer_index(trainer, optimizer),
-            grad_scale=grad_scale,
-            amp=scaler is not None,
+            params=(p for group in inner.param_groups for p in group["params"]),
+            amp_scale=amp_scale,  # a device tensor: no host sync
+            grads_scaled=amp_scale is not None and _optimizer_unscales_itself(optimizer),
+            clip_norm=float(clip) if clip else None,
             raise_on_alarm=False,
             prepare_next=False,
         )
@@ -290,6 +296,9 @@ class GradientDiagnostics(Callback):
             raise GradientAlarm(
                 [f for f in self.monitor.findings if f.kind in ("nonfinite", "exploding")][-1:]  # type: ignore[union-attr]
             )
+        if not trainer.is_global_zero:
+            trainer.should_stop = trainer.should_stop or action == "stop"
+            return
         if action == "stop":
             trainer.should_stop = True
             log.warning("graddiag: stopping training at step %d (%s)", report.step,

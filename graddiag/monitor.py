@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -121,6 +121,7 @@ class GradientMonitor:
         self.findings: list[Finding] = []
         self._order: ForwardOrderRecorder | None = ForwardOrderRecorder(self.index)
         self._grad_probe: GradientProbe | None = None
+        self._optimizer_probes: dict[int, GradientProbe] = {}
         self._param_probe: ParameterProbe | None = None
         self._histogram_probe: HistogramProbe | None = None
         self._activations: ActivationProbe | None = None
@@ -194,13 +195,28 @@ class GradientMonitor:
             if self.config.histogram_every_n_steps:
                 self._histogram_probe = HistogramProbe(self.index)
 
+    def _probe_for(self, optimizer: int, params: Iterable[torch.Tensor] | None) -> GradientProbe:
+        assert self._grad_probe is not None
+        if params is None:
+            return self._grad_probe
+        probe = self._optimizer_probes.get(optimizer)
+        if probe is None:
+            ids = {id(p) for p in params}
+            probe = GradientProbe(self.index, self.config.norm_type, only=ids)
+            if probe.measured.all():
+                probe = self._grad_probe
+            self._optimizer_probes[optimizer] = probe
+        return probe
+
     def measure(
         self,
         step: int,
         *,
         optimizer: int = 0,
-        grad_scale: torch.Tensor | None = None,
-        amp: bool = False,
+        params: Iterable[torch.Tensor] | None = None,
+        amp_scale: torch.Tensor | float | None = None,
+        grads_scaled: bool = False,
+        clip_norm: float | None = None,
     ) -> StepRecord | None:
         """Measure ``step`` if the cadence says so; ``None`` otherwise. Copies to the host once."""
         if self._closed:
@@ -208,10 +224,15 @@ class GradientMonitor:
         if not self.is_recorded(step):
             return None
         self._settle_layout()
-        assert self._grad_probe is not None
+        probe = self._probe_for(optimizer, params)
         chunks: list[torch.Tensor] = []
-        reading = self._grad_probe.read(grad_scale)
+        scale = None
+        if amp_scale is not None:
+            scale = torch.as_tensor(amp_scale, dtype=torch.float32)
+        reading = probe.read(scale if grads_scaled else None)
         chunks.append(reading.layer_norms)
+        if scale is not None:
+            chunks.append(scale.reshape(1))
         params = None
         if self._param_probe is not None and self._param_step(step):
             params = self._param_probe.read()
@@ -232,10 +253,12 @@ class GradientMonitor:
         grad_norm[~has_grad] = np.nan
         param_norm = update_ratio = None
         if params is not None:
-            param_norm = host[1]
+            at = 2 if scale is not None else 1
+            param_norm = host[at]
             if params[1] is not None:
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    update_ratio = np.where(param_norm > 0, host[2] / param_norm, np.nan)
+                    update_ratio = np.where(param_norm > 0, host[at + 1] / param_norm, np.nan)
+        amp_scale_value = float(host[1][0]) if scale is not None else None
         histograms = None
         if histogram_at is not None:
             histograms = host[histogram_at].reshape(len(self.index), -1)
@@ -245,9 +268,13 @@ class GradientMonitor:
         nonfinite: dict[int, dict[str, int]] = {}
         suspicious = {int(i) for i in np.flatnonzero(has_grad & ~np.isfinite(grad_norm))}
         # Under a GradScaler, inf/NaN gradients make the scaler skip the step: AMP overflow.
-        amp_overflow = amp and bool(suspicious)
+        amp_overflow = scale is not None and bool(suspicious)
         if suspicious and not amp_overflow:
-            nonfinite = self._grad_probe.nonfinite_elements(suspicious)
+            nonfinite = probe.nonfinite_elements(suspicious)
+        clipped = None
+        if clip_norm is not None and self.config.norm_type == 2.0:
+            measured = grad_norm[has_grad]
+            clipped = bool(np.sqrt(np.sum(np.square(measured))) > clip_norm)
         return StepRecord(
             step=step,
             layers=self.index.names,
@@ -260,7 +287,10 @@ class GradientMonitor:
             activations=activations,
             grad_histograms=histograms,
             optimizer=optimizer,
+            measured=None if probe.measured.all() else probe.measured.copy(),
             amp_overflow=amp_overflow,
+            amp_scale=amp_scale_value,
+            clipped=clipped,
         )
 
     # ----------------------------------------------------------------- deciding
@@ -289,8 +319,10 @@ class GradientMonitor:
         step: int | None = None,
         *,
         optimizer: int = 0,
-        grad_scale: torch.Tensor | None = None,
-        amp: bool = False,
+        params: Iterable[torch.Tensor] | None = None,
+        amp_scale: torch.Tensor | float | None = None,
+        grads_scaled: bool = False,
+        clip_norm: float | None = None,
         raise_on_alarm: bool = True,
         prepare_next: bool = True,
     ) -> StepReport:
@@ -299,9 +331,16 @@ class GradientMonitor:
         Args:
             step: The step number; by default calls are numbered 0, 1, 2, ...
             optimizer: Index of the optimizer about to step (records are tagged with it).
-            grad_scale: The AMP loss scale if gradients are still scaled (fused optimizers).
-            amp: A ``GradScaler`` supervises this step: inf/NaN gradients then mean the scaler
-                skips the step (reported as AMP overflow, not as an alarm).
+            params: The parameters that optimizer updates; other layers are not measured on
+                this step (several optimizers). ``None``: every monitored layer.
+            amp_scale: Under fp16 AMP, the ``GradScaler``'s current scale (``scaler._scale``,
+                a device tensor, travels with the one host copy). inf/NaN gradients then mean the
+                scaler skips the step: reported as AMP overflow, not as an alarm, unless they
+                persist with a scale below 1.
+            grads_scaled: Gradients are still multiplied by ``amp_scale`` (no ``unscale_`` yet,
+                e.g. fused optimizers); norms are divided by it on device.
+            clip_norm: The gradient-clipping threshold (2-norm) applied after this step's
+                measurement, if any; records then say whether clipping will act.
             raise_on_alarm: Raise :class:`~graddiag.errors.GradientAlarm` when the action is
                 ``"raise"`` (otherwise it is only returned in the report).
             prepare_next: Arm activation hooks now if the next step is an activation step
@@ -313,7 +352,8 @@ class GradientMonitor:
         current = self._next_step if step is None else int(step)
         self._next_step = current + 1
         record = self.measure(
-            current, optimizer=optimizer, grad_scale=grad_scale, amp=amp
+            current, optimizer=optimizer, params=params, amp_scale=amp_scale,
+            grads_scaled=grads_scaled, clip_norm=clip_norm,
         )
         report = StepReport(current, False) if record is None else self.evaluate(record)
         if prepare_next:
@@ -417,14 +457,21 @@ class GradientMonitor:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Rule state, findings and the next step number (history is not checkpointed here)."""
+        """Everything needed to resume: rule state, findings, history and the step counter.
+
+        Plain containers and tensors only, so checkpoints load with ``weights_only=True``.
+        """
         return {
             "next_step": self._next_step,
             "rules": self.rules.state_dict(),
             "findings": [f.to_dict() for f in self.findings],
+            "history": self._history.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (a resumed run continues where it stopped)."""
         self._next_step = int(state["next_step"])
         self.rules.load_state_dict(state["rules"])
         self.findings = [Finding.from_dict(d) for d in state["findings"]]
+        if "history" in state:
+            self._history.load_state_dict(state["history"])

@@ -130,13 +130,23 @@ class _ParamGroup:
 class GradientProbe:
     """Reads each layer's gradient norm; notes parameters that got no gradient."""
 
-    def __init__(self, index: LayerIndex, norm_type: float) -> None:
+    def __init__(self, index: LayerIndex, norm_type: float,
+                 only: set[int] | None = None) -> None:
+        """Args:
+            index: The monitored layers.
+            norm_type: p of the p-norm.
+            only: ``id``s of the parameters to read (one optimizer's); ``None`` reads all.
+        """
         self._flat = [
             (lid, name, param)
             for lid, layer in enumerate(index.layers)
             for name, param in zip(layer.param_names, layer.params)
+            if only is None or id(param) in only
         ]
         self._n_layers = len(index)
+        self.measured = np.zeros(self._n_layers, dtype=bool)
+        for lid, _, _ in self._flat:
+            self.measured[lid] = True
         self._aggregate = LayerNormAggregator(self._n_layers, norm_type)
         groups: dict[tuple[Any, ...], _ParamGroup] = {}
         for lid, name, param in self._flat:

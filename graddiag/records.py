@@ -50,7 +50,11 @@ class StepRecord:
         grad_histograms: ``(layers, bins + 2)`` gradient-magnitude histogram counts over
             :data:`graddiag.probes.HISTOGRAM_EDGES` plus sum and sum of squares, or ``None``.
         optimizer: Index of the optimizer whose step this is (0 with a single optimizer).
+        measured: Layers whose parameters this optimizer updates (``None``: all layers). Rules
+            leave the state of unmeasured layers untouched.
         amp_overflow: The AMP grad scaler found inf/NaN and skips this step (not an alarm).
+        amp_scale: The grad scaler's loss scale on this step (``None`` without fp16 AMP).
+        clipped: Gradient clipping will rescale this step's gradients (``None``: no clipping).
     """
 
     step: int
@@ -64,7 +68,10 @@ class StepRecord:
     activations: ActivationRecord | None = None
     grad_histograms: np.ndarray | None = None
     optimizer: int = 0
+    measured: np.ndarray | None = None
     amp_overflow: bool = False
+    amp_scale: float | None = None
+    clipped: bool | None = None
 
     @property
     def global_norm(self) -> float:

@@ -124,6 +124,8 @@ class VanishingRule(_OnsetRule):
     def update(self, record: StepRecord) -> list[Finding]:
         norms = record.grad_norm
         usable = record.has_grad & np.isfinite(norms)
+        if record.measured is not None:
+            usable &= record.measured
         if record.amp_overflow or not usable.any():
             self._active = False
             return []
@@ -133,7 +135,7 @@ class VanishingRule(_OnsetRule):
         rel_threshold = self.rel_floor * top
         below_abs = usable & (norms < self.abs_floor)
         below_rel = usable & (norms < rel_threshold)
-        onsets = self.onsets.observe_all(record.layers, below_abs | below_rel)
+        onsets = self.onsets.observe_all(record.layers, below_abs | below_rel, record.measured)
         self._active = self.onsets.any_confirmed()
         return [self._finding(record, int(i), top_pos, bool(below_abs[i]), rel_threshold)
                 for i in onsets]
@@ -204,7 +206,10 @@ class ExplodingRule(_OnsetRule):
                 above[list(record.nonfinite)] = False
             ready = self.count >= self.min_history
             jump = ready & (logs > self.log_level + math.log(self.factor)) & np.isfinite(logs)
-            onsets = self.onsets.observe_all(record.layers, above | jump)
+            if record.measured is not None:
+                above &= record.measured
+                jump &= record.measured
+            onsets = self.onsets.observe_all(record.layers, above | jump, record.measured)
             self._active = self.onsets.any_confirmed()
             findings = [self._finding(record, int(i), bool(above[i]),
                                       float(np.exp(self.log_level[i]))) for i in onsets]
@@ -255,8 +260,8 @@ class NonfiniteRule(_OnsetRule):
 
     kind = "nonfinite"
     key = "model"
-    #: Consecutive AMP-overflow records after which the overflow is not a loss-scale problem.
-    amp_overflow_limit = 10
+    #: Below this loss scale, inf/NaN gradients are no longer an fp16 overflow of the scaling.
+    amp_scale_floor = 1.0
 
     def __init__(self) -> None:
         super().__init__(patience=1)
@@ -264,7 +269,8 @@ class NonfiniteRule(_OnsetRule):
 
     def update(self, record: StepRecord) -> list[Finding]:
         self.amp_overflows = self.amp_overflows + 1 if record.amp_overflow else 0
-        if self.amp_overflows >= self.amp_overflow_limit:
+        if record.amp_overflow and record.amp_scale is not None \
+                and record.amp_scale < self.amp_scale_floor:
             return self._persistent_overflow(record)
         bad = sorted(record.nonfinite) if not record.amp_overflow else []
         self._active = bool(bad)
@@ -314,9 +320,9 @@ class NonfiniteRule(_OnsetRule):
                 value=float(record.grad_norm[origin]),
                 threshold=math.inf,
                 message=(
-                    f"Non-finite gradients on {self.amp_overflows} consecutive AMP steps: the "
-                    "grad scaler keeps lowering the loss scale and skipping steps, so this is "
-                    "not an fp16 overflow but NaN/Inf produced by the model or the loss."
+                    f"Non-finite gradients on {self.amp_overflows} consecutive AMP steps, still "
+                    f"with a loss scale of {record.amp_scale:.3g}: this is not an fp16 overflow "
+                    "of the scaled loss but NaN/Inf produced by the model or the loss."
                 ),
                 remedy=remedies.NONFINITE,
                 details={"amp_overflows": self.amp_overflows},
@@ -340,7 +346,7 @@ class NoGradientRule(_OnsetRule):
         condition = np.zeros(len(record.layers), dtype=bool)
         if record.missing:
             condition[list(record.missing)] = True
-        onsets = self.onsets.observe_all(record.layers, condition)
+        onsets = self.onsets.observe_all(record.layers, condition, record.measured)
         self._active = self.onsets.any_confirmed()
         return [self._finding(record, int(i)) for i in onsets]
 

@@ -23,7 +23,7 @@ NAN, INF = math.nan, math.inf
 
 
 def record(step: int, norms: list[float], *, missing: dict[int, list[str]] | None = None,
-           amp_overflow: bool = False) -> StepRecord:
+           amp_overflow: bool = False, amp_scale: float | None = None) -> StepRecord:
     values = np.array(norms, dtype=float)
     has_grad = np.ones(len(norms), dtype=bool)
     for i in missing or {}:
@@ -31,7 +31,8 @@ def record(step: int, norms: list[float], *, missing: dict[int, list[str]] | Non
         values[i] = NAN
     nonfinite = {i: {"weight": 1} for i, v in enumerate(values) if has_grad[i] and not math.isfinite(v)}
     return StepRecord(step, [f"l{i}" for i in range(len(norms))], values, has_grad,
-                      missing=missing or {}, nonfinite=nonfinite, amp_overflow=amp_overflow)
+                      missing=missing or {}, nonfinite=nonfinite, amp_overflow=amp_overflow,
+                      amp_scale=amp_scale)
 
 
 def run(rule, sequence):  # noqa: ANN001, ANN201
@@ -108,13 +109,14 @@ def test_nonfinite_active_flag_follows_every_bad_step() -> None:
     assert actives == [True, True, False]
 
 
-def test_amp_overflow_is_not_an_alarm_until_it_persists() -> None:
+def test_amp_overflow_is_not_an_alarm_until_the_scale_is_below_one() -> None:
     rule = NonfiniteRule()
     found = []
-    for s in range(NonfiniteRule.amp_overflow_limit + 2):
-        found.extend(rule.update(record(s, [INF], amp_overflow=True)))
-    assert [f.step for f in found] == [NonfiniteRule.amp_overflow_limit - 1]
-    assert "consecutive AMP steps" in found[0].message
+    scales = [2.0**16 / 2**s for s in range(20)]  # the scaler halves its scale each overflow
+    for s, scale in enumerate(scales):
+        found.extend(rule.update(record(s, [INF], amp_overflow=True, amp_scale=scale)))
+    assert [f.step for f in found] == [17]  # 2**16 / 2**17 = 0.5 < 1
+    assert "18 consecutive AMP steps" in found[0].message
 
 
 def test_no_gradient_with_patience() -> None:

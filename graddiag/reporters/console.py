@@ -21,6 +21,10 @@ class ConsoleReporter:
         self.logger = logger
 
     def report(self, record: StepRecord, findings: list[Finding]) -> None:
+        if record.amp_overflow:
+            self.logger.info(
+                "graddiag: AMP overflow at step %d: inf/NaN in the fp16-scaled gradients; the "
+                "grad scaler skips this step and lowers its scale (not an alarm).", record.step)
         for finding in findings:
             self.logger.warning("graddiag %s", finding)
 
