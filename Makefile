@@ -25,5 +25,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
+study: $(STAMP)
+	$(PY) -m graddiag.cli study --out docs
+
 clean:
 	rm -rf $(VENV) lightning_logs graddiag_logs .pytest_cache

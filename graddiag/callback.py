@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from graddiag.activations import ActivationRegistry
-from graddiag.config import MonitorConfig
+from graddiag.config import MonitorConfig, check_bool, check_int
 from graddiag.errors import GradientAlarm
 from graddiag.findings import Finding
 from graddiag.monitor import GradientMonitor, StepReport
@@ -139,32 +139,23 @@ class GradientDiagnostics(Callback):
             max_history_rows=max_history_rows,
             histogram_every_n_steps=histogram_every_n_steps,
         )
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"log_every_n_steps must be None or an integer >= 1, got {log_every_n_steps!r}"
-            )
-        if isinstance(figure_every_n_steps, bool) or not isinstance(figure_every_n_steps, int) \
-                or figure_every_n_steps < 0:
-            raise ValueError(
-                f"figure_every_n_steps must be an integer >= 0, got {figure_every_n_steps!r}"
-            )
+        if log_every_n_steps is not None:
+            check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        check_int("figure_every_n_steps", figure_every_n_steps, minimum=0)
+        check_bool("progress_bar", progress_bar)
+        check_bool("print_summary", print_summary)
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, got {prefix!r}")
         self.log_every_n_steps = log_every_n_steps
         self.figure_every_n_steps = figure_every_n_steps
         self.prefix = prefix
-        for name, flag in (("progress_bar", progress_bar), ("print_summary", print_summary)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.progress_bar = progress_bar
         self.print_summary = print_summary
         self.activation_registry = activation_registry
         self.extra_reporters = list(reporters or [])
         self.monitor: GradientMonitor | None = None
         self._saved: dict[str, Any] | None = None
+        self._shown_in_progress_bar: int | None = None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -278,8 +269,11 @@ class GradientDiagnostics(Callback):
         )
         self._apply(trainer, optimizer, report)
         if self.progress_bar and report.recorded:
-            pl_module.log("graddiag", float(self.monitor.active_conditions()), prog_bar=True,
-                          logger=False, on_step=True, on_epoch=False)
+            active = self.monitor.active_conditions()
+            if active != self._shown_in_progress_bar:  # self.log costs ~0.5 ms: only on change
+                pl_module.log("graddiag", float(active), prog_bar=True, logger=False,
+                              on_step=True, on_epoch=False)
+                self._shown_in_progress_bar = active
 
     def _apply(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: StepReport) -> None:
         action = report.action

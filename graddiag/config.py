@@ -97,19 +97,16 @@ class MonitorConfig:
         for name in ("every_n_steps", "vanishing_patience", "exploding_patience",
                      "no_gradient_patience", "activation_patience", "exploding_window",
                      "max_history_rows"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("param_every_n_steps", "activation_every_n_steps",
                      "histogram_every_n_steps"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         for name in ("vanishing_abs", "exploding_abs", "derivative_floor"):
             _check_float(name, getattr(self, name), low=0.0, low_open=False)
         for name in ("vanishing_rel", "saturated_fraction", "dead_fraction"):
             _check_float(name, getattr(self, name), low=0.0, high=1.0, low_open=False)
         _check_float("exploding_factor", self.exploding_factor, low=1.0, low_open=True)
-        if not isinstance(self.functional_activations, bool):
-            raise ValueError(
-                f"functional_activations must be True or False, got {self.functional_activations!r}"
-            )
+        check_bool("functional_activations", self.functional_activations)
         for name in ("on_nonfinite", "on_exploding"):
             value = getattr(self, name)
             if value not in ACTIONS:
@@ -158,9 +155,16 @@ def _patterns(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
+def check_int(name: str, value: Any, *, minimum: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_float(

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in DEMOS:
         run_demo(name, epochs=args.epochs, logdir=args.logdir)
     print(f"\nTensorBoard logs: {args.logdir.resolve()}")
+    for png in sorted(args.logdir.rglob("gradient_flow.png")):
+        print(f"Gradient-flow figure: {png}")
     print(f"View them with:  .venv/bin/tensorboard --logdir {args.logdir}")
     return 0
 

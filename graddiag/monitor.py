@@ -122,6 +122,7 @@ class GradientMonitor:
         self._order: ForwardOrderRecorder | None = ForwardOrderRecorder(self.index)
         self._grad_probe: GradientProbe | None = None
         self._optimizer_probes: dict[int, GradientProbe] = {}
+        self._layer_names: list[str] = self.index.names
         self._param_probe: ParameterProbe | None = None
         self._histogram_probe: HistogramProbe | None = None
         self._activations: ActivationProbe | None = None
@@ -188,6 +189,7 @@ class GradientMonitor:
             order = self._order.finish()
             self._order = None
             self.index.reorder(order)
+            self._layer_names = self.index.names  # one list shared by every record
         if self._grad_probe is None:
             self._grad_probe = GradientProbe(self.index, self.config.norm_type)
             if self.config.param_every_n_steps:
@@ -225,46 +227,38 @@ class GradientMonitor:
             return None
         self._settle_layout()
         probe = self._probe_for(optimizer, params)
-        chunks: list[torch.Tensor] = []
-        scale = None
-        if amp_scale is not None:
-            scale = torch.as_tensor(amp_scale, dtype=torch.float32)
+        device: dict[str, torch.Tensor] = {}  # everything this step sends to the host
+        scale = None if amp_scale is None else torch.as_tensor(amp_scale, dtype=torch.float32)
         reading = probe.read(scale if grads_scaled else None)
-        chunks.append(reading.layer_norms)
+        device["grad_norm"] = reading.layer_norms
         if scale is not None:
-            chunks.append(scale.reshape(1))
-        params = None
+            device["amp_scale"] = scale.reshape(1)
         if self._param_probe is not None and self._param_step(step):
-            params = self._param_probe.read()
-            chunks.append(params[0])
-            if params[1] is not None:
-                chunks.append(params[1])
-        histogram_at = None
+            device["param_norm"], update = self._param_probe.read()
+            if update is not None:
+                device["update_norm"] = update
         if self._histogram_probe is not None and self._histogram_step(step):
-            histogram_at = len(chunks)
-            chunks.append(self._histogram_probe.read())
-        act_chunks, finish_activations = [], None
+            device["histograms"] = self._histogram_probe.read()
+        finish_activations = None
         if self._activations is not None and self._activations.has_data:
             act_chunks, finish_activations = self._activations.collect()
-            chunks.extend(act_chunks)
-        host = to_host(chunks)
-        grad_norm = host[0]
+            device.update({f"act{i}": c for i, c in enumerate(act_chunks)})
+        host = dict(zip(device, to_host(list(device.values()))))  # the one host copy
+
+        grad_norm = host["grad_norm"]
         has_grad = np.asarray(reading.has_grad, dtype=bool)
         grad_norm[~has_grad] = np.nan
-        param_norm = update_ratio = None
-        if params is not None:
-            at = 2 if scale is not None else 1
-            param_norm = host[at]
-            if params[1] is not None:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    update_ratio = np.where(param_norm > 0, host[at + 1] / param_norm, np.nan)
-        amp_scale_value = float(host[1][0]) if scale is not None else None
-        histograms = None
-        if histogram_at is not None:
-            histograms = host[histogram_at].reshape(len(self.index), -1)
+        param_norm = host.get("param_norm")
+        update_ratio = None
+        if "update_norm" in host:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                update_ratio = np.where(param_norm > 0, host["update_norm"] / param_norm, np.nan)
+        histograms = host.get("histograms")
+        if histograms is not None:
+            histograms = histograms.reshape(len(self.index), -1)
         activations = None
         if finish_activations is not None:
-            activations = finish_activations(host[len(host) - len(act_chunks):])
+            activations = finish_activations([v for k, v in host.items() if k.startswith("act")])
         nonfinite: dict[int, dict[str, int]] = {}
         suspicious = {int(i) for i in np.flatnonzero(has_grad & ~np.isfinite(grad_norm))}
         # Under a GradScaler, inf/NaN gradients make the scaler skip the step: AMP overflow.
@@ -277,7 +271,7 @@ class GradientMonitor:
             clipped = bool(np.sqrt(np.sum(np.square(measured))) > clip_norm)
         return StepRecord(
             step=step,
-            layers=self.index.names,
+            layers=self._layer_names,
             grad_norm=grad_norm,
             has_grad=has_grad,
             missing=reading.missing,
@@ -289,7 +283,7 @@ class GradientMonitor:
             optimizer=optimizer,
             measured=None if probe.measured.all() else probe.measured.copy(),
             amp_overflow=amp_overflow,
-            amp_scale=amp_scale_value,
+            amp_scale=float(host["amp_scale"][0]) if "amp_scale" in host else None,
             clipped=clipped,
         )
 

@@ -66,10 +66,14 @@ def test_unknown_option_is_an_error_listing_the_allowed() -> None:
 
 
 def test_callback_bad_logging_options() -> None:
-    with pytest.raises(ValueError, match="log_every_n_steps must be None or an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="log_every_n_steps must be an integer >= 1, got 0"):
         GradientDiagnostics(log_every_n_steps=0)
     with pytest.raises(ValueError, match="prefix must be a string"):
         GradientDiagnostics(prefix=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="figure_every_n_steps must be an integer >= 0, got -1"):
+        GradientDiagnostics(figure_every_n_steps=-1)
+    with pytest.raises(ValueError, match="progress_bar must be True or False, got 'yes'"):
+        GradientDiagnostics(progress_bar="yes")  # type: ignore[arg-type]
 
 
 def test_norm_type_accepts_inf_spellings() -> None:
