@@ -153,7 +153,9 @@ class Interleave(pl.Callback):
         self.block = block
         self.warmup_steps = warmup_cycles * block * len(self.names)
         self.times: dict[str, list[float]] = {n: [] for n in self.names}
+        self.cpu: dict[str, list[float]] = {n: [] for n in self.names}
         self._started: float | None = None
+        self._started_cpu = 0.0
         self._current: str | None = None
         for hook in ALWAYS:
             setattr(self, hook, self._fan_out(hook, always=True))
@@ -175,10 +177,11 @@ class Interleave(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         step = trainer.global_step
         if self._started is not None and step > self.warmup_steps and self._current:
             self.times[self._current].append(now - self._started)
+            self.cpu[self._current].append(now_cpu - self._started_cpu)
         self._current = self.active(step)
         for configs in self.configs.values():
             for cb in configs:
@@ -188,7 +191,7 @@ class Interleave(pl.Callback):
             if isinstance(cb, HistogramHooks):
                 cb.active = True
             cb.on_train_batch_start(trainer, module, batch, batch_idx)
-        self._started = now
+        self._started, self._started_cpu = now, now_cpu
 
 
 def measure(model_fn: Callable[[], nn.Module], configs: list[str], cycles: int, block: int,
@@ -209,8 +212,12 @@ def measure(model_fn: Callable[[], nn.Module], configs: list[str], cycles: int, 
         )
         trainer.fit(Classifier(model_fn()), DataLoader(data, batch_size=64, shuffle=True))
     gc.collect()
-    return {n: {"median": statistics.median(t), "mean": statistics.fmean(t), "n": len(t)}
-            for n, t in switch.times.items()}
+    return _summaries(switch.times, switch.cpu)
+
+
+def _summaries(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {n: {"median": statistics.median(t), "mean": statistics.fmean(t), "n": len(t),
+                "cpu_median": statistics.median(cpu[n])} for n, t in wall.items()}
 
 
 LOOP_CONFIGS = ["plain", "plain again (A/A control: the noise)", "floor (one _foreach_norm)",
@@ -235,10 +242,11 @@ def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, di
         monitor.prepare(10**9)  # armed only on their own activation steps, below
     calls = {name: 0 for name in monitors}
     times: dict[str, list[float]] = {name: [] for name in LOOP_CONFIGS}
+    cpu: dict[str, list[float]] = {name: [] for name in LOOP_CONFIGS}
     for i in range((cycles + 1) * len(LOOP_CONFIGS)):
         name = LOOP_CONFIGS[i % len(LOOP_CONFIGS)]
         monitor = monitors.get(name)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if monitor is not None:
             monitor.prepare(calls[name])
         loss = F.cross_entropy(model(x), y)
@@ -252,16 +260,19 @@ def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, di
         optimizer.step()
         if i >= len(LOOP_CONFIGS):
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     for monitor in monitors.values():
         monitor.close()
-    return {n: {"median": statistics.median(t), "mean": statistics.fmean(t), "n": len(t)}
-            for n, t in times.items()}
+    return _summaries(times, cpu)
 
 
 def _tensor_count(model_fn: Callable[[], nn.Module]) -> int:
     return sum(1 for _ in model_fn().parameters())
 
 
+# Each group has a number of configurations coprime with 10 and 50, so that with one-step
+# interleaving every configuration gets its share of the logging steps (every 10) and of
+# graddiag's parameter/activation steps (every 50).
 GROUPS = {
     "graddiag and the floor": ["plain", "plain again (A/A control: the noise)",
                                "floor (one _foreach_norm)", "graddiag defaults",
@@ -271,8 +282,7 @@ GROUPS = {
                                "Lightning grad_norm + log_dict"],
     # Histogram hooks queue work on TensorBoard's writer thread, which would run during the
     # other configurations' steps: they are timed against plain training on their own.
-    "histogram recipes": ["plain", "plain again (A/A control: the noise)",
-                          "histogram hooks -> TB, every 10 steps",
+    "histogram recipes": ["plain", "histogram hooks -> TB, every 10 steps",
                           "histogram hooks -> TB, every step"],
 }
 
@@ -307,14 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         stats = measure_loop(fn, cycles * 3)
         base = stats["plain"]
         print(f"\n{name} ({_tensor_count(fn)} parameter tensors)")
-        print(f"  {'configuration':<46} {'median ratio':>12} {'mean ratio':>11}")
+        print(f"  {'configuration':<46} {'median ratio':>12} {'mean ratio':>11} {'CPU-time':>9}")
         print(f"  -- hand-written loop, GradientMonitor (plain step {base['median'] * 1e3:.2f} ms, "
               f"{base['n']} steps per configuration)")
         for config in LOOP_CONFIGS[1:]:
-            row = {k: stats[config][k] / base[k] for k in ("median", "mean")}
-            print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f}")
+            row = {k: stats[config][k] / base[k] for k in ("median", "mean", "cpu_median")}
+            print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f} "
+                  f"{row['cpu_median']:>9.3f}")
             results.setdefault("loop", {}).setdefault(name, {})[config] = row
-        print(f"  {'configuration':<46} {'median ratio':>12} {'mean ratio':>11}")
         for group, configs in GROUPS.items():
             group_cycles = cycles if group != "histogram recipes" else max(3, cycles // 4)
             stats = measure(fn, configs, group_cycles, block)
@@ -322,22 +332,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  -- Lightning, {group} (plain step {base['median'] * 1e3:.2f} ms, "
                   f"{base['n']} steps per configuration)")
             for config in configs[1:]:
-                row = {k: stats[config][k] / base[k] for k in ("median", "mean")}
-                print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f}")
+                row = {k: stats[config][k] / base[k] for k in ("median", "mean", "cpu_median")}
+                print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f} "
+                      f"{row['cpu_median']:>9.3f}")
                 results["models"].setdefault(name, {})[config] = row
 
     print("\nScaling with the number of parameter tensors (narrow MLPs, hand-written loop, "
           "median ratio to plain):")
-    print(f"  {'tensors':>8} {'plain ms':>9} {'floor':>8} {'graddiag defaults':>18}")
+    print(f"  {'tensors':>8} {'plain ms':>9} {'A/A':>6} {'floor':>8} {'graddiag defaults':>18}")
     for depth in ([4] if args.quick else [4, 49, 499]):
         fn = (lambda d=depth: mlp(depth=d, width=16))
         stats = measure_loop(fn, cycles * 3)
         base = stats["plain"]["median"]
         row = {"tensors": _tensor_count(fn), "plain_ms": base * 1e3,
+               "aa": stats["plain again (A/A control: the noise)"]["median"] / base,
                "floor": stats["floor (one _foreach_norm)"]["median"] / base,
                "graddiag": stats["graddiag defaults"]["median"] / base}
         results["scaling"].append(row)
-        print(f"  {row['tensors']:>8} {row['plain_ms']:>9.2f} {row['floor']:>8.3f} "
+        print(f"  {row['tensors']:>8} {row['plain_ms']:>9.2f} {row['aa']:>6.3f} {row['floor']:>8.3f} "
               f"{row['graddiag']:>18.3f}")
     results["memory"] = memory_report(quick=args.quick)
     if args.json:

@@ -20,7 +20,7 @@ def test_benchmark_quick_round(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert len(data["models"]) == 1
     for ratios in data["models"].values():
-        assert len(ratios) == 11  # every configuration but the baseline
+        assert len(ratios) == 10  # every configuration but the baseline
         assert all(math.isfinite(r[k]) and r[k] > 0 for r in ratios.values() for k in r)
     assert data["scaling"] and data["memory"]["graddiag_peak_mib"] > 0
     assert len(data["loop"]["MLP 4x64"]) == 5
