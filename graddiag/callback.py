@@ -102,7 +102,7 @@ class GradientDiagnostics(Callback):
         on_nonfinite: Action = "warn",
         on_exploding: Action = "warn",
         ignore: list[str] | None = None,
-        max_history_rows: int = 500_000,
+        max_history_rows: int = 200_000,
         histogram_every_n_steps: int = 0,
         log_every_n_steps: int | None = None,
         figure_every_n_steps: int = 500,

@@ -84,7 +84,7 @@ class MonitorConfig:
     on_nonfinite: Action = "warn"
     on_exploding: Action = "warn"
     ignore: tuple[str, ...] = ()
-    max_history_rows: int = 500_000
+    max_history_rows: int = 200_000
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

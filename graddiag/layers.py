@@ -132,15 +132,6 @@ class ForwardOrderRecorder:
         return self.order
 
 
-def trainable_parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def module_names(root: nn.Module) -> dict[nn.Module, str]:
-    """``{module: clean qualified name}`` for every submodule of ``root``."""
-    return {m: clean_name(n) for n, m in root.named_modules()}
-
-
 def is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a distributed tensor (FSDP2 / tensor parallel)."""
     return type(tensor).__name__ == "DTensor"

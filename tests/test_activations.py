@@ -124,7 +124,6 @@ def test_functional_calls_are_attributed_to_the_calling_module() -> None:
             return torch.sigmoid(self.lin(x)) + torch.sigmoid(x)
 
     model = nn.Sequential(Block(), Block())
-    _, _ = None, None
     with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
         model(torch.randn(3, 4)).sum().backward()
         monitor.step()

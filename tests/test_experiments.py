@@ -134,3 +134,28 @@ def test_example_fix_vanishing() -> None:
     assert any(f.kind == "vanishing" for f in before.findings)
     assert not any(f.kind == "vanishing" for f in after.findings)
     assert acc_after > acc_before + 0.3
+
+
+def test_bundled_data_modules_split_deterministically() -> None:
+    import torch
+
+    from graddiag.data import DigitsDataModule, SyntheticDataModule
+
+    digits = DigitsDataModule(batch_size=16, val_fraction=0.25, seed=3)
+    digits.setup()
+    assert len(digits.train_set) + len(digits.val_set) == 1797
+    assert len(digits.val_set) == round(1797 * 0.25)
+    again = DigitsDataModule(batch_size=16, val_fraction=0.25, seed=3)
+    again.setup()
+    assert torch.equal(digits.val_set.tensors[0], again.val_set.tensors[0])
+    classes = SyntheticDataModule(task="classification", samples=100, in_features=5, num_classes=3)
+    classes.setup()
+    x, y = classes.train_set.tensors
+    assert x.shape == (80, 5) and y.dtype == torch.long and int(y.max()) < 3
+    regression = SyntheticDataModule(task="regression", samples=50, in_features=4, num_classes=2)
+    regression.setup()
+    assert regression.train_set.tensors[1].shape == (40, 2)
+    with pytest.raises(ValueError, match="task must be 'classification' or 'regression', got 'rank'"):
+        SyntheticDataModule(task="rank")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="val_fraction must be in \\[0, 1\\), got 1.5"):
+        DigitsDataModule(val_fraction=1.5)
