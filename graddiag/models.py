@@ -83,7 +83,23 @@ def _initialise(linear: nn.Linear, init: str, activation: str, std: float) -> No
         nn.init.normal_(linear.weight, std=std)
 
 
-class DeepMLP(pl.LightningModule):
+class Classifier(pl.LightningModule):
+    """Cross-entropy training and validation shared by the bundled models."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
+
+
+class DeepMLP(Classifier):
     """A classifier MLP whose depth, activation and initialisation are options.
 
     Args:
@@ -124,18 +140,6 @@ class DeepMLP(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
@@ -145,7 +149,7 @@ class DeepMLP(pl.LightningModule):
 EstimatorName = Literal["argmax", "straight_through", "gumbel"]
 
 
-class RoutedMLP(pl.LightningModule):
+class RoutedMLP(Classifier):
     """An MLP whose hidden features are gated by a hard, discrete choice made by a ``router``.
 
     With ``estimator="argmax"`` the router's choice goes through ``argmax``, which has no
@@ -196,16 +200,6 @@ class RoutedMLP(pl.LightningModule):
         groups = self.hparams.groups
         gate = self.choice(x).repeat_interleave(h.shape[-1] // groups, dim=-1)
         return self.head(h * (0.5 + gate))
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -248,7 +248,8 @@ class HistogramProbe:
     """Counts each layer's gradient magnitudes in fixed log-spaced bins, on device, without syncs.
 
     Fixed bins make histograms of different steps directly comparable. Returns per layer the
-    counts and the sum and sum of squares of the finite gradient elements.
+    counts and the sum and sum of squares of the finite gradient elements; for DTensor (FSDP2)
+    gradients these are summed over the shards, so every rank sees the whole tensor's histogram.
     """
 
     def __init__(self, index: LayerIndex) -> None:
@@ -276,6 +277,10 @@ class HistogramProbe:
             counts = torch.zeros(HISTOGRAM_BINS, device=device)
             counts.index_add_(0, bucket, torch.ones_like(magnitude))
             safe = torch.where(finite, values, 0.0)
-            rows.append(torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)]))
+            row = torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)])
+            sharded = next((p.grad for p in params if p.grad is not None and is_dtensor(p.grad)), None)
+            if sharded is not None:  # FSDP2: add up the shards' counts and sums
+                _reduce_sharded(row, sharded, 1.0)
+            rows.append(row)
         home = rows[0].device if rows else torch.device("cpu")
         return torch.stack([r.to(home) for r in rows]) if rows else torch.zeros(0, HISTOGRAM_BINS + 2)

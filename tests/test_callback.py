@@ -181,3 +181,19 @@ def test_dead_relu_vanishing_is_explained_with_dead_relu_remedies_first() -> Non
     vanishing = [f for f in cb.findings if f.kind == "vanishing"]
     assert vanishing  # upstream layers starve behind the dead units, which are named the cause
     assert vanishing[0].remedy.startswith("lower the learning rate; initialise biases")
+
+
+def test_progress_bar_shows_active_findings_and_a_summary_prints_at_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cb = GradientDiagnostics(activation_every_n_steps=0)
+    with caplog.at_level(logging.INFO):
+        trainer = _fit(DeepMLP(depth=10, width=32, activation="sigmoid", optimizer="sgd", lr=0.1),
+                       cb, 20)
+    shown = trainer.progress_bar_metrics["graddiag"]
+    assert shown == cb.monitor.active_conditions() == 6  # six layers still vanishing
+    summaries = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("graddiag summary:")]
+    assert len(summaries) == 1
+    assert summaries[0].splitlines()[0] == "graddiag summary: 6 vanishing"
+    assert "net.0" in summaries[0] and "vanishing" in summaries[0].splitlines()[3]

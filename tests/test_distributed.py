@@ -69,3 +69,6 @@ def test_fsdp2_fully_shard_norms_equal_unsharded_reference(tmp_path: Path) -> No
         for key in ("grad_norm", "param_norm"):
             for a, b in zip(ref[key], shard[key]):
                 assert math.isclose(a, b, rel_tol=1e-5), (p, key, a, b)
+        for ref_row, shard_row in zip(ref["histogram"], shard["histogram"]):
+            assert ref_row[:-2] == shard_row[:-2]  # every element counted once, in the same bin
+            assert math.isclose(ref_row[-1], shard_row[-1], rel_tol=1e-5)  # sum of squares

@@ -26,13 +26,14 @@ def build() -> nn.Sequential:
 
 def layer_norms(model: nn.Module, x: torch.Tensor, norm_type: float) -> dict[str, list[float]]:
     monitor = GradientMonitor(model, reporters=[], norm_type=norm_type, param_every_n_steps=1,
-                              activation_every_n_steps=0)
+                              activation_every_n_steps=0, histogram_every_n_steps=1)
     model(x).pow(2).sum().backward()
     monitor.step()
     monitor.close()
     h = monitor.history
+    counts = monitor.records[0].grad_histograms
     return {"layers": h.layer.tolist(), "grad_norm": h.grad_norm.tolist(),
-            "param_norm": h.param_norm.tolist()}
+            "param_norm": h.param_norm.tolist(), "histogram": counts.tolist()}
 
 
 def worker(rank: int, out: str) -> None:
