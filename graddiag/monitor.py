@@ -260,7 +260,9 @@ class GradientMonitor:
         if finish_activations is not None:
             activations = finish_activations([v for k, v in host.items() if k.startswith("act")])
         nonfinite: dict[int, dict[str, int]] = {}
-        suspicious = {int(i) for i in np.flatnonzero(has_grad & ~np.isfinite(grad_norm))}
+        suspicious: set[int] = set()
+        if not np.isfinite(host["grad_norm"][has_grad]).all():  # rare: look closer
+            suspicious = {int(i) for i in np.flatnonzero(has_grad & ~np.isfinite(grad_norm))}
         # Under a GradScaler, inf/NaN gradients make the scaler skip the step: AMP overflow.
         amp_overflow = scale is not None and bool(suspicious)
         if suspicious and not amp_overflow:

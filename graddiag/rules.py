@@ -181,13 +181,14 @@ class ExplodingRule(_OnsetRule):
         self.factor = factor
         self.window = window
         self.alpha = 2.0 / (window + 1.0)
+        self.log_factor = math.log(factor)
         self.log_level: np.ndarray | None = None
         self.count: np.ndarray | None = None
         self.layers: list[str] = []
 
     def _ensure(self, layers: list[str]) -> None:
-        if self.log_level is None or layers != self.layers:
-            self.layers = list(layers)
+        if self.log_level is None or (layers is not self.layers and layers != self.layers):
+            self.layers = layers
             self.log_level = np.zeros(len(layers))
             self.count = np.zeros(len(layers), dtype=int)
 
@@ -197,25 +198,29 @@ class ExplodingRule(_OnsetRule):
             return []
         self._ensure(record.layers)
         assert self.log_level is not None and self.count is not None
-        norms = np.where(record.has_grad, record.grad_norm, np.nan)
+        norms = record.grad_norm  # NaN where a layer got no gradient
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             logs = np.log(norms)  # NaN for missing/NaN, -inf for 0, +inf for inf
             # an inf norm whose elements are all finite (float32 overflow) counts as above
             above = norms > self.abs_ceiling
-            if record.nonfinite:
-                above[list(record.nonfinite)] = False
-            ready = self.count >= self.min_history
-            jump = ready & (logs > self.log_level + math.log(self.factor)) & np.isfinite(logs)
+            jump = (logs - self.log_level > self.log_factor) & (self.count >= self.min_history)
+            if record.nonfinite:  # NaN/Inf elements belong to the nonfinite rule
+                bad = list(record.nonfinite)
+                above[bad] = False
+                jump[bad] = False
+            condition = above | jump
             if record.measured is not None:
-                above &= record.measured
-                jump &= record.measured
-            onsets = self.onsets.observe_all(record.layers, above | jump, record.measured)
+                condition &= record.measured
+            onsets = self.onsets.observe_all(record.layers, condition, record.measured)
             self._active = self.onsets.any_confirmed()
             findings = [self._finding(record, int(i), bool(above[i]),
                                       float(np.exp(self.log_level[i]))) for i in onsets]
             usable = np.isfinite(logs)
-            target = np.where(self.count == 0, logs, self.log_level + self.alpha * (logs - self.log_level))
-            self.log_level = np.where(usable, target, self.log_level)
+            self.log_level = np.where(usable, self.log_level + self.alpha * (logs - self.log_level),
+                                      self.log_level)
+            first = usable & (self.count == 0)
+            if first.any():
+                self.log_level[first] = logs[first]
             self.count += usable
         return findings
 

@@ -8,7 +8,8 @@ import torch
 
 def _copy_to_host(flat: torch.Tensor) -> np.ndarray:
     """The single device-to-host copy of a recorded step (tests count calls to this)."""
-    return flat.detach().to("cpu", torch.float64).numpy().copy()
+    host = flat.detach().to("cpu", torch.float64)  # float32 -> float64 always makes a new tensor
+    return host.numpy()
 
 
 def to_host(chunks: list[torch.Tensor]) -> list[np.ndarray]:
@@ -24,7 +25,14 @@ def to_host(chunks: list[torch.Tensor]) -> list[np.ndarray]:
     if not chunks:
         return []
     home = chunks[0].device
-    flat = torch.cat([c.detach().reshape(-1).to(home, torch.float32) for c in chunks])
+    if len(chunks) == 1:
+        flat = chunks[0].detach().reshape(-1)
+    else:
+        flat = torch.cat([c.detach().reshape(-1).to(home, torch.float32) for c in chunks])
     host = _copy_to_host(flat)
-    sizes = [c.numel() for c in chunks]
-    return list(np.split(host, np.cumsum(sizes)[:-1]))
+    parts, start = [], 0
+    for chunk in chunks:
+        end = start + chunk.numel()
+        parts.append(host[start:end])
+        start = end
+    return parts
