@@ -53,8 +53,9 @@ class GradientDiagnostics(Callback):
             vanishing.
         vanishing_patience: Consecutive recorded steps before ``vanishing`` is reported.
         exploding_abs: Gradient norm above which a layer is exploding.
-        exploding_factor: Multiple of a layer's running median above which it is exploding.
-        exploding_window: Recorded steps in the running median.
+        exploding_factor: Multiple of a layer's recent level (running geometric mean of its
+            norms) above which it is exploding.
+        exploding_window: Span, in recorded steps, of that running level.
         exploding_patience: Consecutive recorded steps before ``exploding`` is reported.
         no_gradient_patience: Consecutive recorded steps without a gradient before
             ``no_gradient`` is reported.

@@ -41,9 +41,10 @@ class MonitorConfig:
         vanishing_patience: Consecutive recorded steps a layer must be vanishing before it is
             reported.
         exploding_abs: A layer whose gradient norm exceeds this is exploding.
-        exploding_factor: A layer whose gradient norm exceeds this multiple of the median of
-            its own last ``exploding_window`` recorded norms is exploding.
-        exploding_window: How many recorded norms form a layer's running median.
+        exploding_factor: A layer whose gradient norm exceeds this multiple of its own recent
+            level (a running geometric mean of its recorded norms) is exploding.
+        exploding_window: Span, in recorded steps, of that running level (an exponential
+            moving average of log-norm with alpha = 2 / (window + 1)).
         exploding_patience: Consecutive recorded steps before ``exploding`` is reported.
         no_gradient_patience: Consecutive recorded steps a trainable parameter must get no
             gradient before ``no_gradient`` is reported.

@@ -1,6 +1,6 @@
 """Rules turn step records into findings. Pure: no I/O, no torch hooks, no Lightning.
 
-Each rule keeps a little state (streaks, running medians) so that a condition is reported once
+Each rule keeps a little state (streaks, running levels) so that a condition is reported once
 when it begins (after its patience), not on every step it lasts. ``active`` says whether the
 condition holds on the current step, which is what actions such as ``skip`` act on.
 """
