@@ -202,3 +202,17 @@ def test_parameter_norms_and_update_ratio_match_naive() -> None:
     assert step2.update_ratio.iloc[0] == pytest.approx((delta.norm() / first.norm()).item(), rel=1e-4)
     assert h[h.step == 1].param_norm.isna().all()
     assert h[h.step == 0].update_ratio.isna().all()
+
+
+def test_history_arrays_own_their_memory() -> None:
+    """A record's arrays must not keep device/torch buffers alive (a view pinned ~24 KB each)."""
+    model = _deep_model()
+    with GradientMonitor(model, reporters=[], param_every_n_steps=1) as monitor:
+        model(torch.randn(4, 8)).sum().backward()
+        monitor.step()
+    record = monitor.records[0]
+    for array in (record.grad_norm, record.param_norm):
+        root = array
+        while root.base is not None:
+            root = root.base
+        assert isinstance(root, np.ndarray) and root.flags.owndata
