@@ -266,6 +266,21 @@ def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, di
     return _summaries(times, cpu)
 
 
+def _print_ratios(title: str, stats: dict[str, dict[str, float]],
+                  configs: list[str]) -> dict[str, dict[str, float]]:
+    """Print each configuration's ratios to the first (plain) one; return them."""
+    base = stats[configs[0]]
+    print(f"  -- {title} (plain step {base['median'] * 1e3:.2f} ms, "
+          f"{base['n']} steps per configuration)")
+    rows = {}
+    for config in configs[1:]:
+        rows[config] = row = {k: stats[config][k] / base[k]
+                              for k in ("median", "mean", "cpu_median")}
+        print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f} "
+              f"{row['cpu_median']:>9.3f}")
+    return rows
+
+
 def _tensor_count(model_fn: Callable[[], nn.Module]) -> int:
     return sum(1 for _ in model_fn().parameters())
 
@@ -314,28 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         models = {"MLP 4x64": lambda: mlp(depth=4, width=64)}
     for name, fn in models.items():
-        stats = measure_loop(fn, cycles * 3)
-        base = stats["plain"]
         print(f"\n{name} ({_tensor_count(fn)} parameter tensors)")
         print(f"  {'configuration':<46} {'median ratio':>12} {'mean ratio':>11} {'CPU-time':>9}")
-        print(f"  -- hand-written loop, GradientMonitor (plain step {base['median'] * 1e3:.2f} ms, "
-              f"{base['n']} steps per configuration)")
-        for config in LOOP_CONFIGS[1:]:
-            row = {k: stats[config][k] / base[k] for k in ("median", "mean", "cpu_median")}
-            print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f} "
-                  f"{row['cpu_median']:>9.3f}")
-            results.setdefault("loop", {}).setdefault(name, {})[config] = row
+        rows = _print_ratios("hand-written loop, GradientMonitor",
+                             measure_loop(fn, cycles * 3), LOOP_CONFIGS)
+        results.setdefault("loop", {})[name] = rows
         for group, configs in GROUPS.items():
             group_cycles = cycles if group != "histogram recipes" else max(3, cycles // 4)
-            stats = measure(fn, configs, group_cycles, block)
-            base = stats["plain"]
-            print(f"  -- Lightning, {group} (plain step {base['median'] * 1e3:.2f} ms, "
-                  f"{base['n']} steps per configuration)")
-            for config in configs[1:]:
-                row = {k: stats[config][k] / base[k] for k in ("median", "mean", "cpu_median")}
-                print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f} "
-                      f"{row['cpu_median']:>9.3f}")
-                results["models"].setdefault(name, {})[config] = row
+            rows = _print_ratios(f"Lightning, {group}",
+                                 measure(fn, configs, group_cycles, block), configs)
+            results["models"].setdefault(name, {}).update(rows)
 
     print("\nScaling with the number of parameter tensors (narrow MLPs, hand-written loop, "
           "median ratio to plain):")

@@ -38,6 +38,7 @@ from graddiag.config import OPTION_NAMES
         ("include", 3, "list of strings"),
         ("functional_activations", "yes", "True or False"),
         ("max_history_rows", 0, "integer >= 1"),
+        ("histogram_every_n_steps", -2, "integer >= 0"),
     ],
 )
 def test_bad_option_names_option_allowed_and_given(option: str, value: object, allowed: str) -> None:
@@ -74,6 +75,8 @@ def test_callback_bad_logging_options() -> None:
         GradientDiagnostics(figure_every_n_steps=-1)
     with pytest.raises(ValueError, match="progress_bar must be True or False, got 'yes'"):
         GradientDiagnostics(progress_bar="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="print_summary must be True or False, got 1"):
+        GradientDiagnostics(print_summary=1)  # type: ignore[arg-type]
 
 
 def test_norm_type_accepts_inf_spellings() -> None:
