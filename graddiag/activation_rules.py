@@ -11,10 +11,10 @@ import numpy as np
 from graddiag import remedies
 from graddiag.findings import Finding
 from graddiag.records import StepRecord
-from graddiag.rules import _OnsetRule
+from graddiag.rules import OnsetRule
 
 
-class _FractionRule(_OnsetRule):
+class _FractionRule(OnsetRule):
     family = ""
     kind = ""
 

@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from graddiag.activations import ActivationRegistry
-from graddiag.config import MonitorConfig, check_bool, check_int
+from graddiag.config import OPTION_NAMES, MonitorConfig, check_bool, check_int
 from graddiag.errors import GradientAlarm
 from graddiag.findings import Finding
 from graddiag.monitor import GradientMonitor, StepReport
@@ -114,32 +114,8 @@ class GradientDiagnostics(Callback):
         reporters: Sequence[Reporter] | None = None,
     ) -> None:
         super().__init__()
-        self.config = MonitorConfig(
-            every_n_steps=every_n_steps,
-            norm_type=norm_type,  # type: ignore[arg-type]
-            include=tuple(include) if include is not None else None,
-            exclude=tuple(exclude or ()),
-            param_every_n_steps=param_every_n_steps,
-            activation_every_n_steps=activation_every_n_steps,
-            functional_activations=functional_activations,
-            vanishing_abs=vanishing_abs,
-            vanishing_rel=vanishing_rel,
-            vanishing_patience=vanishing_patience,
-            exploding_abs=exploding_abs,
-            exploding_factor=exploding_factor,
-            exploding_window=exploding_window,
-            exploding_patience=exploding_patience,
-            no_gradient_patience=no_gradient_patience,
-            derivative_floor=derivative_floor,
-            saturated_fraction=saturated_fraction,
-            dead_fraction=dead_fraction,
-            activation_patience=activation_patience,
-            on_nonfinite=on_nonfinite,
-            on_exploding=on_exploding,
-            ignore=tuple(ignore or ()),
-            max_history_rows=max_history_rows,
-            histogram_every_n_steps=histogram_every_n_steps,
-        )
+        given = locals()
+        self.config = MonitorConfig(**{name: given[name] for name in OPTION_NAMES})
         if log_every_n_steps is not None:
             check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         check_int("figure_every_n_steps", figure_every_n_steps, minimum=0)
@@ -278,10 +254,10 @@ class GradientDiagnostics(Callback):
 
     def _apply(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: StepReport) -> None:
         action = report.action
-        if trainer.world_size > 1:  # every rank takes the same decision
-            wants = {a: trainer.strategy.reduce_boolean_decision(action == a, all=False)
-                     for a in ("raise", "stop", "skip")}
-            action = next((a for a in ("raise", "stop", "skip") if wants[a]), "continue")
+        # every rank takes the same decision; with only "warn" actions none ever skips or stops
+        may_act = self.config.on_nonfinite != "warn" or self.config.on_exploding != "warn"
+        if trainer.world_size > 1 and may_act:
+            action = _agree(trainer, action)
         if action == "continue":
             return
         for group in optimizer.param_groups:  # nothing is applied: no gradient, no update
@@ -327,6 +303,16 @@ class GradientDiagnostics(Callback):
             self.monitor.load_state_dict(state_dict)
         else:
             self._saved = dict(state_dict)
+
+
+_ACTIONS_BY_SEVERITY = ("continue", "skip", "stop", "raise")
+
+
+def _agree(trainer: pl.Trainer, action: str) -> str:
+    """The most severe action any rank wants, in one all-reduce (ranks may see different data)."""
+    severity = torch.tensor([_ACTIONS_BY_SEVERITY.index(action)], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(severity, op=torch.distributed.ReduceOp.MAX)
+    return _ACTIONS_BY_SEVERITY[int(severity.item())]
 
 
 def _optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:

@@ -93,8 +93,8 @@ class MonitorConfig:
         for name in ("include", "exclude", "ignore"):
             value = getattr(self, name)
             if value is None and name == "include":
-                continue
-            set_(self, name, _patterns(name, value))
+                continue  # None: every layer
+            set_(self, name, _patterns(name, () if value is None else value))
         for name in ("every_n_steps", "vanishing_patience", "exploding_patience",
                      "no_gradient_patience", "activation_patience", "exploding_window",
                      "max_history_rows"):

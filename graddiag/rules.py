@@ -93,7 +93,9 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-class _OnsetRule:
+class OnsetRule:
+    """Base of the rules: an :class:`Onsets` tracker and the ``active`` flag of the last record."""
+
     kind = ""
 
     def __init__(self, patience: int) -> None:
@@ -111,7 +113,7 @@ class _OnsetRule:
         self.onsets.load_state_dict(state["onsets"])
 
 
-class VanishingRule(_OnsetRule):
+class VanishingRule(OnsetRule):
     """A layer's gradient norm is below ``abs_floor`` or below ``rel_floor`` x the largest layer's."""
 
     kind = "vanishing"
@@ -164,7 +166,7 @@ class VanishingRule(_OnsetRule):
         )
 
 
-class ExplodingRule(_OnsetRule):
+class ExplodingRule(OnsetRule):
     """A layer's gradient norm exceeds ``abs_ceiling`` or ``factor`` x its own recent level.
 
     The recent level is a running geometric mean (an exponential moving average of
@@ -260,7 +262,7 @@ class ExplodingRule(_OnsetRule):
             self.count = np.array([v[1] for v in level.values()], dtype=int)
 
 
-class NonfiniteRule(_OnsetRule):
+class NonfiniteRule(OnsetRule):
     """Some gradient holds NaN or Inf; names the origin: the affected layer nearest the loss."""
 
     kind = "nonfinite"
@@ -342,7 +344,7 @@ class NonfiniteRule(_OnsetRule):
         self.amp_overflows = int(state.get("amp_overflows", 0))
 
 
-class NoGradientRule(_OnsetRule):
+class NoGradientRule(OnsetRule):
     """A trainable parameter (``requires_grad=True``) received no gradient at all."""
 
     kind = "no_gradient"

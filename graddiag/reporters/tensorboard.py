@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,20 +55,9 @@ def dashboard_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
 def _interval_stats(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     data = np.vstack(rows)
     data = np.where(np.isfinite(data), data, np.nan)
-    with np.errstate(all="ignore"), _quiet_nan_warnings():
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without grads
         return np.nanmedian(data, 0), np.nanmin(data, 0), np.nanmax(data, 0)
-
-
-class _quiet_nan_warnings:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
 
 
 class TensorBoardReporter:
