@@ -57,6 +57,7 @@ def worker(rank: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    dist.barrier()  # both ranks finish their collectives before the group is torn down
     dist.destroy_process_group()
 
 
