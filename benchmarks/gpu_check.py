@@ -24,8 +24,8 @@ from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 
 from graddiag import GradientDiagnostics, GradientMonitor
-from graddiag.data import DigitsDataModule
-from graddiag.models import DeepMLP
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import DeepMLP
 
 FAILURES: list[str] = []
 
@@ -59,7 +59,7 @@ def sync_count() -> tuple[int, int]:
     monitor.step()  # warm-up: index tensors, first layout
     model(torch.randn(32, 64, device="cuda")).sum().backward()
     torch.cuda.synchronize()
-    import graddiag.transfer as transfer
+    import graddiag.measure.transfer as transfer
 
     copies = []
     real = transfer._copy_to_host

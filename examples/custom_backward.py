@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graddiag import GradientMonitor
-from graddiag.data import digits_tensors
+from graddiag.demos.data import digits_tensors
 
 
 class SurrogateStep(torch.autograd.Function):

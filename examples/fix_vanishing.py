@@ -11,8 +11,8 @@ import argparse
 import pytorch_lightning as pl
 
 from graddiag import GradientDiagnostics
-from graddiag.data import DigitsDataModule
-from graddiag.models import DeepMLP
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import DeepMLP
 
 SETUPS = {
     "before: 10 x sigmoid, default init": dict(activation="sigmoid", init="default"),

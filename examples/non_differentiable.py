@@ -15,8 +15,8 @@ import argparse
 import pytorch_lightning as pl
 
 from graddiag import GradientDiagnostics
-from graddiag.data import DigitsDataModule
-from graddiag.models import RoutedMLP
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import RoutedMLP
 
 
 def train(estimator: str, steps: int) -> GradientDiagnostics:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from graddiag import GradientMonitor
-from graddiag.data import digits_tensors
-from graddiag.models import build_mlp
+from graddiag.demos.data import digits_tensors
+from graddiag.demos.models import build_mlp
 
 
 def main(argv: list[str] | None = None) -> GradientMonitor:

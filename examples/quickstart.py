@@ -10,8 +10,8 @@ import argparse
 import pytorch_lightning as pl
 
 from graddiag import GradientDiagnostics
-from graddiag.data import DigitsDataModule
-from graddiag.models import DeepMLP
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import DeepMLP
 
 
 def main(argv: list[str] | None = None) -> GradientDiagnostics:

@@ -5,12 +5,12 @@ non-finite and missing gradients, saturated and dead activations, explains the l
 and suggests what to try.
 """
 
-from graddiag.activations import ActivationRegistry, ActivationSpec, default_registry
-from graddiag.config import MonitorConfig
-from graddiag.errors import GradientAlarm
-from graddiag.findings import FINDING_KINDS, Finding
-from graddiag.monitor import GradientMonitor, StepReport
-from graddiag.records import ActivationRecord, StepRecord
+from graddiag.measure.activations import ActivationRegistry, ActivationSpec, default_registry
+from graddiag.data.options import MonitorConfig
+from graddiag.data.errors import GradientAlarm
+from graddiag.data.findings import FINDING_KINDS, Finding
+from graddiag.pipeline.monitor import GradientMonitor, StepReport
+from graddiag.data.records import ActivationRecord, StepRecord
 
 __version__ = "0.1.0"
 
@@ -32,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy import keeps Lightning optional for plain loops
     if name == "GradientDiagnostics":
-        from graddiag.callback import GradientDiagnostics
+        from graddiag.lightning.callback import GradientDiagnostics
 
         return GradientDiagnostics
     raise AttributeError(f"module 'graddiag' has no attribute {name!r}")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from graddiag.findings import FINDING_KINDS
+from graddiag.data.findings import FINDING_KINDS
 
 EXIT_OK, EXIT_ALARM, EXIT_USAGE = 0, 1, 2
 
@@ -28,7 +28,7 @@ def report(argv: list[str]) -> int:
     """``graddiag report LOGDIR [--csv PATH] [--fail-on KINDS]``."""
     import pandas as pd
 
-    from graddiag.logs import layer_summary, read_logs
+    from graddiag.reporters.logs import layer_summary, read_logs
 
     parser = argparse.ArgumentParser(
         prog="graddiag report",
@@ -81,20 +81,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(argv: list[str]) -> int:
-    from graddiag.experiments import run_cli
+    from graddiag.lightning.fit import run_cli
 
     run_cli(["fit", *argv])
     return EXIT_OK
 
 
 def _study(argv: list[str]) -> int:
-    from graddiag.study import main as study_main
+    from graddiag.demos.study import main as study_main
 
     return study_main(argv)
 
 
 def _demo(argv: list[str]) -> int:
-    from graddiag.demos import main as demo_main
+    from graddiag.demos.run import main as demo_main
 
     return demo_main(argv)
 

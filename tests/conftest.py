@@ -16,6 +16,6 @@ logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from graddiag.data import digits_tensors
+    from graddiag.demos.data import digits_tensors
 
     return digits_tensors()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graddiag import ActivationSpec, GradientMonitor, default_registry
-from graddiag.activations import ActivationProbe
+from graddiag.measure.activations import ActivationProbe
 
 FLOOR = 0.01
 

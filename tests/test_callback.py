@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 
 from graddiag import GradientAlarm, GradientDiagnostics
-from graddiag.data import DigitsDataModule
-from graddiag.models import DeepMLP
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import DeepMLP
 from tests.helpers import quiet_trainer
 
 

@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from graddiag import GradientDiagnostics, GradientMonitor, MonitorConfig
-from graddiag.config import OPTION_NAMES
+from graddiag.data.options import OPTION_NAMES
 
 
 @pytest.mark.parametrize(

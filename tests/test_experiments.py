@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from graddiag.cli import main as cli_main
-from graddiag.experiments import diagnostics_of, run_cli
+from graddiag.lightning.fit import diagnostics_of, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -74,7 +74,7 @@ def test_bad_config_values_are_rejected_before_training(override: list[str], nam
 
 
 def test_fit_help_documents_every_callback_option(capsys: pytest.CaptureFixture[str]) -> None:
-    from graddiag.config import OPTION_NAMES
+    from graddiag.data.options import OPTION_NAMES
 
     with pytest.raises(SystemExit):
         run_cli(["fit", "--help"])
@@ -139,7 +139,7 @@ def test_example_fix_vanishing() -> None:
 def test_bundled_data_modules_split_deterministically() -> None:
     import torch
 
-    from graddiag.data import DigitsDataModule, SyntheticDataModule
+    from graddiag.demos.data import DigitsDataModule, SyntheticDataModule
 
     digits = DigitsDataModule(batch_size=16, val_fraction=0.25, seed=3)
     digits.setup()

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import graddiag.transfer as transfer
+import graddiag.measure.transfer as transfer
 from graddiag import GradientMonitor
-from graddiag.layers import clean_name, discover_layers
-from graddiag.probes import GradientProbe, LayerNormAggregator
+from graddiag.measure.layers import clean_name, discover_layers
+from graddiag.measure.probes import GradientProbe, LayerNormAggregator
 
 
 def _two_layer_with_grads() -> nn.Sequential:

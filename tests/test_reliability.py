@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from graddiag import GradientDiagnostics, GradientMonitor, MonitorConfig
-from graddiag.data import DigitsDataModule, digits_tensors
-from graddiag.models import DeepMLP
-from graddiag.records import StepRecord
+from graddiag.demos.data import DigitsDataModule, digits_tensors
+from graddiag.demos.models import DeepMLP
+from graddiag.data.records import StepRecord
 from graddiag.reporters.tensorboard import TensorBoardReporter
-from graddiag.rules import RuleSet
+from graddiag.rules.gradient import RuleSet
 from tests.helpers import quiet_trainer
 
 

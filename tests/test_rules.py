@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from graddiag.config import MonitorConfig
-from graddiag.records import ActivationRecord, StepRecord
-from graddiag.rules import (
+from graddiag.data.options import MonitorConfig
+from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.rules.gradient import (
     ExplodingRule,
     NoGradientRule,
     NonfiniteRule,
@@ -17,7 +17,7 @@ from graddiag.rules import (
     RuleSet,
     VanishingRule,
 )
-from graddiag.activation_rules import DeadReluRule, SaturatedRule
+from graddiag.rules.activation import DeadReluRule, SaturatedRule
 
 NAN, INF = math.nan, math.inf
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graddiag.models import build_mlp
+from graddiag.demos.models import build_mlp
 from tests.helpers import train_plain
 
 

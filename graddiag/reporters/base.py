@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol, runtime_checkable
 
-from graddiag.findings import Finding
-from graddiag.records import StepRecord
+from graddiag.data.findings import Finding
+from graddiag.data.records import StepRecord
 
 log = logging.getLogger("graddiag")
 

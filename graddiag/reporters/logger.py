@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from graddiag.findings import Finding
-from graddiag.records import StepRecord
+from graddiag.data.findings import Finding
+from graddiag.data.records import StepRecord
 from graddiag.reporters.scalars import scalar_metrics
 
 

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from graddiag.findings import Finding
+from graddiag.data.findings import Finding
 
 FINDINGS_HEADER = "| kind | layer | step | value | threshold | evidence | remedy |"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graddiag.records import StepRecord
+from graddiag.data.records import StepRecord
 
 
 def scalar_metrics(record: StepRecord, prefix: str, active_findings: int) -> dict[str, float]:

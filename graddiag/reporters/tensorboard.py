@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graddiag.figures import figure_to_array, gradient_flow_figure
-from graddiag.findings import Finding
-from graddiag.probes import HISTOGRAM_BINS, HISTOGRAM_EDGES
-from graddiag.records import StepRecord
+from graddiag.reporters.figures import figure_to_array, gradient_flow_figure
+from graddiag.data.findings import Finding
+from graddiag.measure.probes import HISTOGRAM_BINS, HISTOGRAM_EDGES
+from graddiag.data.records import StepRecord
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
 from graddiag.reporters.scalars import scalar_metrics
 
 if TYPE_CHECKING:
-    from graddiag.monitor import GradientMonitor
+    from graddiag.pipeline.monitor import GradientMonitor
 
 log = logging.getLogger("graddiag")
 

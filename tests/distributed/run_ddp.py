@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from graddiag import GradientDiagnostics
-from graddiag.data import DigitsDataModule
-from graddiag.models import DeepMLP
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import DeepMLP
 
 
 class Model(DeepMLP):

@@ -13,12 +13,12 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from graddiag.activations import ActivationRegistry
-from graddiag.config import OPTION_NAMES, MonitorConfig, check_bool, check_int
-from graddiag.errors import GradientAlarm
-from graddiag.findings import Finding
-from graddiag.monitor import GradientMonitor, StepReport
-from graddiag.tables import save_table
+from graddiag.measure.activations import ActivationRegistry
+from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check_int
+from graddiag.data.errors import GradientAlarm
+from graddiag.data.findings import Finding
+from graddiag.pipeline.monitor import GradientMonitor, StepReport
+from graddiag.reporters.tables import save_table
 from graddiag.reporters import ConsoleReporter, Reporter
 from graddiag.reporters.console import summary_screen
 from graddiag.reporters.logger import LoggerReporter

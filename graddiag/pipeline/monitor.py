@@ -13,21 +13,21 @@ import pandas as pd
 import torch
 from torch import nn
 
-from graddiag.activations import ActivationProbe, ActivationRegistry, default_registry
-from graddiag.config import MonitorConfig
-from graddiag.errors import GradientAlarm
-from graddiag.explain import Explainer
-from graddiag.findings import Finding
-from graddiag.history import History
-from graddiag.layers import ForwardOrderRecorder, discover_layers
-from graddiag.probes import GradientProbe, HistogramProbe, ParameterProbe
-from graddiag.records import StepRecord
+from graddiag.measure.activations import ActivationProbe, ActivationRegistry, default_registry
+from graddiag.data.options import MonitorConfig
+from graddiag.data.errors import GradientAlarm
+from graddiag.rules.explain import Explainer
+from graddiag.data.findings import Finding
+from graddiag.pipeline.history import History
+from graddiag.measure.layers import ForwardOrderRecorder, discover_layers
+from graddiag.measure.probes import GradientProbe, HistogramProbe, ParameterProbe
+from graddiag.data.records import StepRecord
 from graddiag.reporters import ConsoleReporter, Reporter, SafeReporter
-from graddiag.rules import RuleSet
-from graddiag.activation_rules import DeadReluRule, SaturatedRule
-from graddiag.summary import summarize
-from graddiag.tables import save_table
-from graddiag.transfer import to_host
+from graddiag.rules.gradient import RuleSet
+from graddiag.rules.activation import DeadReluRule, SaturatedRule
+from graddiag.reporters.summary import summarize
+from graddiag.reporters.tables import save_table
+from graddiag.measure.transfer import to_host
 
 log = logging.getLogger("graddiag")
 
@@ -83,7 +83,7 @@ class GradientMonitor:
         model: The monitored module; layer names are relative to it.
         reporters: Where records and findings go. ``None`` logs findings on the console.
         activation_registry: Activation types and functions to analyse (default: built-ins).
-        **options: Any field of :class:`~graddiag.config.MonitorConfig`.
+        **options: Any field of :class:`~graddiag.data.options.MonitorConfig`.
     """
 
     def __init__(
@@ -337,7 +337,7 @@ class GradientMonitor:
                 e.g. fused optimizers); norms are divided by it on device.
             clip_norm: The gradient-clipping threshold (2-norm) applied after this step's
                 measurement, if any; records then say whether clipping will act.
-            raise_on_alarm: Raise :class:`~graddiag.errors.GradientAlarm` when the action is
+            raise_on_alarm: Raise :class:`~graddiag.data.errors.GradientAlarm` when the action is
                 ``"raise"`` (otherwise it is only returned in the report).
             prepare_next: Arm activation hooks now if the next step is an activation step
                 (plain loops); the Lightning callback arms them at the start of each batch.

@@ -2,7 +2,7 @@
 
 Norms are computed with one fused ``torch._foreach_norm`` per (device, dtype) group,
 accumulated in float32, and aggregated per layer on the device. Nothing here copies to the
-host: the monitor gathers every probe's tensors into one transfer (:mod:`graddiag.transfer`).
+host: the monitor gathers every probe's tensors into one transfer (:mod:`graddiag.measure.transfer`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graddiag.layers import LayerIndex, is_dtensor
+from graddiag.measure.layers import LayerIndex, is_dtensor
 
 @dataclass
 class GradientReading:

@@ -31,10 +31,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from graddiag.layers import clean_name
+from graddiag.measure.layers import clean_name
 
 log = logging.getLogger("graddiag")
-from graddiag.records import ActivationRecord
+from graddiag.data.records import ActivationRecord
 
 Family = Literal["saturating", "rectifier"]
 Derivative = Callable[[torch.Tensor | None, torch.Tensor, dict[str, float]], torch.Tensor]

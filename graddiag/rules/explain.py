@@ -13,10 +13,10 @@ from collections import Counter
 
 from torch import nn
 
-from graddiag import remedies
-from graddiag.findings import Finding
-from graddiag.layers import clean_name
-from graddiag.records import ActivationRecord, StepRecord
+from graddiag.rules import wording as remedies
+from graddiag.data.findings import Finding
+from graddiag.measure.layers import clean_name
+from graddiag.data.records import ActivationRecord, StepRecord
 
 
 class Explainer:

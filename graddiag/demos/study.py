@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from graddiag.data import digits_tensors
-from graddiag.models import build_mlp
-from graddiag.monitor import GradientMonitor
+from graddiag.demos.data import digits_tensors
+from graddiag.demos.models import build_mlp
+from graddiag.pipeline.monitor import GradientMonitor
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
 

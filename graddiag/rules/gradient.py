@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from graddiag import remedies
-from graddiag.config import MonitorConfig
-from graddiag.findings import Finding
-from graddiag.records import StepRecord
+from graddiag.rules import wording as remedies
+from graddiag.data.options import MonitorConfig
+from graddiag.data.findings import Finding
+from graddiag.data.records import StepRecord
 
 
 class Rule(Protocol):
@@ -378,7 +378,7 @@ class NoGradientRule(OnsetRule):
 
 
 class RuleSet:
-    """The rules selected by a :class:`~graddiag.config.MonitorConfig`, applied in order."""
+    """The rules selected by a :class:`~graddiag.data.options.MonitorConfig`, applied in order."""
 
     def __init__(self, config: MonitorConfig, extra: list[Rule] | None = None) -> None:
         rules: list[Rule] = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from graddiag.findings import Finding
+from graddiag.data.findings import Finding
 
 SUMMARY_COLUMNS = ["layer", "position", "records", "grad_norm_median", "grad_norm_min",
                    "grad_norm_max", "last_grad_norm", "findings", "first_finding",

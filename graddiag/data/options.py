@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Sequence, get_args
 
-from graddiag.findings import FINDING_KINDS
+from graddiag.data.findings import FINDING_KINDS
 
 Action = Literal["warn", "raise", "stop", "skip"]
 ACTIONS: tuple[str, ...] = get_args(Action)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from graddiag.records import ActivationRecord, StepRecord
+from graddiag.data.records import ActivationRecord, StepRecord
 
 HISTORY_COLUMNS = ["step", "optimizer", "layer", "position", "grad_norm", "param_norm",
                    "update_ratio", "has_grad", "nonfinite", "amp_overflow", "clipped"]

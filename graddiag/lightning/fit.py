@@ -12,7 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from graddiag.callback import GradientDiagnostics
+from graddiag.lightning.callback import GradientDiagnostics
 
 
 class GraddiagCLI(LightningCLI):

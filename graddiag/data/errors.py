@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from graddiag.findings import Finding
+    from graddiag.data.findings import Finding
 
 
 class GradientAlarm(RuntimeError):

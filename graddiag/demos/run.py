@@ -2,7 +2,7 @@
 
 Trains a deep sigmoid MLP (the textbook vanishing-gradient case) and a Kaiming-initialised ReLU
 MLP of the same depth, prints graddiag's findings for each and where the TensorBoard logs are.
-Run with ``python -m graddiag.demos``.
+Run with ``python -m graddiag.demos.run``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from graddiag.callback import GradientDiagnostics
-from graddiag.data import DigitsDataModule
-from graddiag.models import DeepMLP
+from graddiag.lightning.callback import GradientDiagnostics
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import DeepMLP
 from graddiag.reporters.console import render_findings
 
 DEMOS = {
