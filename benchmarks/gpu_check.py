@@ -19,8 +19,6 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 
 from graddiag import GradientDiagnostics, GradientMonitor

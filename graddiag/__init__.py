@@ -5,12 +5,16 @@ non-finite and missing gradients, saturated and dead activations, explains the l
 and suggests what to try.
 """
 
-from graddiag.measure.activations import ActivationRegistry, ActivationSpec, default_registry
-from graddiag.data.options import MonitorConfig
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import FINDING_KINDS, Finding
-from graddiag.pipeline.monitor import GradientMonitor, StepReport
+from graddiag.data.options import MonitorConfig
 from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.measure.activations import (
+    ActivationRegistry,
+    ActivationSpec,
+    default_registry,
+)
+from graddiag.pipeline.monitor import GradientMonitor, StepReport
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import graddiag.measure.transfer as transfer
 from graddiag import GradientMonitor
 from graddiag.measure.layers import clean_name, discover_layers
-from graddiag.measure.probes import GradientProbe, LayerNormAggregator
+from graddiag.measure.norms import GradientProbe, LayerNormAggregator
 
 
 def _two_layer_with_grads() -> nn.Sequential:

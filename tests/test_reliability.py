@@ -14,7 +14,6 @@ import psutil
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -23,11 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from graddiag import GradientDiagnostics, GradientMonitor, MonitorConfig
+from graddiag.data.records import StepRecord
 from graddiag.demos.data import DigitsDataModule, digits_tensors
 from graddiag.demos.models import DeepMLP
-from graddiag.data.records import StepRecord
 from graddiag.reporters.tensorboard import TensorBoardReporter
-from graddiag.rules.gradient import RuleSet
+from graddiag.rules.ruleset import RuleSet
 from tests.helpers import quiet_trainer
 
 

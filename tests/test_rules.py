@@ -9,15 +9,15 @@ import pytest
 
 from graddiag.data.options import MonitorConfig
 from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.rules.activation import DeadReluRule, SaturatedRule
 from graddiag.rules.gradient import (
     ExplodingRule,
     NoGradientRule,
     NonfiniteRule,
-    Onsets,
-    RuleSet,
     VanishingRule,
 )
-from graddiag.rules.activation import DeadReluRule, SaturatedRule
+from graddiag.rules.onsets import Onsets
+from graddiag.rules.ruleset import RuleSet
 
 NAN, INF = math.nan, math.inf
 

@@ -21,8 +21,8 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from graddiag import GradientDiagnostics
 from graddiag.cli import main as cli_main
 from graddiag.demos.data import DigitsDataModule
-from graddiag.reporters.logs import read_logs
 from graddiag.demos.models import DeepMLP
+from graddiag.reporters.logs import read_logs
 from graddiag.reporters.tensorboard import FIGURE_FILE
 from tests.helpers import quiet_trainer
 

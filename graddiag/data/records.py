@@ -48,7 +48,7 @@ class StepRecord:
             read, or ``None``.
         activations: Activation statistics, or ``None`` on steps without them.
         grad_histograms: ``(layers, bins + 2)`` gradient-magnitude histogram counts over
-            :data:`graddiag.measure.probes.HISTOGRAM_EDGES` plus sum and sum of squares, or ``None``.
+            :data:`graddiag.data.bins.HISTOGRAM_EDGES` plus sum and sum of squares, or ``None``.
         optimizer: Index of the optimizer whose step this is (0 with a single optimizer).
         measured: Layers whose parameters this optimizer updates (``None``: all layers). Rules
             leave the state of unmeasured layers untouched.

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from graddiag.lightning.callback import GradientDiagnostics
 from graddiag.demos.data import DigitsDataModule
 from graddiag.demos.models import DeepMLP
+from graddiag.lightning.callback import GradientDiagnostics
 from graddiag.reporters.console import render_findings
 
 DEMOS = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 import pandas as pd
 import torch
 import torch.nn.functional as F

@@ -13,15 +13,15 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from graddiag.measure.activations import ActivationRegistry
-from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check_int
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import Finding
+from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check_int
+from graddiag.measure.activations import ActivationRegistry
 from graddiag.pipeline.monitor import GradientMonitor, StepReport
-from graddiag.reporters.tables import save_table
 from graddiag.reporters import ConsoleReporter, Reporter
 from graddiag.reporters.console import summary_screen
 from graddiag.reporters.logger import LoggerReporter
+from graddiag.reporters.tables import save_table
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
 log = logging.getLogger("graddiag")

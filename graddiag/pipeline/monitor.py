@@ -13,21 +13,27 @@ import pandas as pd
 import torch
 from torch import nn
 
-from graddiag.measure.activations import ActivationProbe, ActivationRegistry, default_registry
-from graddiag.data.options import MonitorConfig
 from graddiag.data.errors import GradientAlarm
-from graddiag.rules.explain import Explainer
 from graddiag.data.findings import Finding
-from graddiag.pipeline.history import History
-from graddiag.measure.layers import ForwardOrderRecorder, discover_layers
-from graddiag.measure.probes import GradientProbe, HistogramProbe, ParameterProbe
+from graddiag.data.options import MonitorConfig
 from graddiag.data.records import StepRecord
+from graddiag.measure.activations import (
+    ActivationProbe,
+    ActivationRegistry,
+    default_registry,
+)
+from graddiag.measure.histograms import HistogramProbe
+from graddiag.measure.layers import ForwardOrderRecorder, discover_layers
+from graddiag.measure.norms import GradientProbe
+from graddiag.measure.parameters import ParameterProbe
+from graddiag.measure.transfer import to_host
+from graddiag.pipeline.history import History
 from graddiag.reporters import ConsoleReporter, Reporter, SafeReporter
-from graddiag.rules.gradient import RuleSet
-from graddiag.rules.activation import DeadReluRule, SaturatedRule
 from graddiag.reporters.summary import summarize
 from graddiag.reporters.tables import save_table
-from graddiag.measure.transfer import to_host
+from graddiag.rules.activation import DeadReluRule, SaturatedRule
+from graddiag.rules.explain import Explainer
+from graddiag.rules.ruleset import RuleSet
 
 log = logging.getLogger("graddiag")
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graddiag.reporters.figures import figure_to_array, gradient_flow_figure
+from graddiag.data.bins import HISTOGRAM_BINS, HISTOGRAM_EDGES
 from graddiag.data.findings import Finding
-from graddiag.measure.probes import HISTOGRAM_BINS, HISTOGRAM_EDGES
 from graddiag.data.records import StepRecord
+from graddiag.reporters.figures import figure_to_array, gradient_flow_figure
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
 from graddiag.reporters.scalars import scalar_metrics
 

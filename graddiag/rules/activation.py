@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from graddiag.rules import wording as remedies
 from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
-from graddiag.rules.gradient import OnsetRule
+from graddiag.rules import wording as remedies
+from graddiag.rules.onsets import OnsetRule
 
 
 class _FractionRule(OnsetRule):

@@ -13,10 +13,10 @@ from collections import Counter
 
 from torch import nn
 
-from graddiag.rules import wording as remedies
 from graddiag.data.findings import Finding
-from graddiag.measure.layers import clean_name
 from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.measure.layers import clean_name
+from graddiag.rules import wording as remedies
 
 
 class Explainer:

@@ -8,109 +8,14 @@ condition holds on the current step, which is what actions such as ``skip`` act 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from graddiag.rules import wording as remedies
-from graddiag.data.options import MonitorConfig
 from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
-
-
-class Rule(Protocol):
-    kind: str
-
-    def update(self, record: StepRecord) -> list[Finding]: ...
-
-    @property
-    def active(self) -> bool: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class Onsets:
-    """Counts consecutive steps a condition holds per key; says when it has just begun."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.streak: dict[str, int] = {}
-        self.reported: set[str] = set()
-
-    def observe(self, key: str, condition: bool) -> bool:
-        """Record one step; True exactly when ``key`` has held for ``patience`` steps anew."""
-        if not condition:
-            self.streak.pop(key, None)
-            self.reported.discard(key)
-            return False
-        count = self.streak[key] = self.streak.get(key, 0) + 1
-        if count >= self.patience and key not in self.reported:
-            self.reported.add(key)
-            return True
-        return False
-
-    def observe_all(self, keys: list[str], condition: np.ndarray,
-                    evaluated: np.ndarray | None = None) -> np.ndarray:
-        """Vectorised :meth:`observe` for many keys; keys not ``evaluated`` keep their state.
-
-        Returns the positions whose condition has just begun.
-        """
-        positions = np.flatnonzero(condition)
-        if not self.streak and not len(positions):
-            return positions  # the common, healthy case: nothing to do
-        onset = []
-        if self.streak:  # conditions that held before and may have ended now
-            held = set(positions.tolist())
-            index = {k: i for i, k in enumerate(keys)}
-            for key in list(self.streak):
-                i = index.get(key)
-                if i is None or i in held or (evaluated is not None and not evaluated[i]):
-                    continue
-                self.observe(key, False)
-        for i in positions.tolist():
-            if self.observe(keys[i], True):
-                onset.append(i)
-        return np.asarray(onset, dtype=int)
-
-    def confirmed(self, key: str) -> bool:
-        """Whether ``key`` holds now and has held for at least ``patience`` steps."""
-        return self.streak.get(key, 0) >= self.patience
-
-    def any_confirmed(self) -> bool:
-        return any(v >= self.patience for v in self.streak.values())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"streak": dict(self.streak), "reported": sorted(self.reported)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.streak = dict(state["streak"])
-        self.reported = set(state["reported"])
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-class OnsetRule:
-    """Base of the rules: an :class:`Onsets` tracker and the ``active`` flag of the last record."""
-
-    kind = ""
-
-    def __init__(self, patience: int) -> None:
-        self.onsets = Onsets(patience)
-        self._active = False
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"onsets": self.onsets.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.onsets.load_state_dict(state["onsets"])
+from graddiag.rules import wording as remedies
+from graddiag.rules.onsets import OnsetRule, _fmt
 
 
 class VanishingRule(OnsetRule):
@@ -375,42 +280,3 @@ class NoGradientRule(OnsetRule):
             remedy=remedies.NO_GRADIENT,
             details={"parameters": list(params)},
         )
-
-
-class RuleSet:
-    """The rules selected by a :class:`~graddiag.data.options.MonitorConfig`, applied in order."""
-
-    def __init__(self, config: MonitorConfig, extra: list[Rule] | None = None) -> None:
-        rules: list[Rule] = [
-            NonfiniteRule(),
-            ExplodingRule(
-                config.exploding_abs,
-                config.exploding_factor,
-                config.exploding_window,
-                config.exploding_patience,
-            ),
-            VanishingRule(config.vanishing_abs, config.vanishing_rel, config.vanishing_patience),
-            NoGradientRule(config.no_gradient_patience),
-            *(extra or []),
-        ]
-        self.rules = [r for r in rules if r.kind not in config.ignore]
-
-    def update(self, record: StepRecord) -> list[Finding]:
-        """Findings that begin at this record."""
-        return [finding for rule in self.rules for finding in rule.update(record)]
-
-    def active(self, kind: str) -> bool:
-        """Whether a condition of ``kind`` holds on the latest record (after its patience)."""
-        return any(rule.active for rule in self.rules if rule.kind == kind)
-
-    def active_count(self) -> int:
-        """Reported conditions that still hold, over all rules."""
-        return sum(len(rule.onsets.reported) for rule in self.rules)  # type: ignore[attr-defined]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {rule.kind: rule.state_dict() for rule in self.rules}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for rule in self.rules:
-            if rule.kind in state:
-                rule.load_state_dict(state[rule.kind])

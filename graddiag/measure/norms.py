@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from graddiag.measure.layers import LayerIndex, is_dtensor
 
+
 @dataclass
 class GradientReading:
     """Device-side result of one gradient read, plus what is known on the host already."""
@@ -205,82 +206,3 @@ class GradientProbe:
             if count:
                 result.setdefault(lid, {})[name] = int(count)
         return result
-
-
-class ParameterProbe:
-    """Reads each layer's parameter norm and the size of its update since the last read.
-
-    The update ratio ``||w_now - w_then|| / ||w_now||`` needs a copy of the monitored weights,
-    kept on their device and refreshed on every read.
-    """
-
-    def __init__(self, index: LayerIndex) -> None:
-        self._params = [p for layer in index.layers for p in layer.params]
-        self._lids = [lid for lid, layer in enumerate(index.layers) for _ in layer.params]
-        self._aggregate = LayerNormAggregator(len(index), 2.0)
-        self._snapshot: list[torch.Tensor] | None = None
-
-    def read(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-layer parameter norms, and per-layer update norms (``None`` on the first read)."""
-        with torch.no_grad():
-            params = [p.detach() for p in self._params]
-            norms = self._aggregate(params, self._lids)
-            update = None
-            if self._snapshot is None:
-                self._snapshot = [p.clone() for p in params]
-            else:
-                update = self._aggregate(torch._foreach_sub(params, self._snapshot), self._lids)
-                torch._foreach_copy_(self._snapshot, params)
-        return norms, update
-
-    def reset(self) -> None:
-        """Forget the weight copy (frees its memory)."""
-        self._snapshot = None
-
-
-#: Fixed, log-spaced edges of gradient-magnitude histograms: 1e-12 ... 1e4, four bins a decade.
-HISTOGRAM_EDGES = np.logspace(-12, 4, 65)
-#: Bins: [below 1e-12 (zeros too), 64 log-spaced bins, at or above 1e4, NaN/Inf]
-HISTOGRAM_BINS = len(HISTOGRAM_EDGES) + 2
-
-
-class HistogramProbe:
-    """Counts each layer's gradient magnitudes in fixed log-spaced bins, on device, without syncs.
-
-    Fixed bins make histograms of different steps directly comparable. Returns per layer the
-    counts and the sum and sum of squares of the finite gradient elements; for DTensor (FSDP2)
-    gradients these are summed over the shards, so every rank sees the whole tensor's histogram.
-    """
-
-    def __init__(self, index: LayerIndex) -> None:
-        self._layers = [layer.params for layer in index.layers]
-        self._log_edges: torch.Tensor | None = None
-
-    def read(self) -> torch.Tensor:
-        """``(layers, HISTOGRAM_BINS + 2)`` float32: counts, then sum and sum of squares."""
-        rows = []
-        for params in self._layers:
-            grads = [_local(p.grad).detach().reshape(-1) for p in params if p.grad is not None]
-            if not grads:
-                device = params[0].device if params else torch.device("cpu")
-                rows.append(torch.zeros(HISTOGRAM_BINS + 2, device=device))
-                continue
-            values = torch.cat(grads).float()
-            device = values.device
-            if self._log_edges is None or self._log_edges.device != device:
-                self._log_edges = torch.tensor(np.log10(HISTOGRAM_EDGES), dtype=torch.float32,
-                                               device=device)
-            magnitude = values.abs()
-            finite = torch.isfinite(magnitude)
-            bucket = torch.bucketize(torch.log10(magnitude), self._log_edges, right=True)
-            bucket = torch.where(finite, bucket, HISTOGRAM_BINS - 1)
-            counts = torch.zeros(HISTOGRAM_BINS, device=device)
-            counts.index_add_(0, bucket, torch.ones_like(magnitude))
-            safe = torch.where(finite, values, 0.0)
-            row = torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)])
-            sharded = next((p.grad for p in params if p.grad is not None and is_dtensor(p.grad)), None)
-            if sharded is not None:  # FSDP2: add up the shards' counts and sums
-                _reduce_sharded(row, sharded, 1.0)
-            rows.append(row)
-        home = rows[0].device if rows else torch.device("cpu")
-        return torch.stack([r.to(home) for r in rows]) if rows else torch.zeros(0, HISTOGRAM_BINS + 2)
