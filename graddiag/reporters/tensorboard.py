@@ -16,6 +16,7 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
 from graddiag.reporters.figures import figure_to_array, gradient_flow_figure
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
+from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG, findings_json, layers_json
 from graddiag.reporters.scalars import scalar_metrics
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ class TensorBoardReporter:
         self._last_step = 0
         self._warned_histogram = False
         self.png_path: Path | None = None
+        self._layers_seen: list[str] | None = None
+        self._sites_seen: list[tuple[float, str, str, str]] = []
+        self._layers_key: tuple[Any, ...] | None = None
 
     def bind(self, monitor: GradientMonitor) -> None:
         self.monitor = monitor
@@ -107,6 +111,7 @@ class TensorBoardReporter:
         if not self._layout_written:
             w.add_custom_scalars(dashboard_layout(p))
             self._layout_written = True
+        self._layer_order(record)
         if step % self.scalars_every == 0:
             active = self.monitor.active_conditions() if self.monitor is not None else 0
             for key, value in scalar_metrics(record, p, active).items():
@@ -120,6 +125,7 @@ class TensorBoardReporter:
             self._histograms(record)
         if findings:
             w.add_text(f"{p}findings", findings_markdown(self._findings()), step)
+            w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings()), step)
         if self.figure_every:
             if record.layers != self._interval_layers:
                 self._interval, self._interval_layers = [], list(record.layers)
@@ -127,6 +133,23 @@ class TensorBoardReporter:
             if step % self.figure_every == 0 and len(self._interval) > 1:
                 self._figure(self._interval, record.layers, step, f"steps up to {step}")
                 self._interval = []
+
+    def _layer_order(self, record: StepRecord) -> None:
+        """Write the layer order and activation sites (for the graddiag tab) when they change."""
+        if record.layers is self._layers_seen and record.activations is None:
+            return
+        self._layers_seen = record.layers
+        acts = record.activations
+        if acts is not None and self.monitor is not None:
+            family = dict(zip(acts.sites, acts.families))
+            self._sites_seen = [(x, site, kind, family.get(site, ""))
+                                for x, site, kind in self.monitor.site_marks()]
+        key = (tuple(record.layers), tuple(self._sites_seen))
+        if key != self._layers_key:
+            self._layers_key = key
+            self.writer.add_text(f"{self.prefix}{LAYERS_TAG}",
+                                 layers_json(self.prefix, record.layers, self._sites_seen),
+                                 record.step)
 
     def _histograms(self, record: StepRecord) -> None:
         assert record.grad_histograms is not None
