@@ -19,3 +19,11 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     from graddiag.demos.data import digits_tensors
 
     return digits_tensors()
+
+
+@pytest.fixture(scope="session")
+def plugin_logs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - tests.plugin_runs.PluginLogs
+    """Logs of real runs for the graddiag tab (hostile run and layer names, a pathology)."""
+    from tests.plugin_runs import write_plugin_logs
+
+    return write_plugin_logs(tmp_path_factory.mktemp("plugin"))
