@@ -7,9 +7,10 @@ own entry-point discovery (not a plugin list handed to it) is what the tests exe
 
 from __future__ import annotations
 
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 GROUP = "tensorboard_plugins"

@@ -201,7 +201,7 @@ def test_reporter_writes_the_layer_record_on_change_and_findings_on_onsets(digit
     with GradientMonitor(model, reporters=[TensorBoardReporter(Writer(), save_png=False,
                                                                figure_every_n_steps=0)],
                          activation_every_n_steps=5) as monitor:
-        for step in range(20):
+        for _ in range(20):
             loss = torch.nn.functional.cross_entropy(model(x[:64]), y[:64])
             opt.zero_grad()
             loss.backward()

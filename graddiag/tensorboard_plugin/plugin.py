@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 from tensorboard import context as tb_context
 from tensorboard import plugin_util
@@ -79,11 +80,10 @@ class GraddiagPlugin(base_plugin.TBPlugin):
 
     def get_plugin_apps(self) -> dict[str, WsgiApp]:
         apps: dict[str, WsgiApp] = {route: _static(route) for route in STATIC_FILES}
-        apps["/runs"] = self._serve_runs
-        apps["/run"] = self._serve_run
+        apps["/runs"] = wrappers.Request.application(self._serve_runs)
+        apps["/run"] = wrappers.Request.application(self._serve_run)
         return apps
 
-    @wrappers.Request.application
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
         if self._data_provider is None:
             return _json(request, {"runs": []})
@@ -91,7 +91,6 @@ class GraddiagPlugin(base_plugin.TBPlugin):
         eid = plugin_util.experiment_id(request.environ)
         return _json(request, {"runs": graddiag_runs(self._data_provider, ctx, eid)})
 
-    @wrappers.Request.application
     def _serve_run(self, request: wrappers.Request) -> wrappers.Response:
         run = request.args.get("run")
         if not run:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG
 

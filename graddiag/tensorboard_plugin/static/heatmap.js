@@ -181,7 +181,7 @@ export function drawHeatmap(root, data, state, handlers) {
   function setStep(index) {
     octx.clearRect(0, 0, width, height);
     if (index < 0) return;
-    octx.strokeStyle = "#e41a1c";
+    octx.strokeStyle = "#212121";
     octx.lineWidth = 2;
     octx.strokeRect(index * geo.cw, 0.5, Math.max(2, geo.cw), geo.rows * rh - 1);
   }

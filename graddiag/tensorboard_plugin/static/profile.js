@@ -35,11 +35,12 @@ function activeKinds(data, stepIndex) {
 function siteNote(site, step, kinds) {
   const { value } = fractionAt(site, step);
   const what = site.statistic === "saturated" ? "saturated" : site.statistic === "dead" ? "dead" : "";
-  let text = site.site + (site.kind ? " " + site.kind : "");
+  let text = abbreviate(site.site, 24) + (site.kind ? " " + site.kind : "");
   if (what && typeof value === "number") text += ": " + Math.round(100 * value) + " % " + what;
   const flagged = kinds.has(site.site);
-  const full = flagged ? text + " (" + [...kinds.get(site.site)].join(", ") + ")" : text;
-  return { text, full, flagged };
+  const found = flagged ? " (" + [...kinds.get(site.site)].join(", ") + ")" : "";
+  const full = site.site + text.slice(abbreviate(site.site, 24).length) + found;
+  return { text: text + found, full, flagged };
 }
 
 /** Draws step `stepIndex` of `data` into `root` (an empty state if there is no step). */
@@ -145,7 +146,7 @@ export function drawProfile(root, data, stepIndex, state) {
     const group = svg("g", { class: "site" + (note.flagged ? " flagged" : "") + (chosen ? " selected" : ""),
       "data-site": site.site });
     group.append(svg("line", { x1: LABEL_W, x2: plotRight + LANE_W, y1: y, y2: y }));
-    const label = svg("text", { x: plotRight + LANE_W + FINDINGS_W, y: y + 4 }, truncate(note.text, 34));
+    const label = svg("text", { x: plotRight + LANE_W + FINDINGS_W, y: y + 4 }, truncate(note.text, 38));
     label.append(svg("title", {}, note.full));
     group.append(label);
     chart.append(group);

@@ -39,18 +39,31 @@ export function svg(tag, attrs = {}, text) {
   return node;
 }
 
-/** Keeps the end of a dotted name (the part that tells layers apart): "bert…attention.self.query". */
+/** A dotted name cut to `max` characters by dropping middle parts, words before numbers, so
+ * that layers stay told apart: "bert.encoder.layer.10.attention.self.query" -> "bert…10.attention.self.query". */
 export function abbreviate(name, max = 28) {
   name = String(name);
   if (name.length <= max) return name;
   const parts = name.split(".");
-  let tail = "";
-  for (let i = parts.length - 1; i > 0; i--) {
-    const next = parts[i] + (tail ? "." + tail : "");
-    if (next.length + parts[0].length + 2 > max) break;
-    tail = next;
+  const keep = parts.map(() => true);
+  const text = () => {
+    let out = "";
+    let gap = false;
+    parts.forEach((part, i) => {
+      if (!keep[i]) { gap = true; return; }
+      out += out ? (gap ? "…" : ".") + part : part;
+      gap = false;
+    });
+    return out;
+  };
+  const middle = parts.map((_, i) => i).slice(1, -1);
+  const order = middle.filter((i) => !/\d/.test(parts[i])).concat(middle.filter((i) => /\d/.test(parts[i])));
+  for (const i of order) {
+    if (text().length <= max) break;
+    keep[i] = false;
   }
-  if (tail) return parts[0] + "…" + tail;
+  const short = text();
+  if (short.length <= max) return short;
   const half = Math.floor((max - 1) / 2);
   return name.slice(0, half) + "…" + name.slice(name.length - (max - 1 - half));
 }
