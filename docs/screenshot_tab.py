@@ -14,10 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.browser import Chromium, find_chromium, tensorboard_server  # noqa: E402
+from tests.browser import FRAME_DOC, FRAME_READY, Chromium, find_chromium, tensorboard_server  # noqa: E402
 from tests.tb_entry_point import entry_point_path  # noqa: E402
-
-FRAME = "document.querySelector('iframe')"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             chrome = Chromium(binary, Path(tmp) / "profile", args.width, args.height)
             try:
                 chrome.navigate(url + "/#graddiag")
-                doc = f"{FRAME}.contentDocument"
-                chrome.wait_for(f"{FRAME} && {doc} && {doc}.body.dataset.ready === '1'", 90)
+                doc = FRAME_DOC
+                chrome.wait_for(FRAME_READY, 90)
                 if args.run:
                     chrome.evaluate(f"(() => {{ const s = {doc}.getElementById('graddiag-run');"
                                     f"s.value = {args.run!r}; s.dispatchEvent(new Event('change'));"

@@ -20,6 +20,10 @@ import websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+FRAME_DOC = "document.querySelector('iframe').contentDocument"  # the tab inside TensorBoard's page
+FRAME_READY = ("(() => { const f = document.querySelector('iframe');"
+               " const d = f && f.contentDocument;"
+               " return !!(d && d.body && d.body.dataset.ready === '1'); })()")
 
 
 def find_chromium() -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import Chromium, find_chromium, tensorboard_server
+from tests.browser import FRAME_DOC, FRAME_READY, Chromium, find_chromium, tensorboard_server
 from tests.plugin_runs import DEPTH, HOSTILE_LAYER, HOSTILE_RUN, PluginLogs
 from tests.tb_entry_point import entry_point_path
 
@@ -132,10 +132,8 @@ def test_runs_are_selectable(browser, server) -> None:  # noqa: ANN001
 
 def test_the_tab_is_in_tensorboards_own_page(browser, server) -> None:  # noqa: ANN001
     browser.navigate(server + "/#graddiag")
-    frame = "document.querySelector('iframe')"
-    browser.wait_for(f"{frame} && {frame}.contentDocument && "
-                     f"{frame}.contentDocument.body.dataset.ready === '1'", timeout=90)
-    doc = f"{frame}.contentDocument"
+    browser.wait_for(FRAME_READY, timeout=90)
+    doc = FRAME_DOC
     assert _attrs(browser, ".hm-row", "title", doc=doc) == LAYERS
     tabs = browser.evaluate("document.body.innerText.toLowerCase()")
     assert "graddiag" in tabs

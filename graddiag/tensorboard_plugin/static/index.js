@@ -83,6 +83,7 @@ async function loadRun(run) {
   state.run = run;
   ui.status.textContent = "loading…";
   const data = await getJson("run?run=" + encodeURIComponent(run));
+  if (state.run !== run) return;  // another run was picked while this one loaded
   state.data = data;
   const params = new URLSearchParams(window.location.search);
   const wanted = params.has("step") ? Number(params.get("step")) : null;
