@@ -138,3 +138,19 @@ def test_the_tab_is_in_tensorboards_own_page(browser, server) -> None:  # noqa: 
     tabs = browser.evaluate("document.body.innerText.toLowerCase()")
     assert "graddiag" in tabs
     assert browser.evaluate(f"{doc}.body.dataset.error || ''") == ""
+
+
+def test_a_log_directory_without_graddiag_data_shows_a_note(browser, tmp_path: Path) -> None:  # noqa: ANN001
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "logs" / "plain"))
+    writer.add_scalar("loss", 1.0, 0)
+    writer.close()
+    extra = entry_point_path(tmp_path / "entry_points")
+    with tensorboard_server(tmp_path / "logs", extra, set(), expect_data=False) as url:
+        _page(browser, url)
+        browser.drain()
+        assert browser.errors() == []
+        assert "No graddiag data in this log directory" in browser.evaluate(
+            "document.querySelector('.heatmap-panel').textContent")
+        assert _texts(browser, ".hm-row") == [] and _texts(browser, "#graddiag-run option") == []
