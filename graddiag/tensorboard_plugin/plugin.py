@@ -2,8 +2,8 @@
 
 Routes under ``/data/plugin/graddiag/``: the page's static files (a fixed list, served from the
 package), ``runs`` (runs with graddiag data) and ``run?run=NAME`` (one run's heatmap, activation
-sites and findings). Data comes only from ``context.data_provider``; a run name is looked up
-among the names the provider lists and never becomes a path.
+sites and findings). Data comes only from ``context.data_provider``; a run name only filters
+what the provider lists and never becomes a path.
 """
 
 from __future__ import annotations

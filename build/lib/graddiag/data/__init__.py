@@ -1,0 +1,1 @@
+"""Floor 1, plain data: records, findings, options, errors. Imports neither torch nor Lightning."""

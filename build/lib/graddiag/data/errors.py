@@ -1,0 +1,16 @@
+"""Exceptions raised by graddiag on purpose."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from graddiag.data.findings import Finding
+
+
+class GradientAlarm(RuntimeError):
+    """Raised when a finding's action is ``"raise"``; carries the findings that triggered it."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = list(findings)
+        super().__init__("; ".join(str(f) for f in self.findings))

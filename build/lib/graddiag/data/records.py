@@ -1,0 +1,80 @@
+"""What one recorded step measured, on the host, ready for rules and reporters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ActivationRecord:
+    """Activation statistics of one recorded step, one entry per activation site.
+
+    Attributes:
+        sites: Activation site names (the activation module, or the module whose ``forward``
+            called the activation function), in forward order.
+        kinds: Activation kind of each site (``"sigmoid"``, ``"relu"``, ...).
+        families: ``"saturating"`` (sigmoid/tanh-like) or ``"rectifier"`` (ReLU-like) per site.
+        saturated: Fraction of elements whose local derivative is below the saturation floor.
+        dead: Fraction of units whose local derivative is below the floor for every sample.
+        gain: Mean absolute local derivative; the factor by which the site scales gradients.
+        calls: How many times each site ran during the step (several micro-batches, reuse).
+    """
+
+    sites: list[str]
+    kinds: list[str]
+    families: list[str]
+    saturated: np.ndarray
+    dead: np.ndarray
+    gain: np.ndarray
+    calls: np.ndarray
+    cut_ops: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class StepRecord:
+    """Everything measured on one recorded optimizer step.
+
+    Attributes:
+        step: The optimizer step.
+        layers: Layer names in forward order (input side first, loss side last).
+        grad_norm: Per-layer gradient p-norm; NaN for a layer that got no gradient.
+        has_grad: Whether any parameter of the layer got a gradient.
+        missing: ``{layer position: [parameter names]}`` for trainable parameters without gradient.
+        nonfinite: ``{layer position: {parameter name: number of NaN/Inf elements}}``.
+        param_norm: Per-layer parameter 2-norm, or ``None`` on steps without parameter statistics.
+        update_ratio: Per-layer ``||w_now - w_last|| / ||w_now||`` since the previous parameter
+            read, or ``None``.
+        activations: Activation statistics, or ``None`` on steps without them.
+        grad_histograms: ``(layers, bins + 2)`` gradient-magnitude histogram counts over
+            :data:`graddiag.data.bins.HISTOGRAM_EDGES` plus sum and sum of squares, or ``None``.
+        optimizer: Index of the optimizer whose step this is (0 with a single optimizer).
+        measured: Layers whose parameters this optimizer updates (``None``: all layers). Rules
+            leave the state of unmeasured layers untouched.
+        amp_overflow: The AMP grad scaler found inf/NaN and skips this step (not an alarm).
+        amp_scale: The grad scaler's loss scale on this step (``None`` without fp16 AMP).
+        clipped: Gradient clipping will rescale this step's gradients (``None``: no clipping).
+    """
+
+    step: int
+    layers: list[str]
+    grad_norm: np.ndarray
+    has_grad: np.ndarray
+    missing: dict[int, list[str]] = field(default_factory=dict)
+    nonfinite: dict[int, dict[str, int]] = field(default_factory=dict)
+    param_norm: np.ndarray | None = None
+    update_ratio: np.ndarray | None = None
+    activations: ActivationRecord | None = None
+    grad_histograms: np.ndarray | None = None
+    optimizer: int = 0
+    measured: np.ndarray | None = None
+    amp_overflow: bool = False
+    amp_scale: float | None = None
+    clipped: bool | None = None
+
+    @property
+    def global_norm(self) -> float:
+        """2-norm over all layers' gradient norms (equals the model's total norm for p = 2)."""
+        values = self.grad_norm[self.has_grad]
+        return float(np.sqrt(np.sum(np.square(values)))) if values.size else 0.0

@@ -1,0 +1,329 @@
+"""GradientDiagnostics: the Lightning adapter around :class:`~graddiag.GradientMonitor`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
+
+from graddiag.data.errors import GradientAlarm
+from graddiag.data.findings import Finding
+from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check_int
+from graddiag.measure.activations import ActivationRegistry
+from graddiag.pipeline.monitor import GradientMonitor, StepReport
+from graddiag.reporters import ConsoleReporter, Reporter
+from graddiag.reporters.console import summary_screen
+from graddiag.reporters.logger import LoggerReporter
+from graddiag.reporters.tables import save_table
+from graddiag.reporters.tensorboard import TensorBoardReporter
+
+log = logging.getLogger("graddiag")
+
+Action = Literal["warn", "raise", "stop", "skip"]
+
+
+class GradientDiagnostics(Callback):
+    """Records per-layer gradient statistics during ``Trainer.fit`` and reports findings.
+
+    Measures in ``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
+    before clipping, once per optimizer step. Layer names are relative to the LightningModule.
+    Findings are logged once on global rank zero; per-layer scalars go to the trainer's loggers
+    every ``log_every_n_steps`` steps. After fit, :attr:`findings` and :attr:`history` hold
+    everything.
+
+    Args:
+        every_n_steps: Record gradient norms every this many optimizer steps (1: every step,
+            so a NaN is caught on the step it appears).
+        norm_type: p of the p-norm: 1, 2, any p > 0, or ``inf``.
+        include: Glob patterns of layer names to monitor (default: all layers).
+        exclude: Glob patterns of layer names to leave out.
+        param_every_n_steps: Parameter norms and update ratios every this many steps (0: off).
+        activation_every_n_steps: Activation statistics every this many steps (0: off).
+        functional_activations: Also analyse ``torch.sigmoid``/``F.relu``-style calls made
+            inside ``forward``, and note graph-cutting operations.
+        vanishing_abs: Gradient norm below which a layer is vanishing.
+        vanishing_rel: Fraction of the largest layer's gradient norm below which a layer is
+            vanishing.
+        vanishing_patience: Consecutive recorded steps before ``vanishing`` is reported.
+        exploding_abs: Gradient norm above which a layer is exploding.
+        exploding_factor: Multiple of a layer's recent level (running geometric mean of its
+            norms) above which it is exploding.
+        exploding_window: Span, in recorded steps, of that running level.
+        exploding_patience: Consecutive recorded steps before ``exploding`` is reported.
+        no_gradient_patience: Consecutive recorded steps without a gradient before
+            ``no_gradient`` is reported.
+        derivative_floor: Local derivative below which a unit passes almost no gradient.
+        saturated_fraction: Fraction of saturated units above which a sigmoid/tanh site is
+            reported ``saturated``.
+        dead_fraction: Fraction of dead units above which a ReLU-like site is reported
+            ``dead_relu``.
+        activation_patience: Consecutive activation steps before ``saturated``/``dead_relu``.
+        on_nonfinite: ``warn``, ``raise`` (GradientAlarm), ``stop`` (the Trainer stops
+            cleanly, all ranks together) or ``skip`` (the optimizer step applies nothing).
+        on_exploding: Same choices, for exploding gradients.
+        ignore: Finding kinds never reported.
+        max_history_rows: Bound on rows (steps x layers) kept in :attr:`history`.
+        histogram_every_n_steps: Per-layer gradient-magnitude histograms every this many
+            steps (0: off), with fixed log-spaced bins; TensorBoard only.
+        log_every_n_steps: Scalar logging interval; ``None`` uses the trainer's.
+        figure_every_n_steps: Gradient-flow image interval in TensorBoard (0: only the final
+            image, also saved as ``gradient_flow.png`` in the log directory).
+        prefix: Prefix of every logged key.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 1,
+        norm_type: float | str = 2.0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        param_every_n_steps: int = 50,
+        activation_every_n_steps: int = 50,
+        functional_activations: bool = True,
+        vanishing_abs: float = 1e-12,
+        vanishing_rel: float = 1e-4,
+        vanishing_patience: int = 10,
+        exploding_abs: float = 1e4,
+        exploding_factor: float = 100.0,
+        exploding_window: int = 20,
+        exploding_patience: int = 1,
+        no_gradient_patience: int = 3,
+        derivative_floor: float = 0.01,
+        saturated_fraction: float = 0.5,
+        dead_fraction: float = 0.7,
+        activation_patience: int = 2,
+        on_nonfinite: Action = "warn",
+        on_exploding: Action = "warn",
+        ignore: list[str] | None = None,
+        max_history_rows: int = 200_000,
+        histogram_every_n_steps: int = 0,
+        log_every_n_steps: int | None = None,
+        figure_every_n_steps: int = 500,
+        prefix: str = "graddiag/",
+        progress_bar: bool = True,
+        print_summary: bool = True,
+        activation_registry: ActivationRegistry | None = None,
+        reporters: Sequence[Reporter] | None = None,
+    ) -> None:
+        super().__init__()
+        given = locals()
+        self.config = MonitorConfig(**{name: given[name] for name in OPTION_NAMES})
+        if log_every_n_steps is not None:
+            check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        check_int("figure_every_n_steps", figure_every_n_steps, minimum=0)
+        check_bool("progress_bar", progress_bar)
+        check_bool("print_summary", print_summary)
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a string, got {prefix!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.figure_every_n_steps = figure_every_n_steps
+        self.prefix = prefix
+        self.progress_bar = progress_bar
+        self.print_summary = print_summary
+        self.activation_registry = activation_registry
+        self.extra_reporters = list(reporters or [])
+        self.monitor: GradientMonitor | None = None
+        self._saved: dict[str, Any] | None = None
+        self._shown_in_progress_bar: int | None = None
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.config.to_dict(), prefix=self.prefix)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding so far, oldest first."""
+        return list(self.monitor.findings) if self.monitor else []
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per recorded step and layer (see :attr:`GradientMonitor.history`)."""
+        if self.monitor is None:
+            return GradientMonitor.empty_history()
+        return self.monitor.history
+
+    @property
+    def activation_history(self) -> pd.DataFrame:
+        """One row per activation step and activation site."""
+        if self.monitor is None:
+            return GradientMonitor.empty_activation_history()
+        return self.monitor.activation_history
+
+    def summary(self) -> pd.DataFrame:
+        """Per-layer summary: median/min/max gradient norm, first and last finding."""
+        if self.monitor is None:
+            return GradientMonitor.empty_summary()
+        return self.monitor.summary()
+
+    def save_history(self, path: str | Path) -> Path:
+        """Write :attr:`history` to ``.csv`` or ``.parquet`` (by the file's extension)."""
+        return save_table(self.history, path)
+
+    # ------------------------------------------------------------------ wiring
+    def _reporters(self, trainer: pl.Trainer) -> list[Reporter]:
+        if trainer.global_rank != 0:
+            return []
+        every = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
+        reporters: list[Reporter] = [ConsoleReporter()]
+        others = []
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                reporters.append(TensorBoardReporter(
+                    logger.experiment, prefix=self.prefix, scalars_every_n_steps=every,
+                    figure_every_n_steps=self.figure_every_n_steps,
+                ))
+            else:
+                others.append(logger)
+        if others:
+            reporters.append(LoggerReporter(others, every, self.prefix, self._active_count))
+            log.info(
+                "graddiag: %s get scalars only; the dashboard layout, text, figures and "
+                "histograms need a TensorBoardLogger.",
+                ", ".join(type(lg).__name__ for lg in others),
+            )
+        return reporters + self.extra_reporters
+
+    def _active_count(self) -> int:
+        return self.monitor.active_conditions() if self.monitor else 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.monitor is not None:
+            if not self.monitor.closed:
+                return
+            self._saved = self._saved or self.monitor.state_dict()  # a second fit() continues
+        self.monitor = GradientMonitor(
+            pl_module,
+            config=self.config,
+            reporters=self._reporters(trainer),
+            activation_registry=self.activation_registry,
+        )
+        if self._saved is not None:
+            self.monitor.load_state_dict(self._saved)
+            self._saved = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.monitor is not None:
+            self.monitor.prepare(trainer.global_step)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self.monitor is not None:
+            self.monitor.pause_activations()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.monitor is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        amp_scale = getattr(scaler, "_scale", None) if scaler is not None else None
+        inner = getattr(optimizer, "optimizer", optimizer)
+        clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "norm" else None
+        report = self.monitor.step(
+            trainer.global_step,
+            optimizer=_optimizer_index(trainer, optimizer),
+            params=(p for group in inner.param_groups for p in group["params"]),
+            amp_scale=amp_scale,  # a device tensor: no host sync
+            grads_scaled=amp_scale is not None and _optimizer_unscales_itself(optimizer),
+            clip_norm=float(clip) if clip else None,
+            raise_on_alarm=False,
+            prepare_next=False,
+        )
+        self._apply(trainer, optimizer, report)
+        if self.progress_bar and report.recorded:
+            active = self.monitor.active_conditions()
+            if active != self._shown_in_progress_bar:  # self.log costs ~0.5 ms: only on change
+                pl_module.log("graddiag", float(active), prog_bar=True, logger=False,
+                              on_step=True, on_epoch=False)
+                self._shown_in_progress_bar = active
+
+    def _apply(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: StepReport) -> None:
+        action = report.action
+        # every rank takes the same decision; with only "warn" actions none ever skips or stops
+        may_act = self.config.on_nonfinite != "warn" or self.config.on_exploding != "warn"
+        if trainer.world_size > 1 and may_act:
+            action = _agree(trainer, action)
+        if action == "continue":
+            return
+        for group in optimizer.param_groups:  # nothing is applied: no gradient, no update
+            for param in group["params"]:
+                param.grad = None
+        if action == "raise":
+            raise GradientAlarm(
+                [f for f in self.monitor.findings if f.kind in ("nonfinite", "exploding")][-1:]  # type: ignore[union-attr]
+            )
+        if not trainer.is_global_zero:
+            trainer.should_stop = trainer.should_stop or action == "stop"
+            return
+        if action == "stop":
+            trainer.should_stop = True
+            log.warning("graddiag: stopping training at step %d (%s)", report.step,
+                        "; ".join(f.kind for f in report.findings) or "alarm persists")
+        else:
+            log.info("graddiag: skipped the optimizer step %d", report.step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish()
+        if self.print_summary and trainer.is_global_zero and self.monitor is not None:
+            rank_zero_info(summary_screen(self.monitor.summary(), self.monitor.findings))
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._finish()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._saved or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state_dict)
+        else:
+            self._saved = dict(state_dict)
+
+
+_ACTIONS_BY_SEVERITY = ("continue", "skip", "stop", "raise")
+
+
+def _agree(trainer: pl.Trainer, action: str) -> str:
+    """The most severe action any rank wants, in one all-reduce (ranks may see different data)."""
+    severity = torch.tensor([_ACTIONS_BY_SEVERITY.index(action)], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(severity, op=torch.distributed.ReduceOp.MAX)
+    return _ACTIONS_BY_SEVERITY[int(severity.item())]
+
+
+def _optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused optimizers unscale inside ``step()``: their gradients are still scaled before it."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def _optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
+    inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the real one
+    for i, candidate in enumerate(trainer.optimizers):
+        if candidate is inner or candidate is optimizer:
+            return i
+    return 0
+

@@ -1,0 +1,52 @@
+"""Per-layer gradient-magnitude histograms in fixed log-spaced bins, on device."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from graddiag.data.bins import HISTOGRAM_BINS, HISTOGRAM_EDGES
+from graddiag.measure.layers import LayerIndex, is_dtensor
+from graddiag.measure.norms import _local, _reduce_sharded
+
+
+class HistogramProbe:
+    """Counts each layer's gradient magnitudes in fixed log-spaced bins, on device, without syncs.
+
+    Fixed bins make histograms of different steps directly comparable. Returns per layer the
+    counts and the sum and sum of squares of the finite gradient elements; for DTensor (FSDP2)
+    gradients these are summed over the shards, so every rank sees the whole tensor's histogram.
+    """
+
+    def __init__(self, index: LayerIndex) -> None:
+        self._layers = [layer.params for layer in index.layers]
+        self._log_edges: torch.Tensor | None = None
+
+    def read(self) -> torch.Tensor:
+        """``(layers, HISTOGRAM_BINS + 2)`` float32: counts, then sum and sum of squares."""
+        rows = []
+        for params in self._layers:
+            grads = [_local(p.grad).detach().reshape(-1) for p in params if p.grad is not None]
+            if not grads:
+                device = params[0].device if params else torch.device("cpu")
+                rows.append(torch.zeros(HISTOGRAM_BINS + 2, device=device))
+                continue
+            values = torch.cat(grads).float()
+            device = values.device
+            if self._log_edges is None or self._log_edges.device != device:
+                self._log_edges = torch.tensor(np.log10(HISTOGRAM_EDGES), dtype=torch.float32,
+                                               device=device)
+            magnitude = values.abs()
+            finite = torch.isfinite(magnitude)
+            bucket = torch.bucketize(torch.log10(magnitude), self._log_edges, right=True)
+            bucket = torch.where(finite, bucket, HISTOGRAM_BINS - 1)
+            counts = torch.zeros(HISTOGRAM_BINS, device=device)
+            counts.index_add_(0, bucket, torch.ones_like(magnitude))
+            safe = torch.where(finite, values, 0.0)
+            row = torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)])
+            sharded = next((p.grad for p in params if p.grad is not None and is_dtensor(p.grad)), None)
+            if sharded is not None:  # FSDP2: add up the shards' counts and sums
+                _reduce_sharded(row, sharded, 1.0)
+            rows.append(row)
+        home = rows[0].device if rows else torch.device("cpu")
+        return torch.stack([r.to(home) for r in rows]) if rows else torch.zeros(0, HISTOGRAM_BINS + 2)

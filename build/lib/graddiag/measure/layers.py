@@ -1,0 +1,137 @@
+"""Which modules are layers, what they are called, and in which order the forward pass runs them.
+
+A *layer* is a module that directly owns trainable parameters. Its name is the module's
+qualified name relative to the monitored module, with ``torch.compile``'s ``_orig_mod.``
+removed. A parameter shared by several modules (tied weights) belongs to the first one only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+log = logging.getLogger("graddiag")
+
+_COMPILE_PREFIX = "_orig_mod."
+
+
+def clean_name(name: str) -> str:
+    """A module name as users write it: without ``torch.compile``'s ``_orig_mod.`` parts."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+@dataclass
+class Layer:
+    """One monitored layer: its module and the trainable parameters it owns directly."""
+
+    name: str
+    module: nn.Module
+    param_names: list[str]
+    params: list[nn.Parameter]
+
+
+@dataclass
+class LayerIndex:
+    """The monitored layers, in forward order once a forward pass has been seen."""
+
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def reorder(self, order: dict[str, int]) -> None:
+        """Sort layers by forward execution index; layers never seen keep their order at the end."""
+        big = len(self.layers) + max(order.values(), default=0) + 1
+        position = {layer.name: i for i, layer in enumerate(self.layers)}
+        self.layers.sort(key=lambda layer: (order.get(layer.name, big), position[layer.name]))
+
+
+def discover_layers(
+    root: nn.Module,
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> LayerIndex:
+    """Find the layers of ``root``.
+
+    Args:
+        root: The monitored module.
+        include: Glob patterns of layer names to keep (``None`` keeps all).
+        exclude: Glob patterns of layer names to drop.
+
+    Raises:
+        ValueError: if an ``include`` or ``exclude`` pattern matches no layer.
+    """
+    seen: set[int] = set()
+    candidates: list[Layer] = []
+    for raw_name, module in root.named_modules(remove_duplicate=True):
+        names, params = [], []
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            names.append(pname)
+            params.append(param)
+        if params:
+            name = clean_name(raw_name) or type(module).__name__
+            candidates.append(Layer(name, module, names, params))
+    all_names = [layer.name for layer in candidates]
+    for option, patterns in (("include", include or ()), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
+                raise ValueError(
+                    f"{option} pattern {pattern!r} matches no layer; layers are {all_names}"
+                )
+    kept = [
+        layer
+        for layer in candidates
+        if (include is None or any(fnmatch.fnmatchcase(layer.name, p) for p in include))
+        and not any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)
+    ]
+    return LayerIndex(kept)
+
+
+class ForwardOrderRecorder:
+    """Learns the order in which layers run by watching one forward pass.
+
+    The layer that runs last is the one nearest the loss. Hooks are removed by :meth:`finish`.
+    """
+
+    def __init__(self, index: LayerIndex) -> None:
+        self._order: dict[str, int] = {}
+        self._counter = 0
+        self._handles: list[RemovableHandle] = []
+        for layer in index.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook_for(layer.name)))
+
+    def _hook_for(self, name: str):  # noqa: ANN202 - a closure over the layer's name
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            # The last execution wins: a layer reused later in the graph is nearer the loss.
+            self._order[name] = self._counter
+            self._counter += 1
+
+        return hook
+
+    @property
+    def order(self) -> dict[str, int]:
+        return dict(self._order)
+
+    def finish(self) -> dict[str, int]:
+        """Remove the hooks and return ``{layer name: execution index}``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return self.order
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a distributed tensor (FSDP2 / tensor parallel)."""
+    return type(tensor).__name__ == "DTensor"

@@ -1,0 +1,208 @@
+"""Probes read numbers off the model on recorded steps: per-layer gradient and parameter norms.
+
+Norms are computed with one fused ``torch._foreach_norm`` per (device, dtype) group,
+accumulated in float32, and aggregated per layer on the device. Nothing here copies to the
+host: the monitor gathers every probe's tensors into one transfer (:mod:`graddiag.measure.transfer`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from graddiag.measure.layers import LayerIndex, is_dtensor
+
+
+@dataclass
+class GradientReading:
+    """Device-side result of one gradient read, plus what is known on the host already."""
+
+    layer_norms: torch.Tensor  # (L,) float32 on device; 0 for layers without gradients
+    has_grad: list[bool]  # per layer: at least one parameter has a gradient
+    missing: dict[int, list[str]] = field(default_factory=dict)  # layer -> params without grad
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_sparse:
+        tensor = tensor.coalesce().values()
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def _group_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    if is_dtensor(tensor):
+        return (tensor.device, tensor.dtype, id(tensor.device_mesh), tuple(tensor.placements))
+    return (tensor.device, tensor.dtype, None, None)
+
+
+def _norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
+    """Per-tensor p-norms as one float32 vector on the tensors' device."""
+    if tensors[0].dtype == torch.float32:  # already float32: the plain kernel is the fastest
+        return torch.stack(torch._foreach_norm(tensors, p))
+    return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
+
+
+def _reduce_sharded(contrib: torch.Tensor, sample: torch.Tensor, p: float) -> None:
+    """Combine per-shard contributions of DTensors into the full tensor's (in place)."""
+    mesh = sample.device_mesh
+    op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
+    for dim, placement in enumerate(sample.placements):
+        if placement.is_shard():
+            dist.all_reduce(contrib, op=op, group=mesh.get_group(dim))
+
+
+class LayerNormAggregator:
+    """Computes per-layer p-norms of many tensors with fused kernels, on device.
+
+    The norm of a layer is the p-norm of all its tensors' elements together:
+    ``(sum_i ||t_i||_p^p)^(1/p)``, or the largest ``||t_i||_inf`` for ``p = inf``.
+    """
+
+    def __init__(self, n_layers: int, p: float) -> None:
+        self.n_layers = n_layers
+        self.p = p
+        self._index_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def index(self, device: torch.device, layer_ids: list[int]) -> torch.Tensor:
+        """The layer ids as a device tensor (cached: built once per distinct list)."""
+        key = (device, tuple(layer_ids))
+        index = self._index_cache.get(key)
+        if index is None:
+            if len(self._index_cache) > 64:
+                self._index_cache.clear()
+            index = torch.tensor(layer_ids, dtype=torch.long).to(device, non_blocking=True)
+            self._index_cache[key] = index
+        return index
+
+    def group_contribution(self, tensors: list[torch.Tensor], index: torch.Tensor,
+                           sample: torch.Tensor) -> torch.Tensor:
+        """Per-layer sums of ``||t||_p^p`` (or maxima for inf) of one (device, dtype) group."""
+        p = self.p
+        local = [_local(t) for t in tensors] if is_dtensor(sample) or sample.is_sparse else tensors
+        norms = _norms(local, p)
+        contrib = torch.zeros(self.n_layers, dtype=torch.float32, device=norms.device)
+        if math.isinf(p):
+            contrib.scatter_reduce_(0, index, norms, "amax", include_self=True)
+        else:
+            contrib.index_add_(0, index, norms if p == 1.0 else norms.pow(p))
+        if is_dtensor(sample):
+            _reduce_sharded(contrib, sample, p)
+        return contrib
+
+    def combine(self, contributions: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer norms from group contributions, on the first contribution's device."""
+        if not contributions:
+            return torch.zeros(self.n_layers, dtype=torch.float32)
+        p = self.p
+        total = contributions[0]
+        for contrib in contributions[1:]:
+            contrib = contrib.to(total.device, non_blocking=True)
+            total = torch.maximum(total, contrib) if math.isinf(p) else total + contrib
+        if math.isinf(p) or p == 1.0:
+            return total
+        return total.pow(1.0 / p)
+
+    def __call__(self, tensors: list[torch.Tensor], layer_ids: list[int]) -> torch.Tensor:
+        """Per-layer norms, a float32 ``(n_layers,)`` tensor on the first tensor's device."""
+        groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
+        for tensor, lid in zip(tensors, layer_ids):
+            entry = groups.setdefault(_group_key(tensor), ([], []))
+            entry[0].append(tensor)
+            entry[1].append(lid)
+        return self.combine([
+            self.group_contribution(ts, self.index(ts[0].device, lids), ts[0])
+            for ts, lids in groups.values()
+        ])
+
+
+class _ParamGroup:
+    """Monitored parameters sharing device, dtype (and DTensor layout)."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.nn.Parameter] = []
+        self.names: list[str] = []
+        self.lids: list[int] = []
+
+
+class GradientProbe:
+    """Reads each layer's gradient norm; notes parameters that got no gradient."""
+
+    def __init__(self, index: LayerIndex, norm_type: float,
+                 only: set[int] | None = None) -> None:
+        """Args:
+            index: The monitored layers.
+            norm_type: p of the p-norm.
+            only: ``id``s of the parameters to read (one optimizer's); ``None`` reads all.
+        """
+        self._flat = [
+            (lid, name, param)
+            for lid, layer in enumerate(index.layers)
+            for name, param in zip(layer.param_names, layer.params)
+            if only is None or id(param) in only
+        ]
+        self._n_layers = len(index)
+        self.measured = np.zeros(self._n_layers, dtype=bool)
+        for lid, _, _ in self._flat:
+            self.measured[lid] = True
+        self._aggregate = LayerNormAggregator(self._n_layers, norm_type)
+        groups: dict[tuple[Any, ...], _ParamGroup] = {}
+        for lid, name, param in self._flat:
+            group = groups.setdefault(_group_key(param), _ParamGroup())
+            group.params.append(param)
+            group.names.append(name)
+            group.lids.append(lid)
+        self._groups = list(groups.values())
+
+    def read(self, grad_scale: torch.Tensor | None = None) -> GradientReading:
+        """Read the current ``.grad`` of every monitored parameter.
+
+        Args:
+            grad_scale: If gradients are still multiplied by an AMP loss scale, the scale
+                (a device tensor); norms are divided by it on device, without a host sync.
+        """
+        has_grad = [False] * self._n_layers
+        missing: dict[int, list[str]] = {}
+        contributions = []
+        for group in self._groups:
+            grads = [p.grad for p in group.params]
+            lids = group.lids
+            if any(g is None for g in grads):  # some parameters got no gradient this step
+                kept = [(g, lid) for g, lid in zip(grads, lids) if g is not None]
+                for g, lid, name, param in zip(grads, lids, group.names, group.params):
+                    if g is None and param.requires_grad:  # frozen ones are never flagged
+                        missing.setdefault(lid, []).append(name)
+                grads = [g for g, _ in kept]
+                lids = [lid for _, lid in kept]
+                if not grads:
+                    continue
+            for lid in lids:
+                has_grad[lid] = True
+            index = self._aggregate.index(grads[0].device, lids)
+            contributions.append(self._aggregate.group_contribution(grads, index, grads[0]))
+        norms = self._aggregate.combine(contributions)
+        if grad_scale is not None:
+            norms = norms / grad_scale.to(norms.device, torch.float32)
+        return GradientReading(norms, has_grad, missing)
+
+    def nonfinite_elements(self, layer_ids: set[int]) -> dict[int, dict[str, int]]:
+        """Count NaN/Inf elements per parameter of the given layers (slow path, anomalies only)."""
+        entries = [
+            (lid, name, param.grad)
+            for lid, name, param in self._flat
+            if lid in layer_ids and param.grad is not None
+        ]
+        if not entries:
+            return {}
+        home = entries[0][2].device
+        counts = torch.stack(
+            [(~torch.isfinite(_local(g))).sum().to(home) for _, _, g in entries]
+        ).tolist()
+        result: dict[int, dict[str, int]] = {}
+        for (lid, name, _), count in zip(entries, counts):
+            if count:
+                result.setdefault(lid, {})[name] = int(count)
+        return result

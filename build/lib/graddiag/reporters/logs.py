@@ -1,0 +1,103 @@
+"""Reading graddiag's TensorBoard event files back into pandas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from graddiag.reporters.markdown import parse_findings_markdown
+
+EVENT_GLOB = "events.out.tfevents.*"
+
+
+@dataclass
+class LogData:
+    """Everything graddiag wrote under one log directory.
+
+    Attributes:
+        scalars: Long format: ``run``, ``tag``, ``statistic``, ``layer``, ``step``, ``value``.
+        findings: ``run`` plus the columns of the findings table (kind, layer, step, ...).
+        texts: ``{(run, tag): latest text}``.
+        images: ``{run: [image tags]}``.
+    """
+
+    scalars: pd.DataFrame
+    findings: pd.DataFrame
+    texts: dict[tuple[str, str], str]
+    images: dict[str, list[str]]
+
+
+def find_runs(logdir: Path) -> list[Path]:
+    """Directories under ``logdir`` (itself included) that hold event files."""
+    return sorted({p.parent for p in logdir.rglob(EVENT_GLOB)})
+
+
+def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
+    """Read every run under ``logdir`` with TensorBoard's own event reader.
+
+    Raises:
+        FileNotFoundError: if ``logdir`` does not exist.
+        ValueError: if it holds no event files, or none with graddiag data.
+    """
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    root = Path(logdir)
+    if not root.exists():
+        raise FileNotFoundError(f"log directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"{str(root)!r} is not a directory")
+    runs = find_runs(root)
+    if not runs:
+        raise ValueError(f"no TensorBoard event files ({EVENT_GLOB}) under {str(root)!r}")
+    rows: list[dict[str, object]] = []
+    texts: dict[tuple[str, str], str] = {}
+    images: dict[str, list[str]] = {}
+    finding_tables = []
+    for run_dir in runs:
+        run = str(run_dir.relative_to(root)) if run_dir != root else "."
+        acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0,
+                                                                ea.IMAGES: 1})
+        acc.Reload()
+        tags = acc.Tags()
+        for tag in tags.get("scalars", []):
+            if not tag.startswith(prefix):
+                continue
+            statistic, _, layer = tag[len(prefix):].partition("/")
+            for event in acc.Scalars(tag):
+                rows.append({"run": run, "tag": tag, "statistic": statistic, "layer": layer,
+                             "step": event.step, "value": event.value})
+        for tag in tags.get("tensors", []):
+            if not tag.startswith(prefix):
+                continue
+            events = acc.Tensors(tag)
+            if events:
+                values = events[-1].tensor_proto.string_val
+                if values:  # torch's SummaryWriter stores text under "<tag>/text_summary"
+                    texts[(run, tag.removesuffix("/text_summary"))] = values[0].decode("utf-8")
+        images[run] = [t for t in tags.get("images", []) if t.startswith(prefix)]
+        text = texts.get((run, f"{prefix}findings"))
+        if text:
+            table = parse_findings_markdown(text)
+            table.insert(0, "run", run)
+            finding_tables.append(table)
+    scalars = pd.DataFrame(rows, columns=["run", "tag", "statistic", "layer", "step", "value"])
+    if scalars.empty and not texts:
+        raise ValueError(f"no graddiag data (tags starting with {prefix!r}) under {str(root)!r}")
+    findings = (pd.concat(finding_tables, ignore_index=True) if finding_tables else
+                pd.DataFrame(columns=["run", "kind", "layer", "step", "value", "threshold",
+                                      "evidence", "remedy"]))
+    return LogData(scalars, findings, texts, images)
+
+
+def layer_summary(scalars: pd.DataFrame) -> pd.DataFrame:
+    """Per run and layer: records, median/min/max/last gradient norm."""
+    grad = scalars[scalars.statistic == "grad_norm"]
+    if grad.empty:
+        return pd.DataFrame(columns=["run", "layer", "records", "median", "min", "max", "last"])
+    order = grad.drop_duplicates(["run", "layer"])[["run", "layer"]]
+    stats = (grad.sort_values("step").groupby(["run", "layer"], sort=False)["value"]
+             .agg(records="count", median="median", min="min", max="max", last="last")
+             .reset_index())
+    return order.merge(stats, on=["run", "layer"], how="left")

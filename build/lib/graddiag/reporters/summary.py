@@ -1,0 +1,46 @@
+"""Per-layer summary table built from the history and the findings."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from graddiag.data.findings import Finding
+
+SUMMARY_COLUMNS = ["layer", "position", "records", "grad_norm_median", "grad_norm_min",
+                   "grad_norm_max", "last_grad_norm", "findings", "first_finding",
+                   "first_finding_step", "last_finding", "last_finding_step"]
+
+
+def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
+    """One row per layer (forward order) and per activation site named by a finding.
+
+    ``grad_norm_*`` ignore non-finite values; ``findings`` counts the onsets in that layer.
+    """
+    rows = []
+    if len(history):
+        for layer, group in history.groupby("layer", sort=False):
+            finite = group["grad_norm"][group["grad_norm"].abs() < float("inf")]
+            rows.append({
+                "layer": layer,
+                "position": int(group["position"].iloc[-1]),
+                "records": int(len(group)),
+                "grad_norm_median": float(finite.median()) if len(finite) else float("nan"),
+                "grad_norm_min": float(finite.min()) if len(finite) else float("nan"),
+                "grad_norm_max": float(finite.max()) if len(finite) else float("nan"),
+                "last_grad_norm": float(group["grad_norm"].iloc[-1]),
+            })
+    known = {r["layer"] for r in rows}
+    for f in findings:
+        if f.layer not in known:
+            known.add(f.layer)
+            rows.append({"layer": f.layer, "position": len(rows), "records": 0})
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:7])
+    by_layer: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_layer.setdefault(f.layer, []).append(f)
+    table["findings"] = [len(by_layer.get(layer, [])) for layer in table["layer"]]
+    table["first_finding"] = [by_layer[l][0].kind if l in by_layer else None for l in table["layer"]]
+    table["first_finding_step"] = [by_layer[l][0].step if l in by_layer else None for l in table["layer"]]
+    table["last_finding"] = [by_layer[l][-1].kind if l in by_layer else None for l in table["layer"]]
+    table["last_finding_step"] = [by_layer[l][-1].step if l in by_layer else None for l in table["layer"]]
+    return table.sort_values("position", kind="stable").reset_index(drop=True)

@@ -1,0 +1,204 @@
+"""TensorBoard view: scalars, a custom-scalars dashboard, findings text, gradient-flow figures and
+(optionally) gradient-magnitude histograms, written through a ``SummaryWriter``."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from graddiag.data.bins import HISTOGRAM_BINS, HISTOGRAM_EDGES
+from graddiag.data.findings import Finding
+from graddiag.data.records import StepRecord
+from graddiag.reporters.figures import figure_to_array, gradient_flow_figure
+from graddiag.reporters.markdown import findings_markdown, summary_markdown
+from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG, findings_json, layers_json
+from graddiag.reporters.scalars import scalar_metrics
+
+if TYPE_CHECKING:
+    from graddiag.pipeline.monitor import GradientMonitor
+
+log = logging.getLogger("graddiag")
+
+FIGURE_FILE = "gradient_flow.png"
+
+
+def dashboard_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout: one chart per statistic with all layers in it."""
+    p = re.escape(prefix)
+    return {
+        "graddiag: gradients": {
+            "gradient norm per layer": ["Multiline", [rf"^{p}grad_norm/"]],
+            "global gradient norm": ["Multiline", [rf"^{p}global_grad_norm$"]],
+            "layer gradient norms: median with min-max margin": [
+                "Margin",
+                [f"{prefix}layer_norm/median", f"{prefix}layer_norm/min",
+                 f"{prefix}layer_norm/max"],
+            ],
+            "active findings": ["Multiline", [rf"^{p}active_findings$"]],
+        },
+        "graddiag: parameters": {
+            "parameter norm per layer": ["Multiline", [rf"^{p}param_norm/"]],
+            "update ratio per layer": ["Multiline", [rf"^{p}update_ratio/"]],
+        },
+        "graddiag: activations": {
+            "saturated fraction (sigmoid/tanh)": ["Multiline", [rf"^{p}saturated/"]],
+            "dead fraction (ReLU-like)": ["Multiline", [rf"^{p}dead/"]],
+            "mean local derivative (gain)": ["Multiline", [rf"^{p}gain/"]],
+        },
+    }
+
+
+def _interval_stats(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    data = np.vstack(rows)
+    data = np.where(np.isfinite(data), data, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without grads
+        return np.nanmedian(data, 0), np.nanmin(data, 0), np.nanmax(data, 0)
+
+
+class TensorBoardReporter:
+    """Writes graddiag's TensorBoard artefacts.
+
+    Args:
+        writer: A ``torch.utils.tensorboard.SummaryWriter`` (Lightning's
+            ``TensorBoardLogger.experiment``).
+        prefix: Prefix of every tag (default ``graddiag/``).
+        scalars_every_n_steps: Scalar interval (the trainer's ``log_every_n_steps``).
+        figure_every_n_steps: Gradient-flow image interval (0: only at the end). Each figure costs
+            tens of milliseconds, so keep this well above the scalar interval.
+        save_png: Also save the final figure as ``gradient_flow.png`` in the writer's log dir.
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        *,
+        prefix: str = "graddiag/",
+        scalars_every_n_steps: int = 50,
+        figure_every_n_steps: int = 500,
+        save_png: bool = True,
+    ) -> None:
+        self.writer = writer
+        self.prefix = prefix
+        self.scalars_every = max(1, scalars_every_n_steps)
+        self.figure_every = figure_every_n_steps
+        self.save_png = save_png
+        self.monitor: GradientMonitor | None = None
+        self._layout_written = False
+        self._interval: list[np.ndarray] = []
+        self._interval_layers: list[str] = []
+        self._last_step = 0
+        self._warned_histogram = False
+        self.png_path: Path | None = None
+        self._layers_seen: list[str] | None = None
+        self._sites_seen: list[tuple[float, str, str, str]] = []
+        self._layers_key: tuple[Any, ...] | None = None
+
+    def bind(self, monitor: GradientMonitor) -> None:
+        self.monitor = monitor
+
+    def _findings(self) -> list[Finding]:
+        return self.monitor.findings if self.monitor is not None else []
+
+    def report(self, record: StepRecord, findings: list[Finding]) -> None:
+        w, p, step = self.writer, self.prefix, record.step
+        self._last_step = step
+        if not self._layout_written:
+            w.add_custom_scalars(dashboard_layout(p))
+            self._layout_written = True
+        self._layer_order(record)
+        if step % self.scalars_every == 0:
+            active = self.monitor.active_conditions() if self.monitor is not None else 0
+            for key, value in scalar_metrics(record, p, active).items():
+                w.add_scalar(key, value, step)
+            finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
+            if finite.size:
+                w.add_scalar(f"{p}layer_norm/median", float(np.median(finite)), step)
+                w.add_scalar(f"{p}layer_norm/min", float(finite.min()), step)
+                w.add_scalar(f"{p}layer_norm/max", float(finite.max()), step)
+        if record.grad_histograms is not None:
+            self._histograms(record)
+        if findings:
+            w.add_text(f"{p}findings", findings_markdown(self._findings()), step)
+            w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings()), step)
+        if self.figure_every:
+            if record.layers != self._interval_layers:
+                self._interval, self._interval_layers = [], list(record.layers)
+            self._interval.append(record.grad_norm)
+            if step % self.figure_every == 0 and len(self._interval) > 1:
+                self._figure(self._interval, record.layers, step, f"steps up to {step}")
+                self._interval = []
+
+    def _layer_order(self, record: StepRecord) -> None:
+        """Write the layer order and activation sites (for the graddiag tab) when they change."""
+        if record.layers is self._layers_seen and record.activations is None:
+            return
+        self._layers_seen = record.layers
+        acts = record.activations
+        if acts is not None and self.monitor is not None:
+            family = dict(zip(acts.sites, acts.families))
+            self._sites_seen = [(x, site, kind, family.get(site, ""))
+                                for x, site, kind in self.monitor.site_marks()]
+        key = (tuple(record.layers), tuple(self._sites_seen))
+        if key != self._layers_key:
+            self._layers_key = key
+            self.writer.add_text(f"{self.prefix}{LAYERS_TAG}",
+                                 layers_json(self.prefix, record.layers, self._sites_seen),
+                                 record.step)
+
+    def _histograms(self, record: StepRecord) -> None:
+        assert record.grad_histograms is not None
+        limits = np.concatenate([HISTOGRAM_EDGES, [1e300]]).tolist()
+        for layer, row in zip(record.layers, record.grad_histograms):
+            counts = row[: HISTOGRAM_BINS - 1]  # finite values only; the last bin is NaN/Inf
+            total = float(counts.sum())
+            if total == 0:
+                if not self._warned_histogram:
+                    self._warned_histogram = True
+                    log.warning("graddiag: layer '%s' has no finite gradient values at step %d; "
+                                "its histogram is skipped", layer, record.step)
+                continue
+            used = np.flatnonzero(counts)
+            low = 0.0 if used[0] == 0 else float(HISTOGRAM_EDGES[used[0] - 1])
+            high = float(HISTOGRAM_EDGES[min(used[-1], len(HISTOGRAM_EDGES) - 1)])
+            self.writer.add_histogram_raw(
+                f"{self.prefix}grad_hist/{layer}", min=low, max=high, num=total,
+                sum=float(row[-2]), sum_squares=float(row[-1]), bucket_limits=limits,
+                bucket_counts=counts.tolist(), global_step=record.step,
+            )
+
+    def _figure(self, rows: list[np.ndarray], layers: list[str], step: int, title: str) -> Any:
+        median, low, high = _interval_stats(rows)
+        flagged = {f.layer for f in self._findings()}
+        marks = self.monitor.site_marks() if self.monitor is not None else []
+        fig = gradient_flow_figure(layers, median, low, high, flagged=flagged, sites=marks,
+                                   title=f"Gradient flow, {title}")
+        self.writer.add_image(f"{self.prefix}gradient_flow", figure_to_array(fig), step,
+                              dataformats="HWC")
+        return fig
+
+    def close(self) -> None:
+        if self.monitor is not None and self.monitor.records:
+            records = [r for r in self.monitor.records if r.layers == self.monitor.index.names]
+            if records:
+                fig = self._figure([r.grad_norm for r in records], records[-1].layers,
+                                   self._last_step, "whole run")
+                logdir = _logdir(self.writer)
+                if self.save_png and logdir is not None:
+                    self.png_path = Path(logdir) / FIGURE_FILE
+                    fig.savefig(self.png_path)
+            self.writer.add_text(f"{self.prefix}summary", summary_markdown(self.monitor.summary()),
+                                 self._last_step)
+        self.writer.flush()
+
+
+def _logdir(writer: Any) -> str | None:
+    get = getattr(writer, "get_logdir", None)
+    if callable(get):
+        return str(get())
+    return getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)

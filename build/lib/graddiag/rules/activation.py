@@ -1,0 +1,88 @@
+"""Rules on activation statistics: ``saturated`` sigmoid/tanh sites and ``dead_relu`` sites.
+
+Only records that carry activation statistics advance these rules; other records leave their
+streaks untouched, so ``patience`` counts activation steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graddiag.data.findings import Finding
+from graddiag.data.records import StepRecord
+from graddiag.rules import wording as remedies
+from graddiag.rules.onsets import OnsetRule
+
+
+class _FractionRule(OnsetRule):
+    family = ""
+    kind = ""
+
+    def __init__(self, fraction: float, patience: int) -> None:
+        super().__init__(patience)
+        self.fraction = fraction
+
+    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
+        raise NotImplementedError
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        acts = record.activations
+        if acts is None:
+            return []
+        values = acts.saturated if self.family == "saturating" else acts.dead
+        family = np.array([f == self.family for f in acts.families], dtype=bool)
+        with np.errstate(invalid="ignore"):
+            condition = family & (values > self.fraction)
+        onsets = self.onsets.observe_all(acts.sites, condition, evaluated=family)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i), float(values[i])) for i in onsets]
+
+
+class SaturatedRule(_FractionRule):
+    """More than ``fraction`` of a sigmoid/tanh-like site's units are in the flat region."""
+
+    kind = "saturated"
+    family = "saturating"
+
+    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
+        a = record.activations
+        assert a is not None
+        return Finding(
+            kind=self.kind,
+            layer=a.sites[i],
+            step=record.step,
+            value=value,
+            threshold=self.fraction,
+            message=(
+                f"Saturated {a.kinds[i]}: {value:.0%} of its units sit in the flat region "
+                f"(local derivative below the floor), mean derivative {a.gain[i]:.3g}; they pass "
+                "almost no gradient back, so the layers before it starve."
+            ),
+            remedy=remedies.SATURATED,
+            details={"activation": a.kinds[i], "gain": float(a.gain[i])},
+        )
+
+
+class DeadReluRule(_FractionRule):
+    """More than ``fraction`` of a ReLU-like site's units pass no gradient for any sample."""
+
+    kind = "dead_relu"
+    family = "rectifier"
+
+    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
+        a = record.activations
+        assert a is not None
+        return Finding(
+            kind=self.kind,
+            layer=a.sites[i],
+            step=record.step,
+            value=value,
+            threshold=self.fraction,
+            message=(
+                f"Dead {a.kinds[i]} units: {value:.0%} of its units output zero (no gradient) for "
+                f"every sample of the batch, mean derivative {a.gain[i]:.3g}; dead units rarely "
+                "recover, so this capacity is lost."
+            ),
+            remedy=remedies.DEAD_RELU,
+            details={"activation": a.kinds[i], "gain": float(a.gain[i])},
+        )

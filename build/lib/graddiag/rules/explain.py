@@ -1,0 +1,126 @@
+"""Explanations: why a layer's gradient vanished, and which remedy fits the evidence best.
+
+The explainer remembers the latest activation statistics and the graph-cutting operations seen
+in the forward pass, and adds them to findings: for a vanishing layer, the activation sites
+between it and the loss, their measured mean derivative and the attenuation that predicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+from torch import nn
+
+from graddiag.data.findings import Finding
+from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.measure.layers import clean_name
+from graddiag.rules import wording as remedies
+
+
+class Explainer:
+    """Adds causes and ranked remedies to findings, from what the probes have seen."""
+
+    def __init__(self, root: nn.Module) -> None:
+        names = [clean_name(n) for n, _ in root.named_modules()]
+        self.position: dict[str, float] = {}
+        for i, name in enumerate(names):
+            self.position[name] = float(i)
+        # a module's subtree ends where the next name not under it begins
+        self._subtree_end: dict[str, float] = {}
+        for i, name in enumerate(names):
+            end = i
+            prefix = f"{name}." if name else ""
+            for j in range(i + 1, len(names)):
+                if prefix and not names[j].startswith(prefix):
+                    break
+                end = j
+            self._subtree_end[name] = end + 0.5
+        self.root_name = type(root).__name__
+        self.activations: ActivationRecord | None = None
+        self.cut_ops: dict[str, list[str]] = {}
+
+    def observe(self, record: StepRecord) -> None:
+        """Remember the latest activation statistics and cut operations."""
+        if record.activations is not None:
+            self.activations = record.activations
+            if record.activations.cut_ops:
+                self.cut_ops = record.activations.cut_ops
+
+    def site_position(self, site: str) -> float:
+        """Where a site sits in module order (a functional site just after its caller's subtree)."""
+        if site in self.position:
+            return self.position[site]
+        caller = site.split(":", 1)[0]
+        if caller == self.root_name:
+            caller = ""
+        return self._subtree_end.get(caller, math.inf)
+
+    def explain(self, finding: Finding, record: StepRecord) -> Finding:
+        if finding.kind == "vanishing":
+            return self._vanishing(finding, record)
+        if finding.kind == "no_gradient" and self.cut_ops:
+            seen = "; ".join(f"'{m}' called {', '.join(ops)}" for m, ops in self.cut_ops.items())
+            return dataclasses.replace(
+                finding,
+                message=f"{finding.message} Graph-cutting operations seen in the forward pass: {seen}.",
+                details={**finding.details, "cut_ops": dict(self.cut_ops)},
+            )
+        return finding
+
+    def _vanishing(self, finding: Finding, record: StepRecord) -> Finding:
+        notes: list[str] = []
+        details = dict(finding.details)
+        ranked = remedies.VANISHING
+        if finding.value == 0.0:
+            zero_ops = {m: ops for m, ops in self.cut_ops.items()
+                        if any("zero derivative" in op for op in ops)}
+            notes.append(
+                "The gradient is exactly zero: an operation with zero derivative "
+                "(round, floor, sign, a step function) or a layer of dead units lies between "
+                "this layer and the loss."
+                + (f" Seen: {zero_ops}." if zero_ops else "")
+            )
+        acts = self.activations
+        layer_pos = self.position.get(finding.layer)
+        if acts is not None and layer_pos is not None and len(acts.sites):
+            between = [i for i, s in enumerate(acts.sites) if self.site_position(s) > layer_pos]
+            if between:
+                kinds = Counter(acts.kinds[i] for i in between)
+                gains = [float(acts.gain[i]) for i in between]
+                expected = math.prod(gains)
+                mean_gain = sum(gains) / len(gains)
+                measured = details.get("ratio_to_largest", float("nan"))
+                kinds_text = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+                notes.append(
+                    f"Between this layer and the loss: {kinds_text} site(s), mean derivative "
+                    f"{mean_gain:.3g}: expected shrink from the activations alone "
+                    f"~{expected:.2g}, measured {measured:.2g} (the rest comes from the weights' "
+                    "scale, i.e. initialisation)."
+                )
+                details.update(sites_between=len(between), mean_gain=mean_gain,
+                               expected_shrink=expected, activation_kinds=dict(kinds))
+                saturating = sum(1 for i in between if acts.families[i] == "saturating")
+                dead = [float(acts.dead[i]) for i in between if acts.families[i] == "rectifier"]
+                if dead and max(dead) > 0.5 and saturating == 0:
+                    ranked = remedies.DEAD_RELU + "; then " + remedies.VANISHING
+                elif saturating:
+                    ranked = (
+                        f"replace the {saturating} sigmoid/tanh site(s) with ReLU-family "
+                        "activations and use Kaiming init; or keep them with Xavier init plus "
+                        "normalisation (BatchNorm/LayerNorm) or residual connections; lower the "
+                        "learning rate if the units are saturated"
+                    )
+            else:
+                notes.append(
+                    "No activation sits between this layer and the loss: the shrink comes from "
+                    "the weights (initialisation scale too small) or the loss itself."
+                )
+                ranked = ("check the initialisation scale (Kaiming/Xavier); normalise inputs; "
+                          + remedies.VANISHING)
+        if not notes:
+            return finding
+        return dataclasses.replace(
+            finding, message=f"{finding.message} {' '.join(notes)}", remedy=ranked, details=details
+        )

@@ -1,0 +1,282 @@
+"""Rules turn step records into findings. Pure: no I/O, no torch hooks, no Lightning.
+
+Each rule keeps a little state (streaks, running levels) so that a condition is reported once
+when it begins (after its patience), not on every step it lasts. ``active`` says whether the
+condition holds on the current step, which is what actions such as ``skip`` act on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from graddiag.data.findings import Finding
+from graddiag.data.records import StepRecord
+from graddiag.rules import wording as remedies
+from graddiag.rules.onsets import OnsetRule, _fmt
+
+
+class VanishingRule(OnsetRule):
+    """A layer's gradient norm is below ``abs_floor`` or below ``rel_floor`` x the largest layer's."""
+
+    kind = "vanishing"
+
+    def __init__(self, abs_floor: float, rel_floor: float, patience: int) -> None:
+        super().__init__(patience)
+        self.abs_floor = abs_floor
+        self.rel_floor = rel_floor
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        norms = record.grad_norm
+        usable = record.has_grad & np.isfinite(norms)
+        if record.measured is not None:
+            usable &= record.measured
+        if record.amp_overflow or not usable.any():
+            self._active = False
+            return []
+        masked = np.where(usable, norms, -np.inf)
+        top_pos = int(np.argmax(masked))
+        top = float(norms[top_pos])
+        rel_threshold = self.rel_floor * top
+        below_abs = usable & (norms < self.abs_floor)
+        below_rel = usable & (norms < rel_threshold)
+        onsets = self.onsets.observe_all(record.layers, below_abs | below_rel, record.measured)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i), top_pos, bool(below_abs[i]), rel_threshold)
+                for i in onsets]
+
+    def _finding(self, record: StepRecord, i: int, top_pos: int, below_abs: bool,
+                 rel_threshold: float) -> Finding:
+        value = float(record.grad_norm[i])
+        top = float(record.grad_norm[top_pos])
+        ratio = value / top if top > 0 else 0.0
+        if below_abs:
+            evidence = f"gradient norm {_fmt(value)} is below the floor {_fmt(self.abs_floor)}"
+        else:
+            evidence = (f"gradient norm {_fmt(value)} is {_fmt(ratio)} x the largest layer's "
+                        f"('{record.layers[top_pos]}', {_fmt(top)})")
+        return Finding(
+            kind=self.kind,
+            layer=record.layers[i],
+            step=record.step,
+            value=value,
+            threshold=self.abs_floor if below_abs else rel_threshold,
+            message=(f"Vanishing gradient: {evidence} for {self.onsets.patience} recorded steps; "
+                     "this layer barely learns."),
+            remedy=remedies.VANISHING,
+            details={"ratio_to_largest": ratio, "largest_layer": record.layers[top_pos],
+                     "largest_norm": top},
+        )
+
+
+class ExplodingRule(OnsetRule):
+    """A layer's gradient norm exceeds ``abs_ceiling`` or ``factor`` x its own recent level.
+
+    The recent level is a running geometric mean (an exponential moving average of
+    ``log(norm)`` with the span of ``window`` recorded steps): robust to single spikes, O(layers)
+    per step. A jump is judged only after ``min_history`` finite values.
+    """
+
+    kind = "exploding"
+    min_history = 5
+
+    def __init__(self, abs_ceiling: float, factor: float, window: int, patience: int) -> None:
+        super().__init__(patience)
+        self.abs_ceiling = abs_ceiling
+        self.factor = factor
+        self.window = window
+        self.alpha = 2.0 / (window + 1.0)
+        self.log_factor = math.log(factor)
+        self.log_level: np.ndarray | None = None
+        self.count: np.ndarray | None = None
+        self.layers: list[str] = []
+
+    def _ensure(self, layers: list[str]) -> None:
+        if self.log_level is None or (layers is not self.layers and layers != self.layers):
+            self.layers = layers
+            self.log_level = np.zeros(len(layers))
+            self.count = np.zeros(len(layers), dtype=int)
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        self._active = False
+        if record.amp_overflow:
+            return []
+        self._ensure(record.layers)
+        assert self.log_level is not None and self.count is not None
+        norms = record.grad_norm  # NaN where a layer got no gradient
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            logs = np.log(norms)  # NaN for missing/NaN, -inf for 0, +inf for inf
+            # an inf norm whose elements are all finite (float32 overflow) counts as above
+            above = norms > self.abs_ceiling
+            jump = (logs - self.log_level > self.log_factor) & (self.count >= self.min_history)
+            if record.nonfinite:  # NaN/Inf elements belong to the nonfinite rule
+                bad = list(record.nonfinite)
+                above[bad] = False
+                jump[bad] = False
+            condition = above | jump
+            if record.measured is not None:
+                condition &= record.measured
+            onsets = self.onsets.observe_all(record.layers, condition, record.measured)
+            self._active = self.onsets.any_confirmed()
+            findings = [self._finding(record, int(i), bool(above[i]),
+                                      float(np.exp(self.log_level[i]))) for i in onsets]
+            usable = np.isfinite(logs)
+            self.log_level = np.where(usable, self.log_level + self.alpha * (logs - self.log_level),
+                                      self.log_level)
+            first = usable & (self.count == 0)
+            if first.any():
+                self.log_level[first] = logs[first]
+            self.count += usable
+        return findings
+
+    def _finding(self, record: StepRecord, i: int, above: bool, level: float) -> Finding:
+        value = float(record.grad_norm[i])
+        if above:
+            evidence = f"gradient norm {_fmt(value)} exceeds the ceiling {_fmt(self.abs_ceiling)}"
+            threshold = self.abs_ceiling
+        else:
+            evidence = (f"gradient norm {_fmt(value)} is {_fmt(value / level)} x its recent "
+                        f"level {_fmt(level)}")
+            threshold = self.factor * level
+        return Finding(
+            kind=self.kind,
+            layer=record.layers[i],
+            step=record.step,
+            value=value,
+            threshold=threshold,
+            message=f"Exploding gradient: {evidence}; updates this large destabilise training.",
+            remedy=remedies.EXPLODING,
+            details={"recent_level": level},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.log_level is not None and self.count is not None:
+            state["level"] = {n: [float(l), int(c)] for n, l, c in
+                              zip(self.layers, self.log_level, self.count)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        level = state.get("level")
+        if level:
+            self.layers = list(level)
+            self.log_level = np.array([v[0] for v in level.values()], dtype=float)
+            self.count = np.array([v[1] for v in level.values()], dtype=int)
+
+
+class NonfiniteRule(OnsetRule):
+    """Some gradient holds NaN or Inf; names the origin: the affected layer nearest the loss."""
+
+    kind = "nonfinite"
+    key = "model"
+    #: Below this loss scale, inf/NaN gradients are no longer an fp16 overflow of the scaling.
+    amp_scale_floor = 1.0
+
+    def __init__(self) -> None:
+        super().__init__(patience=1)
+        self.amp_overflows = 0
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        self.amp_overflows = self.amp_overflows + 1 if record.amp_overflow else 0
+        if record.amp_overflow and record.amp_scale is not None \
+                and record.amp_scale < self.amp_scale_floor:
+            return self._persistent_overflow(record)
+        bad = sorted(record.nonfinite) if not record.amp_overflow else []
+        self._active = bool(bad)
+        if not self.onsets.observe(self.key, bool(bad)):
+            return []
+        origin = bad[-1]  # layers are in forward order: the last is nearest the loss
+        name = record.layers[origin]
+        counts = record.nonfinite[origin]
+        upstream = len(bad) - 1
+        where = ", ".join(f"{p}: {n} element(s)" for p, n in counts.items())
+        everywhere = len(bad) == len(record.layers) and len(bad) > 1
+        hint = (
+            " Every layer is affected, so the loss or the forward pass probably produced it "
+            "(inputs, log/division, an overflowing activation)."
+            if everywhere
+            else f" It arose in the backward pass at or before '{name}'."
+        )
+        return [
+            Finding(
+                kind=self.kind,
+                layer=name,
+                step=record.step,
+                value=float(record.grad_norm[origin]),
+                threshold=math.inf,
+                message=(
+                    f"Non-finite gradient (NaN/Inf) originating at '{name}' ({where}); "
+                    f"{upstream} layer(s) upstream are affected too.{hint}"
+                ),
+                remedy=remedies.NONFINITE,
+                details={"affected_layers": [record.layers[i] for i in bad],
+                         "upstream_affected": upstream},
+            )
+        ]
+
+
+    def _persistent_overflow(self, record: StepRecord) -> list[Finding]:
+        self._active = True
+        if not self.onsets.observe(self.key, True):
+            return []
+        bad = [i for i in range(len(record.layers)) if not math.isfinite(record.grad_norm[i])]
+        origin = bad[-1] if bad else len(record.layers) - 1
+        return [
+            Finding(
+                kind=self.kind,
+                layer=record.layers[origin],
+                step=record.step,
+                value=float(record.grad_norm[origin]),
+                threshold=math.inf,
+                message=(
+                    f"Non-finite gradients on {self.amp_overflows} consecutive AMP steps, still "
+                    f"with a loss scale of {record.amp_scale:.3g}: this is not an fp16 overflow "
+                    "of the scaled loss but NaN/Inf produced by the model or the loss."
+                ),
+                remedy=remedies.NONFINITE,
+                details={"amp_overflows": self.amp_overflows},
+            )
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "amp_overflows": self.amp_overflows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.amp_overflows = int(state.get("amp_overflows", 0))
+
+
+class NoGradientRule(OnsetRule):
+    """A trainable parameter (``requires_grad=True``) received no gradient at all."""
+
+    kind = "no_gradient"
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        condition = np.zeros(len(record.layers), dtype=bool)
+        if record.missing:
+            condition[list(record.missing)] = True
+        onsets = self.onsets.observe_all(record.layers, condition, record.measured)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i)) for i in onsets]
+
+    def _finding(self, record: StepRecord, i: int) -> Finding:
+        name = record.layers[i]
+        params = record.missing[i]
+        return Finding(
+            kind=self.kind,
+            layer=name,
+            step=record.step,
+            value=float(len(params)),
+            threshold=0.0,
+            message=(
+                f"No gradient: trainable parameter(s) {params} of '{name}' got no gradient "
+                f"(.grad is None) for {self.onsets.patience} recorded steps, so the optimizer "
+                "never updates them. Nothing between them and the loss is differentiable, or "
+                "they are unused."
+            ),
+            remedy=remedies.NO_GRADIENT,
+            details={"parameters": list(params)},
+        )

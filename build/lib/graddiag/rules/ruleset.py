@@ -1,0 +1,55 @@
+"""The rules selected by the settings, applied in order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graddiag.data.findings import Finding
+from graddiag.data.options import MonitorConfig
+from graddiag.data.records import StepRecord
+from graddiag.rules.gradient import (
+    ExplodingRule,
+    NoGradientRule,
+    NonfiniteRule,
+    VanishingRule,
+)
+from graddiag.rules.onsets import Rule
+
+
+class RuleSet:
+    """The rules selected by a :class:`~graddiag.data.options.MonitorConfig`, applied in order."""
+
+    def __init__(self, config: MonitorConfig, extra: list[Rule] | None = None) -> None:
+        rules: list[Rule] = [
+            NonfiniteRule(),
+            ExplodingRule(
+                config.exploding_abs,
+                config.exploding_factor,
+                config.exploding_window,
+                config.exploding_patience,
+            ),
+            VanishingRule(config.vanishing_abs, config.vanishing_rel, config.vanishing_patience),
+            NoGradientRule(config.no_gradient_patience),
+            *(extra or []),
+        ]
+        self.rules = [r for r in rules if r.kind not in config.ignore]
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        """Findings that begin at this record."""
+        return [finding for rule in self.rules for finding in rule.update(record)]
+
+    def active(self, kind: str) -> bool:
+        """Whether a condition of ``kind`` holds on the latest record (after its patience)."""
+        return any(rule.active for rule in self.rules if rule.kind == kind)
+
+    def active_count(self) -> int:
+        """Reported conditions that still hold, over all rules."""
+        return sum(len(rule.onsets.reported) for rule in self.rules)  # type: ignore[attr-defined]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {rule.kind: rule.state_dict() for rule in self.rules}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for rule in self.rules:
+            if rule.kind in state:
+                rule.load_state_dict(state[rule.kind])

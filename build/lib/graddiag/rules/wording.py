@@ -1,0 +1,36 @@
+"""What to try for each finding kind, most promising first."""
+
+from __future__ import annotations
+
+VANISHING = (
+    "use ReLU-family activations (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh in hidden "
+    "layers; initialise with Kaiming (ReLU) or Xavier (tanh) init; add normalisation "
+    "(BatchNorm/LayerNorm) or residual connections; reduce depth"
+)
+EXPLODING = (
+    "lower the learning rate; clip gradients (Trainer(gradient_clip_val=1.0)); check the "
+    "initialisation scale (Kaiming/Xavier instead of large weights); add normalisation layers; "
+    "check for unnormalised inputs or targets"
+)
+NONFINITE = (
+    "look for log(0), division by zero, sqrt of 0 or of negatives and exp overflow near the "
+    "origin layer; lower the learning rate; clip gradients; use a numerically stable loss "
+    "(BCEWithLogitsLoss, log_softmax); under fp16 use a GradScaler or bf16"
+)
+NO_GRADIENT = (
+    "a non-differentiable operation (argmax, round, comparison, integer cast, .detach(), "
+    "torch.no_grad) or an unused branch cut the graph: use a straight-through estimator "
+    "(y = x + (hard(x) - x).detach()), a differentiable relaxation (softmax with temperature, "
+    "Gumbel-softmax via F.gumbel_softmax(hard=True)), or REINFORCE for sampled decisions; if the "
+    "parameter is unused on purpose, freeze it (requires_grad_(False)) or exclude the layer"
+)
+SATURATED = (
+    "lower the learning rate; initialise with Xavier init (smaller weights keep inputs in the "
+    "linear region); normalise inputs and pre-activations (BatchNorm/LayerNorm); or switch to a "
+    "ReLU-family activation"
+)
+DEAD_RELU = (
+    "lower the learning rate; initialise biases at zero or slightly positive and weights with "
+    "Kaiming init; use LeakyReLU/ELU/GELU, which pass gradient for negative inputs; add "
+    "normalisation before the activation"
+)
