@@ -3,20 +3,31 @@
 It records per-layer gradient norms while training runs, flags vanishing, exploding,
 non-finite and missing gradients, saturated and dead activations, explains the likely cause
 and suggests what to try.
+
+Importing ``graddiag`` (or ``graddiag.data``, ``graddiag.rules``) loads no torch: the names that
+need it are imported on first use.
 """
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import FINDING_KINDS, Finding
 from graddiag.data.options import MonitorConfig
+from graddiag.data.policy import StepReport
 from graddiag.data.records import ActivationRecord, StepRecord
-from graddiag.measure.activations import (
-    ActivationRegistry,
-    ActivationSpec,
-    default_registry,
-)
-from graddiag.pipeline.monitor import GradientMonitor, StepReport
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ActivationRegistry": "graddiag.measure.activations.registry",
+    "ActivationSpec": "graddiag.measure.activations.specs",
+    "default_registry": "graddiag.measure.activations.registry",
+    "GradientMonitor": "graddiag.pipeline.monitor",
+    "GradientDiagnostics": "graddiag.lightning.callback",  # Lightning stays optional
+}
 
 __all__ = [
     "FINDING_KINDS",
@@ -34,9 +45,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # noqa: ANN202 - lazy import keeps Lightning optional for plain loops
-    if name == "GradientDiagnostics":
-        from graddiag.lightning.callback import GradientDiagnostics
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graddiag' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return GradientDiagnostics
-    raise AttributeError(f"module 'graddiag' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

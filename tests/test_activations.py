@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from graddiag import ActivationSpec, GradientMonitor, default_registry
-from graddiag.measure.activations import ActivationProbe
+from graddiag.measure.activations import ActivationWatch
+from graddiag.measure.activations.packing import pack_activations
 
 FLOOR = 0.01
 
@@ -20,12 +21,13 @@ MODULES = [
 
 
 def _stats(module: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    probe = ActivationProbe(nn.Sequential(module), derivative_floor=FLOOR)
-    probe.arm()
-    probe.root(x)
-    probe.disarm()
-    chunks, finish = probe.collect()
-    record = finish([c.detach().double().numpy().reshape(-1) for c in chunks])
+    root = nn.Sequential(module)
+    watch = ActivationWatch(root, derivative_floor=FLOOR)
+    with watch.watching():
+        root(x)
+    pack = pack_activations(*watch.take())
+    assert pack is not None
+    record = pack.finish([c.detach().double().numpy().reshape(-1) for c in pack.chunks])
     assert record.sites == ["0"]
     return {"saturated": float(record.saturated[0]), "dead": float(record.dead[0]),
             "gain": float(record.gain[0])}
@@ -144,21 +146,27 @@ def _hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_hooks_exist_only_on_activation_steps_and_never_after_close() -> None:
+def test_hooks_exist_only_inside_the_forward_of_activation_steps_and_never_after_close() -> None:
     model = ModuleNet()
-    baseline_global = len(nn.modules.module._global_forward_hooks)
+    inside: list[tuple[int, int]] = []
+    model.act2.register_forward_hook(  # the user's own hook: it sees what is installed mid-forward
+        lambda *_: inside.append((len(nn.modules.module._global_forward_hooks),
+                                  len(torch.overrides._get_current_function_mode_stack()))))
+    user_hooks = _hook_count(model)
     monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
-    armed = []
+    between = []
     for _ in range(6):
         model(torch.randn(2, 8)).sum().backward()
-        armed.append(_hook_count(model) > 0)  # hooks during the forward of this step
         monitor.step()
+        between.append((_hook_count(model) - user_hooks,
+                        len(nn.modules.module._global_forward_hooks),
+                        len(torch.overrides._get_current_function_mode_stack())))
     monitor.close()
-    # step 0 also has the one-off forward-order hooks; steps 1, 2, 4, 5 have none
-    assert armed == [True, False, False, True, False, False]
-    assert _hook_count(model) == 0
-    assert len(nn.modules.module._global_forward_hooks) == baseline_global
-    assert torch.overrides._get_current_function_mode_stack() == []
+    # during the forward of steps 0 and 3: the stack-tracking global hook and the interceptor
+    assert inside == [(1, 1), (0, 0), (0, 0), (1, 1), (0, 0), (0, 0)]
+    assert between == [(0, 0, 0)] * 6
+    assert _hook_count(model) == user_hooks
+    assert "forward" not in vars(model)  # the per-instance wrapper is gone
 
 
 def test_user_registered_activation() -> None:

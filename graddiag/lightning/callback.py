@@ -16,8 +16,10 @@ from pytorch_lightning.utilities import rank_zero_info
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import Finding
 from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check_int
+from graddiag.data.policy import ALARM_KINDS, StepReport
+from graddiag.lightning.strategy import StrategyReducer, agree_on_action
 from graddiag.measure.activations import ActivationRegistry
-from graddiag.pipeline.monitor import GradientMonitor, StepReport
+from graddiag.pipeline.monitor import GradientMonitor
 from graddiag.reporters import ConsoleReporter, Reporter
 from graddiag.reporters.console import summary_screen
 from graddiag.reporters.logger import LoggerReporter
@@ -185,16 +187,13 @@ class GradientDiagnostics(Callback):
             else:
                 others.append(logger)
         if others:
-            reporters.append(LoggerReporter(others, every, self.prefix, self._active_count))
+            reporters.append(LoggerReporter(others, every, self.prefix))
             log.info(
                 "graddiag: %s get scalars only; the dashboard layout, text, figures and "
                 "histograms need a TensorBoardLogger.",
                 ", ".join(type(lg).__name__ for lg in others),
             )
         return reporters + self.extra_reporters
-
-    def _active_count(self) -> int:
-        return self.monitor.active_conditions() if self.monitor else 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -208,6 +207,11 @@ class GradientDiagnostics(Callback):
             config=self.config,
             reporters=self._reporters(trainer),
             activation_registry=self.activation_registry,
+            # activation statistics are summed over ranks on agreed sites, through the strategy
+            process_group=StrategyReducer(trainer.strategy) if trainer.world_size > 1 else None,
+            # watched: forward passes inside training_step only (not validation, not the
+            # sanity check, not backward or the optimizer step)
+            watch="training_step",
         )
         if self._saved is not None:
             self.monitor.load_state_dict(self._saved)
@@ -217,13 +221,17 @@ class GradientDiagnostics(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.monitor is not None:
-            self.monitor.prepare(trainer.global_step)
+            self.monitor.expect_step(trainer.global_step)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if self.monitor is not None:
+        if self.monitor is not None:  # manual_backward inside training_step: leave the watch
             self.monitor.pause_activations()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.resume_activations()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -242,7 +250,6 @@ class GradientDiagnostics(Callback):
             grads_scaled=amp_scale is not None and _optimizer_unscales_itself(optimizer),
             clip_norm=float(clip) if clip else None,
             raise_on_alarm=False,
-            prepare_next=False,
         )
         self._apply(trainer, optimizer, report)
         if self.progress_bar and report.recorded:
@@ -257,7 +264,7 @@ class GradientDiagnostics(Callback):
         # every rank takes the same decision; with only "warn" actions none ever skips or stops
         may_act = self.config.on_nonfinite != "warn" or self.config.on_exploding != "warn"
         if trainer.world_size > 1 and may_act:
-            action = _agree(trainer, action)
+            action = agree_on_action(trainer.strategy, action)
         if action == "continue":
             return
         for group in optimizer.param_groups:  # nothing is applied: no gradient, no update
@@ -265,7 +272,7 @@ class GradientDiagnostics(Callback):
                 param.grad = None
         if action == "raise":
             raise GradientAlarm(
-                [f for f in self.monitor.findings if f.kind in ("nonfinite", "exploding")][-1:]  # type: ignore[union-attr]
+                [f for f in self.monitor.findings if f.kind in ALARM_KINDS][-1:]  # type: ignore[union-attr]
             )
         if not trainer.is_global_zero:
             trainer.should_stop = trainer.should_stop or action == "stop"
@@ -303,16 +310,6 @@ class GradientDiagnostics(Callback):
             self.monitor.load_state_dict(state_dict)
         else:
             self._saved = dict(state_dict)
-
-
-_ACTIONS_BY_SEVERITY = ("continue", "skip", "stop", "raise")
-
-
-def _agree(trainer: pl.Trainer, action: str) -> str:
-    """The most severe action any rank wants, in one all-reduce (ranks may see different data)."""
-    severity = torch.tensor([_ACTIONS_BY_SEVERITY.index(action)], device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(severity, op=torch.distributed.ReduceOp.MAX)
-    return _ACTIONS_BY_SEVERITY[int(severity.item())]
 
 
 def _optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:

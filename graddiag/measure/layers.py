@@ -15,14 +15,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from graddiag.data.names import clean_name
+
 log = logging.getLogger("graddiag")
-
-_COMPILE_PREFIX = "_orig_mod."
-
-
-def clean_name(name: str) -> str:
-    """A module name as users write it: without ``torch.compile``'s ``_orig_mod.`` parts."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 @dataclass

@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from graddiag.data.findings import Finding
-from graddiag.data.records import StepRecord
+from graddiag.data.snapshots import StepSnapshot
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,16 +20,13 @@ class ConsoleReporter:
     def __init__(self, logger: logging.Logger = log) -> None:
         self.logger = logger
 
-    def report(self, record: StepRecord, findings: list[Finding]) -> None:
-        if record.amp_overflow:
+    def report(self, snapshot: StepSnapshot) -> None:
+        if snapshot.record.amp_overflow:
             self.logger.info(
                 "graddiag: AMP overflow at step %d: inf/NaN in the fp16-scaled gradients; the "
-                "grad scaler skips this step and lowers its scale (not an alarm).", record.step)
-        for finding in findings:
+                "grad scaler skips this step and lowers its scale (not an alarm).", snapshot.step)
+        for finding in snapshot.new_findings:
             self.logger.warning("graddiag %s", finding)
-
-    def close(self) -> None:
-        pass
 
 
 def render_findings(findings: list[Finding]) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from graddiag.data.findings import Finding
-from graddiag.data.records import StepRecord
+from graddiag.data.snapshots import StepSnapshot
 from graddiag.reporters.scalars import scalar_metrics
 
 
@@ -17,7 +16,6 @@ class LoggerReporter:
         every_n_steps: Log records whose step is divisible by this (the trainer's
             ``log_every_n_steps`` by default in the callback).
         prefix: Prepended to every key.
-        active_findings: Returns how many conditions are active now (for the count scalar).
     """
 
     def __init__(
@@ -25,19 +23,14 @@ class LoggerReporter:
         loggers: Sequence[Any],
         every_n_steps: int,
         prefix: str,
-        active_findings: Callable[[], int] = lambda: 0,
     ) -> None:
         self.loggers = list(loggers)
         self.every_n_steps = max(1, every_n_steps)
         self.prefix = prefix
-        self.active_findings = active_findings
 
-    def report(self, record: StepRecord, findings: list[Finding]) -> None:
-        if not self.loggers or record.step % self.every_n_steps:
+    def report(self, snapshot: StepSnapshot) -> None:
+        if not self.loggers or snapshot.step % self.every_n_steps:
             return
-        metrics = scalar_metrics(record, self.prefix, self.active_findings())
+        metrics = scalar_metrics(snapshot.record, self.prefix, snapshot.active_count)
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=record.step)
-
-    def close(self) -> None:
-        pass
+            logger.log_metrics(metrics, step=snapshot.step)

@@ -7,20 +7,19 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from graddiag.data.bins import HISTOGRAM_BINS, HISTOGRAM_EDGES
 from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
+from graddiag.data.snapshots import RunSnapshot, StepSnapshot
+from graddiag.data.tree import SiteMark
 from graddiag.reporters.figures import figure_to_array, gradient_flow_figure
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
 from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG, findings_json, layers_json
 from graddiag.reporters.scalars import scalar_metrics
-
-if TYPE_CHECKING:
-    from graddiag.pipeline.monitor import GradientMonitor
 
 log = logging.getLogger("graddiag")
 
@@ -88,7 +87,8 @@ class TensorBoardReporter:
         self.scalars_every = max(1, scalars_every_n_steps)
         self.figure_every = figure_every_n_steps
         self.save_png = save_png
-        self.monitor: GradientMonitor | None = None
+        self._findings: tuple[Finding, ...] = ()
+        self._marks: tuple[SiteMark, ...] = ()
         self._layout_written = False
         self._interval: list[np.ndarray] = []
         self._interval_layers: list[str] = []
@@ -99,13 +99,9 @@ class TensorBoardReporter:
         self._sites_seen: list[tuple[float, str, str, str]] = []
         self._layers_key: tuple[Any, ...] | None = None
 
-    def bind(self, monitor: GradientMonitor) -> None:
-        self.monitor = monitor
-
-    def _findings(self) -> list[Finding]:
-        return self.monitor.findings if self.monitor is not None else []
-
-    def report(self, record: StepRecord, findings: list[Finding]) -> None:
+    def report(self, snapshot: StepSnapshot) -> None:
+        record, findings = snapshot.record, snapshot.new_findings
+        self._findings, self._marks = snapshot.findings, snapshot.marks
         w, p, step = self.writer, self.prefix, record.step
         self._last_step = step
         if not self._layout_written:
@@ -113,8 +109,7 @@ class TensorBoardReporter:
             self._layout_written = True
         self._layer_order(record)
         if step % self.scalars_every == 0:
-            active = self.monitor.active_conditions() if self.monitor is not None else 0
-            for key, value in scalar_metrics(record, p, active).items():
+            for key, value in scalar_metrics(record, p, snapshot.active_count).items():
                 w.add_scalar(key, value, step)
             finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
             if finite.size:
@@ -124,8 +119,8 @@ class TensorBoardReporter:
         if record.grad_histograms is not None:
             self._histograms(record)
         if findings:
-            w.add_text(f"{p}findings", findings_markdown(self._findings()), step)
-            w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings()), step)
+            w.add_text(f"{p}findings", findings_markdown(list(self._findings)), step)
+            w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings), step)
         if self.figure_every:
             if record.layers != self._interval_layers:
                 self._interval, self._interval_layers = [], list(record.layers)
@@ -140,10 +135,10 @@ class TensorBoardReporter:
             return
         self._layers_seen = record.layers
         acts = record.activations
-        if acts is not None and self.monitor is not None:
+        if acts is not None:
             family = dict(zip(acts.sites, acts.families))
-            self._sites_seen = [(x, site, kind, family.get(site, ""))
-                                for x, site, kind in self.monitor.site_marks()]
+            self._sites_seen = [(m.x, m.site, m.kind, family.get(m.site, ""))
+                                for m in self._marks]
         key = (tuple(record.layers), tuple(self._sites_seen))
         if key != self._layers_key:
             self._layers_key = key
@@ -172,28 +167,31 @@ class TensorBoardReporter:
                 bucket_counts=counts.tolist(), global_step=record.step,
             )
 
-    def _figure(self, rows: list[np.ndarray], layers: list[str], step: int, title: str) -> Any:
+    def _figure(self, rows: list[np.ndarray], layers: Sequence[str], step: int, title: str) -> Any:
         median, low, high = _interval_stats(rows)
-        flagged = {f.layer for f in self._findings()}
-        marks = self.monitor.site_marks() if self.monitor is not None else []
+        flagged = {f.layer for f in self._findings}
+        marks = [(m.x, m.site, m.kind) for m in self._marks]
         fig = gradient_flow_figure(layers, median, low, high, flagged=flagged, sites=marks,
                                    title=f"Gradient flow, {title}")
         self.writer.add_image(f"{self.prefix}gradient_flow", figure_to_array(fig), step,
                               dataformats="HWC")
         return fig
 
-    def close(self) -> None:
-        if self.monitor is not None and self.monitor.records:
-            records = [r for r in self.monitor.records if r.layers == self.monitor.index.names]
-            if records:
-                fig = self._figure([r.grad_norm for r in records], records[-1].layers,
-                                   self._last_step, "whole run")
-                logdir = _logdir(self.writer)
-                if self.save_png and logdir is not None:
-                    self.png_path = Path(logdir) / FIGURE_FILE
-                    fig.savefig(self.png_path)
-            self.writer.add_text(f"{self.prefix}summary", summary_markdown(self.monitor.summary()),
+    def finish(self, run: RunSnapshot) -> None:
+        """The whole-run figure (also saved as ``gradient_flow.png``) and the summary table."""
+        self._findings, self._marks = run.findings, run.marks
+        if run.records:
+            self._last_step = max(self._last_step, run.last_step)
+            fig = self._figure([r.grad_norm for r in run.records], run.layers,
+                               self._last_step, "whole run")
+            logdir = _logdir(self.writer)
+            if self.save_png and logdir is not None:
+                self.png_path = Path(logdir) / FIGURE_FILE
+                fig.savefig(self.png_path)
+            self.writer.add_text(f"{self.prefix}summary", summary_markdown(run.summary),
                                  self._last_step)
+
+    def close(self) -> None:
         self.writer.flush()
 
 

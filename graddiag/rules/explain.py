@@ -11,33 +11,21 @@ import dataclasses
 import math
 from collections import Counter
 
-from torch import nn
-
 from graddiag.data.findings import Finding
 from graddiag.data.records import ActivationRecord, StepRecord
-from graddiag.measure.layers import clean_name
+from graddiag.data.tree import ModuleTree
 from graddiag.rules import wording as remedies
 
 
 class Explainer:
-    """Adds causes and ranked remedies to findings, from what the probes have seen."""
+    """Adds causes and ranked remedies to findings, from what the probes have seen.
 
-    def __init__(self, root: nn.Module) -> None:
-        names = [clean_name(n) for n, _ in root.named_modules()]
-        self.position: dict[str, float] = {}
-        for i, name in enumerate(names):
-            self.position[name] = float(i)
-        # a module's subtree ends where the next name not under it begins
-        self._subtree_end: dict[str, float] = {}
-        for i, name in enumerate(names):
-            end = i
-            prefix = f"{name}." if name else ""
-            for j in range(i + 1, len(names)):
-                if prefix and not names[j].startswith(prefix):
-                    break
-                end = j
-            self._subtree_end[name] = end + 0.5
-        self.root_name = type(root).__name__
+    Args:
+        tree: The monitored model's module names (plain data: no torch needed here).
+    """
+
+    def __init__(self, tree: ModuleTree) -> None:
+        self.tree = tree
         self.activations: ActivationRecord | None = None
         self.cut_ops: dict[str, list[str]] = {}
 
@@ -47,15 +35,6 @@ class Explainer:
             self.activations = record.activations
             if record.activations.cut_ops:
                 self.cut_ops = record.activations.cut_ops
-
-    def site_position(self, site: str) -> float:
-        """Where a site sits in module order (a functional site just after its caller's subtree)."""
-        if site in self.position:
-            return self.position[site]
-        caller = site.split(":", 1)[0]
-        if caller == self.root_name:
-            caller = ""
-        return self._subtree_end.get(caller, math.inf)
 
     def explain(self, finding: Finding, record: StepRecord) -> Finding:
         if finding.kind == "vanishing":
@@ -83,9 +62,9 @@ class Explainer:
                 + (f" Seen: {zero_ops}." if zero_ops else "")
             )
         acts = self.activations
-        layer_pos = self.position.get(finding.layer)
+        layer_pos = self.tree.position(finding.layer)
         if acts is not None and layer_pos is not None and len(acts.sites):
-            between = [i for i, s in enumerate(acts.sites) if self.site_position(s) > layer_pos]
+            between = [i for i, s in enumerate(acts.sites) if self.tree.site_position(s) > layer_pos]
             if between:
                 kinds = Counter(acts.kinds[i] for i in between)
                 gains = [float(acts.gain[i]) for i in between]

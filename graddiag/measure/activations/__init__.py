@@ -2,9 +2,10 @@
 
 A registry maps activation module types and functions to an :class:`ActivationSpec`: its kind,
 its family (``"saturating"`` sigmoid/tanh-like or ``"rectifier"`` ReLU-like) and its local
-derivative ``|f'(x)|``. On activation steps only, :class:`ActivationProbe` hooks the registered
-modules and, optionally, intercepts functional calls (``torch.sigmoid``, ``F.relu``, ...) made
-inside any ``forward`` through a ``TorchFunctionMode``; between those steps nothing is installed.
+derivative ``|f'(x)|``. An :class:`ActivationWatch` hooks the registered modules and,
+optionally, intercepts functional calls (``torch.sigmoid``, ``F.relu``, ...) made inside any
+``forward`` through a ``TorchFunctionMode`` -- only inside its ``watching()`` context, which the
+monitor opens around the model's forward pass of an activation step and nowhere else.
 
 Per site and step it accumulates, on device:
 
@@ -17,8 +18,8 @@ All arithmetic is done in float32 on upcast values, so float16/bfloat16 outputs 
 with exact thresholds, not thresholds rounded to the low-precision type.
 """
 
-from graddiag.measure.activations.probe import ActivationProbe
 from graddiag.measure.activations.registry import ActivationRegistry, default_registry
 from graddiag.measure.activations.specs import ActivationSpec
+from graddiag.measure.activations.watch import ActivationWatch
 
-__all__ = ["ActivationProbe", "ActivationRegistry", "ActivationSpec", "default_registry"]
+__all__ = ["ActivationRegistry", "ActivationSpec", "ActivationWatch", "default_registry"]

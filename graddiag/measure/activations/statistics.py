@@ -55,24 +55,3 @@ class _Site:
         elements = torch.tensor(float(self.elements), device=device)
         return torch.stack([self.below.to(device), self.gain.to(device), elements])
 
-
-def _data_parallel() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
-
-
-def _reduce_across_ranks(
-    sums: torch.Tensor, alive: list[torch.Tensor | None]
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Sum the counts over ranks; a unit is alive if it fired on any rank. Two collectives."""
-    dist = torch.distributed
-    sums = sums.clone()
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    present = [a for a in alive if a is not None]
-    if present:
-        flat = torch.cat([a.reshape(-1).to(torch.uint8) for a in present])
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
-        parts = iter(torch.split(flat, [a.numel() for a in present]))
-        alive = [next(parts).reshape(a.shape).bool() if a is not None else None for a in alive]
-    return sums, alive
-

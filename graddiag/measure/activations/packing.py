@@ -1,0 +1,122 @@
+"""Activation statistics of one step, laid out for the one host copy and, across ranks, on a
+site list every rank has agreed on.
+
+Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dead units]``.
+With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
+(name, kind, family, unit count) and lay their rows out by the union of names in rank order; a
+site a rank did not see contributes zeros. One sum over ranks then adds the counts and, per unit,
+how many ranks saw it fire, so a unit is dead only if it fired on no rank. A site whose unit
+count differs between ranks (or between calls) has no dead fraction (NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from graddiag.data.records import ActivationRecord
+from graddiag.measure.activations.statistics import _Site
+from graddiag.measure.ranks import RankReducer
+
+#: (name, kind, family, units): units is -1 when the site has no comparable unit mask.
+SiteInfo = tuple[str, str, str, int]
+COLUMNS = 5  # saturated elements, sum of |f'|, elements, calls, dead units
+
+
+@dataclass
+class ActivationPack:
+    """Device tensors for the host copy, and the function that turns their host copy into a record."""
+
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    finish: Callable[[list[np.ndarray]], ActivationRecord] = lambda host: _empty()
+
+
+def _empty() -> ActivationRecord:
+    nothing = np.zeros(0)
+    return ActivationRecord([], [], [], nothing, nothing, nothing, nothing)
+
+
+def _info(site: _Site) -> SiteInfo:
+    units = int(site.alive.numel()) if site.alive is not None else -1
+    return (site.name, site.spec.kind, site.spec.family, units)
+
+
+def _agree(local: list[SiteInfo], cut_ops: dict[str, list[str]], reducer: RankReducer
+           ) -> tuple[list[SiteInfo], dict[str, list[str]]]:
+    """The union of every rank's sites by name (rank order) and of their cut operations."""
+    union: dict[str, SiteInfo] = {}
+    widths: dict[str, set[int]] = {}
+    merged: dict[str, list[str]] = {}
+    for sites, cuts in reducer.all_gather_object([[list(i) for i in local], cut_ops]):
+        for name, kind, family, units in sites:
+            union.setdefault(name, (name, kind, family, units))
+            widths.setdefault(name, set()).add(int(units))
+        for caller, ops in cuts.items():
+            known = merged.setdefault(caller, [])
+            known.extend(op for op in ops if op not in known)
+    agreed = []
+    for name, (_, kind, family, units) in union.items():
+        same = len(widths[name]) == 1 and units >= 0
+        agreed.append((name, kind, family, units if same else -1))
+    return agreed, merged
+
+
+def pack_activations(sites: list[_Site], cut_ops: dict[str, list[str]],
+                     reducer: RankReducer | None = None) -> ActivationPack | None:
+    """Lay out one step's statistics; ``None`` when there is nothing (on every rank).
+
+    With ``reducer`` every rank must call this on the same steps: it communicates twice (the
+    site lists, then one sum).
+    """
+    local = [_info(s) for s in sites]
+    if reducer is None:
+        if not sites and not cut_ops:
+            return None
+        layout, cuts = local, cut_ops
+        home = sites[0].below.device if sites else torch.device("cpu")  # type: ignore[union-attr]
+    else:
+        layout, cuts = _agree(local, cut_ops, reducer)
+        if not layout and not cuts:
+            return None
+        home = reducer.device
+    row = {info[0]: i for i, info in enumerate(layout)}
+    width = [max(info[3], 0) for info in layout]
+    offsets = np.concatenate([[0], np.cumsum(width)]).astype(int)
+    counts = torch.zeros(len(layout), 4, device=home)
+    fired = torch.zeros(int(offsets[-1]), device=home)
+    if sites:
+        rows = torch.tensor([row[s.name] for s in sites], device=home)
+        calls = torch.tensor([float(s.calls) for s in sites], device=home)
+        counts[rows] = torch.cat([torch.stack([s.sums(home) for s in sites]), calls[:, None]], 1)
+        for site, info in zip(sites, local):
+            i = row[site.name]
+            if site.alive is not None and info[3] == layout[i][3] >= 0:
+                fired[offsets[i]:offsets[i + 1]] = site.alive.reshape(-1).to(home, torch.float32)
+    if reducer is not None:
+        flat = reducer.all_reduce_sum(torch.cat([counts.reshape(-1), fired]))
+        counts, fired = flat[: counts.numel()].reshape(counts.shape), flat[counts.numel():]
+    segment = torch.from_numpy(np.repeat(np.arange(len(layout)), width)).to(home)
+    dead = torch.zeros(len(layout), device=home).index_add_(0, segment, (fired == 0).float())
+    unknown = torch.tensor([info[3] < 0 for info in layout], device=home, dtype=torch.bool)
+    dead = dead.masked_fill(unknown, math.nan)
+
+    def finish(host: list[np.ndarray]) -> ActivationRecord:
+        values = host[0].reshape(len(layout), COLUMNS)
+        units = np.array([info[3] if info[3] >= 0 else np.nan for info in layout], dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return ActivationRecord(
+                sites=[info[0] for info in layout],
+                kinds=[info[1] for info in layout],
+                families=[info[2] for info in layout],
+                saturated=values[:, 0] / values[:, 2],
+                dead=values[:, 4] / units,
+                gain=values[:, 1] / values[:, 2],
+                calls=values[:, 3].copy(),
+                cut_ops=cuts,
+            )
+
+    return ActivationPack([torch.cat([counts, dead[:, None]], 1)], finish)

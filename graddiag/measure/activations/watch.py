@@ -1,0 +1,253 @@
+"""The activation watch: hooks and a function interceptor that exist only inside ``watching()``.
+
+``ActivationWatch.watching()`` is a real context: entering installs forward hooks on the
+registered activation modules and (with ``functional=True``) a ``TorchFunctionMode`` plus a pair of
+global module hooks that track which module's ``forward`` is running; leaving removes all of
+them, also when the forward pass raises. Nothing is installed outside it. Statistics gathered
+inside stay on the device until :meth:`ActivationWatch.take`.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from graddiag.data.names import clean_name
+from graddiag.measure.activations.registry import (
+    _ATTRIBUTE_ACCESS,
+    ZERO_GRADIENT_OPS,
+    ActivationRegistry,
+    ActivationSpec,
+    default_registry,
+)
+from graddiag.measure.activations.statistics import _Site
+from graddiag.measure.compat import function_mode_stack
+
+
+class _Interceptor(TorchFunctionMode):
+    """Sees functional activations and graph-cutting operations during a watched forward."""
+
+    def __init__(self, watch: ActivationWatch) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        watch = self.watch
+        entry = watch.registry.functions.get(func)
+        if entry is None or watch.paused or watch.inside_activation_module():
+            result = func(*args, **kwargs)
+            if not watch.paused and torch.is_grad_enabled():
+                watch.check_cut(func, args, result)
+            return result
+        spec, params_of = entry
+        x = args[0] if args else kwargs.get("input")
+        keep_input = spec.needs_input and isinstance(x, torch.Tensor)
+        x_before = x.detach().clone() if keep_input and kwargs.get("inplace") else x
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor):
+            watch.record_function(spec, params_of(args, kwargs), x_before if keep_input else None,
+                                  result)
+        return result
+
+    def __exit__(self, *exc: object) -> None:
+        stack = function_mode_stack()
+        if not stack or stack[-1] is not self:
+            raise RuntimeError(
+                "graddiag: a TorchFunctionMode entered inside the watched forward pass is still "
+                "active, so graddiag's activation interceptor cannot leave in order; exit that "
+                "mode inside the forward pass (or set functional_activations=False)."
+            )
+        super().__exit__(*exc)
+
+
+class ActivationWatch:
+    """Collects activation statistics of one module tree, only inside :meth:`watching`.
+
+    Args:
+        root: The monitored module; sites are named relative to it.
+        registry: Activation module types and functions to analyse.
+        derivative_floor: Local derivative below which a unit passes almost no gradient.
+        functional: Also intercept functional activations and note graph-cutting operations.
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        registry: ActivationRegistry = default_registry,
+        *,
+        derivative_floor: float = 0.01,
+        functional: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.floor = derivative_floor
+        self.functional = functional
+        self.names = {m: clean_name(n) for n, m in root.named_modules()}
+        self.root_name = type(root).__name__
+        self.sites: dict[str, _Site] = {}
+        self.cut_ops: dict[str, list[str]] = {}
+        self.paused = False
+        self._live: ExitStack | None = None
+        self._mode: _Interceptor | None = None
+        self._installed = False
+        self._stack: list[tuple[nn.Module, dict[str, int]]] = []
+        self._busy = False
+
+    # -- the context
+    @property
+    def active(self) -> bool:
+        """Whether a :meth:`watching` context is open (paused or not)."""
+        return self._live is not None
+
+    @contextmanager
+    def watching(self, running: nn.Module | None = None) -> Iterator[None]:
+        """Watch the forward pass run inside this context; a nested call joins the open watch.
+
+        Args:
+            running: The module whose ``forward`` this context sits in, if any (calls made
+                directly in it are attributed to it).
+        """
+        if self._live is not None:
+            yield
+            return
+        self._live = ExitStack()
+        try:
+            if running is not None:
+                self._stack.append((running, {}))
+            self._install(self._live)
+            yield
+        finally:
+            live, self._live = self._live, None
+            self.paused = False
+            self._stack.clear()
+            live.close()
+
+    def _install(self, stack: ExitStack) -> None:
+        self._installed = True
+        stack.callback(setattr, self, "_installed", False)
+        for module, name in self.names.items():
+            found = self.registry.for_module(module)
+            if found is not None:
+                stack.callback(module.register_forward_hook(self._module_hook(name, *found)).remove)
+        if self.functional:
+            register = nn.modules.module
+            stack.callback(register.register_module_forward_pre_hook(self._push).remove)
+            stack.callback(register.register_module_forward_hook(self._pop, always_call=True).remove)
+            self._mode = stack.enter_context(_Interceptor(self))
+            stack.callback(setattr, self, "_mode", None)
+
+    def pause(self) -> None:
+        """Leave the watch for a backward pass run inside the watched call (manual optimization).
+
+        Hooks and the interceptor are removed until :meth:`resume`; should another function mode
+        sit above graddiag's, they stay installed but ignore every call instead.
+        """
+        if self._live is None or self.paused:
+            return
+        self.paused = True
+        stack = function_mode_stack()
+        if self._mode is None or (stack and stack[-1] is self._mode):
+            self._live.close()
+            self._live = ExitStack()
+
+    def resume(self) -> None:
+        """Watch again after :meth:`pause` (the rest of the watched call is forward work)."""
+        if self._live is None or not self.paused:
+            return
+        self.paused = False
+        if not self._installed:
+            self._install(self._live)
+
+    # -- collection
+    @property
+    def has_data(self) -> bool:
+        return bool(self.sites) or bool(self.cut_ops)
+
+    def take(self) -> tuple[list[_Site], dict[str, list[str]]]:
+        """The sites seen (forward order) and the cut operations; resets both."""
+        sites = [s for s in self.sites.values() if s.below is not None]
+        cut_ops = {k: list(v) for k, v in self.cut_ops.items()}
+        self.discard()
+        return sites, cut_ops
+
+    def discard(self) -> None:
+        """Forget what was collected (statistics of a step that is not measured)."""
+        self.sites = {}
+        self.cut_ops = {}
+
+    def _push(self, module: nn.Module, args: Any) -> None:
+        self._stack.append((module, {}))
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack and self._stack[-1][0] is module:
+            self._stack.pop()
+
+    def inside_activation_module(self) -> bool:
+        return bool(self._stack) and self.registry.for_module(self._stack[-1][0]) is not None
+
+    def _caller(self) -> tuple[str, dict[str, int]] | None:
+        """The running module of the watched tree and its call counts; ``None`` in another model."""
+        if not self._stack:
+            return self.root_name, {}
+        module, counts = self._stack[-1]
+        name = self.names.get(module)
+        if name is None:
+            return None
+        return name or self.root_name, counts
+
+    def _module_hook(self, name: str, spec: ActivationSpec, params: dict[str, float]
+                     ) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self.paused or not isinstance(output, torch.Tensor):
+                return
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self._add(name or self.root_name, spec, params, x if spec.needs_input else None, output)
+
+        return hook
+
+    def record_function(self, spec: ActivationSpec, params: dict[str, float],
+                        x: torch.Tensor | None, y: torch.Tensor) -> None:
+        caller = self._caller()
+        if caller is None:
+            return
+        name, counts = caller
+        counts[spec.kind] = n = counts.get(spec.kind, 0) + 1
+        self._add(f"{name}:{spec.kind}" + (f"#{n}" if n > 1 else ""), spec, params, x, y)
+
+    def _add(self, name: str, spec: ActivationSpec, params: dict[str, float],
+             x: torch.Tensor | None, y: torch.Tensor) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            with torch.no_grad():
+                site = self.sites.get(name)
+                if site is None:
+                    site = self.sites[name] = _Site(name, spec)
+                site.add(x, y, params, self.floor)
+        finally:
+            self._busy = False
+
+    def check_cut(self, func: Callable[..., Any], args: tuple[Any, ...], result: Any) -> None:
+        """Note an operation that cut the graph (or has zero derivative) on a tensor needing grad."""
+        if self._busy or not self._stack:  # only inside a module's forward (not in loss code)
+            return
+        needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if not needs_grad:
+            return
+        op = getattr(func, "__name__", str(func))
+        if op in _ATTRIBUTE_ACCESS:
+            return
+        cut = isinstance(result, torch.Tensor) and not result.requires_grad
+        if cut or op in ZERO_GRADIENT_OPS:
+            caller = self._caller()
+            if caller is None:
+                return
+            ops = self.cut_ops.setdefault(caller[0], [])
+            label = op if cut else f"{op} (zero derivative)"
+            if label not in ops:
+                ops.append(label)

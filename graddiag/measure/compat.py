@@ -1,0 +1,29 @@
+"""Every private torch API graddiag relies on, in one place, so a torch upgrade breaks one file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def function_mode_stack() -> list[Any]:
+    """The ``TorchFunctionMode`` objects active now, innermost last."""
+    return list(torch.overrides._get_current_function_mode_stack())
+
+
+def is_compiling() -> bool:
+    """Whether dynamo is tracing the code that calls this (``torch.compile``)."""
+    return bool(torch.compiler.is_compiling())
+
+
+def is_optimized_module(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile(module)`` returns (``OptimizedModule``)."""
+    cls = type(module)
+    return cls.__name__ == "OptimizedModule" and cls.__module__.startswith("torch._dynamo")
+
+
+def is_compiled_in_place(module: nn.Module) -> bool:
+    """Whether ``module.compile()`` compiled this module in place."""
+    return getattr(module, "_compiled_call_impl", None) is not None

@@ -1,0 +1,146 @@
+"""One recorded step's measurement: every probe's device tensors, one host copy, one StepRecord."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from graddiag.data.records import StepRecord
+from graddiag.data.schedule import Schedule
+from graddiag.measure.activations.packing import ActivationPack
+from graddiag.measure.histograms import HistogramProbe
+from graddiag.measure.layers import ForwardOrderRecorder, LayerIndex
+from graddiag.measure.norms import GradientProbe
+from graddiag.measure.parameters import ParameterProbe
+from graddiag.measure.transfer import to_host
+
+
+class StepMeasurement:
+    """Reads the probes a step's schedule asks for and turns their one host copy into a record.
+
+    The layer order is learnt from the first forward pass (``record_order``), then fixed; the
+    probes are built once that order is known.
+
+    Args:
+        index: The monitored layers.
+        norm_type: The p of the gradient p-norms.
+        schedule: Which steps read parameters and histograms.
+        record_order: Watch the first forward pass for the layer order (off for compiled models,
+            where hooks would force recompilation: definition order is kept).
+    """
+
+    def __init__(self, index: LayerIndex, norm_type: float, schedule: Schedule,
+                 *, record_order: bool = True) -> None:
+        self.index = index
+        self.norm_type = norm_type
+        self.schedule = schedule
+        self._order: ForwardOrderRecorder | None = ForwardOrderRecorder(index) if record_order else None
+        self._grads: GradientProbe | None = None
+        self._per_optimizer: dict[int, GradientProbe] = {}
+        self._params: ParameterProbe | None = None
+        self._histograms: HistogramProbe | None = None
+        self.layers: list[str] = index.names  # one list shared by every record
+
+    def _settle(self) -> GradientProbe:
+        if self._order is not None:
+            self.index.reorder(self._order.finish())
+            self._order = None
+            self.layers = self.index.names
+        if self._grads is None:
+            self._grads = GradientProbe(self.index, self.norm_type)
+            if self.schedule.parameters:
+                self._params = ParameterProbe(self.index)
+            if self.schedule.histograms:
+                self._histograms = HistogramProbe(self.index)
+        return self._grads
+
+    def _probe_for(self, optimizer: int, params: Iterable[torch.Tensor] | None) -> GradientProbe:
+        everything = self._settle()
+        if params is None:
+            return everything
+        probe = self._per_optimizer.get(optimizer)
+        if probe is None:
+            probe = GradientProbe(self.index, self.norm_type, only={id(p) for p in params})
+            if probe.measured.all():
+                probe = everything
+            self._per_optimizer[optimizer] = probe
+        return probe
+
+    def measure(
+        self,
+        step: int,
+        *,
+        optimizer: int = 0,
+        params: Iterable[torch.Tensor] | None = None,
+        amp_scale: torch.Tensor | float | None = None,
+        grads_scaled: bool = False,
+        clip_norm: float | None = None,
+        activations: ActivationPack | None = None,
+    ) -> StepRecord:
+        """Measure ``step`` (see ``GradientMonitor.step`` for the arguments); one host copy."""
+        probe = self._probe_for(optimizer, params)
+        device: dict[str, torch.Tensor] = {}  # everything this step sends to the host
+        scale = None if amp_scale is None else torch.as_tensor(amp_scale, dtype=torch.float32)
+        reading = probe.read(scale if grads_scaled else None)
+        device["grad_norm"] = reading.layer_norms
+        if scale is not None:
+            device["amp_scale"] = scale.reshape(1)
+        if self._params is not None and self.schedule.records_parameters(step):
+            device["param_norm"], update = self._params.read()
+            if update is not None:
+                device["update_norm"] = update
+        if self._histograms is not None and self.schedule.records_histograms(step):
+            device["histograms"] = self._histograms.read()
+        for i, chunk in enumerate(activations.chunks if activations is not None else []):
+            device[f"act{i}"] = chunk
+        host = dict(zip(device, to_host(list(device.values()))))  # the one host copy
+        return self._record(step, optimizer, probe, reading, host, activations, clip_norm)
+
+    def _record(self, step: int, optimizer: int, probe: GradientProbe, reading, host,  # noqa: ANN001
+                activations: ActivationPack | None, clip_norm: float | None) -> StepRecord:
+        grad_norm = host["grad_norm"]
+        has_grad = np.asarray(reading.has_grad, dtype=bool)
+        grad_norm[~has_grad] = np.nan
+        param_norm = host.get("param_norm")
+        update_ratio = None
+        if "update_norm" in host:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                update_ratio = np.where(param_norm > 0, host["update_norm"] / param_norm, np.nan)
+        histograms = host.get("histograms")
+        if histograms is not None:
+            histograms = histograms.reshape(len(self.index), -1)
+        suspicious: set[int] = set()
+        if not np.isfinite(grad_norm[has_grad]).all():  # rare: look closer
+            suspicious = {int(i) for i in np.flatnonzero(has_grad & ~np.isfinite(grad_norm))}
+        # Under a GradScaler, inf/NaN gradients make the scaler skip the step: AMP overflow.
+        amp_overflow = "amp_scale" in host and bool(suspicious)
+        nonfinite = probe.nonfinite_elements(suspicious) if suspicious and not amp_overflow else {}
+        clipped = None
+        if clip_norm is not None and self.norm_type == 2.0:
+            clipped = bool(np.sqrt(np.sum(np.square(grad_norm[has_grad]))) > clip_norm)
+        return StepRecord(
+            step=step,
+            layers=self.layers,
+            grad_norm=grad_norm,
+            has_grad=has_grad,
+            missing=reading.missing,
+            nonfinite=nonfinite,
+            param_norm=param_norm,
+            update_ratio=update_ratio,
+            activations=None if activations is None else activations.finish(
+                [v for k, v in host.items() if k.startswith("act")]),
+            grad_histograms=histograms,
+            optimizer=optimizer,
+            measured=None if probe.measured.all() else probe.measured.copy(),
+            amp_overflow=amp_overflow,
+            amp_scale=float(host["amp_scale"][0]) if "amp_scale" in host else None,
+            clipped=clipped,
+        )
+
+    def close(self) -> None:
+        """Remove the forward-order hooks if no step was measured."""
+        if self._order is not None:
+            self._order.finish()
+            self._order = None
