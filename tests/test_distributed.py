@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.distributed.run_sites import STEPS, Branchy, batch
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,6 +46,8 @@ def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path: Path, strategy: str
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for key in ("findings", "activations", "grad_norms", "param_sum", "global_step"):
         assert _same(ranks[0][key], ranks[1][key]), key
+    sites = {row[1] for row in ranks[0]["activations"]}
+    assert "Model:tanh" in sites and "net.1" in sites  # rank 1's own site, agreed by both
     kinds = [f[0] for f in ranks[0]["findings"]]
     assert "saturated" in kinds and "nonfinite" in kinds  # activation and gradient findings
     assert all(r["params_finite"] for r in ranks)  # the NaN step applied nothing on any rank
@@ -72,3 +77,90 @@ def test_fsdp2_fully_shard_norms_equal_unsharded_reference(tmp_path: Path) -> No
         for ref_row, shard_row in zip(ref["histogram"], shard["histogram"]):
             assert ref_row[:-2] == shard_row[:-2]  # every element counted once, in the same bin
             assert math.isclose(ref_row[-1], shard_row[-1], rel_tol=1e-5)  # sum of squares
+
+
+def _site_statistics(derivatives: list[torch.Tensor], floor: float = 0.01) -> dict[str, object]:
+    """Saturated/dead fractions, gain and calls of one site from its local derivatives (float64)."""
+    flat = torch.cat([d.reshape(-1) for d in derivatives])
+    widths = {d.shape[-1] for d in derivatives}
+    dead = None
+    if len(widths) == 1:
+        below = torch.cat([(d < floor) for d in derivatives])
+        dead = below.all(dim=0).double().mean().item()
+    return {"saturated_fraction": (flat < floor).double().mean().item(), "dead_fraction": dead,
+            "gain": flat.mean().item(), "calls": float(len(derivatives))}
+
+
+def _expected_sites(step: int, ranks: tuple[int, ...]) -> dict[str, dict[str, object]]:
+    """Every site's statistics over the given ranks' batches, by hand in float64."""
+    model = Branchy().double()
+    sig = lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z))  # noqa: E731
+    relu = lambda z: (z > 0).double()  # noqa: E731
+    sites: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for rank in ranks:
+            x = batch(rank, step).double()
+            z = model.shared(x)
+            sites.setdefault("shared_act", []).append(sig(z))
+            if rank == 0:
+                sites.setdefault("only0.1", []).append(relu(model.only0[0](torch.sigmoid(z))))
+            else:
+                t = torch.tanh(model.only1[0](torch.sigmoid(z)))
+                sites.setdefault("only1.1", []).append(1 - t * t)
+                sites.setdefault("Branchy:relu", []).append(relu(t))
+            sites.setdefault("varying", []).append(relu(x[:, : 2 + rank]))
+    return {name: _site_statistics(ds) for name, ds in sites.items()}
+
+
+def _check(table: list[list[object]], ranks: tuple[int, ...]) -> None:
+    seen = set()
+    for step, site, _kind, saturated, dead, gain, calls in table:
+        expected = _expected_sites(int(step), ranks)[site]
+        assert saturated == pytest.approx(expected["saturated_fraction"], abs=1e-6), site
+        assert gain == pytest.approx(expected["gain"], rel=1e-5), site
+        assert calls == expected["calls"], site
+        if expected["dead_fraction"] is None:
+            assert dead is None, site  # unit counts differ between ranks: no dead fraction
+        else:
+            assert dead == pytest.approx(expected["dead_fraction"], abs=1e-9), site
+        seen.add((step, site))
+    assert seen == {(s, name) for s in range(STEPS) for name in _expected_sites(s, ranks)}
+
+
+def test_ranks_with_different_sites_agree_on_correct_statistics(tmp_path: Path) -> None:
+    result = _run("run_sites.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"sites{r}.json").read_text()) for r in (0, 1)]
+    assert _same(ranks[0]["agreed"], ranks[1]["agreed"])  # identical on both ranks
+    _check(ranks[0]["agreed"], (0, 1))  # and equal to both ranks' batches pooled
+    # a monitor on rank 0 alone, without a process group, finished: it never communicated
+    _check(ranks[0]["alone"], (0,))
+
+
+def test_a_plain_monitor_never_communicates_unless_handed_a_process_group(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    from graddiag import GradientMonitor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        def forbidden(*args: object, **kwargs: object) -> None:
+            raise AssertionError("a plain GradientMonitor communicated")
+
+        for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier"):
+            monkeypatch.setattr(dist, name, forbidden)
+        model = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 1))
+        with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+            for _ in range(2):
+                model(torch.randn(4, 3)).sum().backward()
+                monitor.step()
+        assert list(monitor.activation_history.step) == [0, 1]
+        with pytest.raises(ValueError, match="process_group must be None, a RankReducer or a "
+                                             "process group"):
+            GradientMonitor(model, reporters=[], process_group="world")
+    finally:
+        dist.destroy_process_group()

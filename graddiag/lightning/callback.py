@@ -252,7 +252,10 @@ class GradientDiagnostics(Callback):
             raise_on_alarm=False,
         )
         self._apply(trainer, optimizer, report)
-        if self.progress_bar and report.recorded:
+        # Under trainer.fit(torch.compile(module)) Lightning's log runs under dynamo, and a log
+        # call from this hook would make it recompile: no progress-bar entry then.
+        compiled = getattr(pl_module, "_compiler_ctx", None) is not None
+        if self.progress_bar and report.recorded and not compiled:
             active = self.monitor.active_conditions()
             if active != self._shown_in_progress_bar:  # self.log costs ~0.5 ms: only on change
                 pl_module.log("graddiag", float(active), prog_bar=True, logger=False,

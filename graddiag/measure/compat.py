@@ -27,3 +27,23 @@ def is_optimized_module(module: nn.Module) -> bool:
 def is_compiled_in_place(module: nn.Module) -> bool:
     """Whether ``module.compile()`` compiled this module in place."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def remove_function_mode(mode: Any) -> int:
+    """Take ``mode`` off the function-mode stack, keeping the modes above it in order.
+
+    Returns:
+        How many modes sat above it (0 in the normal, nested case).
+
+    Raises:
+        RuntimeError: if ``mode`` is not on the stack.
+    """
+    stack = function_mode_stack()
+    if mode not in stack:
+        raise RuntimeError(f"{type(mode).__name__} is not on the function-mode stack")
+    above = stack[stack.index(mode) + 1:]
+    for _ in range(len(above) + 1):
+        torch.overrides._pop_mode()
+    for other in above:
+        torch.overrides._push_mode(other)
+    return len(above)

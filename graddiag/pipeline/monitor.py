@@ -79,6 +79,9 @@ class GradientMonitor:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config is not None and options:
             raise ValueError(f"pass either config or options, not both (got {sorted(options)})")
+        if watch is not None and not callable(getattr(model, watch, None)):
+            raise ValueError(f"watch must name a method of the model or be None; "
+                             f"{type(model).__name__} has no method {watch!r}")
         self.config = config if config is not None else MonitorConfig.from_options(**options)
         self.schedule = Schedule.from_config(self.config)
         self.model = model

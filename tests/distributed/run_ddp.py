@@ -26,7 +26,8 @@ from graddiag.demos.models import DeepMLP
 
 
 class Model(DeepMLP):
-    """A saturating sigmoid MLP; optionally one rank's loss turns NaN on step 3."""
+    """A saturating sigmoid MLP; optionally one rank's loss turns NaN on step 3; rank 1 runs one
+    extra activation site."""
 
     def __init__(self, nan_rank: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -35,6 +36,8 @@ class Model(DeepMLP):
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
         x, y = batch
         loss = F.cross_entropy(self(x), y)
+        if self.global_rank == 1:  # an activation site that only rank 1 runs
+            torch.tanh(x)
         if self.global_step == 3 and self.global_rank == self.nan_rank:
             loss = loss * float("nan")
         return loss

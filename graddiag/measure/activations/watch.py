@@ -9,6 +9,7 @@ inside stay on the device until :meth:`ActivationWatch.take`.
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
@@ -25,7 +26,9 @@ from graddiag.measure.activations.registry import (
     default_registry,
 )
 from graddiag.measure.activations.statistics import _Site
-from graddiag.measure.compat import function_mode_stack
+from graddiag.measure.compat import function_mode_stack, remove_function_mode
+
+log = logging.getLogger("graddiag")
 
 
 class _Interceptor(TorchFunctionMode):
@@ -55,14 +58,12 @@ class _Interceptor(TorchFunctionMode):
         return result
 
     def __exit__(self, *exc: object) -> None:
-        stack = function_mode_stack()
-        if not stack or stack[-1] is not self:
-            raise RuntimeError(
-                "graddiag: a TorchFunctionMode entered inside the watched forward pass is still "
-                "active, so graddiag's activation interceptor cannot leave in order; exit that "
-                "mode inside the forward pass (or set functional_activations=False)."
-            )
-        super().__exit__(*exc)
+        above = remove_function_mode(self)  # the top of the stack, unless a mode was left open
+        if above:
+            log.warning(
+                "graddiag: %d TorchFunctionMode(s) entered inside the watched forward pass were "
+                "still active when it ended; graddiag's interceptor left from under them and "
+                "they stay active.", above)
 
 
 class ActivationWatch:

@@ -1,0 +1,95 @@
+"""The lower floors stand on their own: plain data and rules load no torch; the schedule, the
+step policy and the module tree are plain data; the test fixture catches leaked global state."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from graddiag.data.findings import Finding
+from graddiag.data.policy import decide
+from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.data.schedule import Schedule
+from graddiag.data.tree import ModuleTree
+from graddiag.rules.explain import Explainer
+from tests.conftest import _left_behind
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("modules", [
+    "graddiag.rules, graddiag.rules.explain, graddiag.rules.ruleset, graddiag.rules.gradient, "
+    "graddiag.rules.activation, graddiag.rules.onsets, graddiag.rules.wording",
+    "graddiag.data, graddiag.data.options, graddiag.data.records, graddiag.data.policy, "
+    "graddiag.data.schedule, graddiag.data.snapshots, graddiag.data.tree, graddiag.data.names",
+    "graddiag",
+])
+def test_importing_loads_no_torch(modules: str) -> None:
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("every", "params", "acts", "hist", "recorded"), [
+    (1, 0, 0, 0, [True] * 6),
+    (5, 0, 0, 0, [True, False, False, False, False, True]),
+    (5, 2, 0, 0, [True, False, True, False, True, True]),
+    (5, 0, 3, 4, [True, False, False, True, True, True]),
+])
+def test_schedule_records_the_steps_any_cadence_asks_for(every: int, params: int, acts: int,
+                                                         hist: int, recorded: list[bool]) -> None:
+    schedule = Schedule(every, params, acts, hist)
+    assert [schedule.records(s) for s in range(6)] == recorded
+    assert [schedule.records_activations(s) for s in range(4)] == \
+        [bool(acts) and s % acts == 0 for s in range(4)]
+
+
+@pytest.mark.parametrize(("active", "on_nonfinite", "on_exploding", "action"), [
+    (set(), "raise", "raise", "continue"),
+    ({"nonfinite"}, "warn", "stop", "continue"),
+    ({"nonfinite"}, "skip", "warn", "skip"),
+    ({"nonfinite", "exploding"}, "skip", "stop", "stop"),
+    ({"exploding"}, "skip", "raise", "raise"),
+    ({"vanishing"}, "raise", "raise", "continue"),
+])
+def test_the_most_severe_requested_action_wins(active: set[str], on_nonfinite: str,
+                                               on_exploding: str, action: str) -> None:
+    assert decide(active.__contains__, on_nonfinite, on_exploding) == action
+
+
+def test_the_explainer_works_from_module_names_alone() -> None:
+    tree = ModuleTree(("", "0", "1", "2", "3", "4"), "Sequential")
+    acts = ActivationRecord(sites=["1", "3"], kinds=["sigmoid", "sigmoid"],
+                            families=["saturating"] * 2, saturated=np.zeros(2),
+                            dead=np.full(2, np.nan), gain=np.array([0.2, 0.25]),
+                            calls=np.ones(2))
+    record = StepRecord(step=3, layers=["0", "2", "4"], grad_norm=np.array([1e-9, 1e-3, 1.0]),
+                        has_grad=np.ones(3, bool), activations=acts)
+    explainer = Explainer(tree)
+    explainer.observe(record)
+    finding = Finding("vanishing", "0", 3, 1e-9, 1e-4, "Vanishing gradient.")
+    message = explainer.explain(finding, record).message
+    assert "2 sigmoid site(s)" in message and "~0.05" in message  # 0.2 * 0.25 by hand
+    assert [(m.site, m.x) for m in tree.site_marks(record.layers, acts)] == [("1", 0.5),
+                                                                          ("3", 1.5)]
+
+
+def test_the_fixture_catches_and_clears_leaked_global_state() -> None:
+    before = {name: set(getattr(nn.modules.module, name))
+              for name in ("_global_forward_pre_hooks", "_global_forward_hooks",
+                           "_global_backward_pre_hooks", "_global_backward_hooks")}
+    nn.modules.module.register_module_forward_hook(lambda *_: None)
+    torch.overrides.TorchFunctionMode().__enter__()
+    problems = _left_behind(before)
+    assert len(problems) == 2
+    assert "TorchFunctionMode" in problems[0] and "_global_forward_hooks" in problems[1]
+    assert _left_behind(before) == []  # and cleared
