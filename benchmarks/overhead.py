@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -232,14 +233,15 @@ def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, di
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)
+    # three monitors on one model: each watches only its own steps' forward passes (watch=None
+    # and watch_activations below), as a lone monitor's forward wrapper would
     monitors = {
-        "graddiag defaults": GradientMonitor(model, reporters=[]),
-        "graddiag every_n_steps=10": GradientMonitor(model, reporters=[], every_n_steps=10),
+        "graddiag defaults": GradientMonitor(model, reporters=[], watch=None),
+        "graddiag every_n_steps=10": GradientMonitor(model, reporters=[], every_n_steps=10,
+                                                     watch=None),
         "graddiag, activations off": GradientMonitor(model, reporters=[],
-                                                     activation_every_n_steps=0),
+                                                     activation_every_n_steps=0, watch=None),
     }
-    for monitor in monitors.values():
-        monitor.prepare(10**9)  # armed only on their own activation steps, below
     calls = {name: 0 for name in monitors}
     times: dict[str, list[float]] = {name: [] for name in LOOP_CONFIGS}
     cpu: dict[str, list[float]] = {name: [] for name in LOOP_CONFIGS}
@@ -247,15 +249,14 @@ def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, di
         name = LOOP_CONFIGS[i % len(LOOP_CONFIGS)]
         monitor = monitors.get(name)
         start, start_cpu = time.perf_counter(), time.process_time()
-        if monitor is not None:
-            monitor.prepare(calls[name])
-        loss = F.cross_entropy(model(x), y)
+        with monitor.watch_activations(calls[name]) if monitor is not None else nullcontext():
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         if name == "floor (one _foreach_norm)":
             torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None])
         elif monitor is not None:
-            monitor.step(calls[name], prepare_next=False)
+            monitor.step(calls[name])
             calls[name] += 1
         optimizer.step()
         if i >= len(LOOP_CONFIGS):

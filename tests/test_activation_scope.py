@@ -296,3 +296,21 @@ def test_custom_scoping_with_watch_none() -> None:
 def test_watch_names_an_existing_method() -> None:
     with pytest.raises(ValueError, match="watch must name a method of the model or be None; Sequential has no method .training_step."):
         GradientMonitor(_sigmoid_net(), reporters=[], watch="training_step")
+
+
+@pytest.mark.parametrize("order", ["first opened first closed", "last opened first closed"])
+def test_several_monitors_on_one_model_each_watch_their_steps_and_leave_nothing(order: str) -> None:
+    model = _sigmoid_net()
+    every_second = GradientMonitor(model, reporters=[], activation_every_n_steps=2)
+    every_third = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
+    for _ in range(6):
+        model(torch.randn(2, 4)).sum().backward()
+        every_second.step()
+        every_third.step()
+    assert list(every_second.activation_history.step) == [0, 2, 4]
+    assert list(every_third.activation_history.step) == [0, 3]
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+    closing = [every_second, every_third]
+    for monitor in closing if order.startswith("first") else closing[::-1]:
+        monitor.close()
+    assert "forward" not in vars(model)

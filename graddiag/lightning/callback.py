@@ -19,10 +19,12 @@ from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check
 from graddiag.data.policy import ALARM_KINDS, StepReport
 from graddiag.lightning.strategy import StrategyReducer, agree_on_action
 from graddiag.measure.activations import ActivationRegistry
+from graddiag.pipeline.history import History
 from graddiag.pipeline.monitor import GradientMonitor
 from graddiag.reporters import ConsoleReporter, Reporter
 from graddiag.reporters.console import summary_screen
 from graddiag.reporters.logger import LoggerReporter
+from graddiag.reporters.summary import summarize
 from graddiag.reporters.tables import save_table
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
@@ -151,20 +153,20 @@ class GradientDiagnostics(Callback):
     def history(self) -> pd.DataFrame:
         """One row per recorded step and layer (see :attr:`GradientMonitor.history`)."""
         if self.monitor is None:
-            return GradientMonitor.empty_history()
+            return History(1).frame()
         return self.monitor.history
 
     @property
     def activation_history(self) -> pd.DataFrame:
         """One row per activation step and activation site."""
         if self.monitor is None:
-            return GradientMonitor.empty_activation_history()
+            return History(1).activation_frame()
         return self.monitor.activation_history
 
     def summary(self) -> pd.DataFrame:
         """Per-layer summary: median/min/max gradient norm, first and last finding."""
         if self.monitor is None:
-            return GradientMonitor.empty_summary()
+            return summarize(History(1).frame(), [])
         return self.monitor.summary()
 
     def save_history(self, path: str | Path) -> Path:
@@ -216,12 +218,18 @@ class GradientDiagnostics(Callback):
         if self._saved is not None:
             self.monitor.load_state_dict(self._saved)
             self._saved = None
+        self.monitor.expect_step(None)  # armed batch by batch, below
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.monitor is not None:
             self.monitor.expect_step(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None:  # nothing is watched outside a training batch
+            self.monitor.expect_step(None)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor

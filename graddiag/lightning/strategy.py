@@ -33,8 +33,8 @@ class StrategyReducer:
     def all_gather_object(self, obj: Any) -> list[Any]:
         payload = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8,
                                device=self.device)
-        lengths = self.strategy.all_gather(torch.tensor([payload.numel()], device=self.device))
-        lengths = lengths.reshape(-1).tolist()
+        sizes = self.strategy.all_gather(torch.tensor([payload.numel()], device=self.device))
+        lengths: list[int] = sizes.reshape(-1).tolist()
         padded = F.pad(payload, (0, max(lengths) - payload.numel()))
         gathered = self.strategy.all_gather(padded).reshape(len(lengths), -1).cpu()
         return [json.loads(bytes(row[:n].tolist()).decode("utf-8"))

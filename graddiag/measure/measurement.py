@@ -12,7 +12,7 @@ from graddiag.data.schedule import Schedule
 from graddiag.measure.activations.packing import ActivationPack
 from graddiag.measure.histograms import HistogramProbe
 from graddiag.measure.layers import ForwardOrderRecorder, LayerIndex
-from graddiag.measure.norms import GradientProbe
+from graddiag.measure.norms import GradientProbe, GradientReading
 from graddiag.measure.parameters import ParameterProbe
 from graddiag.measure.transfer import to_host
 
@@ -98,14 +98,15 @@ class StepMeasurement:
         host = dict(zip(device, to_host(list(device.values()))))  # the one host copy
         return self._record(step, optimizer, probe, reading, host, activations, clip_norm)
 
-    def _record(self, step: int, optimizer: int, probe: GradientProbe, reading, host,  # noqa: ANN001
-                activations: ActivationPack | None, clip_norm: float | None) -> StepRecord:
+    def _record(self, step: int, optimizer: int, probe: GradientProbe, reading: GradientReading,
+                host: dict[str, np.ndarray], activations: ActivationPack | None,
+                clip_norm: float | None) -> StepRecord:
         grad_norm = host["grad_norm"]
         has_grad = np.asarray(reading.has_grad, dtype=bool)
         grad_norm[~has_grad] = np.nan
         param_norm = host.get("param_norm")
         update_ratio = None
-        if "update_norm" in host:
+        if "update_norm" in host and param_norm is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 update_ratio = np.where(param_norm > 0, host["update_norm"] / param_norm, np.nan)
         histograms = host.get("histograms")

@@ -20,18 +20,17 @@ from graddiag.data.options import MonitorConfig
 from graddiag.data.policy import ALARM_KINDS, StepReport, decide
 from graddiag.data.records import StepRecord
 from graddiag.data.schedule import Schedule
-from graddiag.data.snapshots import RunSnapshot, StepSnapshot
-from graddiag.data.tree import SiteMark
 from graddiag.measure.activations import ActivationRegistry, default_registry
-from graddiag.measure.activations.entry import WatchedEntry, watch_entry
-from graddiag.measure.activations.steps import ActivationSteps
+from graddiag.measure.activations.entry import WatchedEntry
 from graddiag.measure.compiled import compiled_parts
 from graddiag.measure.layers import discover_layers
 from graddiag.measure.measurement import StepMeasurement
 from graddiag.measure.ranks import as_reducer
 from graddiag.measure.tree import module_tree
+from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.history import History
-from graddiag.reporters import ConsoleReporter, Reporter, SafeReporter
+from graddiag.pipeline.reporting import Reporting
+from graddiag.reporters import ConsoleReporter, Reporter
 from graddiag.reporters.summary import summarize
 from graddiag.reporters.tables import save_table
 from graddiag.rules.activation import DeadReluRule, SaturatedRule
@@ -82,70 +81,52 @@ class GradientMonitor:
         if watch is not None and not callable(getattr(model, watch, None)):
             raise ValueError(f"watch must name a method of the model or be None; "
                              f"{type(model).__name__} has no method {watch!r}")
-        self.config = config if config is not None else MonitorConfig.from_options(**options)
-        self.schedule = Schedule.from_config(self.config)
+        self.config = c = config if config is not None else MonitorConfig.from_options(**options)
+        self.schedule = Schedule.from_config(c)
         self.model = model
-        self.index = discover_layers(model, self.config.include, self.config.exclude)
+        self.index = discover_layers(model, c.include, c.exclude)
         if not len(self.index):
             log.warning("graddiag: %s has no trainable parameters (none with requires_grad=True); "
                         "there are no gradients to monitor.", type(model).__name__)
-        self.reporters = [SafeReporter(r) for r in
-                          ([ConsoleReporter()] if reporters is None else reporters)]
-        c = self.config
+        tree = module_tree(model)
+        self._reporting = Reporting([ConsoleReporter()] if reporters is None else reporters, tree)
+        self.reporters = self._reporting.reporters
         self.rules = RuleSet(c, extra=[SaturatedRule(c.saturated_fraction, c.activation_patience),
                                        DeadReluRule(c.dead_fraction, c.activation_patience)])
+        self._explainer = Explainer(tree)
         self._history = History(c.max_history_rows)
         self.findings: list[Finding] = []
-        self._shared: tuple[Finding, ...] = ()  # the findings as handed to reporters
-        self._tree = module_tree(model)
-        self._explainer = Explainer(self._tree)
-        self._marks: tuple[SiteMark, ...] = ()
         compiled = compiled_parts(model)
-        reducer = as_reducer(process_group)
-        self._activations: ActivationSteps | None = None
-        if c.activation_every_n_steps:
-            self._activations = ActivationSteps(
-                model, activation_registry or default_registry, self.schedule.records_activations,
-                derivative_floor=c.derivative_floor, functional=c.functional_activations,
-                reducer=reducer, compiled=compiled)
+        self._activations = ActivationScope(model, c, self.schedule,
+                                            activation_registry or default_registry,
+                                            as_reducer(process_group), compiled, watch)
         self._measurement = StepMeasurement(self.index, c.norm_type, self.schedule,
                                             record_order=not compiled)
-        self._watch, entry = watch, None
-        if watch is not None and self._activations is not None and self._activations.enabled:
-            entry = watch_entry(model, watch, self._open_watch)
-        # on close or garbage collection: no wrapper and no hook stays behind
-        self._release = weakref.finalize(self, _release, entry, self._measurement)
+        # on close, and on garbage collection of a monitor never closed: no wrapper, no hook left
+        self._release = weakref.finalize(self, _release, self._activations.entry,
+                                         self._measurement)
         self._next_step = 0
         self._closed = False
 
     # ----------------------------------------------------------------- activation scope
-    def _open_watch(self) -> AbstractContextManager[None] | None:
-        if self._closed or self._activations is None:
-            return None
-        running = self.model if self._watch == "forward" else None
-        return self._activations.watching(self._next_step, running)
-
     def watch_activations(self, step: int | None = None) -> AbstractContextManager[None]:
         """A context in which forward passes count for ``step``'s activation statistics (default:
         the upcoming step); a no-op context off activation steps. For loops that scope it
         themselves (``watch=None``)."""
-        if self._closed or self._activations is None:
-            return nullcontext()
-        return self._activations.watching(self._next_step if step is None else int(step))
+        return nullcontext() if self._closed else self._activations.watching(step)
 
-    def expect_step(self, step: int) -> None:
-        """Number the upcoming optimizer step: forward passes from now on belong to ``step``."""
-        self._next_step = int(step)
+    def expect_step(self, step: int | None) -> None:
+        """Forward passes from now on belong to optimizer step ``step`` (``None``: to no step, so
+        none is watched until the next :meth:`step` or call of this)."""
+        self._activations.upcoming = None if step is None else int(step)
 
     def pause_activations(self) -> None:
         """Leave the watch during a backward pass inside the watched call (manual optimization)."""
-        if self._activations is not None:
-            self._activations.pause()
+        self._activations.pause()
 
     def resume_activations(self) -> None:
         """Watch again after :meth:`pause_activations`."""
-        if self._activations is not None:
-            self._activations.resume()
+        self._activations.resume()
 
     # ----------------------------------------------------------------- one step
     def step(self, step: int | None = None, *, optimizer: int = 0,
@@ -176,13 +157,13 @@ class GradientMonitor:
         if self._closed:
             raise RuntimeError("this GradientMonitor is closed")
         current = self._next_step if step is None else int(step)
-        self._next_step = current + 1
+        self._next_step = self._activations.upcoming = current + 1
         report = StepReport(current, False)
         if self.schedule.records(current):
-            pack = self._activations.take(current) if self._activations is not None else None
             report = self._evaluate(self._measurement.measure(
                 current, optimizer=optimizer, params=params, amp_scale=amp_scale,
-                grads_scaled=grads_scaled, clip_norm=clip_norm, activations=pack))
+                grads_scaled=grads_scaled, clip_norm=clip_norm,
+                activations=self._activations.take(current)))
         if report.action == "raise" and raise_on_alarm:
             alarms = [f for f in self.findings if f.kind in ALARM_KINDS]
             raise GradientAlarm([f for f in report.findings if f.kind in ALARM_KINDS]
@@ -196,14 +177,7 @@ class GradientMonitor:
         if findings:
             self._history.pin(record.step)
             self.findings.extend(findings)
-        if record.activations is not None:
-            self._marks = self._tree.site_marks(record.layers, record.activations)
-        if len(self._shared) != len(self.findings):
-            self._shared = tuple(self.findings)
-        snapshot = StepSnapshot(record, tuple(findings), self._shared,
-                                self.rules.active_count(), self._marks)
-        for reporter in self.reporters:
-            reporter.report(snapshot)
+        self._reporting.report(record, findings, self.findings, self.rules.active_count())
         action = decide(self.rules.active, self.config.on_nonfinite, self.config.on_exploding)
         return StepReport(record.step, True, findings, action, record)
 
@@ -239,18 +213,6 @@ class GradientMonitor:
     def closed(self) -> bool:
         return self._closed
 
-    @staticmethod
-    def empty_history() -> pd.DataFrame:
-        return History(1).frame()
-
-    @staticmethod
-    def empty_activation_history() -> pd.DataFrame:
-        return History(1).activation_frame()
-
-    @staticmethod
-    def empty_summary() -> pd.DataFrame:
-        return summarize(History(1).frame(), [])
-
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Remove the watch wrapper and every hook, hand reporters the run, close them. Idempotent."""
@@ -258,17 +220,9 @@ class GradientMonitor:
             return
         self._closed = True
         self._release()
-        if self._activations is not None:
-            self._activations.close()
-        if any(r.wants_finish for r in self.reporters):
-            layers = self._measurement.layers
-            kept = tuple(r for r in self._history.records if r.layers == layers)
-            run = RunSnapshot(kept, tuple(layers), tuple(self.findings), self.summary(),
-                              self._marks, kept[-1].step if kept else 0)
-            for reporter in self.reporters:
-                reporter.finish(run)
-        for reporter in self.reporters:
-            reporter.close()
+        self._activations.close()
+        self._reporting.close(self._history.records, self._measurement.layers, self.findings,
+                              self.summary)
 
     def __enter__(self) -> GradientMonitor:
         return self
@@ -286,10 +240,9 @@ class GradientMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (a resumed run continues where it stopped)."""
-        self._next_step = int(state["next_step"])
+        self._next_step = self._activations.upcoming = int(state["next_step"])
         self.rules.load_state_dict(state["rules"])
         self.findings = [Finding.from_dict(d) for d in state["findings"]]
-        self._shared = tuple(self.findings)
         if "history" in state:
             self._history.load_state_dict(state["history"])
 

@@ -33,8 +33,12 @@ class WatchedEntry:
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
-        """The wrapped method (``inspect.signature`` and Lightning's hook checks look here)."""
-        return self._method()
+        """The wrapped method, through any other monitor's wrapper below this one
+        (``inspect.signature`` and Lightning's hook checks look here)."""
+        method = self._method()
+        while isinstance(method, WatchedEntry):
+            method = method._method()
+        return method
 
     def _method(self) -> Callable[..., Any]:
         if self._own is not None:
@@ -60,14 +64,24 @@ class WatchedEntry:
             return method(*args, **kwargs)
 
     def remove(self) -> None:
-        """Put back what was there; if something else has wrapped this since, only go inert."""
+        """Put back what was there, or step out of a chain of such wrappers (several monitors on
+        one module); below a wrapper of another kind, only go inert."""
         self._opener = None
         module = self._module()
-        if module is not None and vars(module).get(self._name) is self:
+        if module is None:
+            return
+        above = vars(module).get(self._name)
+        if above is self:
             if self._own is None:
                 del vars(module)[self._name]
             else:
                 vars(module)[self._name] = self._own
+            return
+        while isinstance(above, WatchedEntry):
+            if above._own is self:
+                above._own = self._own
+                return
+            above = above._own
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a copy (deepcopy, pickle) of the module is not monitored: it gets an inert wrapper
