@@ -20,6 +20,11 @@ class ActivationRecord:
         dead: Fraction of units whose local derivative is below the floor for every sample.
         gain: Mean absolute local derivative; the factor by which the site scales gradients.
         calls: How many times each site ran during the step (several micro-batches, reuse).
+        position: Where each site ran among the layers of the step's record (input side first),
+            from the order gradients arrived, in layer-index units: ``k - 0.5`` between layers
+            ``k-1`` and ``k``; ``-0.5`` with no trainable layer on its input side (or no
+            gradient through it); ``len(layers) - 0.5`` after the last layer (its gradient
+            comes straight from the loss); NaN (or ``None``) where unknown.
     """
 
     sites: list[str]
@@ -30,6 +35,7 @@ class ActivationRecord:
     gain: np.ndarray
     calls: np.ndarray
     cut_ops: dict[str, list[str]] = field(default_factory=dict)
+    position: np.ndarray | None = None
 
 
 @dataclass

@@ -74,6 +74,11 @@ class ModuleTree:
         """Where each activation site of ``activations`` sits among ``layers`` (forward order)."""
         if activations is None:
             return ()
+        measured = activations.position
+        if measured is not None and len(measured) and not all(math.isnan(x) for x in measured):
+            # where each site ran, by the order gradients arrived (relative to ``layers``)
+            return tuple(SiteMark(float(x), site, kind) for x, site, kind in
+                         zip(measured, activations.sites, activations.kinds) if not math.isnan(x))
         layer_pos = [self._position.get(n, math.inf) for n in layers]
         marks = []
         for site, kind in zip(activations.sites, activations.kinds):

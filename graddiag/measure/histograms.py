@@ -7,7 +7,7 @@ import torch
 
 from graddiag.data.bins import HISTOGRAM_BINS, HISTOGRAM_EDGES
 from graddiag.measure.layers import LayerIndex, is_dtensor
-from graddiag.measure.norms import _local, _reduce_sharded
+from graddiag.measure.norms import MEASURE_ERRORS, _local, _reduce_sharded, warn_unmeasurable
 
 
 class HistogramProbe:
@@ -18,35 +18,46 @@ class HistogramProbe:
     gradients these are summed over the shards, so every rank sees the whole tensor's histogram.
     """
 
-    def __init__(self, index: LayerIndex) -> None:
+    def __init__(self, index: LayerIndex, warned: set[str] | None = None) -> None:
         self._layers = [layer.params for layer in index.layers]
+        self._names = [layer.param_names for layer in index.layers]
         self._log_edges: torch.Tensor | None = None
+        self._warned = set() if warned is None else warned
 
     def read(self) -> torch.Tensor:
         """``(layers, HISTOGRAM_BINS + 2)`` float32: counts, then sum and sum of squares."""
         rows = []
-        for params in self._layers:
-            grads = [_local(p.grad).detach().reshape(-1) for p in params if p.grad is not None]
-            if not grads:
-                device = params[0].device if params else torch.device("cpu")
-                rows.append(torch.zeros(HISTOGRAM_BINS + 2, device=device))
-                continue
-            values = torch.cat(grads).float()
-            device = values.device
-            if self._log_edges is None or self._log_edges.device != device:
-                self._log_edges = torch.tensor(np.log10(HISTOGRAM_EDGES), dtype=torch.float32,
-                                               device=device)
-            magnitude = values.abs()
-            finite = torch.isfinite(magnitude)
-            bucket = torch.bucketize(torch.log10(magnitude), self._log_edges, right=True)
-            bucket = torch.where(finite, bucket, HISTOGRAM_BINS - 1)
-            counts = torch.zeros(HISTOGRAM_BINS, device=device)
-            counts.index_add_(0, bucket, torch.ones_like(magnitude))
-            safe = torch.where(finite, values, 0.0)
-            row = torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)])
-            sharded = next((p.grad for p in params if p.grad is not None and is_dtensor(p.grad)), None)
-            if sharded is not None:  # FSDP2: add up the shards' counts and sums
-                _reduce_sharded(row, sharded, 1.0)
-            rows.append(row)
+        for params, names in zip(self._layers, self._names):
+            try:
+                rows.append(self._row(params))
+            except MEASURE_ERRORS as error:  # a dtype torch cannot bin: an empty row
+                bad = next(p.grad for p in params if p.grad is not None)
+                warn_unmeasurable(self._warned, bad, names, error)
+                rows.append(torch.zeros(HISTOGRAM_BINS + 2, device=params[0].device))
         home = rows[0].device if rows else torch.device("cpu")
         return torch.stack([r.to(home) for r in rows]) if rows else torch.zeros(0, HISTOGRAM_BINS + 2)
+
+    def _row(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Counts, sum and sum of squares of one layer's gradient elements."""
+        grads = [_local(p.grad).detach().reshape(-1) for p in params if p.grad is not None]
+        if not grads:
+            device = params[0].device if params else torch.device("cpu")
+            return torch.zeros(HISTOGRAM_BINS + 2, device=device)
+        # complex gradients: the magnitudes of their elements; any other dtype upcast alone
+        values = torch.cat([(g.abs() if g.is_complex() else g).float() for g in grads])
+        device = values.device
+        if self._log_edges is None or self._log_edges.device != device:
+            self._log_edges = torch.tensor(np.log10(HISTOGRAM_EDGES), dtype=torch.float32,
+                                           device=device)
+        magnitude = values.abs()
+        finite = torch.isfinite(magnitude)
+        bucket = torch.bucketize(torch.log10(magnitude), self._log_edges, right=True)
+        bucket = torch.where(finite, bucket, HISTOGRAM_BINS - 1)
+        counts = torch.zeros(HISTOGRAM_BINS, device=device)
+        counts.index_add_(0, bucket, torch.ones_like(magnitude))
+        safe = torch.where(finite, values, 0.0)
+        row = torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)])
+        sharded = next((p.grad for p in params if p.grad is not None and is_dtensor(p.grad)), None)
+        if sharded is not None:  # FSDP2: add up the shards' counts and sums
+            _reduce_sharded(row, sharded, 1.0)
+        return row

@@ -50,24 +50,38 @@ class LayerIndex:
         self.layers.sort(key=lambda layer: (order.get(layer.name, big), position[layer.name]))
 
 
+def _owners(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that directly own parameters (trainable or not), with the names users see."""
+    return [
+        (clean_name(raw_name) or type(module).__name__, module)
+        for raw_name, module in root.named_modules(remove_duplicate=True)
+        if next(iter(module.parameters(recurse=False)), None) is not None
+    ]
+
+
 def discover_layers(
     root: nn.Module,
     include: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = (),
+    *,
+    check_patterns: bool = True,
 ) -> LayerIndex:
-    """Find the layers of ``root``.
+    """Find the layers of ``root``: modules owning parameters that require gradients now.
 
     Args:
         root: The monitored module.
         include: Glob patterns of layer names to keep (``None`` keeps all).
         exclude: Glob patterns of layer names to drop.
+        check_patterns: Reject patterns that match no module owning parameters (frozen ones
+            count: they may be unfrozen later).
 
     Raises:
-        ValueError: if an ``include`` or ``exclude`` pattern matches no layer.
+        ValueError: if an ``include`` or ``exclude`` pattern matches no module owning parameters.
     """
     seen: set[int] = set()
     candidates: list[Layer] = []
-    for raw_name, module in root.named_modules(remove_duplicate=True):
+    owners = _owners(root)
+    for name, module in owners:
         names, params = [], []
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
@@ -76,15 +90,15 @@ def discover_layers(
             names.append(pname)
             params.append(param)
         if params:
-            name = clean_name(raw_name) or type(module).__name__
             candidates.append(Layer(name, module, names, params))
-    all_names = [layer.name for layer in candidates]
-    for option, patterns in (("include", include or ()), ("exclude", exclude)):
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
-                raise ValueError(
-                    f"{option} pattern {pattern!r} matches no layer; layers are {all_names}"
-                )
+    if check_patterns:
+        all_names = [name for name, _ in owners]
+        for option, patterns in (("include", include or ()), ("exclude", exclude)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
+                    raise ValueError(
+                        f"{option} pattern {pattern!r} matches no layer; layers are {all_names}"
+                    )
     kept = [
         layer
         for layer in candidates
@@ -95,21 +109,25 @@ def discover_layers(
 
 
 class ForwardOrderRecorder:
-    """Learns the order in which layers run by watching one forward pass.
+    """Learns the order in which modules owning parameters first run, by watching forward passes.
 
-    The layer that runs last is the one nearest the loss. Hooks are removed by :meth:`finish`.
+    Every module that owns parameters is watched, trainable or not, so a layer unfrozen later
+    can be placed. The first execution counts (a reused module sits where it is first used, its
+    use furthest from the loss); calls made during a backward pass (activation checkpointing
+    re-running blocks) are ignored. Hooks are removed by :meth:`finish`.
     """
 
-    def __init__(self, index: LayerIndex) -> None:
+    def __init__(self, root: nn.Module) -> None:
         self._order: dict[str, int] = {}
         self._counter = 0
         self._handles: list[RemovableHandle] = []
-        for layer in index.layers:
-            self._handles.append(layer.module.register_forward_hook(self._hook_for(layer.name)))
+        for name, module in _owners(root):
+            self._handles.append(module.register_forward_hook(self._hook_for(name)))
 
     def _hook_for(self, name: str):  # noqa: ANN202 - a closure over the layer's name
         def hook(module: nn.Module, args: object, output: object) -> None:
-            # The last execution wins: a layer reused later in the graph is nearer the loss.
+            if name in self._order or torch._C._current_graph_task_id() != -1:
+                return
             self._order[name] = self._counter
             self._counter += 1
 
@@ -120,7 +138,7 @@ class ForwardOrderRecorder:
         return dict(self._order)
 
     def finish(self) -> dict[str, int]:
-        """Remove the hooks and return ``{layer name: execution index}``."""
+        """Remove the hooks and return ``{module name: first execution index}``."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -10,8 +10,11 @@ import torch
 from graddiag.data.records import StepRecord
 from graddiag.data.schedule import Schedule
 from graddiag.measure.activations.packing import ActivationPack
+from torch import nn
+
 from graddiag.measure.histograms import HistogramProbe
-from graddiag.measure.layers import ForwardOrderRecorder, LayerIndex
+from graddiag.measure.layers import LayerIndex
+from graddiag.measure.live_layers import LiveLayers
 from graddiag.measure.norms import GradientProbe, GradientReading
 from graddiag.measure.parameters import ParameterProbe
 from graddiag.measure.transfer import to_host
@@ -20,40 +23,50 @@ from graddiag.measure.transfer import to_host
 class StepMeasurement:
     """Reads the probes a step's schedule asks for and turns their one host copy into a record.
 
-    The layer order is learnt from the first forward pass (``record_order``), then fixed; the
-    probes are built once that order is known.
+    The layers follow the run (:class:`~graddiag.measure.live_layers.LiveLayers`): ordered by
+    the order gradients arrive, rediscovered when ``requires_grad`` or the modules change; the
+    probes are (re)built whenever the layers do.
 
     Args:
-        index: The monitored layers.
+        root: The monitored module.
+        index: Its layers (kept up to date in place).
         norm_type: The p of the gradient p-norms.
         schedule: Which steps read parameters and histograms.
-        record_order: Watch the first forward pass for the layer order (off for compiled models,
-            where hooks would force recompilation: definition order is kept).
+        record_order: Learn the layer order from what runs (off for compiled models, where
+            hooks would force recompilation: definition order is kept).
+        include: Glob patterns of layer names to keep when the layers are found again.
+        exclude: Glob patterns of layer names to drop then.
     """
 
-    def __init__(self, index: LayerIndex, norm_type: float, schedule: Schedule,
-                 *, record_order: bool = True) -> None:
+    def __init__(self, root: nn.Module, index: LayerIndex, norm_type: float, schedule: Schedule,
+                 *, record_order: bool = True, include: tuple[str, ...] | None = None,
+                 exclude: tuple[str, ...] = ()) -> None:
         self.index = index
         self.norm_type = norm_type
         self.schedule = schedule
-        self._order: ForwardOrderRecorder | None = ForwardOrderRecorder(index) if record_order else None
+        self.live = LiveLayers(root, index, include=include, exclude=exclude,
+                               record_order=record_order)
         self._grads: GradientProbe | None = None
         self._per_optimizer: dict[int, GradientProbe] = {}
         self._params: ParameterProbe | None = None
         self._histograms: HistogramProbe | None = None
-        self.layers: list[str] = index.names  # one list shared by every record
+        self._warned: set[str] = set()  # kinds of tensors already warned about as unmeasurable
+
+    @property
+    def layers(self) -> list[str]:
+        """The layer names in forward order (one list shared by every record of a layout)."""
+        return self.live.names
 
     def _settle(self) -> GradientProbe:
-        if self._order is not None:
-            self.index.reorder(self._order.finish())
-            self._order = None
-            self.layers = self.index.names
-        if self._grads is None:
-            self._grads = GradientProbe(self.index, self.norm_type)
+        changed = self.live.update()
+        if changed or self._grads is None:
+            self._per_optimizer.clear()
+            self._grads = GradientProbe(self.index, self.norm_type, warned=self._warned)
+            self._params = self._histograms = None
             if self.schedule.parameters:
-                self._params = ParameterProbe(self.index)
+                self._params = ParameterProbe(self.index, warned=self._warned)
             if self.schedule.histograms:
-                self._histograms = HistogramProbe(self.index)
+                self._histograms = HistogramProbe(self.index, warned=self._warned)
         return self._grads
 
     def _probe_for(self, optimizer: int, params: Iterable[torch.Tensor] | None) -> GradientProbe:
@@ -62,7 +75,8 @@ class StepMeasurement:
             return everything
         probe = self._per_optimizer.get(optimizer)
         if probe is None:
-            probe = GradientProbe(self.index, self.norm_type, only={id(p) for p in params})
+            probe = GradientProbe(self.index, self.norm_type, only={id(p) for p in params},
+                                  warned=self._warned)
             if probe.measured.all():
                 probe = everything
             self._per_optimizer[optimizer] = probe
@@ -84,6 +98,7 @@ class StepMeasurement:
         device: dict[str, torch.Tensor] = {}  # everything this step sends to the host
         scale = None if amp_scale is None else torch.as_tensor(amp_scale, dtype=torch.float32)
         reading = probe.read(scale if grads_scaled else None)
+        self.live.note_missing(reading.missing)
         device["grad_norm"] = reading.layer_norms
         if scale is not None:
             device["amp_scale"] = scale.reshape(1)
@@ -96,7 +111,11 @@ class StepMeasurement:
         for i, chunk in enumerate(activations.chunks if activations is not None else []):
             device[f"act{i}"] = chunk
         host = dict(zip(device, to_host(list(device.values()))))  # the one host copy
-        return self._record(step, optimizer, probe, reading, host, activations, clip_norm)
+        record = self._record(step, optimizer, probe, reading, host, activations, clip_norm)
+        if record.activations is not None:  # where each site ran among the layers
+            record.activations.position = self.live.site_positions(record.activations.sites)
+        self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
+        return record
 
     def _record(self, step: int, optimizer: int, probe: GradientProbe, reading: GradientReading,
                 host: dict[str, np.ndarray], activations: ActivationPack | None,
@@ -141,7 +160,5 @@ class StepMeasurement:
         )
 
     def close(self) -> None:
-        """Remove the forward-order hooks if no step was measured."""
-        if self._order is not None:
-            self._order.finish()
-            self._order = None
+        """Remove the order hooks (forward, gradient arrival) that are still installed."""
+        self.live.close()

@@ -7,6 +7,7 @@ host: the monitor gathers every probe's tensors into one transfer (:mod:`graddia
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from graddiag.measure.layers import LayerIndex, is_dtensor
+
+log = logging.getLogger("graddiag")
 
 
 @dataclass
@@ -39,11 +42,22 @@ def _group_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (tensor.device, tensor.dtype, None, None)
 
 
+_ACCUMULATE_IN_FLOAT32 = (torch.float16, torch.bfloat16)
+
+
 def _norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
-    """Per-tensor p-norms as one float32 vector on the tensors' device."""
-    if tensors[0].dtype == torch.float32:  # already float32: the plain kernel is the fastest
+    """Per-tensor p-norms as one float32 vector on the tensors' device.
+
+    float16/bfloat16 are accumulated in float32 (values above 65504 do not read as inf);
+    float64 is normed in its own precision and complex tensors by the magnitude of their
+    elements (a real norm), then both are cast to float32.
+    """
+    dtype = tensors[0].dtype
+    if dtype == torch.float32:  # already float32: the plain kernel is the fastest
         return torch.stack(torch._foreach_norm(tensors, p))
-    return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
+    if dtype in _ACCUMULATE_IN_FLOAT32:
+        return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
+    return torch.stack(torch._foreach_norm(tensors, p)).float()
 
 
 def _reduce_sharded(contrib: torch.Tensor, sample: torch.Tensor, p: float) -> None:
@@ -126,18 +140,48 @@ class _ParamGroup:
         self.params: list[torch.nn.Parameter] = []
         self.names: list[str] = []
         self.lids: list[int] = []
+        self.mixed = False  # its gradients once needed the careful path (e.g. sparse ones)
+
+
+MEASURE_ERRORS = (RuntimeError, NotImplementedError, TypeError)
+
+
+def _grad_key(grad: torch.Tensor) -> tuple[Any, ...]:
+    return (*_group_key(grad), grad.layout)
+
+
+def describe(tensor: torch.Tensor) -> str:
+    """A tensor's kind as warnings name it: ``"torch.float8_e4m3fn, strided"``."""
+    return f"{tensor.dtype}, {str(tensor.layout).replace('torch.', '')}"
+
+
+def warn_unmeasurable(warned: set[str], tensor: torch.Tensor, names: list[str],
+                      error: BaseException) -> None:
+    """Warn once per kind of tensor (dtype, layout) that graddiag cannot measure."""
+    what = describe(tensor)
+    if what in warned:
+        return
+    warned.add(what)
+    log.warning(
+        "graddiag: cannot measure tensors of kind (%s), e.g. parameter(s) %s (%s: %s); they are "
+        "left out of the norms, training goes on.",
+        what, names[:5], type(error).__name__, (str(error).splitlines() or [""])[0],
+    )
 
 
 class GradientProbe:
     """Reads each layer's gradient norm; notes parameters that got no gradient."""
 
     def __init__(self, index: LayerIndex, norm_type: float,
-                 only: set[int] | None = None) -> None:
+                 only: set[int] | None = None, warned: set[str] | None = None) -> None:
         """Args:
             index: The monitored layers.
             norm_type: p of the p-norm.
             only: ``id``s of the parameters to read (one optimizer's); ``None`` reads all.
+            warned: Kinds of gradients already warned about as unmeasurable (shared by the
+                probes of one monitor, so each kind is warned about once).
         """
+        self._warned = set() if warned is None else warned
         self._flat = [
             (lid, name, param)
             for lid, layer in enumerate(index.layers)
@@ -179,14 +223,50 @@ class GradientProbe:
                 lids = [lid for _, lid in kept]
                 if not grads:
                     continue
-            for lid in lids:
+            if group.mixed:
+                measured = self._careful(grads, lids, group.names, contributions)
+            else:
+                try:
+                    index = self._aggregate.index(grads[0].device, lids)
+                    contributions.append(
+                        self._aggregate.group_contribution(grads, index, grads[0]))
+                    measured = lids
+                except MEASURE_ERRORS:  # e.g. a sparse gradient among dense ones
+                    group.mixed = True
+                    measured = self._careful(grads, lids, group.names, contributions)
+            for lid in measured:
                 has_grad[lid] = True
-            index = self._aggregate.index(grads[0].device, lids)
-            contributions.append(self._aggregate.group_contribution(grads, index, grads[0]))
         norms = self._aggregate.combine(contributions)
         if grad_scale is not None:
             norms = norms / grad_scale.to(norms.device, torch.float32)
         return GradientReading(norms, has_grad, missing)
+
+    def _careful(self, grads: list[torch.Tensor], lids: list[int], names: list[str],
+                 contributions: list[torch.Tensor]) -> list[int]:
+        """Measure gradients of mixed layouts/dtypes by kind; skip (warn once) what cannot be.
+
+        Returns the layers that got at least one measured gradient.
+        """
+        kinds: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int], list[str]]] = {}
+        for grad, lid, name in zip(grads, lids, names):
+            entry = kinds.setdefault(_grad_key(grad), ([], [], []))
+            entry[0].append(grad)
+            entry[1].append(lid)
+            entry[2].append(name)
+        measured: list[int] = []
+        for tensors, kind_lids, kind_names in kinds.values():
+            index = self._aggregate.index(tensors[0].device, kind_lids)
+            try:
+                contributions.append(self._aggregate.group_contribution(tensors, index, tensors[0]))
+            except MEASURE_ERRORS as error:
+                try:  # dtypes without norm kernels (float8): upcast one kind at a time
+                    upcast = [_local(t).float() for t in tensors]
+                    contributions.append(self._aggregate.group_contribution(upcast, index, upcast[0]))
+                except MEASURE_ERRORS:
+                    warn_unmeasurable(self._warned, tensors[0], kind_names, error)
+                    continue
+            measured.extend(kind_lids)
+        return measured
 
     def nonfinite_elements(self, layer_ids: set[int]) -> dict[int, dict[str, int]]:
         """Count NaN/Inf elements per parameter of the given layers (slow path, anomalies only)."""

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from graddiag.measure.layers import LayerIndex
-from graddiag.measure.norms import LayerNormAggregator
+from graddiag.measure.norms import (
+    MEASURE_ERRORS,
+    LayerNormAggregator,
+    describe,
+    warn_unmeasurable,
+)
 
 
 class ParameterProbe:
@@ -15,9 +20,13 @@ class ParameterProbe:
     kept on their device and refreshed on every read.
     """
 
-    def __init__(self, index: LayerIndex) -> None:
-        self._params = [p for layer in index.layers for p in layer.params]
-        self._lids = [lid for lid, layer in enumerate(index.layers) for _ in layer.params]
+    def __init__(self, index: LayerIndex, warned: set[str] | None = None) -> None:
+        entries = [(lid, name, p) for lid, layer in enumerate(index.layers)
+                   for name, p in zip(layer.param_names, layer.params)]
+        usable = _measurable_kinds([p for _, _, p in entries], [n for _, n, _ in entries],
+                                   set() if warned is None else warned)
+        self._params = [p for _, _, p in entries if describe(p) in usable]
+        self._lids = [lid for lid, _, p in entries if describe(p) in usable]
         self._aggregate = LayerNormAggregator(len(index), 2.0)
         self._snapshot: list[torch.Tensor] | None = None
 
@@ -37,3 +46,25 @@ class ParameterProbe:
     def reset(self) -> None:
         """Forget the weight copy (frees its memory)."""
         self._snapshot = None
+
+
+def _measurable_kinds(params: list[torch.Tensor], names: list[str], warned: set[str]) -> set[str]:
+    """Kinds (dtype, layout) of parameters whose norms and differences torch can compute;
+    others are left out, with one warning per kind."""
+    usable: set[str] = set()
+    tried: set[str] = set()
+    for param, name in zip(params, names):
+        kind = describe(param)
+        if kind in tried:
+            continue
+        tried.add(kind)
+        sample = param.detach().reshape(-1)[:1]
+        try:
+            LayerNormAggregator(1, 2.0)([sample], [0])
+            torch._foreach_sub([sample], [sample])
+        except MEASURE_ERRORS as error:
+            warn_unmeasurable(warned, param, [n for p, n in zip(params, names)
+                                              if describe(p) == kind], error)
+            continue
+        usable.add(kind)
+    return usable

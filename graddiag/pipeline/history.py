@@ -152,7 +152,8 @@ def _record_state(r: StepRecord, layers_id: int) -> dict[str, Any]:
         acts = {"sites": list(a.sites), "kinds": list(a.kinds), "families": list(a.families),
                 "saturated": _tensor(a.saturated), "dead": _tensor(a.dead),
                 "gain": _tensor(a.gain), "calls": _tensor(a.calls),
-                "cut_ops": {k: list(v) for k, v in a.cut_ops.items()}}
+                "cut_ops": {k: list(v) for k, v in a.cut_ops.items()},
+                "position": _tensor(a.position)}
     return {
         "step": r.step, "layers": layers_id, "grad_norm": _tensor(r.grad_norm),
         "has_grad": _tensor(r.has_grad), "missing": {int(k): list(v) for k, v in r.missing.items()},
@@ -172,6 +173,7 @@ def _record_from_state(d: dict[str, Any], layer_lists: list[list[str]]) -> StepR
             sites=list(a["sites"]), kinds=list(a["kinds"]), families=list(a["families"]),
             saturated=_array(a["saturated"]), dead=_array(a["dead"]), gain=_array(a["gain"]),
             calls=_array(a["calls"]), cut_ops={k: list(v) for k, v in a["cut_ops"].items()},
+            position=_array(a.get("position")),
         )
     return StepRecord(
         step=int(d["step"]), layers=layer_lists[d["layers"]], grad_norm=_array(d["grad_norm"]),

@@ -100,8 +100,11 @@ class GradientMonitor:
         self._activations = ActivationScope(model, c, self.schedule,
                                             activation_registry or default_registry,
                                             as_reducer(process_group), compiled, watch)
-        self._measurement = StepMeasurement(self.index, c.norm_type, self.schedule,
-                                            record_order=not compiled)
+        self._measurement = StepMeasurement(model, self.index, c.norm_type, self.schedule,
+                                            record_order=not compiled, include=c.include,
+                                            exclude=c.exclude)
+        if self._activations.steps is not None:  # sites are timed on the layers' clock
+            self._activations.steps.watch.arrival = self._measurement.live.arrival
         # on close, and on garbage collection of a monitor never closed: no wrapper, no hook left
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)

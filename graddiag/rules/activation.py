@@ -2,6 +2,18 @@
 
 Only records that carry activation statistics advance these rules; other records leave their
 streaks untouched, so ``patience`` counts activation steps.
+
+Both mean "this site blocks gradient that trainable layers before it need", so a site is judged
+only where it sits between trainable layers, by the order gradients arrived:
+
+* a site with no trainable layer on its input side (applied to the inputs, inside a frozen
+  backbone, or with no gradient through it) blocks nothing;
+* a site after the last trainable layer feeds the loss directly, and the loss sets its gradient:
+  ``BCELoss`` after a sigmoid gives ``(p - y) / N`` at the sigmoid's input whatever ``p(1-p)``
+  is (so does NLL after ``log_softmax``), so a confident output that is right is no saturation
+  problem; a starving model behind it still shows as ``vanishing``.
+
+Where the order is unknown (``position`` NaN), every site of the family is judged.
 """
 
 from __future__ import annotations
@@ -12,6 +24,14 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
 from graddiag.rules import wording as remedies
 from graddiag.rules.onsets import OnsetRule
+
+
+def between_trainable_layers(position: np.ndarray | None, n_sites: int, n_layers: int) -> np.ndarray:
+    """Sites with a trainable layer on each side (or an unknown position)."""
+    if position is None:
+        return np.ones(n_sites, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return np.isnan(position) | ((position > 0) & (position < n_layers - 1))
 
 
 class _FractionRule(OnsetRule):
@@ -31,8 +51,10 @@ class _FractionRule(OnsetRule):
             return []
         values = acts.saturated if self.family == "saturating" else acts.dead
         family = np.array([f == self.family for f in acts.families], dtype=bool)
+        judged = family & between_trainable_layers(acts.position, len(acts.sites),
+                                                   len(record.layers))
         with np.errstate(invalid="ignore"):
-            condition = family & (values > self.fraction)
+            condition = judged & (values > self.fraction)
         onsets = self.onsets.observe_all(acts.sites, condition, evaluated=family)
         self._active = self.onsets.any_confirmed()
         return [self._finding(record, int(i), float(values[i])) for i in onsets]

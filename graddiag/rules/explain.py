@@ -27,14 +27,27 @@ class Explainer:
     def __init__(self, tree: ModuleTree) -> None:
         self.tree = tree
         self.activations: ActivationRecord | None = None
+        self.activation_layers: list[str] = []  # the layers of the record that carried them
         self.cut_ops: dict[str, list[str]] = {}
 
     def observe(self, record: StepRecord) -> None:
         """Remember the latest activation statistics and cut operations."""
         if record.activations is not None:
             self.activations = record.activations
+            self.activation_layers = record.layers
             if record.activations.cut_ops:
                 self.cut_ops = record.activations.cut_ops
+
+    def sites_after(self, layer: str) -> list[int] | None:
+        """Sites that ran between ``layer`` and the loss, by the measured order (indices into
+        the latest activation record); ``None`` where that order is unknown."""
+        acts = self.activations
+        if acts is None or acts.position is None or layer not in self.activation_layers:
+            return None
+        if not any(math.isfinite(p) for p in acts.position):
+            return None
+        k = self.activation_layers.index(layer)
+        return [i for i, p in enumerate(acts.position) if p > k]
 
     def explain(self, finding: Finding, record: StepRecord) -> Finding:
         if finding.kind == "vanishing":
@@ -63,8 +76,11 @@ class Explainer:
             )
         acts = self.activations
         layer_pos = self.tree.position(finding.layer)
-        if acts is not None and layer_pos is not None and len(acts.sites):
-            between = [i for i, s in enumerate(acts.sites) if self.tree.site_position(s) > layer_pos]
+        measured = self.sites_after(finding.layer)
+        if acts is not None and (layer_pos is not None or measured is not None) and len(acts.sites):
+            between = measured if measured is not None else [
+                i for i, s in enumerate(acts.sites)
+                if layer_pos is not None and self.tree.site_position(s) > layer_pos]
             if between:
                 kinds = Counter(acts.kinds[i] for i in between)
                 gains = [float(acts.gain[i]) for i in between]

@@ -76,7 +76,10 @@ class ExplodingRule(OnsetRule):
 
     The recent level is a running geometric mean (an exponential moving average of
     ``log(norm)`` with the span of ``window`` recorded steps): robust to single spikes, O(layers)
-    per step. A jump is judged only after ``min_history`` finite values.
+    per step. A jump is judged only after ``min_history`` finite values, and only when the new
+    norm is also above the largest recent level of any layer: a layer growing from a tiny
+    initial scale up to the model's level (LayerScale initialised at 1e-6, zero-initialised
+    residual branches, LoRA adapters) is not exploding, however fast it grows.
     """
 
     kind = "exploding"
@@ -94,10 +97,15 @@ class ExplodingRule(OnsetRule):
         self.layers: list[str] = []
 
     def _ensure(self, layers: list[str]) -> None:
-        if self.log_level is None or (layers is not self.layers and layers != self.layers):
+        if self.log_level is None or self.count is None:
             self.layers = layers
             self.log_level = np.zeros(len(layers))
             self.count = np.zeros(len(layers), dtype=int)
+        elif layers is not self.layers and layers != self.layers:  # layers changed: by name
+            known = {n: (lv, c) for n, lv, c in zip(self.layers, self.log_level, self.count)}
+            self.log_level = np.array([known.get(n, (0.0, 0))[0] for n in layers], dtype=float)
+            self.count = np.array([known.get(n, (0.0, 0))[1] for n in layers], dtype=int)
+            self.layers = layers
 
     def update(self, record: StepRecord) -> list[Finding]:
         self._active = False
@@ -110,7 +118,10 @@ class ExplodingRule(OnsetRule):
             logs = np.log(norms)  # NaN for missing/NaN, -inf for 0, +inf for inf
             # an inf norm whose elements are all finite (float32 overflow) counts as above
             above = norms > self.abs_ceiling
-            jump = (logs - self.log_level > self.log_factor) & (self.count >= self.min_history)
+            settled = self.count >= self.min_history
+            jump = (logs - self.log_level > self.log_factor) & settled
+            if jump.any():  # growing up to the model's level is not an explosion
+                jump &= logs > self.log_level[settled].max()
             if record.nonfinite:  # NaN/Inf elements belong to the nonfinite rule
                 bad = list(record.nonfinite)
                 above[bad] = False

@@ -6,7 +6,8 @@ With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange the
 (name, kind, family, unit count) and lay their rows out by the union of names in rank order; a
 site a rank did not see contributes zeros. One sum over ranks then adds the counts and, per unit,
 how many ranks saw it fire, so a unit is dead only if it fired on no rank. A site whose unit
-count differs between ranks (or between calls) has no dead fraction (NaN).
+count differs between ranks has no dead fraction (NaN); calls of different widths on one rank
+each keep their own units (see :mod:`graddiag.measure.activations.statistics`).
 """
 
 from __future__ import annotations

@@ -59,9 +59,56 @@ def _elu(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.
 
 def _gelu(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
     assert x is not None
+    if p.get("tanh"):  # nn.GELU(approximate="tanh"), F.gelu(..., approximate="tanh")
+        return _gelu_tanh(x, y, p)
     cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
     return cdf + x * pdf
+
+
+_GELU_TANH_K = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    """``0.5 x (1 + tanh(k (x + 0.044715 x^3)))``, GPT-2's ``gelu_new``: one site, not a tanh."""
+    assert x is not None
+    t = torch.tanh(_GELU_TANH_K * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_TANH_K * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _clipped_gelu(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    inside = (y > p.get("min_val", -10.0)) & (y < p.get("max_val", 10.0))
+    return _gelu(x, y, {}) * inside.float()
+
+
+def _quick_gelu(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    """``x sigmoid(1.702 x)`` (CLIP)."""
+    assert x is not None
+    s = torch.sigmoid(1.702 * x)
+    return s + 1.702 * x * s * (1.0 - s)
+
+
+def _mish(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    assert x is not None
+    t = torch.tanh(torch.nn.functional.softplus(x))
+    return t + x * (1.0 - t * t) * torch.sigmoid(x)
+
+
+def _hardswish(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    assert x is not None
+    return torch.where(x < -3.0, 0.0, torch.where(x > 3.0, 1.0, (2.0 * x + 3.0) / 6.0))
+
+
+def _relu_squared(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    return 2.0 * torch.sqrt(y.clamp_min(0.0))  # y = relu(x)^2, f' = 2 relu(x)
+
+
+def _laplace(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    """``0.5 (1 + erf((x - mu) / (sigma sqrt 2)))``: a Gaussian CDF, saturating at 0 and 1."""
+    assert x is not None
+    mu, sigma = p.get("mu", 0.707107), p.get("sigma", 0.282095)
+    z = (x - mu) / sigma
+    return torch.exp(-0.5 * z * z) / (sigma * math.sqrt(2.0 * math.pi))
 
 
 def _silu(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
@@ -80,6 +127,13 @@ HARDSIGMOID = ActivationSpec("hardsigmoid", "saturating", _band)
 ELU = ActivationSpec("elu", "rectifier", _elu)
 GELU = ActivationSpec("gelu", "rectifier", _gelu, needs_input=True)
 SILU = ActivationSpec("silu", "rectifier", _silu, needs_input=True)
+GELU_TANH = ActivationSpec("gelu_tanh", "rectifier", _gelu_tanh, needs_input=True)
+CLIPPED_GELU = ActivationSpec("clipped_gelu", "rectifier", _clipped_gelu, needs_input=True)
+QUICK_GELU = ActivationSpec("quick_gelu", "rectifier", _quick_gelu, needs_input=True)
+MISH = ActivationSpec("mish", "rectifier", _mish, needs_input=True)
+HARDSWISH = ActivationSpec("hardswish", "rectifier", _hardswish, needs_input=True)
+RELU_SQUARED = ActivationSpec("relu_squared", "rectifier", _relu_squared)
+LAPLACE = ActivationSpec("laplace", "saturating", _laplace, needs_input=True)
 
 _RELU6_PARAMS = {"min_val": 0.0, "max_val": 6.0}
 _HARDSIGMOID_PARAMS = {"min_val": 0.0, "max_val": 1.0, "slope": 1.0 / 6.0}

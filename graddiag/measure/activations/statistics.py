@@ -1,14 +1,67 @@
-"""Running activation statistics of one site during one step, reduced on device."""
+"""Running activation statistics of one site during one step, reduced on device.
+
+Units: a dead unit is one that passes no gradient for any sample. Which dimension holds the
+units follows what produced the activation's input, read off the autograd graph: channels
+(dimension 1) after a convolution, batch/group norm or pooling of any rank (``Conv1d`` feature
+maps ``(batch, channels, length)`` included); the last dimension after a linear layer,
+attention, layer norm or embedding. Where the graph does not say (no gradient, a transpose on
+the way), 4-D/5-D tensors use dimension 1 and others the last one.
+
+A site called several times in one forward pass (torchvision's reused ``self.relu``) has
+different units on each call, even of the same width: each call position keeps its own units,
+and the same call position of another forward pass (another micro-batch) adds its samples.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from graddiag.measure.activations.specs import ActivationSpec
+from graddiag.measure.order import in_backward
+
+log = logging.getLogger("graddiag")
+
+#: Autograd node names (substrings) after which units are channels (dimension 1) ...
+_CHANNELS_FIRST = ("Convolution", "BatchNorm", "GroupNorm", "Pool", "Upsample", "PixelShuffle")
+#: ... or the last dimension.
+_CHANNELS_LAST = ("Addmm", "Mm", "Matmul", "Linear", "LayerNorm", "Embedding", "Attention",
+                  "Softmax")
+_REARRANGING = ("Permute", "Transpose", "Unfold", "Flatten")
+_MAX_HOPS = 16
 
 
-def _unit_dim(ndim: int) -> int:
-    return 1 if ndim in (4, 5) else ndim - 1
+def producer_layout(tensor: torch.Tensor) -> str | None:
+    """``"channels"``, ``"last"`` or ``None``: where units sit, from what produced ``tensor``.
+
+    Walks the autograd graph back through element-wise operations (the activation itself,
+    residual additions, dropout, scaling) to the first operation that fixes the layout.
+    """
+    node = tensor.grad_fn
+    for _ in range(_MAX_HOPS):
+        if node is None:
+            return None
+        name = node.name()
+        if any(key in name for key in _CHANNELS_FIRST):
+            return "channels"
+        if any(key in name for key in _CHANNELS_LAST):
+            return "last"
+        if any(key in name for key in _REARRANGING):
+            return None
+        node = next((n for n, _ in node.next_functions
+                     if n is not None and n.name() != "torch::autograd::AccumulateGrad"), None)
+    return None
+
+
+def unit_dim(tensor: torch.Tensor) -> int:
+    """The dimension of ``tensor`` (an activation's output) that holds its units."""
+    layout = producer_layout(tensor) if tensor.ndim > 2 else None
+    if layout == "channels":
+        return 1
+    if layout == "last":
+        return tensor.ndim - 1
+    return 1 if tensor.ndim in (4, 5) else tensor.ndim - 1
 
 
 class _Site:
@@ -19,35 +72,62 @@ class _Site:
         self.spec = spec
         self.calls = 0
         self.elements = 0
-        self.units = 0
         self.below: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
-        self.alive: torch.Tensor | None = None
+        # per call position within a forward pass, and its width: units alive in any sample
+        self._slots: dict[tuple[int, int], torch.Tensor] = {}
+        self._pass = -1
+        self._ordinal = 0
+
+    @property
+    def alive(self) -> torch.Tensor | None:
+        """Alive flags of every unit of every call position, one vector (``None`` if none)."""
+        if not self._slots:
+            return None
+        slots = list(self._slots.values())
+        return slots[0] if len(slots) == 1 else torch.cat(slots)
+
+    @property
+    def units(self) -> int:
+        return sum(int(a.numel()) for a in self._slots.values())
 
     def add(self, x: torch.Tensor | None, y: torch.Tensor, params: dict[str, float],
-            floor: float) -> None:
+            floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None) -> None:
+        """Add one call's statistics (``forward_pass`` numbers the outermost forward calls)."""
+        if in_backward():  # re-run by activation checkpointing: the forward already counted
+            return
+        if not y.is_floating_point():
+            if skipped is not None and self.name not in skipped:
+                skipped.add(self.name)
+                log.warning("graddiag: activation site %r has %s outputs; its statistics are "
+                            "skipped, training goes on.", self.name, y.dtype)
+            return
         y32 = y.detach().float()
-        x32 = x.detach().float() if x is not None else None
+        x32 = x.detach().float() if x is not None and x.is_floating_point() else None
         d = self.spec.derivative(x32, y32, params).abs()
         if d.ndim == 0:
             d = d.reshape(1)
         below = d < floor
         below_sum = below.sum(dtype=torch.float32)
         gain_sum = d.sum(dtype=torch.float32)
-        dim = _unit_dim(d.ndim)
-        alive = (~below).movedim(dim, 0).reshape(d.shape[dim], -1).any(dim=1) if d.ndim > 1 else ~below
+        if d.ndim > 1:
+            dim = unit_dim(y) if y.ndim == d.ndim else d.ndim - 1
+            alive = (~below).movedim(dim, 0).reshape(d.shape[dim], -1).any(dim=1)
+        else:
+            alive = ~below
+        if forward_pass != self._pass:
+            self._pass, self._ordinal = forward_pass, 0
+        key = (self._ordinal, int(alive.numel()))
+        self._ordinal += 1
+        previous = self._slots.get(key)
+        self._slots[key] = alive if previous is None else previous | alive
         if self.below is None:
-            self.below, self.gain, self.alive = below_sum, gain_sum, alive
+            self.below, self.gain = below_sum, gain_sum
         else:
             self.below = self.below + below_sum
             self.gain = self.gain + gain_sum
-            if self.alive is not None and self.alive.shape == alive.shape:
-                self.alive = self.alive | alive
-            else:  # the site ran with another width: unit statistics are not comparable
-                self.alive = None
         self.calls += 1
         self.elements += d.numel()
-        self.units = int(alive.numel())
 
     def sums(self, device: torch.device) -> torch.Tensor:
         """``[saturated elements, sum of |f'|, elements]`` on ``device``."""

@@ -27,6 +27,7 @@ from graddiag.measure.activations.registry import (
 )
 from graddiag.measure.activations.statistics import _Site
 from graddiag.measure.compat import function_mode_stack, remove_function_mode
+from graddiag.measure.order import GradientArrival
 
 log = logging.getLogger("graddiag")
 
@@ -87,6 +88,7 @@ class ActivationWatch:
         self.registry = registry
         self.floor = derivative_floor
         self.functional = functional
+        self._root = root
         self.names = {m: clean_name(n) for n, m in root.named_modules()}
         self.root_name = type(root).__name__
         self.sites: dict[str, _Site] = {}
@@ -97,6 +99,9 @@ class ActivationWatch:
         self._installed = False
         self._stack: list[tuple[nn.Module, dict[str, int]]] = []
         self._busy = False
+        self.arrival: GradientArrival | None = None  # times the gradient through each site
+        self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
+        self.skipped: set[str] = set()  # sites warned about once as unmeasurable
 
     # -- the context
     @property
@@ -116,6 +121,7 @@ class ActivationWatch:
             yield
             return
         self._live = ExitStack()
+        self.forward_passes += 1
         try:
             if running is not None:
                 self._stack.append((running, {}))
@@ -128,6 +134,7 @@ class ActivationWatch:
             live.close()
 
     def _install(self, stack: ExitStack) -> None:
+        self.names = {m: clean_name(n) for n, m in self._root.named_modules()}  # modules change
         self._installed = True
         stack.callback(setattr, self, "_installed", False)
         for module, name in self.names.items():
@@ -225,11 +232,14 @@ class ActivationWatch:
             return
         self._busy = True
         try:
+            if self.arrival is not None:
+                self.arrival.watch_site(name, y)
             with torch.no_grad():
                 site = self.sites.get(name)
                 if site is None:
                     site = self.sites[name] = _Site(name, spec)
-                site.add(x, y, params, self.floor)
+                site.add(x, y, params, self.floor, forward_pass=self.forward_passes,
+                         skipped=self.skipped)
         finally:
             self._busy = False
 
