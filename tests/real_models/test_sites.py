@@ -1,0 +1,169 @@
+"""Activation sites that tell the truth: units follow the producer's layout, a module reused
+across widths keeps each call's units, Hugging Face activations are one site each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import activations as hf
+
+from graddiag.data.records import ActivationRecord
+from graddiag.measure.activations import ActivationWatch
+from graddiag.measure.activations.packing import pack_activations
+from tests.real_models.layouts import Conv1dNet, ReusedReLU, batches, digits
+from tests.real_models.training import train
+
+FLOOR = 0.01
+
+
+class CallRecorder:
+    """Keeps the output of every call of a ReLU module on the watched steps (independent of
+    graddiag): per call, which units (channels, dimension 1) fire for any sample."""
+
+    def __init__(self, module: nn.Module, steps: set[int]) -> None:
+        self.steps, self.step = steps, -1
+        self.alive: dict[int, list[torch.Tensor]] = {}
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
+        if self.step in self.steps and not torch.is_inference_mode_enabled():
+            per_unit = (output.detach() > 0).movedim(1, 0).reshape(output.shape[1], -1)
+            self.alive.setdefault(self.step, []).append(per_unit.any(dim=1))
+
+    def dead_fraction(self, step: int) -> float:
+        calls = self.alive[step]
+        return float(sum(int((~a).sum()) for a in calls) / sum(a.numel() for a in calls))
+
+
+def _digits_loss(model: nn.Module, recorders: list[CallRecorder] = ()):  # noqa: ANN202
+    data = batches(*digits(), batch_size=64)
+
+    def loss(step: int) -> torch.Tensor:
+        for recorder in recorders:
+            recorder.step = step
+        x, y = next(data)
+        return F.cross_entropy(model(x), y)
+
+    return loss
+
+
+def _dead(run, site: str) -> dict[int, float]:  # noqa: ANN001
+    return {r.step: float(r.activations.dead[r.activations.sites.index(site)])
+            for r in run.monitor.records if r.activations is not None}
+
+
+def test_conv1d_units_are_channels() -> None:
+    torch.manual_seed(0)
+    model = Conv1dNet(channels=32)
+    with torch.no_grad():  # 27 of 32 channels never fire: 84 % of the units are dead
+        model.conv1.weight[:27] = 0.0
+        model.conv1.bias[:27] = -1.0
+    recorder = CallRecorder(model.act1, {0, 3, 6})
+    run = train(model, _digits_loss(model, [recorder]), 7, activation_every_n_steps=3)
+    dead = _dead(run, "act1")
+    assert dead == {s: pytest.approx(recorder.dead_fraction(s)) for s in (0, 3, 6)}
+    assert dead[0] >= 27 / 32
+    assert [(f.kind, f.layer, f.step) for f in run.findings] == [("dead_relu", "act1", 3)]
+
+
+def test_healthy_conv1d_net_dead_fractions_match_and_raise_nothing() -> None:
+    torch.manual_seed(0)
+    model = Conv1dNet(channels=16)
+    recorders = [CallRecorder(model.act1, {0, 5, 10}), CallRecorder(model.act2, {0, 5, 10})]
+    run = train(model, _digits_loss(model, recorders), 12, activation_every_n_steps=5)
+    for recorder, site in zip(recorders, ("act1", "act2")):
+        assert _dead(run, site) == {s: pytest.approx(recorder.dead_fraction(s)) for s in (0, 5, 10)}
+    assert run.findings == []
+
+
+def test_a_relu_reused_across_widths_keeps_each_calls_units() -> None:
+    torch.manual_seed(0)
+    model = ReusedReLU(wide=16, narrow=8)
+    recorder = CallRecorder(model.relu, {0, 4, 8})
+    run = train(model, _digits_loss(model, [recorder]), 9, activation_every_n_steps=4)
+    assert _dead(run, "relu") == {s: pytest.approx(recorder.dead_fraction(s)) for s in (0, 4, 8)}
+    assert all(len(recorder.alive[s]) == 2 for s in (0, 4, 8))  # two calls: 16 + 8 units
+    assert run.findings == []
+
+
+def test_a_dead_relu_reused_across_widths_is_found() -> None:
+    torch.manual_seed(0)
+    model = ReusedReLU(wide=16, narrow=8)
+    with torch.no_grad():  # every call of the shared ReLU is 100 % dead
+        for conv in (model.conv1, model.conv2):
+            conv.weight.mul_(0.01)
+            conv.bias.fill_(-10.0)
+    recorder = CallRecorder(model.relu, {0, 2})
+    run = train(model, _digits_loss(model, [recorder]), 5, activation_every_n_steps=2)
+    assert recorder.dead_fraction(0) == 1.0
+    assert _dead(run, "relu") == {0: 1.0, 2: 1.0, 4: 1.0}
+    assert [(f.kind, f.layer, f.step) for f in run.findings] == [("dead_relu", "relu", 2)]
+
+
+def _watched(root: nn.Module, *passes: torch.Tensor) -> ActivationRecord:
+    """Activation statistics of ``root`` over one watched forward pass per input."""
+    watch = ActivationWatch(root, derivative_floor=FLOOR)
+    for x in passes:
+        with watch.watching():
+            root(x)
+    pack = pack_activations(*watch.take())
+    assert pack is not None
+    return pack.finish([c.detach().double().numpy().reshape(-1) for c in pack.chunks])
+
+
+def _autograd_derivative(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().double().requires_grad_(True)
+    module.double()(x).sum().backward()
+    module.float()
+    return x.grad.abs()
+
+
+HUGGING_FACE = [
+    hf.NewGELUActivation(), hf.GELUActivation(), hf.FastGELUActivation(), hf.GELUTanh(),
+    hf.AccurateGELUActivation(), hf.QuickGELUActivation(), hf.ClippedGELUActivation(-1.0, 2.0),
+    hf.SiLUActivation(), hf.MishActivation(), hf.ReLUSquaredActivation(), hf.LaplaceActivation(),
+    nn.GELU(approximate="tanh"), nn.Mish(), nn.Hardswish(),
+]
+
+
+@pytest.mark.parametrize("module", HUGGING_FACE, ids=lambda m: type(m).__name__)
+def test_composite_activations_are_one_site_with_their_own_derivative(module: nn.Module) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 16) * 3
+    x[:, :3] = -torch.rand(32, 3) * 5 - 8  # three units always very negative
+    d = _autograd_derivative(module, x)
+    record = _watched(nn.Sequential(module), x)
+    assert record.sites == ["0"]  # no "0:tanh"/"0:sigmoid" from the functions it calls inside
+    assert float(record.gain[0]) == pytest.approx(d.mean().item(), rel=1e-4)
+    assert float(record.saturated[0]) == pytest.approx((d < FLOOR).double().mean().item(), abs=1e-6)
+    assert float(record.dead[0]) == pytest.approx((d < FLOOR).all(dim=0).double().mean().item(),
+                                                  abs=1e-6)
+
+
+def test_graddiag_does_not_import_transformers() -> None:
+    code = "import sys, graddiag; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_units_follow_the_producer_when_the_shape_is_ambiguous() -> None:
+    from graddiag.measure.activations.statistics import unit_dim
+
+    x = torch.randn(4, 6, 10, requires_grad=True)
+    conv = nn.Conv1d(6, 6, 3, padding=1)
+    lin = nn.Linear(10, 10)
+    assert unit_dim(torch.relu(conv(x))) == 1  # (batch, channels, length)
+    assert unit_dim(torch.relu(conv(x) + x)) == 1  # through a residual addition
+    assert unit_dim(torch.relu(nn.BatchNorm1d(6)(conv(x)))) == 1
+    assert unit_dim(torch.relu(lin(x))) == 2  # (batch, tokens, features)
+    assert unit_dim(torch.relu(nn.LayerNorm(10)(x))) == 2
+    assert unit_dim(torch.relu(conv(x).transpose(1, 2))) == 2  # channels moved last: fallback
+    with torch.no_grad():
+        assert unit_dim(torch.relu(conv(x))) == 2  # no graph: 3-D tensors fall back to last
+    assert np.array_equal(unit_dim(torch.relu(torch.randn(2, 3, 4, 5))), 1)
