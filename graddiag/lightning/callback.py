@@ -249,7 +249,9 @@ class GradientDiagnostics(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         amp_scale = getattr(scaler, "_scale", None) if scaler is not None else None
         inner = getattr(optimizer, "optimizer", optimizer)
-        clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "norm" else None
+        # Lightning clips by norm unless gradient_clip_algorithm="value" is given
+        clip = (trainer.gradient_clip_val
+                if (trainer.gradient_clip_algorithm or "norm") == "norm" else None)
         report = self.monitor.step(
             trainer.global_step,
             optimizer=_optimizer_index(trainer, optimizer),
