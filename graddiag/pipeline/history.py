@@ -14,7 +14,7 @@ from graddiag.data.records import ActivationRecord, StepRecord
 HISTORY_COLUMNS = ["step", "optimizer", "layer", "position", "grad_norm", "param_norm",
                    "update_ratio", "has_grad", "nonfinite", "amp_overflow", "clipped"]
 ACTIVATION_COLUMNS = ["step", "site", "kind", "saturated_fraction", "dead_fraction", "gain",
-                      "calls"]
+                      "calls", "position"]
 
 
 class History:
@@ -117,6 +117,7 @@ class History:
             rows["dead_fraction"].append(a.dead)
             rows["gain"].append(a.gain)
             rows["calls"].append(a.calls)
+            rows["position"].append(np.full(n, np.nan) if a.position is None else a.position)
         if not rows["step"]:
             return pd.DataFrame({c: [] for c in ACTIVATION_COLUMNS})
         return pd.DataFrame({c: np.concatenate(v) for c, v in rows.items()})

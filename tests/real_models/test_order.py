@@ -3,6 +3,8 @@ sites between a layer and the loss follow what ran, not how modules were defined
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -120,3 +122,33 @@ def test_sites_between_a_layer_and_the_loss_follow_the_run_order() -> None:
     assert list(positions.sites) == ["act"] + [f"body.{2 * i + 1}" for i in range(9)]
     # the first sigmoid runs after the stem (layer 0), the last before the head (layer 10)
     assert list(positions.position) == [0.5 + i for i in range(10)]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: ViTLike(), lambda: ViTLike(checkpointed=True), lambda: ScaledCosine(),
+    lambda: CheckpointedMLP(depth=3),
+], ids=["vit_like", "vit_like_checkpointed", "scaled_cosine", "checkpointed_mlp"])
+def test_healthy_layouts_train_without_alarms(build) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build()
+    run = train(model, _classifier_loss(model), 25, activation_every_n_steps=5,
+                param_every_n_steps=5)
+    assert run.findings == []
+    run.assert_norms_match_reference(rtol=1e-4)
+    for record in run.monitor.records:
+        if record.activations is not None:  # recomputation under checkpointing is not counted
+            assert set(record.activations.calls) == {1.0}
+            assert np.isfinite(record.activations.position).all()
+
+
+def test_checkpointed_relu_sites_sit_inside_their_blocks() -> None:
+    torch.manual_seed(0)
+    model = CheckpointedMLP(depth=3)
+    run = train(model, _classifier_loss(model), 1, activation_every_n_steps=1)
+    record = run.monitor.records[0]
+    layers, acts = record.layers, record.activations
+    assert acts is not None
+    for i in range(3):  # the ReLU of block i runs between its two linear layers
+        position = acts.position[acts.sites.index(f"blocks.{i}.1")]
+        assert layers[int(position - 0.5)] == f"blocks.{i}.0"
+        assert layers[int(position + 0.5)] == f"blocks.{i}.2"

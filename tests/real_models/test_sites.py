@@ -167,3 +167,28 @@ def test_units_follow_the_producer_when_the_shape_is_ambiguous() -> None:
     with torch.no_grad():
         assert unit_dim(torch.relu(conv(x))) == 2  # no graph: 3-D tensors fall back to last
     assert np.array_equal(unit_dim(torch.relu(torch.randn(2, 3, 4, 5))), 1)
+
+
+def test_units_of_a_call_position_add_up_over_micro_batches() -> None:
+    torch.manual_seed(0)
+    model = ReusedReLU(wide=16, narrow=8)
+    with torch.no_grad():
+        model.conv1.bias[:10] = -0.5  # some channels fire for few samples only
+        model.conv2.bias[:5] = -0.3
+    recorder = CallRecorder(model.relu, {0})
+    recorder.step = 0
+    probe = ActivationProbe(model, derivative_floor=FLOOR)
+    micro_batches = [torch.rand(4, 64), torch.rand(4, 64)]
+    probe.arm()
+    for x in micro_batches:  # two micro-batches of one accumulated step
+        model(x)
+    probe.disarm()
+    chunks, finish = probe.collect()
+    record = finish([c.detach().double().numpy().reshape(-1) for c in chunks])
+    first, second = recorder.alive[0][:2], recorder.alive[0][2:]
+    # a unit is alive if it fired in either micro-batch; call 1 and call 2 are different units
+    alive = [a | b for a, b in zip(first, second)]
+    expected = sum(int((~a).sum()) for a in alive) / sum(a.numel() for a in alive)
+    assert record.calls[0] == 4
+    assert float(record.dead[0]) == pytest.approx(expected)
+    assert 0 < expected < 1
