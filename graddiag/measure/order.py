@@ -108,6 +108,9 @@ class GradientArrival:
 
     def clear(self) -> None:
         """Remove the parameter hooks and forget the times (site hooks die with their graph)."""
+        if not (self._handles or self._counter or self._sites_hooked
+                or self._sites_without_gradient):
+            return  # the ordinary step: nothing was watched
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
