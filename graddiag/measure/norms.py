@@ -146,6 +146,11 @@ class _ParamGroup:
 MEASURE_ERRORS = (RuntimeError, NotImplementedError, TypeError)
 
 
+def _present(group: _ParamGroup) -> list[str]:
+    """Names of the group's parameters that have a gradient now (aligned with their grads)."""
+    return [n for n, p in zip(group.names, group.params) if p.grad is not None]
+
+
 def _grad_key(grad: torch.Tensor) -> tuple[Any, ...]:
     return (*_group_key(grad), grad.layout)
 
@@ -210,7 +215,7 @@ class GradientProbe:
         """
         has_grad = [False] * self._n_layers
         missing: dict[int, list[str]] = {}
-        contributions = []
+        contributions: list[torch.Tensor] = []
         for group in self._groups:
             grads = [p.grad for p in group.params]
             lids = group.lids
@@ -224,7 +229,7 @@ class GradientProbe:
                 if not grads:
                     continue
             if group.mixed:
-                measured = self._careful(grads, lids, group.names, contributions)
+                measured = self._careful(grads, lids, _present(group), contributions)
             else:
                 try:
                     index = self._aggregate.index(grads[0].device, lids)
@@ -233,7 +238,7 @@ class GradientProbe:
                     measured = lids
                 except MEASURE_ERRORS:  # e.g. a sparse gradient among dense ones
                     group.mixed = True
-                    measured = self._careful(grads, lids, group.names, contributions)
+                    measured = self._careful(grads, lids, _present(group), contributions)
             for lid in measured:
                 has_grad[lid] = True
         norms = self._aggregate.combine(contributions)
@@ -241,7 +246,7 @@ class GradientProbe:
             norms = norms / grad_scale.to(norms.device, torch.float32)
         return GradientReading(norms, has_grad, missing)
 
-    def _careful(self, grads: list[torch.Tensor], lids: list[int], names: list[str],
+    def _careful(self, grads: list[Any], lids: list[int], names: list[str],
                  contributions: list[torch.Tensor]) -> list[int]:
         """Measure gradients of mixed layouts/dtypes by kind; skip (warn once) what cannot be.
 

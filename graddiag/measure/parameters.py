@@ -8,6 +8,7 @@ from graddiag.measure.layers import LayerIndex
 from graddiag.measure.norms import (
     MEASURE_ERRORS,
     LayerNormAggregator,
+    _local,
     describe,
     warn_unmeasurable,
 )
@@ -53,12 +54,12 @@ def _measurable_kinds(params: list[torch.Tensor], names: list[str], warned: set[
     others are left out, with one warning per kind."""
     usable: set[str] = set()
     tried: set[str] = set()
-    for param, name in zip(params, names):
+    for param in params:
         kind = describe(param)
         if kind in tried:
             continue
         tried.add(kind)
-        sample = param.detach().reshape(-1)[:1]
+        sample = _local(param.detach()).reshape(-1)[:1]  # a local element: no collective
         try:
             LayerNormAggregator(1, 2.0)([sample], [0])
             torch._foreach_sub([sample], [sample])

@@ -109,7 +109,7 @@ class ActivationRegistry:
         return ActivationRegistry(dict(self.modules), dict(self.functions), dict(self.module_names))
 
 
-def _clip_params(module: nn.Module) -> dict[str, float]:
+def _clip_params(module: Any) -> dict[str, float]:
     return {"min_val": float(module.min), "max_val": float(module.max)}
 
 
