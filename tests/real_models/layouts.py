@@ -280,3 +280,42 @@ class SigmoidClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
+
+
+class LoRALinear(nn.Module):
+    """peft's layout: a frozen base layer plus ``lora_A`` (random) and ``lora_B`` (zeros)."""
+
+    def __init__(self, features: int, rank: int = 4) -> None:
+        super().__init__()
+        self.base = nn.Linear(features, features)
+        self.base.requires_grad_(False)
+        self.lora_A = nn.Linear(features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + 2.0 * self.lora_B(self.lora_A(x))
+
+
+class ReZeroBlock(nn.Module):
+    """A residual branch gated by a learned scalar initialised at zero (ReZero)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha * self.fc2(F.gelu(self.fc1(x)))
+
+
+def adapted_mlp() -> nn.Module:
+    """Three LoRA-adapted frozen layers and a trainable head."""
+    return nn.Sequential(LoRALinear(64), nn.ReLU(), LoRALinear(64), nn.ReLU(), LoRALinear(64),
+                         nn.ReLU(), nn.Linear(64, 10))
+
+
+def rezero_mlp(depth: int = 6, dim: int = 32) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, dim), *[ReZeroBlock(dim) for _ in range(depth)],
+                         nn.Linear(dim, 10))

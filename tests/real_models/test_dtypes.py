@@ -116,3 +116,27 @@ def test_a_dtype_torch_cannot_norm_is_measured_upcast_or_skipped_with_one_warnin
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "float8_e4m3fn" in warnings[0]
     assert len(run.monitor.records) == 6
+
+
+class ComplexTanh(ComplexLinear):
+    """A complex-valued activation (``torch.tanh`` of a complex tensor) before the read-out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.read(torch.tanh(self.mix(x)).abs())
+
+
+def test_a_complex_activation_is_skipped_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = ComplexTanh()
+    g = torch.Generator().manual_seed(0)
+
+    def loss(step: int) -> torch.Tensor:
+        return model(torch.randn(16, 8, dtype=torch.complex64, generator=g)).pow(2).mean()
+
+    with caplog.at_level(logging.WARNING, logger="graddiag"):
+        run = train(model, loss, 6, activation_every_n_steps=2)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "ComplexTanh:tanh" in warnings[0]
+    assert len(run.monitor.activation_history) == 0  # no statistics from complex values
+    run.assert_norms_match_reference(rtol=1e-5)

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.real_models.layouts import LayerScaleViT, SigmoidClassifier, batches, digits
+from tests.real_models.layouts import (
+    LayerScaleViT,
+    SigmoidClassifier,
+    adapted_mlp,
+    batches,
+    digits,
+    rezero_mlp,
+)
 from tests.real_models.training import train
 
 
@@ -129,3 +137,21 @@ def test_a_saturated_hidden_sigmoid_is_found_at_its_site() -> None:
     assert float((torch.sigmoid(z) * (1 - torch.sigmoid(z)) < 0.01).double().mean()) > 0.5
     assert [(f.kind, f.layer, f.step) for f in run.findings] == [("saturated", "net.1", 5)]
     assert np.isfinite(first.position).all() and first.position[0] == 0.5
+
+
+@pytest.mark.parametrize("build", [adapted_mlp, rezero_mlp], ids=["lora_adapters", "rezero"])
+def test_adapters_and_zero_initialised_branches_grow_without_alarms(build) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build()
+    data = batches(*digits(), batch_size=64)
+
+    def loss(step: int) -> torch.Tensor:
+        x, y = next(data)
+        return F.cross_entropy(model(x), y)
+
+    run = train(model, loss, 40, activation_every_n_steps=10)
+    norms = pd.DataFrame(run.references)
+    grown = [c for c in norms if c.endswith(("lora_A", "fc1"))]
+    assert (norms.loc[0, grown] == 0).all()  # no gradient at all through a zero gate at first
+    assert (norms.loc[39, grown] > 0).all()
+    assert run.findings == []
