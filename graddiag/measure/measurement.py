@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
+from torch import nn
 
 from graddiag.data.records import StepRecord
 from graddiag.data.schedule import Schedule
 from graddiag.measure.activations.packing import ActivationPack
-from torch import nn
-
 from graddiag.measure.histograms import HistogramProbe
 from graddiag.measure.layers import LayerIndex
 from graddiag.measure.live_layers import LiveLayers

@@ -19,8 +19,8 @@ and :meth:`GradientArrival.clear`; nothing is installed on ordinary steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 import numpy as np
 import torch

@@ -11,7 +11,7 @@ parameters, ``Conv1d`` feature maps, an activation module reused across widths (
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F

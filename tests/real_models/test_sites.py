@@ -177,14 +177,8 @@ def test_units_of_a_call_position_add_up_over_micro_batches() -> None:
         model.conv2.bias[:5] = -0.3
     recorder = CallRecorder(model.relu, {0})
     recorder.step = 0
-    probe = ActivationProbe(model, derivative_floor=FLOOR)
-    micro_batches = [torch.rand(4, 64), torch.rand(4, 64)]
-    probe.arm()
-    for x in micro_batches:  # two micro-batches of one accumulated step
-        model(x)
-    probe.disarm()
-    chunks, finish = probe.collect()
-    record = finish([c.detach().double().numpy().reshape(-1) for c in chunks])
+    # two micro-batches of one accumulated step: two watched forward passes
+    record = _watched(model, torch.rand(4, 64), torch.rand(4, 64))
     first, second = recorder.alive[0][:2], recorder.alive[0][2:]
     # a unit is alive if it fired in either micro-batch; call 1 and call 2 are different units
     alive = [a | b for a, b in zip(first, second)]

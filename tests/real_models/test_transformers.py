@@ -6,7 +6,7 @@ layer and step; norms equal float64 references computed from ``.grad``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
