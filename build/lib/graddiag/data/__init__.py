@@ -1,1 +1,0 @@
-"""Floor 1, plain data: records, findings, options, errors. Imports neither torch nor Lightning."""

@@ -1,1 +1,0 @@
-"""Floor 5, the framework-free pipeline: ``GradientMonitor`` and its bounded history."""
