@@ -68,11 +68,13 @@ def report(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"report": report, "fit": _fit, "study": _study, "demo": _demo}
+    commands = {"report": report, "fit": _fit, "options": _options, "study": _study,
+                "demo": _demo}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: graddiag {report,fit,study,demo} ...\n\n"
+        print("usage: graddiag {report,fit,options,study,demo} ...\n\n"
               "  report LOGDIR   summarise TensorBoard logs; --fail-on KINDS gates CI\n"
               "  fit --config X  run a YAML experiment (LightningCLI)\n"
+              "  options         every option: default, allowed values, meaning (Markdown)\n"
               "  study           the activation/depth study on the digits data\n"
               "  demo            the deep sigmoid vs ReLU demonstration",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
@@ -81,9 +83,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(argv: list[str]) -> int:
+    import warnings
+
     from graddiag.lightning.fit import run_cli
 
-    run_cli(["fit", *argv])
+    with warnings.catch_warnings():  # the arguments are sys.argv's own: nothing to warn about
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        run_cli(["fit", *argv])
+    return EXIT_OK
+
+
+def _options(argv: list[str]) -> int:
+    """``graddiag options``: the options table, as in the README (generated, never edited)."""
+    from graddiag.data.option_docs import markdown_table
+
+    argparse.ArgumentParser(
+        prog="graddiag options",
+        description="Print every option of GradientMonitor and GradientDiagnostics as the "
+                    "README's Markdown table.",
+    ).parse_args(argv)
+    print(markdown_table(), end="")
     return EXIT_OK
 
 

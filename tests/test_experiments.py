@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,19 +72,88 @@ def test_bad_config_values_are_rejected_before_training(override: list[str], nam
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *override, *QUIET])
-    assert exit_.value.code != 0
+    assert exit_.value.code == 2
     assert named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        (["--diagnostics.every_n_steps", "0"],
+         "--diagnostics.every_n_steps must be an integer >= 1, got 0"),
+        (["--diagnostics.vanishing_rel", "5"],
+         "--diagnostics.vanishing_rel must be a number in [0.0, 1.0], got 5.0"),
+        (["--diagnostics.ignore", "[vanish]"],
+         "--diagnostics.ignore must be a list of finding kinds from ['vanishing', 'exploding', "
+         "'nonfinite', 'no_gradient', 'saturated', 'dead_relu'], got vanish"),
+        (["--diagnostics.every_n_steps", "ten"],
+         "--diagnostics.every_n_steps must be an integer >= 1, got ten"),
+        (["--diagnostics.on_nonfinite", "panic"],
+         "--diagnostics.on_nonfinite must be one of ['warn', 'raise', 'stop', 'skip'], got panic"),
+        (["--diagnostics.log_every_n_steps", "x"],
+         "--diagnostics.log_every_n_steps must be an integer >= 1 or None, got x"),
+        (["--diagnostics.figure_every_n_steps", "-1"],
+         "--diagnostics.figure_every_n_steps must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_bad_diagnostics_value_is_one_line_and_exit_status_2(
+    override: list[str], line: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *override, *QUIET])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"graddiag fit: error: {line}"]
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_a_bad_value_in_a_config_file_is_one_line_too(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text()
+                      + "\ndiagnostics:\n  exploding_factor: 0.5\n")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(config), *QUIET])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "graddiag fit: error: --diagnostics.exploding_factor must be a number > 1.0, got 0.5"]
+
+
+@pytest.mark.slow  # a fresh interpreter importing Lightning
+def test_graddiag_fit_command_rejects_an_out_of_range_value_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "graddiag.cli", "fit", "--config",
+         str(ROOT / "configs/quickstart.yaml"), "--diagnostics.every_n_steps", "0", *QUIET],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "graddiag fit: error: --diagnostics.every_n_steps must be an integer >= 1, got 0"]
+
+
+def test_good_diagnostics_values_reach_the_callback(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+                   "--diagnostics.norm_type", "inf", "--diagnostics.ignore", "[dead_relu]",
+                   "--diagnostics.exclude", "[net.0]", "--diagnostics.on_exploding", "skip",
+                   "--trainer.max_steps", "2", *QUIET])
+    config = diagnostics_of(cli).config
+    assert config.norm_type == math.inf and config.ignore == ("dead_relu",)
+    assert config.exclude == ("net.0",) and config.on_exploding == "skip"
+    assert "net.0" not in set(diagnostics_of(cli).history.layer)
+
+
 def test_fit_help_documents_every_callback_option(capsys: pytest.CaptureFixture[str]) -> None:
-    from graddiag.data.options import OPTION_NAMES
+    from graddiag.data.options import OPTIONS
 
     with pytest.raises(SystemExit):
         run_cli(["fit", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for name in OPTION_NAMES:
-        assert f"--diagnostics.{name}" in text, name
-    assert "Fraction of the largest layer's gradient norm below which a layer" in text
+    text = "".join(capsys.readouterr().out.split())  # the help wraps lines, also at hyphens
+    for option in OPTIONS:
+        assert f"--diagnostics.{option.name}" in text, option.name
+        assert "".join(f"{option.doc} Allowed: {option.allowed}.".split()) in text, option.name
 
 
 def test_study_command_writes_table_and_figure(tmp_path: Path) -> None:

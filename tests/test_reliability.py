@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import pytorch_lightning as pl
@@ -205,16 +206,23 @@ def _fixed_data() -> DataLoader:
     return DataLoader(TensorDataset(x[:320], y[:320]), batch_size=32, shuffle=False)
 
 
-def _resume_run(tmp_path: Path, ckpt: str | None, epochs: int) -> tuple[GradientDiagnostics, Any]:
-    cbs = [GradientDiagnostics(activation_every_n_steps=3, print_summary=False),
-           GradientDiagnostics(every_n_steps=2, activation_every_n_steps=0, vanishing_patience=3,
-                               print_summary=False)]
+def _checkpointed_fit(tmp_path: Path, callbacks: list[pl.Callback], ckpt: str | None,
+                      epochs: int) -> pl.Trainer:
+    """Deep sigmoid net, 10 batches per epoch, a checkpoint (``last.ckpt``) after every epoch."""
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
     pl.seed_everything(0, verbose=False)
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*cbs, ckpt_cb],
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*callbacks, ckpt_cb],
                             enable_checkpointing=True)
     trainer.fit(DeepMLP(depth=8, width=32, activation="sigmoid", optimizer="sgd", lr=0.1),
                 _fixed_data(), ckpt_path=ckpt)
+    return trainer
+
+
+def _resume_run(tmp_path: Path, ckpt: str | None, epochs: int) -> tuple[GradientDiagnostics, Any]:
+    cbs = [GradientDiagnostics(activation_every_n_steps=3, print_summary=False),
+           GradientDiagnostics(every_n_steps=2, activation_every_n_steps=0, vanishing_patience=3,
+                               prefix="sparse/", print_summary=False)]
+    trainer = _checkpointed_fit(tmp_path, cbs, ckpt, epochs)
     return cbs, trainer
 
 
@@ -231,6 +239,54 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert whole[0].findings  # the comparison compared something
     checkpoint = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)
     assert {whole[0].state_key, whole[1].state_key} <= set(checkpoint["callbacks"])
+
+
+def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+def test_resume_with_changed_thresholds_keeps_history_and_findings_and_says_what_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = GradientDiagnostics(activation_every_n_steps=3, vanishing_patience=3,
+                                print_summary=False)
+    _checkpointed_fit(tmp_path / "a", [first], None, epochs=2)
+    resumed = GradientDiagnostics(activation_every_n_steps=3, vanishing_patience=5,
+                                  vanishing_rel=1e-3, print_summary=False)
+    assert resumed.state_key == first.state_key
+    with caplog.at_level(logging.WARNING, logger="graddiag"):
+        _checkpointed_fit(tmp_path / "b", [resumed], str(tmp_path / "a" / "last.ckpt"), epochs=4)
+    (warning,) = _messages(caplog, "changed settings")
+    assert "vanishing_patience 3 -> 5" in warning and "vanishing_rel 0.0001 -> 0.001" in warning
+    assert "activation_every_n_steps" not in warning  # only what changed
+    before, after = first.history, resumed.history
+    assert sorted(before.step.unique()) == list(range(20))  # 2 epochs of 10 batches
+    assert sorted(after.step.unique()) == list(range(40))
+    pd.testing.assert_frame_equal(after[after.step < 20].reset_index(drop=True),
+                                  before.reset_index(drop=True))
+    assert first.findings  # the saved findings are kept, oldest first
+    assert [repr(f) for f in resumed.findings[:len(first.findings)]] == [
+        repr(f) for f in first.findings]
+    acts_before = first.activation_history
+    acts_after = resumed.activation_history
+    assert len(acts_before)
+    pd.testing.assert_frame_equal(acts_after[acts_after.step < 20].reset_index(drop=True),
+                                  acts_before.reset_index(drop=True))
+
+
+def test_resume_with_other_identity_settings_starts_afresh_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = GradientDiagnostics(print_summary=False)
+    _checkpointed_fit(tmp_path / "a", [first], None, epochs=1)
+    other = GradientDiagnostics(prefix="other/", print_summary=False)
+    with caplog.at_level(logging.WARNING, logger="graddiag"):
+        _checkpointed_fit(tmp_path / "b", [other], str(tmp_path / "a" / "last.ckpt"), epochs=2)
+    (warning,) = _messages(caplog, "under other identity settings")
+    assert first.state_key in warning and other.state_key in warning
+    assert sorted(other.history.step.unique()) == list(range(10, 20))
+    assert not _messages(caplog, "changed settings")
 
 
 # --------------------------------------------------------------------------- faults
@@ -348,6 +404,7 @@ def test_constant_healthy_sequences_never_flag(levels: list[float], steps: int) 
 
 
 # --------------------------------------------------------------------------- long runs
+@pytest.mark.slow
 def test_twenty_thousand_recorded_steps_stay_within_bounds() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))

@@ -14,3 +14,8 @@ class GradientAlarm(RuntimeError):
     def __init__(self, findings: list[Finding]) -> None:
         self.findings = list(findings)
         super().__init__("; ".join(str(f) for f in self.findings))
+
+
+class UnknownOptionError(ValueError, TypeError):
+    """An option name that does not exist: a ``ValueError`` for graddiag's checks and a
+    ``TypeError`` like any unexpected keyword argument."""

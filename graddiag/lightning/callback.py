@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -15,10 +16,17 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import Finding
-from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check_int
+from graddiag.data.options import (
+    OPTIONS,
+    docstring_section,
+    identity_settings,
+    option_signature,
+    split_options,
+)
 from graddiag.data.policy import ALARM_KINDS, StepReport
 from graddiag.lightning.strategy import StrategyReducer, agree_on_action
 from graddiag.measure.activations import ActivationRegistry
+from graddiag.pipeline.arguments import check_activation_registry, check_reporters
 from graddiag.pipeline.history import History
 from graddiag.pipeline.monitor import GradientMonitor
 from graddiag.reporters import ConsoleReporter, Reporter
@@ -30,8 +38,6 @@ from graddiag.reporters.tensorboard import TensorBoardReporter
 
 log = logging.getLogger("graddiag")
 
-Action = Literal["warn", "raise", "stop", "skip"]
-
 
 class GradientDiagnostics(Callback):
     """Records per-layer gradient statistics during ``Trainer.fit`` and reports findings.
@@ -42,98 +48,29 @@ class GradientDiagnostics(Callback):
     every ``log_every_n_steps`` steps. After fit, :attr:`findings` and :attr:`history` hold
     everything.
 
-    Args:
-        every_n_steps: Record gradient norms every this many optimizer steps (1: every step,
-            so a NaN is caught on the step it appears).
-        norm_type: p of the p-norm: 1, 2, any p > 0, or ``inf``.
-        include: Glob patterns of layer names to monitor (default: all layers).
-        exclude: Glob patterns of layer names to leave out.
-        param_every_n_steps: Parameter norms and update ratios every this many steps (0: off).
-        activation_every_n_steps: Activation statistics every this many steps (0: off).
-        functional_activations: Also analyse ``torch.sigmoid``/``F.relu``-style calls made
-            inside ``forward``, and note graph-cutting operations.
-        vanishing_abs: Gradient norm below which a layer is vanishing.
-        vanishing_rel: Fraction of the largest layer's gradient norm below which a layer is
-            vanishing.
-        vanishing_patience: Consecutive recorded steps before ``vanishing`` is reported.
-        exploding_abs: Gradient norm above which a layer is exploding.
-        exploding_factor: Multiple of a layer's recent level (running geometric mean of its
-            norms) above which it is exploding.
-        exploding_window: Span, in recorded steps, of that running level.
-        exploding_patience: Consecutive recorded steps before ``exploding`` is reported.
-        no_gradient_patience: Consecutive recorded steps without a gradient before
-            ``no_gradient`` is reported.
-        derivative_floor: Local derivative below which a unit passes almost no gradient.
-        saturated_fraction: Fraction of saturated units above which a sigmoid/tanh site is
-            reported ``saturated``.
-        dead_fraction: Fraction of dead units above which a ReLU-like site is reported
-            ``dead_relu``.
-        activation_patience: Consecutive activation steps before ``saturated``/``dead_relu``.
-        on_nonfinite: ``warn``, ``raise`` (GradientAlarm), ``stop`` (the Trainer stops
-            cleanly, all ranks together) or ``skip`` (the optimizer step applies nothing).
-        on_exploding: Same choices, for exploding gradients.
-        ignore: Finding kinds never reported.
-        max_history_rows: Bound on rows (steps x layers) kept in :attr:`history`.
-        histogram_every_n_steps: Per-layer gradient-magnitude histograms every this many
-            steps (0: off), with fixed log-spaced bins; TensorBoard only.
-        log_every_n_steps: Scalar logging interval; ``None`` uses the trainer's.
-        figure_every_n_steps: Gradient-flow image interval in TensorBoard (0: only the final
-            image, also saved as ``gradient_flow.png`` in the log directory).
-        prefix: Prefix of every logged key.
+    Every option is checked here, at construction: a bad value raises ``ValueError`` naming the
+    option, what is allowed and what was given; an unknown name raises ``TypeError``. The
+    options and their documentation come from :mod:`graddiag.data.options` (``Args`` below is
+    generated from it).
     """
 
+    @option_signature
     def __init__(
         self,
         *,
-        every_n_steps: int = 1,
-        norm_type: float | str = 2.0,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        param_every_n_steps: int = 50,
-        activation_every_n_steps: int = 50,
-        functional_activations: bool = True,
-        vanishing_abs: float = 1e-12,
-        vanishing_rel: float = 1e-4,
-        vanishing_patience: int = 10,
-        exploding_abs: float = 1e4,
-        exploding_factor: float = 100.0,
-        exploding_window: int = 20,
-        exploding_patience: int = 1,
-        no_gradient_patience: int = 3,
-        derivative_floor: float = 0.01,
-        saturated_fraction: float = 0.5,
-        dead_fraction: float = 0.7,
-        activation_patience: int = 2,
-        on_nonfinite: Action = "warn",
-        on_exploding: Action = "warn",
-        ignore: list[str] | None = None,
-        max_history_rows: int = 200_000,
-        histogram_every_n_steps: int = 0,
-        log_every_n_steps: int | None = None,
-        figure_every_n_steps: int = 500,
-        prefix: str = "graddiag/",
-        progress_bar: bool = True,
-        print_summary: bool = True,
         activation_registry: ActivationRegistry | None = None,
         reporters: Sequence[Reporter] | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        given = locals()
-        self.config = MonitorConfig(**{name: given[name] for name in OPTION_NAMES})
-        if log_every_n_steps is not None:
-            check_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        check_int("figure_every_n_steps", figure_every_n_steps, minimum=0)
-        check_bool("progress_bar", progress_bar)
-        check_bool("print_summary", print_summary)
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a string, got {prefix!r}")
-        self.log_every_n_steps = log_every_n_steps
-        self.figure_every_n_steps = figure_every_n_steps
-        self.prefix = prefix
-        self.progress_bar = progress_bar
-        self.print_summary = print_summary
-        self.activation_registry = activation_registry
-        self.extra_reporters = list(reporters or [])
+        self.config, self.adapter = split_options(options)
+        self.log_every_n_steps = self.adapter.log_every_n_steps
+        self.figure_every_n_steps = self.adapter.figure_every_n_steps
+        self.prefix = self.adapter.prefix
+        self.progress_bar = self.adapter.progress_bar
+        self.print_summary = self.adapter.print_summary
+        self.activation_registry = check_activation_registry(activation_registry)
+        self.extra_reporters = check_reporters(reporters)
         self.monitor: GradientMonitor | None = None
         self._saved: dict[str, Any] | None = None
         self._shown_in_progress_bar: int | None = None
@@ -141,7 +78,11 @@ class GradientDiagnostics(Callback):
     # ------------------------------------------------------------------ identity
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self.config.to_dict(), prefix=self.prefix)
+        """Names this callback's state in checkpoints: the identity settings only (what is
+        monitored and where it is logged), so that a resumed run with other thresholds or
+        cadences keeps its history, while two callbacks watching different layers, norms or
+        prefixes keep separate state."""
+        return self._generate_state_key(**identity_settings(self.config, self.adapter))
 
     # ------------------------------------------------------------------ results
     @property
@@ -323,6 +264,33 @@ class GradientDiagnostics(Callback):
             self.monitor.load_state_dict(state_dict)
         else:
             self._saved = dict(state_dict)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Say so when the checkpoint holds graddiag state, but none under this ``state_key``."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or not trainer.is_global_zero:
+            return
+        siblings = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
+        name = type(self).__qualname__
+        others = [k for k in states
+                  if isinstance(k, str) and k.startswith(name) and k not in siblings]
+        if others:
+            log.warning(
+                "graddiag: the checkpoint holds %s state under other identity settings (%s) and "
+                "none under this callback's (%s); its history starts afresh. Resume with the "
+                "same norm_type, include, exclude and prefix to continue that history.",
+                name, "; ".join(others), self.state_key,
+            )
+
+
+GradientDiagnostics.__doc__ = f"{GradientDiagnostics.__doc__}\n" + docstring_section(
+    "Args", OPTIONS, extra={
+        "activation_registry": "Activation types and functions to analyse; None uses the "
+                               "built-in ones (extend graddiag.default_registry.copy()).",
+        "reporters": "Further reporters, each with report(record, findings) and close().",
+    })
 
 
 def _optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:

@@ -7,19 +7,70 @@ callback that every run gets, type-checked and documented in ``graddiag fit --he
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import sys
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from graddiag.data.options import OPTIONS, get_option, split_options
 from graddiag.lightning.callback import GradientDiagnostics
+
+EXIT_USAGE = 2
+_PARSER_KEY = re.compile(r'Parser key "diagnostics\.(\w+)"')
+_GIVEN = re.compile(r"(?:Got|Given) value: (.*)")
+
+
+def _usage_error(line: str) -> NoReturn:
+    """One line on stderr, exit status 2: how ``graddiag fit`` rejects a bad option."""
+    sys.stderr.write(f"graddiag fit: error: {line}\n")
+    raise SystemExit(EXIT_USAGE)
+
+
+class DiagnosticsParser(LightningArgumentParser):
+    """Rejects a ``diagnostics.*`` value of the wrong type in one line: option, allowed, given."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        key = _PARSER_KEY.search(message)
+        if key and self.exit_on_error and key.group(1) in {o.name for o in OPTIONS}:
+            found = _GIVEN.findall(message)
+            given = found[-1].strip() if found else " ".join(message.split()[3:])
+            _usage_error(f"--diagnostics.{key.group(1)} must be "
+                         f"{get_option(key.group(1)).allowed}, got {given}")
+        super().error(message, ex)
 
 
 class GraddiagCLI(LightningCLI):
-    """LightningCLI with a ``diagnostics`` section for :class:`GradientDiagnostics`."""
+    """LightningCLI with a ``diagnostics`` section for :class:`GradientDiagnostics`.
+
+    Every diagnostics option is checked before anything is built: a wrong type (by
+    jsonargparse) or an out-of-range value (by the option's own check) ends the command with
+    one line naming the option, what is allowed and what was given, and exit status 2.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", DiagnosticsParser)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GradientDiagnostics, "diagnostics")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._check_diagnostics()
+
+    def _check_diagnostics(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        section = config.get("diagnostics")
+        if section is None:
+            return
+        values = {o.name: section[o.name] for o in OPTIONS if o.name in section}
+        try:
+            split_options(values)
+        except ValueError as error:
+            _usage_error(f"--diagnostics.{error}")
 
 
 def run_cli(args: list[str], **kwargs: Any) -> GraddiagCLI:

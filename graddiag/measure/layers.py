@@ -76,7 +76,9 @@ def discover_layers(
             count: they may be unfrozen later).
 
     Raises:
-        ValueError: if an ``include`` or ``exclude`` pattern matches no module owning parameters.
+        ValueError: if an ``include`` or ``exclude`` pattern matches no module owning parameters,
+            or the patterns together leave no such module to monitor (``include=[]``,
+            ``exclude=["*"]``).
     """
     seen: set[int] = set()
     candidates: list[Layer] = []
@@ -99,13 +101,17 @@ def discover_layers(
                     raise ValueError(
                         f"{option} pattern {pattern!r} matches no layer; layers are {all_names}"
                     )
-    kept = [
-        layer
-        for layer in candidates
-        if (include is None or any(fnmatch.fnmatchcase(layer.name, p) for p in include))
-        and not any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)
-    ]
-    return LayerIndex(kept)
+        if all_names and not any(_selected(n, include, exclude) for n in all_names):
+            raise ValueError(
+                f"the patterns include={None if include is None else list(include)!r} and "
+                f"exclude={list(exclude)!r} left no layer to monitor; layers are {all_names}"
+            )
+    return LayerIndex([layer for layer in candidates if _selected(layer.name, include, exclude)])
+
+
+def _selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> bool:
+    return ((include is None or any(fnmatch.fnmatchcase(name, p) for p in include))
+            and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
 class ForwardOrderRecorder:

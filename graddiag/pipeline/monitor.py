@@ -16,7 +16,7 @@ from torch import nn
 
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import Finding
-from graddiag.data.options import MonitorConfig
+from graddiag.data.options import MonitorConfig, changed_settings
 from graddiag.data.policy import ALARM_KINDS, StepReport, decide
 from graddiag.data.records import StepRecord
 from graddiag.data.schedule import Schedule
@@ -28,6 +28,7 @@ from graddiag.measure.measurement import StepMeasurement
 from graddiag.measure.ranks import as_reducer
 from graddiag.measure.tree import module_tree
 from graddiag.pipeline.activation_scope import ActivationScope
+from graddiag.pipeline.arguments import check_activation_registry, check_reporters
 from graddiag.pipeline.history import History
 from graddiag.pipeline.reporting import Reporting
 from graddiag.reporters import ConsoleReporter, Reporter
@@ -82,6 +83,8 @@ class GradientMonitor:
             raise ValueError(f"watch must name a method of the model or be None; "
                              f"{type(model).__name__} has no method {watch!r}")
         self.config = c = config if config is not None else MonitorConfig.from_options(**options)
+        activation_registry = check_activation_registry(activation_registry)
+        reporters = None if reporters is None else check_reporters(reporters)
         self.schedule = Schedule.from_config(c)
         self.model = model
         self.index = discover_layers(model, c.include, c.exclude)
@@ -235,14 +238,23 @@ class GradientMonitor:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Rule state, findings, history and the step counter (plain containers and tensors only,
-        so checkpoints load with ``weights_only=True``)."""
+        """Rule state, findings, history, the step counter and the settings (plain containers and
+        tensors only, so checkpoints load with ``weights_only=True``)."""
         return {"next_step": self._next_step, "rules": self.rules.state_dict(),
                 "findings": [f.to_dict() for f in self.findings],
-                "history": self._history.state_dict()}
+                "history": self._history.state_dict(), "settings": self.config.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (a resumed run continues where it stopped)."""
+        """Restore what :meth:`state_dict` saved (a resumed run continues where it stopped).
+
+        Settings may differ from the saved ones (e.g. a changed threshold): history and findings
+        are kept, the new settings apply from here on, and one warning says what changed.
+        """
+        changed = changed_settings(state.get("settings", {}), self.config)
+        if changed:
+            log.warning("graddiag: resuming with changed settings (%s); the saved history and "
+                        "findings are kept, the new settings apply from here on.",
+                        ", ".join(changed))
         self._next_step = self._activations.upcoming = int(state["next_step"])
         self.rules.load_state_dict(state["rules"])
         self.findings = [Finding.from_dict(d) for d in state["findings"]]

@@ -1,0 +1,46 @@
+"""Checks of the object arguments (``activation_registry``, ``reporters``) at construction.
+
+Options are checked by :mod:`graddiag.data.options`; these two are objects, checked here so
+that a wrong one fails when the monitor or callback is made, not at fit or at its very end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from graddiag.data.checks import reject
+from graddiag.measure.activations import ActivationRegistry
+
+_REPORTER = "an object with a callable report(snapshot) (finish(run) and close() optional)"
+
+
+def check_activation_registry(value: Any) -> ActivationRegistry | None:
+    """``None`` (the built-in registry) or an :class:`ActivationRegistry`, else ``ValueError``."""
+    if value is not None and not isinstance(value, ActivationRegistry):
+        reject("activation_registry",
+               "None (the built-in activations) or an ActivationRegistry, e.g. "
+               "graddiag.default_registry.copy()", value)
+    return value
+
+
+def check_reporters(value: Any) -> list[Any]:
+    """``None`` or a list of reporters: each has a callable ``report``; ``finish`` and
+    ``close`` are optional but must be callable when present (see :mod:`graddiag.reporters.base`)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        reject("reporters", f"None or a list of reporters ({_REPORTER})", value)
+    for i, reporter in enumerate(value):
+        if isinstance(reporter, type):
+            raise ValueError(f"reporters[{i}] must be {_REPORTER}, got the class "
+                             f"{reporter.__name__} (pass an instance: {reporter.__name__}(...))")
+        wrong = [] if callable(getattr(reporter, "report", None)) else ["report (missing)"]
+        wrong += [f"{m} (not callable)" for m in ("finish", "close")
+                  if hasattr(reporter, m) and not callable(getattr(reporter, m))]
+        if wrong:
+            raise ValueError(
+                f"reporters[{i}] must be {_REPORTER}; {type(reporter).__name__} has a bad "
+                f"{' and '.join(wrong)}, got {reporter!r}"
+            )
+    return list(value)
