@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.data.records import StepRecord
+from graddiag.pipeline import history_state
 
 HISTORY_COLUMNS = ["step", "optimizer", "layer", "position", "grad_norm", "param_norm",
                    "update_ratio", "has_grad", "nonfinite", "amp_overflow", "clipped"]
@@ -55,22 +55,22 @@ class History:
         return self._rows
 
     def state_dict(self) -> dict[str, Any]:
-        """Records as tensors and plain containers (loadable with ``weights_only=True``)."""
-        layer_lists: list[list[str]] = []
-        ids: dict[tuple[str, ...], int] = {}
-        records = []
-        for r in self.records:
-            key = tuple(r.layers)
-            if key not in ids:
-                ids[key] = len(layer_lists)
-                layer_lists.append(list(r.layers))
-            records.append(_record_state(r, ids[key]))
-        return {"layer_lists": layer_lists, "records": records, "pinned": sorted(self.pinned),
+        """Records column by column (a few tensors, loadable with ``weights_only=True``)."""
+        return {"columns": history_state.encode(self.records), "pinned": sorted(self.pinned),
                 "thinned": self.thinned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        layer_lists = [list(names) for names in state["layer_lists"]]
-        self.records = [_record_from_state(r, layer_lists) for r in state["records"]]
+        """Restore :meth:`state_dict`'s records; also reads the older list-of-records state."""
+        if "columns" in state:
+            records = history_state.decode(state["columns"])
+        elif "records" in state:
+            records = history_state.decode_record_list(state)
+        else:
+            raise ValueError(
+                "graddiag: the history state has neither 'columns' nor 'records' (keys: "
+                f"{sorted(state)}); it was not saved by GradientMonitor.state_dict()"
+            )
+        self.records = records
         self.pinned = set(state["pinned"])
         self.thinned = int(state["thinned"])
         self._rows = sum(len(r.layers) for r in self.records)
@@ -135,53 +135,4 @@ def _only_measured(record: StepRecord) -> StepRecord:
         param_norm=None if record.param_norm is None else record.param_norm[keep],
         update_ratio=None if record.update_ratio is None else record.update_ratio[keep],
         measured=None,
-    )
-
-
-def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
-    return None if array is None else torch.from_numpy(np.array(array, copy=True))
-
-
-def _array(tensor: torch.Tensor | None) -> np.ndarray | None:
-    return None if tensor is None else tensor.numpy().copy()
-
-
-def _record_state(r: StepRecord, layers_id: int) -> dict[str, Any]:
-    acts = None
-    if r.activations is not None:
-        a = r.activations
-        acts = {"sites": list(a.sites), "kinds": list(a.kinds), "families": list(a.families),
-                "saturated": _tensor(a.saturated), "dead": _tensor(a.dead),
-                "gain": _tensor(a.gain), "calls": _tensor(a.calls),
-                "cut_ops": {k: list(v) for k, v in a.cut_ops.items()},
-                "position": _tensor(a.position)}
-    return {
-        "step": r.step, "layers": layers_id, "grad_norm": _tensor(r.grad_norm),
-        "has_grad": _tensor(r.has_grad), "missing": {int(k): list(v) for k, v in r.missing.items()},
-        "nonfinite": {int(k): dict(v) for k, v in r.nonfinite.items()},
-        "param_norm": _tensor(r.param_norm), "update_ratio": _tensor(r.update_ratio),
-        "activations": acts, "grad_histograms": _tensor(r.grad_histograms),
-        "optimizer": r.optimizer, "measured": _tensor(r.measured),
-        "amp_overflow": r.amp_overflow, "amp_scale": r.amp_scale, "clipped": r.clipped,
-    }
-
-
-def _record_from_state(d: dict[str, Any], layer_lists: list[list[str]]) -> StepRecord:
-    acts = None
-    if d["activations"] is not None:
-        a = d["activations"]
-        acts = ActivationRecord(
-            sites=list(a["sites"]), kinds=list(a["kinds"]), families=list(a["families"]),
-            saturated=_array(a["saturated"]), dead=_array(a["dead"]), gain=_array(a["gain"]),
-            calls=_array(a["calls"]), cut_ops={k: list(v) for k, v in a["cut_ops"].items()},
-            position=_array(a.get("position")),
-        )
-    return StepRecord(
-        step=int(d["step"]), layers=layer_lists[d["layers"]], grad_norm=_array(d["grad_norm"]),
-        has_grad=_array(d["has_grad"]), missing={int(k): list(v) for k, v in d["missing"].items()},
-        nonfinite={int(k): dict(v) for k, v in d["nonfinite"].items()},
-        param_norm=_array(d["param_norm"]), update_ratio=_array(d["update_ratio"]),
-        activations=acts, grad_histograms=_array(d["grad_histograms"]),
-        optimizer=int(d["optimizer"]), measured=_array(d["measured"]),
-        amp_overflow=bool(d["amp_overflow"]), amp_scale=d.get("amp_scale"), clipped=d["clipped"],
     )
