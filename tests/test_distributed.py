@@ -36,6 +36,7 @@ def _same(a: object, b: object) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "nan_rank", "action"),
                          [("ddp_spawn", 1, "skip"), ("ddp", 0, "stop")])
 def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path: Path, strategy: str, nan_rank: int,
@@ -62,6 +63,7 @@ def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path: Path, strategy: str
     assert result.stderr.count("[nonfinite]") == 1  # warned once, by rank zero
 
 
+@pytest.mark.slow
 def test_fsdp2_fully_shard_norms_equal_unsharded_reference(tmp_path: Path) -> None:
     out = tmp_path / "fsdp.json"
     result = _run("run_fsdp.py", str(out))
