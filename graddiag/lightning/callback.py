@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -272,7 +272,7 @@ class GradientDiagnostics(Callback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states or not trainer.is_global_zero:
             return
-        siblings = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
+        siblings = {getattr(cb, "state_key", None) for cb in getattr(trainer, "callbacks", [])}
         name = type(self).__qualname__
         others = [k for k in states
                   if isinstance(k, str) and k.startswith(name) and k not in siblings]
