@@ -118,7 +118,8 @@ class MonitorConfig(_Checked):
         "copy of the monitored weights.")
     activation_every_n_steps: int = option(
         50, Integer(0),
-        "Activation statistics (saturated and dead units) on steps divisible by this (0: off).")
+        "Activation statistics (saturated and dead units) on steps divisible by this (0: off); "
+        "hooks exist only during the training forward pass of those steps.")
     histogram_every_n_steps: int = option(
         0, Integer(0),
         "Per-layer gradient-magnitude histograms (fixed log-spaced bins) on steps divisible "
