@@ -136,12 +136,14 @@ class _Full(_CloseNotCallable):
          (r"activation_registry must be None \(the built-in activations\) or an "
           r"ActivationRegistry, .*got 'default'")),
         ({"activation_registry": {}}, "activation_registry must be None"),
-        ({"reporters": [_NoReport()]}, r"reporters\[0\] must be .* _NoReport has a bad report \(missing\)"),
+        ({"reporters": [_NoReport()]},
+         r"reporters must be objects with report\(snapshot\).*; reporters\[0\] \(_NoReport\) "
+         r"has a bad report \(missing\)"),
         ({"reporters": [_Full(), _CloseNotCallable()]},
-         r"reporters\[1\] must be .* _CloseNotCallable has a bad close \(not callable\)"),
-        ({"reporters": [object()]}, "object has a bad report"),
-        ({"reporters": [_Full]}, r"reporters\[0\] must be .*got the class _Full \(pass an instance"),
-        ({"reporters": _Full()}, "reporters must be None or a list of reporters"),
+         r"reporters\[1\] \(_CloseNotCallable\) has a bad close \(not callable\), got"),
+        ({"reporters": [object()]}, r"reporters\[0\] \(object\) has a bad report"),
+        ({"reporters": [_Full]}, r"reporters\[0\] is the class _Full \(pass an instance"),
+        ({"reporters": _Full()}, "reporters must be None or a list of objects with report"),
     ],
 )
 def test_object_arguments_are_checked_at_construction(kwargs: dict, message: str) -> None:

@@ -181,18 +181,27 @@ def test_an_unknown_state_is_a_clear_error() -> None:
 
 
 def test_a_real_monitor_state_round_trips_through_weights_only_load() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 6), nn.ReLU(),
+                                      nn.Linear(6, 2))
+            self.unused = nn.Linear(3, 3)  # never gets a gradient
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 6), nn.ReLU(),
-                          nn.Linear(6, 2), nn.Linear(3, 3))  # the last one never gets a gradient
+    model = Net()
     x = torch.randn(8, 4)
     options: dict[str, Any] = {"reporters": [], "param_every_n_steps": 2,
                                "activation_every_n_steps": 3, "histogram_every_n_steps": 2}
     with GradientMonitor(model, **options) as monitor:
         for step in range(7):
             model.zero_grad(set_to_none=True)
-            model[4](model[3](model[2](model[1](model[0](x))))).sum().backward()
+            model(x).sum().backward()
             if step == 5:
-                model[2].weight.grad[0, 0] = float("nan")
+                model.body[2].weight.grad[0, 0] = float("nan")
             monitor.step()
     buffer = io.BytesIO()
     torch.save(monitor.state_dict(), buffer)
@@ -205,3 +214,13 @@ def test_a_real_monitor_state_round_trips_through_weights_only_load() -> None:
     for i, (want, got) in enumerate(zip(monitor.records, fresh.records, strict=True)):
         _assert_same(want, got, f"record {i}")
     assert [repr(f) for f in fresh.findings] == [repr(f) for f in monitor.findings]  # NaN values
+
+
+def test_the_state_format_covers_every_record_field() -> None:
+    """A tripwire: a new StepRecord/ActivationRecord field must be added to the saved columns."""
+    assert [f.name for f in dataclasses.fields(StepRecord)] == [
+        "step", "layers", "grad_norm", "has_grad", "missing", "nonfinite", "param_norm",
+        "update_ratio", "activations", "grad_histograms", "optimizer", "measured", "amp_overflow",
+        "amp_scale", "clipped"]
+    assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
+        "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops"]

@@ -12,7 +12,7 @@ from typing import Any
 from graddiag.data.checks import reject
 from graddiag.measure.activations import ActivationRegistry
 
-_REPORTER = "an object with a callable report(snapshot) (finish(run) and close() optional)"
+_REPORTER = "objects with report(snapshot) (finish(run) and close() optional, callable if present)"
 
 
 def check_activation_registry(value: Any) -> ActivationRegistry | None:
@@ -30,17 +30,17 @@ def check_reporters(value: Any) -> list[Any]:
     if value is None:
         return []
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        reject("reporters", f"None or a list of reporters ({_REPORTER})", value)
+        reject("reporters", f"None or a list of {_REPORTER}", value)
     for i, reporter in enumerate(value):
         if isinstance(reporter, type):
-            raise ValueError(f"reporters[{i}] must be {_REPORTER}, got the class "
+            raise ValueError(f"reporters must be {_REPORTER}; reporters[{i}] is the class "
                              f"{reporter.__name__} (pass an instance: {reporter.__name__}(...))")
         wrong = [] if callable(getattr(reporter, "report", None)) else ["report (missing)"]
         wrong += [f"{m} (not callable)" for m in ("finish", "close")
                   if hasattr(reporter, m) and not callable(getattr(reporter, m))]
         if wrong:
             raise ValueError(
-                f"reporters[{i}] must be {_REPORTER}; {type(reporter).__name__} has a bad "
-                f"{' and '.join(wrong)}, got {reporter!r}"
+                f"reporters must be {_REPORTER}; reporters[{i}] ({type(reporter).__name__}) has "
+                f"a bad {' and '.join(wrong)}, got {reporter!r}"
             )
     return list(value)

@@ -124,6 +124,7 @@ class History:
 
 
 def _only_measured(record: StepRecord) -> StepRecord:
+    assert record.measured is not None  # called for records of one optimizer's layers only
     keep = np.flatnonzero(record.measured)
     remap = {int(old): new for new, old in enumerate(keep)}
     return dataclasses.replace(
