@@ -129,6 +129,7 @@ def _check(table: list[list[object]], ranks: tuple[int, ...]) -> None:
     assert seen == {(s, name) for s in range(STEPS) for name in _expected_sites(s, ranks)}
 
 
+@pytest.mark.slow
 def test_ranks_with_different_sites_agree_on_correct_statistics(tmp_path: Path) -> None:
     result = _run("run_sites.py", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
