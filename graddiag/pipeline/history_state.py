@@ -46,11 +46,18 @@ def _tensor(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
 
 def _ragged(arrays: list[np.ndarray | None]) -> dict[str, torch.Tensor]:
     """Concatenated values and per-record lengths (``-1``: ``None``) of optional arrays."""
-    present = [np.asarray(a).reshape(-1) for a in arrays if a is not None]
-    lengths = np.fromiter((-1 if a is None else np.size(a) for a in arrays), dtype=np.int32,
-                          count=len(arrays))
+    present: list[np.ndarray] = []
+    lengths: list[int] = []
+    for a in arrays:
+        if a is None:
+            lengths.append(-1)
+            continue
+        a = np.asarray(a)
+        present.append(a if a.ndim == 1 else a.reshape(-1))
+        lengths.append(a.size)
     values = np.concatenate(present) if present else np.zeros(0)
-    return {"values": torch.from_numpy(values), "lengths": torch.from_numpy(lengths)}
+    return {"values": torch.from_numpy(values),
+            "lengths": torch.from_numpy(np.array(lengths, dtype=np.int32))}
 
 
 def _unragged(column: dict[str, torch.Tensor]) -> list[np.ndarray | None]:
@@ -80,14 +87,25 @@ def encode(records: list[StepRecord]) -> dict[str, Any]:
     state: dict[str, Any] = {"format": FORMAT}
     state["step"] = _tensor([r.step for r in records], torch.int64)
     state["optimizer"] = _tensor([r.optimizer for r in records], torch.int64)
-    state["layers"] = _tensor([layer_lists.index(tuple(r.layers)) for r in records], torch.int32)
+    by_list: dict[int, int] = {}  # records share one layer list object: convert it once
+    layer_ids = []
+    for r in records:
+        found = by_list.get(id(r.layers))
+        if found is None:
+            found = by_list[id(r.layers)] = layer_lists.index(tuple(r.layers))
+        layer_ids.append(found)
+    state["layers"] = _tensor(layer_ids, torch.int32)
     state["amp_overflow"] = _tensor([r.amp_overflow for r in records], torch.bool)
     state["amp_scale"] = _ragged([None if r.amp_scale is None else np.array([r.amp_scale])
                                   for r in records])
     state["clipped"] = _tensor([-1 if r.clipped is None else int(r.clipped) for r in records],
                                torch.int8)
-    for name in _ARRAYS:
-        state[name] = _ragged([getattr(r, name) for r in records])
+    state["grad_norm"] = _ragged([r.grad_norm for r in records])
+    state["has_grad"] = _ragged([r.has_grad for r in records])
+    state["param_norm"] = _ragged([r.param_norm for r in records])
+    state["update_ratio"] = _ragged([r.update_ratio for r in records])
+    state["measured"] = _ragged([r.measured for r in records])
+    state["grad_histograms"] = _ragged([r.grad_histograms for r in records])
     state["histogram_width"] = _tensor(
         [0 if r.grad_histograms is None else int(np.asarray(r.grad_histograms).shape[-1])
          for r in records], torch.int32)
@@ -97,6 +115,8 @@ def encode(records: list[StepRecord]) -> dict[str, Any]:
     nonfinite_names: list[int] = []
     nonfinite_counts: list[int] = []
     for i, r in enumerate(records):
+        if not (r.missing or r.nonfinite):
+            continue
         for position, params in r.missing.items():
             missing.append((i, int(position), len(params)))
             missing_names += [names.index(p) for p in params]
