@@ -223,4 +223,4 @@ def test_the_state_format_covers_every_record_field() -> None:
         "update_ratio", "activations", "grad_histograms", "optimizer", "measured", "amp_overflow",
         "amp_scale", "clipped"]
     assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
-        "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops"]
+        "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops", "position"]
