@@ -37,6 +37,7 @@ from graddiag.data.options import OPTION_NAMES
         ("ignore", ["sadness"], "finding kinds from"),
         ("include", 3, "list of strings"),
         ("functional_activations", "yes", "True or False"),
+        ("replay_nonfinite", "always", "True or False"),
         ("max_history_rows", 0, "integer >= 1"),
         ("histogram_every_n_steps", -2, "integer >= 0"),
     ],

@@ -60,6 +60,10 @@ class MonitorConfig:
         ignore: Finding kinds never reported.
         max_history_rows: Upper bound on rows (steps x layers) kept in ``history``; older records
             are thinned (every second dropped) to stay under it, onset steps kept.
+        replay_nonfinite: When a ``nonfinite`` finding begins, re-run that step's forward and
+            backward pass (same batch, weights and random state) with checks on every operation
+            and name the first one whose output or gradient became non-finite, with its source
+            line. Costs one extra forward and backward pass per onset, nothing on other steps.
     """
 
     every_n_steps: int = 1
@@ -86,6 +90,7 @@ class MonitorConfig:
     on_exploding: Action = "warn"
     ignore: tuple[str, ...] = ()
     max_history_rows: int = 200_000
+    replay_nonfinite: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -108,6 +113,7 @@ class MonitorConfig:
             _check_float(name, getattr(self, name), low=0.0, high=1.0, low_open=False)
         _check_float("exploding_factor", self.exploding_factor, low=1.0, low_open=True)
         check_bool("functional_activations", self.functional_activations)
+        check_bool("replay_nonfinite", self.replay_nonfinite)
         for name in ("on_nonfinite", "on_exploding"):
             value = getattr(self, name)
             if value not in ACTIONS:

@@ -17,6 +17,7 @@ from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import Finding
 from graddiag.data.options import OPTION_NAMES, MonitorConfig, check_bool, check_int
 from graddiag.data.policy import ALARM_KINDS, StepReport
+from graddiag.lightning.replay import LightningStepReplay
 from graddiag.lightning.strategy import StrategyReducer, agree_on_action
 from graddiag.measure.activations import ActivationRegistry
 from graddiag.pipeline.history import History
@@ -76,6 +77,10 @@ class GradientDiagnostics(Callback):
         max_history_rows: Bound on rows (steps x layers) kept in :attr:`history`.
         histogram_every_n_steps: Per-layer gradient-magnitude histograms every this many
             steps (0: off), with fixed log-spaced bins; TensorBoard only.
+        replay_nonfinite: When a ``nonfinite`` finding begins, run that step's training_step
+            and backward once more (same batches, weights and random state) with checks on
+            every operation, and name the first one whose output or gradient became
+            non-finite, with its source line. One extra forward and backward per onset.
         log_every_n_steps: Scalar logging interval; ``None`` uses the trainer's.
         figure_every_n_steps: Gradient-flow image interval in TensorBoard (0: only the final
             image, also saved as ``gradient_flow.png`` in the log directory).
@@ -109,6 +114,7 @@ class GradientDiagnostics(Callback):
         ignore: list[str] | None = None,
         max_history_rows: int = 200_000,
         histogram_every_n_steps: int = 0,
+        replay_nonfinite: bool = True,
         log_every_n_steps: int | None = None,
         figure_every_n_steps: int = 500,
         prefix: str = "graddiag/",
@@ -137,6 +143,7 @@ class GradientDiagnostics(Callback):
         self.monitor: GradientMonitor | None = None
         self._saved: dict[str, Any] | None = None
         self._shown_in_progress_bar: int | None = None
+        self._replay = LightningStepReplay()  # the batches of the current optimizer step
 
     # ------------------------------------------------------------------ identity
     @property
@@ -225,6 +232,8 @@ class GradientDiagnostics(Callback):
     ) -> None:
         if self.monitor is not None:
             self.monitor.expect_step(trainer.global_step)
+            if self.config.replay_nonfinite:  # a reference and the random state (~3 us)
+                self._replay.keep(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -260,7 +269,9 @@ class GradientDiagnostics(Callback):
             grads_scaled=amp_scale is not None and _optimizer_unscales_itself(optimizer),
             clip_norm=float(clip) if clip else None,
             raise_on_alarm=False,
+            replay=self._replay if self.config.replay_nonfinite else None,
         )
+        self._replay.clear()
         self._apply(trainer, optimizer, report)
         # Under trainer.fit(torch.compile(module)) Lightning's log runs under dynamo, and a log
         # call from this hook would make it recompile: no progress-bar entry then.
@@ -311,6 +322,7 @@ class GradientDiagnostics(Callback):
         self._finish()
 
     def _finish(self) -> None:
+        self._replay.clear()
         if self.monitor is not None:
             self.monitor.close()
 
