@@ -125,6 +125,20 @@ class Attention(nn.Module):
         return torch.softmax(logits, dim=-1) @ v
 
 
+class MaskedAttention(nn.Module):
+    """Attention over padded sequences; a sequence that is all padding has no softmax."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.q = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ x.transpose(-2, -1)
+        scores = scores.masked_fill(padding[:, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1) @ self.v(x)
+
+
 def attention_loss(model: Attention, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast("cpu", dtype=torch.float16):
         return model(x).float().pow(2).mean()

@@ -118,6 +118,7 @@ def test_custom_function_whose_backward_returns_inf() -> None:
     assert (d["phase"], d["op"], d["node"]) == ("backward", "SafeInverse.apply",
                                                 "SafeInverseBackward")
     assert d["nonfinite"] == "-inf" and d["forward_finite"] is True
+    assert d["function"] == cases.InverseFeatures.forward.__qualname__  # from anomaly's trace
     assert "custom autograd.Function `SafeInverse`" in finding.message
     assert "gradcheck" in finding.remedy
 
@@ -139,6 +140,24 @@ def test_fp16_overflow_of_attention_logits_under_autocast() -> None:
     assert float(exact.max()) > torch.finfo(torch.float16).max
     assert "float16 holds at most 6.55e+04" in finding.message
     assert "bfloat16" in finding.remedy
+
+
+def test_a_fully_masked_attention_row_names_softmax_and_the_mask() -> None:
+    torch.manual_seed(0)
+    model = cases.MaskedAttention()
+    x = torch.randn(3, 5, 4)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[:, 3:] = True
+    padding[2] = True  # an empty sequence: every key is padding
+    finding = _nonfinite_finding(model, lambda: model(x, padding).pow(2).mean())
+    _assert_at(finding, cases.MaskedAttention.forward, "torch.softmax(")
+    d = finding.details
+    assert (d["op"], d["phase"], d["nonfinite"]) == ("torch.softmax", "forward", "nan")
+    mask_line = line_of(cases.MaskedAttention.forward, "masked_fill(")[1]
+    assert d["first_forward"]["op"] == "Tensor.masked_fill"
+    assert d["first_forward"]["line"] == mask_line and d["first_forward"]["constant"] == -math.inf
+    assert "entirely masked" in finding.message and f"replay_cases.py:{mask_line}" in finding.message
+    assert "torch.finfo(x.dtype).min" in finding.remedy
 
 
 def test_gradscaler_overflow_stays_amp_overflow_and_is_not_replayed() -> None:
@@ -224,7 +243,7 @@ def test_the_step_s_random_state_reproduces_a_dropout_dependent_nan() -> None:
     located, finite = outcomes[True], outcomes[False]
     assert located.details["replay"] == "located" and located.details["op"] == "torch.sqrt"
     assert finite.details["replay"] == "finite"
-    assert "random state was not available" in finite.message
+    assert "did not have the step's random state" in finite.message
     assert "layer-level origin above stands" in finite.message
 
 

@@ -123,11 +123,14 @@ def _caller(module: str | None, function: str | None, root: str | None) -> str |
     return f"`{label}.forward`" if label is not None else None
 
 
-def where(o: ReplayOutcome | dict[str, Any]) -> str:
-    """``called in `codebook.forward` at `models/vq.py:42` (`d = torch.sqrt(s)`)``."""
+def where(o: ReplayOutcome | dict[str, Any], root: str | None = None) -> str:
+    """``called in `codebook.forward` at `models/vq.py:42` (`d = torch.sqrt(s)`)``.
+
+    ``root`` names the monitored module when ``o`` (a ``first_forward`` dict) does not.
+    """
     get = o.get if isinstance(o, dict) else lambda k: getattr(o, k, None)
     parts = []
-    caller = _caller(get("module"), get("function"), get("root"))
+    caller = _caller(get("module"), get("function"), get("root") or root)
     if caller:
         parts.append(f"called in {caller}")
     if get("file"):
@@ -211,7 +214,7 @@ def _forward(o: ReplayOutcome) -> str:
     first = o.first_forward
     if first and first.get("op") != o.op:
         text += (f"; its input held {_word(first.get('nonfinite'))} written by `{first.get('op')}` "
-                 f"{where(first)}")
+                 f"{where(first, o.root)}")
     return text
 
 
@@ -261,7 +264,7 @@ def _backward(o: ReplayOutcome) -> str:
     first = o.first_forward
     if first:
         return (f"{text}; forward values were not all finite: `{first.get('op')}` "
-                f"{where(first)} made {_word(first.get('nonfinite'))} first")
+                f"{where(first, o.root)} made {_word(first.get('nonfinite'))} first")
     return text
 
 
@@ -270,18 +273,20 @@ def _finite(o: ReplayOutcome, step: int) -> str:
     scope = f" on all {o.world_size} ranks" if o.world_size > 1 else ""
     if o.micro_batches > 1:
         scope += f" (all {o.micro_batches} micro-batches)"
+    reasons = []
     if not o.random_state:
-        cause = ("the step's random state was not available, so dropout or sampling drew "
-                 "differently")
-    else:
-        cause = ("the step is not deterministic (nondeterministic kernels, state that the "
-                 "forward pass changes), or its inputs were changed in place after the step")
-    text = (f"Replaying step {step}{scope} ({same}) gave finite values everywhere, so no "
-            f"operation can be named; likely {cause}. The layer-level origin above stands.")
+        reasons.append("the replay did not have the step's random state, so dropout or "
+                       "sampling drew differently")
+    reasons += ["nondeterministic kernels, or state that the forward pass changes (a counter, "
+                "a cache)", "the batch was changed in place after the step"]
+    text = (f"Replaying step {step}{scope} ({same}) gave a finite loss and finite gradients, "
+            f"so no operation can be named. Possible reasons: {'; '.join(reasons)}. The "
+            "layer-level origin above stands.")
     first = o.first_forward
     if first:
         text += (f" The replay's forward pass did hold {_word(first.get('nonfinite'))} from "
-                 f"`{first.get('op')}` {where(first)}, but it did not reach the gradients.")
+                 f"`{first.get('op')}` {where(first, o.root)}, but it did not reach the "
+                 "gradients.")
     return text
 
 

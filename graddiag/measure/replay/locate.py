@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -74,6 +74,13 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _eager() -> ContextManager[Any]:
+    """``torch.compile``'d modules run eagerly in a replay: every operation is then checked,
+    and the compiled code is neither traced again nor recompiled (torch >= 2.6)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
+
+
 def _loss_of(value: Any) -> torch.Tensor | None:
     if isinstance(value, dict):
         value = value.get("loss")
@@ -91,7 +98,7 @@ def _replay_once(model: nn.Module, run: ReplayRun, plan: ReplayPlan) -> ReplayOu
     names = {**closure_tensors(run.closure), **run.inputs}
     forward = ForwardCheck(modules, named_model_tensors(model), names)
     try:
-        with untouched(model, run.rng), torch.enable_grad(), _quiet(), \
+        with untouched(model, run.rng), torch.enable_grad(), _quiet(), _eager(), \
                 torch.autograd.detect_anomaly(check_nan=True):
             with plan.forward_context(), modules, forward:
                 loss = _loss_of(run.closure())

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RngState:
     """torch's CPU generator state and, where CUDA is in use, the CUDA generators' states.
 
@@ -33,12 +33,12 @@ class RngState:
     def capture(cls, all_devices: bool = False) -> RngState:
         """The current state; CUDA only if it is initialised (the current device, or all)."""
         cuda = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # False without CUDA: no device query on CPU runs
             if all_devices:
                 cuda = tuple(torch.cuda.get_rng_state_all())
             else:
                 cuda = (torch.cuda.get_rng_state(),)
-        return cls(torch.get_rng_state(), cuda)
+        return cls(torch.default_generator.get_state(), cuda)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
