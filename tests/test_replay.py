@@ -345,3 +345,43 @@ def test_a_closure_that_raises_is_reported_and_training_goes_on() -> None:
         assert monitor.step().recorded  # the monitor still works
     assert finding.details["replay"] == "failed"
     assert "KeyError" in finding.message
+
+
+def test_a_compiled_model_is_replayed_eagerly_and_named_inside() -> None:
+    torch.manual_seed(0)
+    model = cases.SoftmaxHead()
+    with torch.no_grad():
+        model.fc.weight.mul_(100.0)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(8, 4)
+    finding = _nonfinite_finding(compiled, lambda: compiled(x).pow(2).mean())
+    _assert_at(finding, cases.softmax_by_hand, "torch.exp(")  # inside the compiled region
+    assert finding.details["op"] == "torch.exp"
+
+
+def test_metric_states_updated_in_the_step_are_put_back() -> None:
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    class Tracked(cases.MLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mean_loss = torchmetrics.MeanMetric()
+
+    def run(replay: bool) -> tuple[float, int]:
+        torch.manual_seed(0)
+        model = Tracked()
+        x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+        x[0, 0] = math.nan
+
+        def closure() -> torch.Tensor:
+            loss = cases.cross_entropy(model, x, y)
+            model.mean_loss.update(torch.tensor([1.0, 3.0]))  # any update counts
+            return loss
+
+        with GradientMonitor(model, reporters=[], replay_nonfinite=replay) as monitor:
+            closure().backward()
+            finding = monitor.step(replay=closure).findings[0]
+        assert finding.details.get("replay") == ("located" if replay else None)
+        return float(model.mean_loss.compute()), int(model.mean_loss._update_count)
+
+    assert run(True) == run(False) == (2.0, 1)

@@ -79,8 +79,9 @@ def _metric_states(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
         if not isinstance(defaults, dict) or not hasattr(module, "metric_state"):
             continue
         state: dict[str, Any] = {}
-        for name in list(defaults) + [a for a in _METRIC_ATTRIBUTES if hasattr(module, a)]:
-            value = getattr(module, name)
+        own = module.__dict__  # plain attributes only (some of these names are properties)
+        for name in [n for n in list(defaults) + list(_METRIC_ATTRIBUTES) if n in own]:
+            value = own[name]
             if isinstance(value, torch.Tensor):
                 value = value.detach().clone()
             elif isinstance(value, list):
