@@ -12,48 +12,21 @@ from typing import Any
 
 from graddiag.data.findings import Finding
 from graddiag.data.replay import ReplayOutcome
-from graddiag.rules import wording as remedies
-
-_LOG = {"log", "log2", "log10", "log1p", "xlogy", "lgamma", "digamma", "polygamma"}
-_ROOT = {"sqrt", "rsqrt", "pow", "float_power"}
-_DIVISION = {"div", "divide", "true_divide", "truediv", "reciprocal", "rdiv", "rtruediv",
-             "floor_divide", "remainder", "fmod"}
-_DIVISOR_FIRST = {"reciprocal", "rdiv", "rtruediv", "rsqrt"}
-_EXP = {"exp", "exp2", "expm1", "cosh", "sinh", "ldexp"}
-_PRODUCT = {"matmul", "mm", "bmm", "baddbmm", "addmm", "linear", "einsum", "mul", "multiply",
-            "scaled_dot_product_attention", "conv1d", "conv2d", "conv3d", "sum", "square"}
-_SOFTMAX = {"softmax", "log_softmax", "softmin"}
-_LARGEST = {"float16": 65504.0, "bfloat16": 3.39e38, "float32": 3.40e38, "float64": 1.80e308}
-
-LOG_REMEDY = ("keep the argument of `{op}` away from 0 (x.clamp_min(1e-12)) or stay in log "
-              "space: log_softmax / F.cross_entropy instead of log(softmax), BCEWithLogitsLoss "
-              "instead of log(sigmoid), torch.logsumexp")
-ROOT_REMEDY = ("add a small constant inside the root (torch.sqrt(x + 1e-12)), or use "
-               "torch.linalg.vector_norm, whose gradient at 0 is 0")
-DIVISION_REMEDY = ("add a small constant to the divisor (x / (n + 1e-12)) or use "
-                   "F.normalize(x, eps=1e-12), which clamps the norm")
-EXP_REMEDY = ("subtract the maximum before exponentiating (x - x.amax(dim, keepdim=True)), or "
-              "use torch.softmax / torch.logsumexp, which do")
-HALF_REMEDY = ("keep `{op}` in float32 (x.float(), or torch.autocast(..., enabled=False) "
-               "around it), scale its inputs down (attention logits by 1/sqrt(head_dim)), or "
-               "train in bfloat16, whose range is that of float32")
-SOFTMAX_REMEDY = ("make sure no row is masked entirely, or mask with a large finite negative "
-                  "number (torch.finfo(x.dtype).min) instead of -inf")
-CONSTANT_REMEDY = ("remove the non-finite constant; to mask, use a large finite number "
-                   "(torch.finfo(x.dtype).min) instead of -inf")
-FUNCTION_REMEDY = ("fix the backward of `{cls}`: check it against finite differences with "
-                   "torch.autograd.gradcheck in float64, and guard its formula where the input "
-                   "makes it divide by 0 or overflow")
-DATA_REMEDY = ("check the data, not the model: assert torch.isfinite(x).all() where batches "
-               "are built, and drop, impute or mask missing values")
-WEIGHT_REMEDY = ("an earlier update made the weights non-finite: lower the learning rate, clip "
-                 "gradients, and set on_nonfinite='skip' so a non-finite step is never applied")
-NO_CLOSURE_HINT = ("To have the operation and line named, pass the step's loss as a closure: "
-                   "monitor.step(replay=lambda: loss_fn(model(x), y)).")
+from graddiag.rules.replay_remedies import (
+    DIVISION_OPS,
+    DIVISOR_FIRST_OPS,
+    LARGEST_VALUE,
+    LOG_OPS,
+    NO_CLOSURE_HINT,
+    ROOT_OPS,
+    SOFTMAX_OPS,
+    base_name,
+    remedy_for,
+)
 
 
 def with_replay(finding: Finding, outcome: ReplayOutcome) -> Finding:
-    """``finding`` with the replay's sentence appended, a fitting remedy and the fields in details."""
+    """``finding`` with the replay's sentence appended, a fitting remedy and its fields."""
     sentence = describe(outcome, finding.step)
     remedy = remedy_for(outcome)
     return dataclasses.replace(
@@ -128,24 +101,23 @@ def where(o: ReplayOutcome | dict[str, Any], root: str | None = None) -> str:
 
     ``root`` names the monitored module when ``o`` (a ``first_forward`` dict) does not.
     """
-    get = o.get if isinstance(o, dict) else lambda k: getattr(o, k, None)
+    data = o if isinstance(o, dict) else o.to_dict()
     parts = []
-    caller = _caller(get("module"), get("function"), get("root") or root)
+    caller = _caller(data.get("module"), data.get("function"), data.get("root") or root)
     if caller:
         parts.append(f"called in {caller}")
-    if get("file"):
-        parts.append(f"at `{short_path(get('file'))}:{get('line')}`")
-        if get("code"):
-            parts.append(f"(`{get('code')}`)")
+    file = data.get("file")
+    if file:
+        parts.append(f"at `{short_path(file)}:{data.get('line')}`")
+        if data.get("code"):
+            parts.append(f"(`{data['code']}`)")
     return " ".join(parts) if parts else "at an unknown place (no user code on the stack)"
 
 
 def _word(value: str | None) -> str:
-    return {"nan": "NaN", None: "non-finite"}.get(value, value)  # type: ignore[arg-type]
-
-
-def _base(op: str | None) -> str:
-    return (op or "").split(".")[-1].strip("_")
+    if value is None:
+        return "non-finite"
+    return "NaN" if value == "nan" else value
 
 
 def _num(x: Any) -> str:
@@ -167,7 +139,7 @@ def _range_text(o: ReplayOutcome) -> str:
     text = f"input max |x| {_num(top)}, {'/'.join(dtypes)}"
     if out and out not in dtypes:
         text += f", computed in {out} (autocast)"
-    largest = _LARGEST.get(out or dtypes[0])
+    largest = LARGEST_VALUE.get(out or dtypes[0])
     if largest is not None and (out or dtypes[0]) in ("float16", "bfloat16"):
         text += f"; {out or dtypes[0]} holds at most {_num(largest)}"
     return text
@@ -175,29 +147,29 @@ def _range_text(o: ReplayOutcome) -> str:
 
 def _divisor(o: ReplayOutcome) -> dict[str, Any] | None:
     stats = _inputs(o)
-    index = 0 if _base(o.op) in _DIVISOR_FIRST else 1
+    index = 0 if base_name(o.op) in DIVISOR_FIRST_OPS else 1
     if len(stats) > index:
         return stats[index]
-    return stats[0] if _base(o.op) in ("reciprocal", "rsqrt") and stats else None
+    return stats[0] if base_name(o.op) in ("reciprocal", "rsqrt") and stats else None
 
 
 def _what_forward(o: ReplayOutcome) -> str:
-    base, word = _base(o.op), _word(o.nonfinite)
+    base, word = base_name(o.op), _word(o.nonfinite)
     first = _inputs(o)[0] if _inputs(o) else {}
     if o.constant is not None:
         return f"is {word} because the constant {_word(str(o.constant))} was passed to it"
-    divisor = _divisor(o) if base in _DIVISION else None
+    divisor = _divisor(o) if base in DIVISION_OPS else None
     if divisor is not None and divisor.get("zeros"):
         kind = "0/0" if word == "NaN" else "division by zero"
         return f"is {word}: {kind} (the divisor has {divisor['zeros']} zero(s))"
-    if base in _LOG | _ROOT and first.get("negatives") and word == "NaN":
+    if base in LOG_OPS | ROOT_OPS and first.get("negatives") and word == "NaN":
         return (f"is NaN: `{o.op}` of negative values (input min {_num(first.get('min'))}, "
                 f"{first['negatives']} negative)")
-    if base in _LOG and first.get("zeros"):
+    if base in LOG_OPS and first.get("zeros"):
         return f"is {word}: log of 0 (the input has {first['zeros']} zero(s))"
     if word == "NaN":
         if any(s.get("inf") for s in _inputs(o)) or (o.first_forward or {}).get("constant"):
-            if base in _SOFTMAX:
+            if base in SOFTMAX_OPS:
                 return ("is NaN: a row whose every entry is -inf (entirely masked) has no "
                         "softmax")
             return "is NaN from infinite inputs (inf - inf, 0 * inf or inf / inf)"
@@ -236,12 +208,12 @@ def _weights(o: ReplayOutcome) -> str:
 
 
 def _backward_hint(o: ReplayOutcome) -> str:
-    base = _base(o.op)
+    base = base_name(o.op)
     saved = _inputs(o)
     zeros = [s for s in saved if s.get("zeros")]
     if base in ("sqrt", "log", "log2", "log10", "rsqrt") and zeros:
         return " (input 0 -> derivative inf)"
-    if base in _DIVISION and zeros:
+    if base in DIVISION_OPS and zeros:
         return " (a divisor of 0)"
     if any(s.get("inf") or s.get("nan") for s in saved):
         return " (a value it saved from the forward pass is non-finite: 0 * inf)"
@@ -277,8 +249,9 @@ def _finite(o: ReplayOutcome, step: int) -> str:
     if not o.random_state:
         reasons.append("the replay did not have the step's random state, so dropout or "
                        "sampling drew differently")
-    reasons += ["nondeterministic kernels, or state that the forward pass changes (a counter, "
-                "a cache)", "the batch was changed in place after the step"]
+    reasons.append("nondeterministic kernels, or state that the forward pass changes (a "
+                   "counter, a cache)")
+    reasons.append("the batch was changed in place after the step")
     text = (f"Replaying step {step}{scope} ({same}) gave a finite loss and finite gradients, "
             f"so no operation can be named. Possible reasons: {'; '.join(reasons)}. The "
             "layer-level origin above stands.")
@@ -317,34 +290,3 @@ def _not_replayed(o: ReplayOutcome, step: int) -> str:
     if o.reason != "no_closure":
         text += " The layer-level origin above stands."
     return text
-
-
-# ----------------------------------------------------------------------- remedies
-def remedy_for(o: ReplayOutcome) -> str:
-    """What to try for the named operation (empty when nothing specific is known)."""
-    if o.status != "located":
-        return ""
-    base = _base(o.op)
-    if o.phase == "data":
-        return DATA_REMEDY
-    if o.phase in ("parameter", "buffer"):
-        return WEIGHT_REMEDY
-    if o.op and o.op.endswith(".apply"):
-        return FUNCTION_REMEDY.format(cls=o.op[:-len(".apply")])
-    if o.constant is not None:
-        return CONSTANT_REMEDY
-    out_dtype = (o.output or {}).get("dtype") if o.phase == "forward" else None
-    if base in _LOG:
-        return LOG_REMEDY.format(op=o.op)
-    if base in _ROOT:
-        return ROOT_REMEDY
-    if base in _DIVISION:
-        return DIVISION_REMEDY
-    if base in _SOFTMAX:
-        return SOFTMAX_REMEDY
-    if out_dtype == "float16" and o.nonfinite in ("inf", "-inf"):
-        return HALF_REMEDY.format(op=o.op)
-    if base in _EXP or (base in _PRODUCT and o.phase == "forward"):
-        return EXP_REMEDY if base in _EXP else remedies.EXPLODING
-    return ""
-

@@ -76,7 +76,8 @@ class BackwardCheck:
             alive.append(node)
             if type(node).__name__ != "AccumulateGrad":
                 self._handles.append(node.register_hook(self._hook_for(node)))
-            stack.extend(next_node for next_node, _ in node.next_functions)
+            stack.extend(next_node for next_node, _ in node.next_functions
+                         if next_node is not None)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

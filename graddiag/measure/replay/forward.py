@@ -123,6 +123,9 @@ class ForwardEvent:
 _MAX_EVENTS = 16
 _MAX_INPUT_STATS = 3
 
+#: A checked input: the tensor, its (has_nan, has_inf) and whether the check had not seen it.
+_Input = tuple[torch.Tensor, tuple[bool, bool], bool]
+
 
 class ForwardCheck(TorchFunctionMode):
     """Checks every torch call of the replayed forward pass (enter it around the forward only).
@@ -163,7 +166,7 @@ class ForwardCheck(TorchFunctionMode):
         return result
 
     # ----------------------------------------------------------------- per call
-    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[torch.Tensor, tuple[bool, bool], bool]]:
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_Input]:
         """Each checkable input with its (nan, inf) flags and whether it is new to the check."""
         seen = []
         for tensor in tensors_in((args, kwargs)):
@@ -178,7 +181,7 @@ class ForwardCheck(TorchFunctionMode):
         return seen
 
     def _outputs(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 before: list[tuple[torch.Tensor, tuple[bool, bool], bool]], result: Any) -> None:
+                 before: list[_Input], result: Any) -> None:
         self.calls += 1
         outputs = [t for t in tensors_in(result) if checkable(t)]
         site: CallSite | None = None
@@ -209,8 +212,7 @@ class ForwardCheck(TorchFunctionMode):
                     self._functions.setdefault((site.file, site.span[0]), site)
 
     def _made(self, name: str, site: CallSite, args: tuple[Any, ...], kwargs: dict[str, Any],
-              before: list[tuple[torch.Tensor, tuple[bool, bool], bool]],
-              outputs: list[torch.Tensor], out_flags: list[tuple[bool, bool]], out_nan: bool,
+              before: list[_Input], outputs: list[torch.Tensor], out_flags: list[tuple[bool, bool]], out_nan: bool,
               in_nan: bool) -> ForwardEvent:
         constants = list(nonfinite_numbers((args, kwargs)))
         made_nan = out_nan and not in_nan
