@@ -212,8 +212,8 @@ class ForwardCheck(TorchFunctionMode):
                     self._functions.setdefault((site.file, site.span[0]), site)
 
     def _made(self, name: str, site: CallSite, args: tuple[Any, ...], kwargs: dict[str, Any],
-              before: list[_Input], outputs: list[torch.Tensor], out_flags: list[tuple[bool, bool]], out_nan: bool,
-              in_nan: bool) -> ForwardEvent:
+              before: list[_Input], outputs: list[torch.Tensor],
+              out_flags: list[tuple[bool, bool]], out_nan: bool, in_nan: bool) -> ForwardEvent:
         constants = list(nonfinite_numbers((args, kwargs)))
         made_nan = out_nan and not in_nan
         bad = next(t for t, f in zip(outputs, out_flags) if (f[0] if made_nan else f[1]))
