@@ -7,7 +7,8 @@ Every culprit is a real source of NaN/Inf; its line is found with ``inspect`` in
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -235,7 +236,7 @@ def test_the_step_s_random_state_reproduces_a_dropout_dependent_nan() -> None:
         model = Lottery()
         torch.manual_seed(seed)
         state = RngState.capture()
-        closure = lambda: model(x).mean()  # noqa: E731
+        closure = lambda: model(x).mean()  # noqa: E731, B023 - used in this iteration
         with GradientMonitor(model, reporters=[]) as monitor:
             closure().backward()
             report = monitor.step(replay=ReplayRun(closure, state) if with_state else closure)

@@ -78,7 +78,7 @@ def _plain_run(replay: bool) -> dict[str, Any]:
                          activation_every_n_steps=1, param_every_n_steps=1) as monitor:
         for step in range(5):
             x, y = torch.randn(8, 4, generator=data), torch.randint(0, 3, (8,), generator=data)
-            closure = lambda: _nan_loss(model, x, y, step)  # noqa: E731
+            closure = lambda: _nan_loss(model, x, y, step)  # noqa: E731, B023 - this step
             optimizer.zero_grad()
             closure().backward()
             before = _global_state()

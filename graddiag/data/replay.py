@@ -8,8 +8,9 @@ and the numbers around it; or why there was nothing to name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 ReplayStatus = Literal["located", "finite", "not_replayed", "failed"]
 REPLAY_STATUSES: tuple[str, ...] = get_args(ReplayStatus)

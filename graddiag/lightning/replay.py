@@ -11,9 +11,10 @@ DDP wrapper, whose gradient hooks must not fire).
 from __future__ import annotations
 
 from collections import deque
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
-from typing import Any, ContextManager, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -116,7 +117,7 @@ class LightningStepReplay(ReplayPlan):
                 return module.training_step(batch, batch_idx)
             return module.training_step(batch)
 
-    def forward_context(self) -> ContextManager[Any]:
+    def forward_context(self) -> AbstractContextManager[Any]:
         assert self._trainer is not None
         return self._trainer.precision_plugin.train_step_context()
 

@@ -9,7 +9,7 @@ finding, before reporters see it and before any ``skip``/``stop``/``raise`` acti
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
-from typing import Any, ContextManager, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _eager() -> ContextManager[Any]:
+def _eager() -> AbstractContextManager[Any]:
     """``torch.compile``'d modules run eagerly in a replay: every operation is then checked,
     and the compiled code is neither traced again nor recompiled (torch >= 2.6)."""
     set_stance = getattr(torch.compiler, "set_stance", None)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +56,7 @@ class ReplayPlan:
             raise ReplayUnavailable("no_batch")
         return list(self._runs)
 
-    def forward_context(self) -> ContextManager[Any]:
+    def forward_context(self) -> AbstractContextManager[Any]:
         """The context the real forward ran in (autocast under mixed precision)."""
         return contextlib.nullcontext()
 
@@ -63,7 +65,7 @@ class ReplayPlan:
         return outcome
 
 
-ReplayArgument = Union[Callable[[], Any], ReplayRun, ReplayPlan, None]
+ReplayArgument = Callable[[], Any] | ReplayRun | ReplayPlan | None
 
 
 def check_replay(replay: ReplayArgument) -> None:
