@@ -168,7 +168,7 @@ def _what_forward(o: ReplayOutcome) -> str:
     if base in LOG_OPS and first.get("zeros"):
         return f"is {word}: log of 0 (the input has {first['zeros']} zero(s))"
     if word == "NaN":
-        if any(s.get("inf") for s in _inputs(o)) or (o.first_forward or {}).get("constant"):
+        if any(s.get("inf") for s in _inputs(o)):
             if base in SOFTMAX_OPS:
                 return ("is NaN: a row whose every entry is -inf (entirely masked) has no "
                         "softmax")
@@ -184,7 +184,8 @@ def _forward(o: ReplayOutcome) -> str:
     else:
         text = f"the forward output of `{o.op}` {where(o)} {_what_forward(o)}"
     first = o.first_forward
-    if first and first.get("op") != o.op:
+    held = any(s.get("inf") or s.get("nan") for s in _inputs(o))
+    if first and held and first.get("op") != o.op:
         text += (f"; its input held {_word(first.get('nonfinite'))} written by `{first.get('op')}` "
                  f"{where(first, o.root)}")
     return text
