@@ -6,6 +6,9 @@ Each culprit line is found by the tests with ``inspect`` (never by a hard-coded 
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -160,3 +163,86 @@ class MLP(nn.Module):
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass
+class Source:
+    """A real source of NaN/Inf: a model, one batch, the loss, and where the culprit is."""
+
+    model: nn.Module
+    batch: tuple[torch.Tensor, ...]
+    loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+    culprit: object
+    text: str
+    op: str
+    phase: str
+
+
+def _log_of_zero() -> Source:
+    model = Classifier()
+    with torch.no_grad():
+        model.fc.bias.fill_(-200.0)
+    batch = (torch.randn(16, 4), (torch.arange(16) % 2).float())
+    return Source(model, batch, lambda m, b: bce_by_hand(m(b[0]), b[1]), bce_by_hand,
+                  "torch.log(", "torch.log", "forward")
+
+
+def _sqrt_at_zero() -> Source:
+    model = Prototypes()
+    with torch.no_grad():
+        model.embed.weight.zero_()
+        model.embed.bias.zero_()
+    return Source(model, (torch.randn(5, 4),), lambda m, b: m(b[0]).mean(), euclidean,
+                  "torch.sqrt(", "torch.sqrt", "backward")
+
+
+def _exp_overflow() -> Source:
+    model = SoftmaxHead()
+    with torch.no_grad():
+        model.fc.weight.mul_(100.0)
+    return Source(model, (torch.randn(8, 4), torch.rand(8, 3)),
+                  lambda m, b: (m(b[0]) - b[1]).pow(2).mean(), softmax_by_hand, "torch.exp(",
+                  "torch.exp", "forward")
+
+
+def _zero_norm() -> Source:
+    x = torch.randn(6, 4)
+    x[2] = 0.0
+    return Source(Encoder(), (x,), lambda m, b: m(b[0]).sum(-1).mean(), normalise, "v / v.norm",
+                  "Tensor.div", "forward")
+
+
+def _custom_backward() -> Source:
+    x = torch.randn(4, 4)
+    x[1] = 0.0
+    return Source(InverseFeatures(), (x,), lambda m, b: m(b[0]).mean(), InverseFeatures.forward,
+                  "SafeInverse.apply(", "SafeInverse.apply", "backward")
+
+
+def _half_attention() -> Source:
+    model = Attention(16)
+    with torch.no_grad():
+        for layer in (model.q, model.k):
+            layer.weight.copy_(torch.eye(16) * 10)
+    return Source(model, (torch.full((2, 3, 16), 10.0),),
+                  lambda m, b: attention_loss(m, b[0]), Attention.forward, "logits = q @ k",
+                  "Tensor.matmul", "forward")
+
+
+def _nan_in_batch() -> Source:
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    x[3, 1] = math.nan
+    return Source(MLP(), (x, y), lambda m, b: cross_entropy(m, b[0], b[1]), MLP.forward,
+                  "self.fc1(x)", "F.linear", "data")
+
+
+SOURCES: dict[str, Callable[[], Source]] = {
+    "log(0) in a loss": _log_of_zero,
+    "sqrt at 0 in a distance": _sqrt_at_zero,
+    "exp overflow in a softmax": _exp_overflow,
+    "0/0 in a normalisation": _zero_norm,
+    "custom Function backward": _custom_backward,
+    "fp16 attention logits": _half_attention,
+    "NaN in the batch": _nan_in_batch,
+}

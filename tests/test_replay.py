@@ -38,6 +38,16 @@ def _assert_at(finding: Finding, obj: object, text: str) -> None:
     assert f"replay_cases.py:{line}" in finding.message
 
 
+@pytest.mark.parametrize("name", list(cases.SOURCES))
+def test_each_real_source_is_named_at_its_line(name: str) -> None:
+    torch.manual_seed(0)
+    source = cases.SOURCES[name]()
+    model, batch = source.model, source.batch
+    finding = _nonfinite_finding(model, lambda: source.loss(model, batch))
+    _assert_at(finding, source.culprit, source.text)
+    assert (finding.details["op"], finding.details["phase"]) == (source.op, source.phase)
+
+
 def test_log_of_zero_in_a_hand_written_loss() -> None:
     torch.manual_seed(0)
     model = cases.Classifier()

@@ -117,3 +117,65 @@ def test_lightning_manual_optimization_is_not_replayed_and_says_why() -> None:
     d = [f for f in diagnostics.findings if f.kind == "nonfinite"][0].details
     assert (d["replay"], d["replay_reason"]) == ("not_replayed", "manual_optimization")
     assert model.calls == 4  # training_step ran once per batch, never again
+
+
+class _Wrapped(pl.LightningModule):
+    """Any model and loss of ``replay_cases.SOURCES`` as a LightningModule."""
+
+    def __init__(self, source: cases.Source) -> None:
+        super().__init__()
+        self.model = source.model
+        self.loss = source.loss
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.loss(self.model, tuple(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("name", list(cases.SOURCES))
+def test_lightning_names_each_real_source_at_its_line(name: str) -> None:
+    torch.manual_seed(0)
+    source = cases.SOURCES[name]()
+    loader = DataLoader(TensorDataset(*source.batch), batch_size=len(source.batch[0]))
+    diagnostics = _diagnostics()
+    quiet_trainer(max_steps=1, callbacks=[diagnostics]).fit(_Wrapped(source), loader)
+    d = [f for f in diagnostics.findings if f.kind == "nonfinite"][0].details
+    assert d["replay"] == "located"
+    assert (d["file"], d["line"]) == line_of(source.culprit, source.text)
+    assert (d["op"], d["phase"]) == (source.op, source.phase)
+
+
+def test_lightning_fp16_mixed_replays_under_the_precision_plugin_s_autocast() -> None:
+    """Under 16-mixed a scaler's overflow step is amp_overflow; once the scale is below 1 the
+    NaN is the model's: the replay runs training_step under autocast and names the matmul."""
+    from pytorch_lightning.plugins import MixedPrecision
+
+    torch.manual_seed(0)
+    source = cases.SOURCES["fp16 attention logits"]()
+    model = source.model
+
+    class Plain(pl.LightningModule):  # no autocast of its own: the plugin provides it
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.model(batch[0]).float().pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    diagnostics = _diagnostics()
+    loader = DataLoader(TensorDataset(source.batch[0].repeat(2, 1, 1)), batch_size=2)
+    trainer = quiet_trainer(max_steps=3, callbacks=[diagnostics],
+                            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(Plain(), loader)
+    assert diagnostics.history.groupby("step").amp_overflow.all().iloc[0]  # step 0: the scaler's
+    finding = [f for f in diagnostics.findings if f.kind == "nonfinite"][0]
+    d = finding.details
+    assert finding.step >= 1 and d["replay"] == "located"
+    assert (d["file"], d["line"]) == line_of(cases.Attention.forward, "logits = q @ k")
+    assert d["output"]["dtype"] == "float16" and d["nonfinite"] == "inf"
