@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,7 @@ def _plain_run(replay: bool) -> dict[str, Any]:
                 optimizer.step()
         seen["next_step"] = monitor._next_step
         seen["history"] = monitor.history.to_dict("list")
+        seen["activations"] = monitor.activation_history
     seen["final"] = {
         "params": [p.detach().clone() for p in model.parameters()],
         "buffers": {k: v.clone() for k, v in model.named_buffers()},
@@ -118,6 +120,9 @@ def test_plain_replay_leaves_no_trace() -> None:
     assert with_replay["next_step"] == without["next_step"] == 5
     np.testing.assert_array_equal(with_replay["history"]["grad_norm"],
                                   without["history"]["grad_norm"])
+    acts, acts_without = with_replay["activations"], without["activations"]
+    assert len(acts) > 0 and acts.step.max() > NAN_STEP  # watched after the replay too
+    pd.testing.assert_frame_equal(acts, acts_without)  # the replay's forward counted nowhere
     assert with_replay["global_unchanged"]
 
 
@@ -170,6 +175,7 @@ def _lightning_run(replay: bool) -> dict[str, Any]:
     trainer.fit(model, loader)
     return {
         "findings": diagnostics.findings,
+        "activations": diagnostics.activation_history,
         "at_nan": snapshot.at_nan,
         "global_states": snapshot.global_states,
         "final": {
@@ -193,6 +199,9 @@ def test_lightning_replay_leaves_no_trace() -> None:
     for key in ("params", "buffers", "rng", "optimizer", "global_step", "logged"):
         assert _same(with_replay["final"][key], without["final"][key]), key
     assert with_replay["final"]["global_step"] == 5
+    acts = with_replay["activations"]
+    assert len(acts) > 0 and acts.step.max() > NAN_STEP
+    pd.testing.assert_frame_equal(acts, without["activations"])
     states = with_replay["global_states"]
     assert len(states) == 5 and states == without["global_states"]
     assert states[NAN_STEP]["anomaly"] is False and states[NAN_STEP]["function_modes"] == 0

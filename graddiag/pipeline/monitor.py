@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import weakref
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -107,7 +107,7 @@ class GradientMonitor:
                                             exclude=c.exclude)
         if self._activations.steps is not None:  # sites are timed on the layers' clock
             self._activations.steps.watch.arrival = self._measurement.live.arrival
-        self._replay = NonfiniteReplay(model, c.replay_nonfinite, self.pause_activations)
+        self._replay = NonfiniteReplay(model, c.replay_nonfinite, self._unwatched)
         # on close, and on garbage collection of a monitor never closed: no wrapper, no hook left
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)
@@ -125,6 +125,15 @@ class GradientMonitor:
         """Forward passes from now on belong to optimizer step ``step`` (``None``: to no step, so
         none is watched until the next :meth:`step` or call of this)."""
         self._activations.upcoming = None if step is None else int(step)
+
+    @contextmanager
+    def _unwatched(self) -> Iterator[None]:
+        """Forward passes inside count for no step (a replay adds nothing to the statistics)."""
+        upcoming, self._activations.upcoming = self._activations.upcoming, None
+        try:
+            yield
+        finally:
+            self._activations.upcoming = upcoming
 
     def pause_activations(self) -> None:
         """Leave the watch during a backward pass inside the watched call (manual optimization)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from torch import nn
 
@@ -27,13 +28,15 @@ class NonfiniteReplay:
     Args:
         model: The monitored module; the replay differentiates its trainable parameters.
         enabled: ``replay_nonfinite``; when ``False`` findings pass through unchanged.
-        pause: Called before a replay (stops activation statistics from seeing it).
+        unwatched: A context in which the model's forward passes count for no step's activation
+            statistics (the replay runs inside it).
     """
 
-    def __init__(self, model: nn.Module, enabled: bool, pause: Callable[[], None]) -> None:
+    def __init__(self, model: nn.Module, enabled: bool,
+                 unwatched: Callable[[], AbstractContextManager[None]]) -> None:
         self.model = model
         self.enabled = enabled
-        self.pause = pause
+        self.unwatched = unwatched
         self.replayed_step: int | None = None
 
     def annotate(self, findings: list[Finding], step: int,
@@ -60,8 +63,8 @@ class NonfiniteReplay:
             return ReplayOutcome.skipped("already_replayed")
         self.replayed_step = step
         try:
-            self.pause()
-            return replay_step(self.model, plan)
+            with self.unwatched():
+                return replay_step(self.model, plan)
         except Exception as error:  # noqa: BLE001
             log.warning("graddiag: the replay of step %d failed: %s", step, error)
             return ReplayOutcome(status="failed", reason="error", reason_detail=str(error)[:300])
