@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
 from graddiag.data.replay import ReplayOutcome, combine_rank_outcomes
+from graddiag.lightning.strategy import StrategyReducer
 from graddiag.measure.replay import (
     ReplayPlan,
     ReplayRun,
@@ -125,14 +126,11 @@ class LightningStepReplay(ReplayPlan):
         """Every rank's outcome to every rank, combined the same way on all of them.
 
         Called on every rank at the same onset (gradients are averaged across ranks, so every
-        rank's rules see the same non-finite gradient on the same step): one
-        ``all_gather_object``, issued by all ranks together.
+        rank's rules see the same non-finite gradient on the same step): one object gather
+        through ``trainer.strategy``, issued by all ranks together.
         """
         trainer = self._trainer
-        dist = torch.distributed
-        if trainer is None or trainer.world_size <= 1 or not (dist.is_available()
-                                                              and dist.is_initialized()):
+        if trainer is None or trainer.world_size <= 1:
             return outcome
-        gathered: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(gathered, outcome.to_dict())
+        gathered = StrategyReducer(trainer.strategy).all_gather_object(outcome.to_dict())
         return combine_rank_outcomes([ReplayOutcome.from_dict(d) for d in gathered])
