@@ -121,6 +121,8 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "graddiag defaults": lambda: [GradientDiagnostics(print_summary=False)],
     "graddiag every_n_steps=10": lambda: [GradientDiagnostics(every_n_steps=10,
                                                               print_summary=False)],
+    "graddiag defaults, replay_nonfinite off": lambda: [GradientDiagnostics(
+        replay_nonfinite=False, print_summary=False)],
     "graddiag, activations off": lambda: [GradientDiagnostics(activation_every_n_steps=0,
                                                               print_summary=False)],
     "graddiag all on (acts+params every step)": lambda: [GradientDiagnostics(
@@ -222,7 +224,8 @@ def _summaries(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dic
 
 
 LOOP_CONFIGS = ["plain", "plain again (A/A control: the noise)", "floor (one _foreach_norm)",
-                "graddiag defaults", "graddiag every_n_steps=10", "graddiag, activations off"]
+                "graddiag defaults", "graddiag every_n_steps=10", "graddiag, activations off",
+                "graddiag defaults + replay closure"]
 
 
 def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, dict[str, float]]:
@@ -241,6 +244,7 @@ def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, di
                                                      watch=None),
         "graddiag, activations off": GradientMonitor(model, reporters=[],
                                                      activation_every_n_steps=0, watch=None),
+        "graddiag defaults + replay closure": GradientMonitor(model, reporters=[], watch=None),
     }
     calls = {name: 0 for name in monitors}
     times: dict[str, list[float]] = {name: [] for name in LOOP_CONFIGS}
@@ -256,7 +260,8 @@ def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, di
         if name == "floor (one _foreach_norm)":
             torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None])
         elif monitor is not None:
-            monitor.step(calls[name])
+            replay = (lambda: F.cross_entropy(model(x), y)) if "replay" in name else None
+            monitor.step(calls[name], replay=replay)
             calls[name] += 1
         optimizer.step()
         if i >= len(LOOP_CONFIGS):

@@ -26,4 +26,4 @@ def test_benchmark_quick_round(tmp_path: Path) -> None:
         assert len(ratios) == 10  # every configuration but the baseline
         assert all(math.isfinite(r[k]) and r[k] > 0 for r in ratios.values() for k in r)
     assert data["scaling"] and data["memory"]["graddiag_peak_mib"] > 0
-    assert len(data["loop"]["MLP 4x64"]) == 5
+    assert len(data["loop"]["MLP 4x64"]) == 6

@@ -44,6 +44,7 @@ from graddiag import GradientDiagnostics, GradientMonitor, MonitorConfig
         ("include", 3, "list of strings"),
         ("functional_activations", "yes", "True or False"),
         ("functional_activations", 1, "True or False"),
+        ("replay_nonfinite", "always", "True or False"),
         ("max_history_rows", 0, "integer >= 1"),
         ("histogram_every_n_steps", -2, "integer >= 0"),
     ],

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed import run_ddp
 from tests.distributed.run_sites import STEPS, Branchy, batch
+from tests.replay_cases import line_of
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,8 +47,17 @@ def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path: Path, strategy: str
                   "--nan-rank", str(nan_rank), "--action", action)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for key in ("findings", "activations", "grad_norms", "param_sum", "global_step"):
+    for key in ("findings", "activations", "grad_norms", "param_sum", "global_step", "replay",
+                "message"):
         assert _same(ranks[0][key], ranks[1][key]), key
+    # every rank replayed its own batch; the rank whose batch made the NaN names the line
+    culprit = line_of(run_ddp.Model.training_step, 'float("nan")')
+    replay = ranks[0]["replay"]
+    assert (replay["file"], replay["line"]) == culprit
+    assert (replay["replay"], replay["phase"], replay["rank"], replay["world_size"]) == (
+        "located", "forward", nan_rank, 2)
+    assert math.isnan(replay["constant"])
+    assert f"rank {nan_rank}'s batch" in ranks[0]["message"]
     sites = {row[1] for row in ranks[0]["activations"]}
     assert "Model:tanh" in sites and "net.1" in sites  # rank 1's own site, agreed by both
     kinds = [f[0] for f in ranks[0]["findings"]]

@@ -208,6 +208,20 @@ def test_example_fix_vanishing() -> None:
     assert acc_after > acc_before + 0.3
 
 
+def test_example_find_the_nan() -> None:
+    from tests.replay_cases import line_of
+
+    namespace = runpy.run_path(str(ROOT / "examples" / "find_the_nan.py"), run_name="example")
+    results = namespace["main"](["--steps", "40"])
+    plain = [f for f in results["plain"] if f.kind == "nonfinite"][0]
+    assert (plain.details["file"], plain.details["line"]) == line_of(namespace["softmax"],
+                                                                     "torch.exp(")
+    assert plain.details["op"] == "torch.exp" and "overflowed to inf" in plain.message
+    data = [f for f in results["lightning"] if f.kind == "nonfinite"][0]
+    assert (data.details["phase"], data.details["tensor"]) == ("data", "batch[0]")
+    assert "in the data, not in the model" in data.message
+
+
 def test_bundled_data_modules_split_deterministically() -> None:
     import torch
 

@@ -179,6 +179,11 @@ class MonitorConfig(_Checked):
         200_000, Integer(1),
         "Bound on rows (steps x layers) kept in history; older records are thinned (every "
         "second dropped), onset steps kept.")
+    replay_nonfinite: bool = option(
+        True, Flag(),
+        "When a nonfinite finding begins, replay that step under checks and name the first op "
+        "and source line whose output or gradient became non-finite (one extra forward and "
+        "backward per onset).")
 
     @classmethod
     def from_options(cls, **options: Any) -> "MonitorConfig":

@@ -24,6 +24,7 @@ from graddiag.data.options import (
     split_options,
 )
 from graddiag.data.policy import ALARM_KINDS, StepReport
+from graddiag.lightning.replay import LightningStepReplay
 from graddiag.lightning.strategy import StrategyReducer, agree_on_action
 from graddiag.measure.activations import ActivationRegistry
 from graddiag.pipeline.arguments import check_activation_registry, check_reporters
@@ -74,6 +75,7 @@ class GradientDiagnostics(Callback):
         self.monitor: GradientMonitor | None = None
         self._saved: dict[str, Any] | None = None
         self._shown_in_progress_bar: int | None = None
+        self._replay = LightningStepReplay()  # the batches of the current optimizer step
 
     # ------------------------------------------------------------------ identity
     @property
@@ -166,6 +168,8 @@ class GradientDiagnostics(Callback):
     ) -> None:
         if self.monitor is not None:
             self.monitor.expect_step(trainer.global_step)
+            if self.config.replay_nonfinite:  # a reference and the random state (~3 us)
+                self._replay.keep(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -201,7 +205,9 @@ class GradientDiagnostics(Callback):
             grads_scaled=amp_scale is not None and _optimizer_unscales_itself(optimizer),
             clip_norm=float(clip) if clip else None,
             raise_on_alarm=False,
+            replay=self._replay if self.config.replay_nonfinite else None,
         )
+        self._replay.clear()
         self._apply(trainer, optimizer, report)
         # Under trainer.fit(torch.compile(module)) Lightning's log runs under dynamo, and a log
         # call from this hook would make it recompile: no progress-bar entry then.
@@ -252,6 +258,7 @@ class GradientDiagnostics(Callback):
         self._finish()
 
     def _finish(self) -> None:
+        self._replay.clear()
         if self.monitor is not None:
             self.monitor.close()
 

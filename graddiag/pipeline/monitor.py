@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import weakref
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -26,10 +26,12 @@ from graddiag.measure.compiled import compiled_parts
 from graddiag.measure.layers import discover_layers
 from graddiag.measure.measurement import StepMeasurement
 from graddiag.measure.ranks import as_reducer
+from graddiag.measure.replay import ReplayArgument, check_replay
 from graddiag.measure.tree import module_tree
 from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.arguments import check_activation_registry, check_reporters
 from graddiag.pipeline.history import History
+from graddiag.pipeline.replay import NonfiniteReplay
 from graddiag.pipeline.reporting import Reporting
 from graddiag.reporters import ConsoleReporter, Reporter
 from graddiag.reporters.summary import summarize
@@ -108,6 +110,7 @@ class GradientMonitor:
                                             exclude=c.exclude)
         if self._activations.steps is not None:  # sites are timed on the layers' clock
             self._activations.steps.watch.arrival = self._measurement.live.arrival
+        self._replay = NonfiniteReplay(model, c.replay_nonfinite, self._unwatched)
         # on close, and on garbage collection of a monitor never closed: no wrapper, no hook left
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)
@@ -126,6 +129,15 @@ class GradientMonitor:
         none is watched until the next :meth:`step` or call of this)."""
         self._activations.upcoming = None if step is None else int(step)
 
+    @contextmanager
+    def _unwatched(self) -> Iterator[None]:
+        """Forward passes inside count for no step (a replay adds nothing to the statistics)."""
+        upcoming, self._activations.upcoming = self._activations.upcoming, None
+        try:
+            yield
+        finally:
+            self._activations.upcoming = upcoming
+
     def pause_activations(self) -> None:
         """Leave the watch during a backward pass inside the watched call (manual optimization)."""
         self._activations.pause()
@@ -138,7 +150,8 @@ class GradientMonitor:
     def step(self, step: int | None = None, *, optimizer: int = 0,
              params: Iterable[torch.Tensor] | None = None,
              amp_scale: torch.Tensor | float | None = None, grads_scaled: bool = False,
-             clip_norm: float | None = None, raise_on_alarm: bool = True) -> StepReport:
+             clip_norm: float | None = None, raise_on_alarm: bool = True,
+             replay: ReplayArgument = None) -> StepReport:
         """Measure (on recorded steps) and evaluate the gradients of one optimizer step.
 
         Args:
@@ -156,12 +169,21 @@ class GradientMonitor:
                 records then say whether clipping will act.
             raise_on_alarm: Raise :class:`~graddiag.data.errors.GradientAlarm` when the action is
                 ``"raise"`` (otherwise it is only returned in the report).
+            replay: Recomputes this step's loss, e.g. ``lambda: loss_fn(model(x), y)`` (the
+                same batch; no ``backward()``). Called only when a ``nonfinite`` finding begins
+                (and ``replay_nonfinite`` is on): the step is re-run under checks and the
+                finding names the first operation whose output or gradient became non-finite,
+                and its source line. Weights, gradients, buffers and random state are left
+                as they were. A :class:`~graddiag.measure.replay.ReplayRun` also carries the
+                random state the forward began with.
 
         Returns:
             A :class:`StepReport`; ``report.should_skip`` tells a loop to skip ``optimizer.step()``.
         """
         if self._closed:
             raise RuntimeError("this GradientMonitor is closed")
+        if replay is not None:
+            check_replay(replay)
         current = self._next_step if step is None else int(step)
         self._next_step = self._activations.upcoming = current + 1
         report = StepReport(current, False)
@@ -169,16 +191,17 @@ class GradientMonitor:
             report = self._evaluate(self._measurement.measure(
                 current, optimizer=optimizer, params=params, amp_scale=amp_scale,
                 grads_scaled=grads_scaled, clip_norm=clip_norm,
-                activations=self._activations.take(current)))
+                activations=self._activations.take(current)), replay)
         if report.action == "raise" and raise_on_alarm:
             alarms = [f for f in self.findings if f.kind in ALARM_KINDS]
             raise GradientAlarm([f for f in report.findings if f.kind in ALARM_KINDS]
                                 or alarms[-1:])
         return report
 
-    def _evaluate(self, record: StepRecord) -> StepReport:
+    def _evaluate(self, record: StepRecord, replay: ReplayArgument = None) -> StepReport:
         self._explainer.observe(record)
         findings = [self._explainer.explain(f, record) for f in self.rules.update(record)]
+        findings = self._replay.annotate(findings, record.step, replay)  # op and line of a NaN
         self._history.append(record)
         if findings:
             self._history.pin(record.step)

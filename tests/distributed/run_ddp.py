@@ -51,6 +51,8 @@ class Dump(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         d = self.diagnostics
         acts = d.activation_history
+        nonfinite = [f for f in d.findings if f.kind == "nonfinite"]
+        replay_keys = ("replay", "phase", "op", "file", "line", "constant", "rank", "world_size")
         params = torch.cat([p.detach().flatten() for p in module.parameters()])
         result = {
             "findings": [[f.kind, f.layer, f.step, round(f.value, 6)] for f in d.findings],
@@ -61,6 +63,8 @@ class Dump(pl.Callback):
             "params_finite": bool(torch.isfinite(params).all()),
             "global_step": trainer.global_step,
             "reporters": [type(r.inner).__name__ for r in d.monitor.reporters],
+            "replay": {k: nonfinite[0].details.get(k) for k in replay_keys} if nonfinite else None,
+            "message": nonfinite[0].message if nonfinite else None,
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
