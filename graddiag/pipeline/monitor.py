@@ -106,6 +106,7 @@ class GradientMonitor:
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)
         self._next_step = 0
+        self.skipped_steps = 0  # optimizer steps skipped on graddiag's request ("skip" actions)
         self._closed = False
 
     # ----------------------------------------------------------------- activation scope
@@ -177,9 +178,21 @@ class GradientMonitor:
         if findings:
             self._history.pin(record.step)
             self.findings.extend(findings)
-        self._reporting.report(record, findings, self.findings, self.rules.active_count())
         action = decide(self.rules.active, self.config.on_nonfinite, self.config.on_exploding)
+        if action == "skip":
+            self.note_skipped()
+        self._reporting.report(record, findings, self.findings, self.rules.active_count(),
+                               self.skipped_steps)
         return StepReport(record.step, True, findings, action, record)
+
+    def note_skipped(self) -> int:
+        """Count one optimizer step that applies nothing; returns the count so far.
+
+        The monitor counts the steps it asks to skip; an adapter that skips a step for another
+        reason (another rank asked for it) counts it here.
+        """
+        self.skipped_steps += 1
+        return self.skipped_steps
 
     # ----------------------------------------------------------------- results
     @property
@@ -222,7 +235,7 @@ class GradientMonitor:
         self._release()
         self._activations.close()
         self._reporting.close(self._history.records, self._measurement.layers, self.findings,
-                              self.summary)
+                              self.summary, self.skipped_steps)
 
     def __enter__(self) -> GradientMonitor:
         return self
@@ -234,13 +247,15 @@ class GradientMonitor:
     def state_dict(self) -> dict[str, Any]:
         """Rule state, findings, history and the step counter (plain containers and tensors only,
         so checkpoints load with ``weights_only=True``)."""
-        return {"next_step": self._next_step, "rules": self.rules.state_dict(),
+        return {"next_step": self._next_step, "skipped_steps": self.skipped_steps,
+                "rules": self.rules.state_dict(),
                 "findings": [f.to_dict() for f in self.findings],
                 "history": self._history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (a resumed run continues where it stopped)."""
         self._next_step = self._activations.upcoming = int(state["next_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rules.load_state_dict(state["rules"])
         self.findings = [Finding.from_dict(d) for d in state["findings"]]
         if "history" in state:
