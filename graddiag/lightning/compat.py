@@ -31,6 +31,9 @@ CALLBACK_BASES: tuple[type, ...] = tuple(m.Callback for m in LIGHTNING_MODULES)
 TENSORBOARD_LOGGERS: tuple[type, ...] = tuple(
     importlib.import_module(f"{m.__name__}.loggers").TensorBoardLogger for m in LIGHTNING_MODULES
 )
+RICH_PROGRESS_BARS: tuple[type, ...] = tuple(
+    importlib.import_module(f"{m.__name__}.callbacks").RichProgressBar for m in LIGHTNING_MODULES
+)
 rank_zero_info = importlib.import_module(
     f"{LIGHTNING_MODULES[0].__name__}.utilities"
 ).rank_zero_info

@@ -20,7 +20,7 @@ from graddiag.data.findings import Finding
 FINDING_COLUMNS = ["kind", "layer", "step", "value", "threshold", "evidence", "remedy"]
 LEGACY_FINDINGS_HEADER = "| kind | layer | step | value | threshold | evidence | remedy |"
 _DATA_COMMENT = re.compile(r"<!-- graddiag-finding (\{.*?\}) -->")
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
 
 
 def _text(text: object) -> str:
