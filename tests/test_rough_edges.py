@@ -161,3 +161,23 @@ def test_a_full_disk_leaves_no_truncated_png(
     acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.TENSORS: 0})
     acc.Reload()
     assert "graddiag/summary/text_summary" in acc.Tags()["tensors"]  # the rest still written
+
+
+def test_a_plain_monitor_counts_the_steps_it_asks_to_skip_and_keeps_the_count(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=8)
+    x, y = digits
+    skipped_by_loop = []
+    with GradientMonitor(model, on_nonfinite="skip", reporters=[]) as monitor:
+        for step in range(6):
+            model.zero_grad()
+            loss = F.cross_entropy(model(x[:32]), y[:32])
+            (loss * float("nan") if step in (2, 3) else loss).backward()
+            if monitor.step().should_skip:
+                skipped_by_loop.append(step)
+    assert skipped_by_loop == [2, 3]
+    assert monitor.skipped_steps == 2
+    resumed = GradientMonitor(model, reporters=[])
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.skipped_steps == 2
+    resumed.close()

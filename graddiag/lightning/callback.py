@@ -361,6 +361,11 @@ def _still_active(monitor: GradientMonitor | None) -> str:
     return f"{' and '.join(kinds)} still active" if kinds else "another rank's alarm"
 
 
+def _still_active(monitor: GradientMonitor | None) -> str:
+    kinds = [k for k in ("nonfinite", "exploding") if monitor is not None and monitor.rules.active(k)]
+    return f"{' and '.join(kinds)} still active" if kinds else "another rank's alarm"
+
+
 def _is_power_of_ten(n: int) -> bool:
     return n >= 10 and str(n).strip("0") == "1"
 
