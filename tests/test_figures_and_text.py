@@ -77,7 +77,7 @@ def test_dead_and_saturated_sites_are_marked_in_the_picture() -> None:
                                               "net.5": ("saturated", 0.6)})
     ax = fig.axes[0]
     texts = sorted(t.get_text() for t in ax.texts)
-    assert texts == ["dead 84%", "saturated 60%"]
+    assert texts == ["net.3: dead 84%", "net.5: saturated 60%"]
     bands = {round((p.get_extents().y0 + p.get_extents().y1) / 2) for p in ax.patches}
     pixels = figure_to_array(fig)
     height = pixels.shape[0]

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from graddiag.reporters.labels import abbreviate_all
+from graddiag.reporters.labels import abbreviate, abbreviate_all
 
 SITE_COLOURS = {"sigmoid": "tab:purple", "tanh": "tab:blue", "relu": "tab:green"}
 SITE_FINDING_COLOURS = {"dead_relu": "tab:orange", "saturated": "tab:purple"}
@@ -100,7 +100,7 @@ def gradient_flow_figure(
         sites: ``(position, site, kind)`` activation sites in layer-index units (``k - 0.5``:
             between layers ``k - 1`` and ``k``), drawn as dotted lines.
         site_findings: ``{site: (finding kind, value)}`` for sites with a ``dead_relu`` or
-            ``saturated`` finding: drawn as a coloured band labelled ``dead 84%``.
+            ``saturated`` finding: drawn as a coloured band labelled ``net.3: dead 84%``.
         title: Figure title.
     """
     n = len(layers)
@@ -166,9 +166,9 @@ def _draw_sites(
         finding_kind, value = finding
         colour = SITE_FINDING_COLOURS.get(finding_kind, "tab:red")
         ax.axhspan(position - 0.22, position + 0.22, color=colour, alpha=0.35, linewidth=0)  # type: ignore[attr-defined]
-        ax.text(ceiling * 1.8, position, f"{SITE_FINDING_WORDS.get(finding_kind, finding_kind)} "  # type: ignore[attr-defined]
-                f"{value:.0%}", color=colour, fontsize=7, ha="right", va="center",
-                fontweight="bold")
+        word = SITE_FINDING_WORDS.get(finding_kind, finding_kind)
+        ax.text(ceiling * 1.8, position, f"{abbreviate(site)}: {word} {value:.0%}",  # type: ignore[attr-defined]
+                color=colour, fontsize=7, ha="right", va="center", fontweight="bold")
         findings_seen.add(finding_kind)
     for kind in sorted(kinds_seen):
         ax.plot([], [], linestyle=":", color=SITE_COLOURS.get(kind, "grey"), label=f"{kind} site")  # type: ignore[attr-defined]
