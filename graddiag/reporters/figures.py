@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -65,7 +65,8 @@ def flow_profile(grad_norms: Sequence[np.ndarray], has_grad: Sequence[np.ndarray
         median[any_finite] = np.nanmedian(columns, axis=0)
         low[any_finite] = np.nanmin(columns, axis=0)
         high[any_finite] = np.nanmax(columns, axis=0)
-    return FlowProfile(median, low, high, ~got.any(axis=0), (got & ~np.isfinite(norms)).sum(0))
+    no_grad = np.asarray(~got.any(axis=0), dtype=bool)
+    return FlowProfile(median, low, high, no_grad, (got & ~np.isfinite(norms)).sum(axis=0))
 
 
 def _floor_and_ceiling(*arrays: np.ndarray) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 MAX_LABEL = 28
 ELLIPSIS = "\u2026"

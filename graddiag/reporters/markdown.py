@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Any
 
 import pandas as pd
 
@@ -72,7 +73,7 @@ def parse_findings_markdown(text: str) -> pd.DataFrame:
     Returns columns ``kind``, ``layer``, ``step``, ``value``, ``threshold``, ``evidence``,
     ``remedy``, one row per finding, oldest first.
     """
-    rows = [json.loads(match) for match in _DATA_COMMENT.findall(text)]
+    rows: list[dict[str, Any]] = [json.loads(m) for m in _DATA_COMMENT.findall(text)]
     if not rows and LEGACY_FINDINGS_HEADER in text:
         rows = _parse_legacy_table(text)
     table = pd.DataFrame(rows, columns=FINDING_COLUMNS)
@@ -83,7 +84,7 @@ def parse_findings_markdown(text: str) -> pd.DataFrame:
     return table
 
 
-def _parse_legacy_table(text: str) -> list[dict[str, object]]:
+def _parse_legacy_table(text: str) -> list[dict[str, str]]:
     rows = []
     for line in text.splitlines():
         if not line.startswith("| ") or line.startswith(LEGACY_FINDINGS_HEADER):
