@@ -121,19 +121,22 @@ def gradient_flow_figure(
     zero = np.flatnonzero(profile.zero)
     if zero.size:
         ax.plot(np.full(zero.size, floor), y[zero], "<", color="black", markersize=8,
-                label="median exactly 0 (on the floor)")
+                label="median exactly 0 (on the floor)", zorder=4)
     missing = np.flatnonzero(profile.no_grad)
     if missing.size:
         ax.plot(np.full(missing.size, floor), y[missing], "x", color="black", markersize=8,
-                markeredgewidth=2, label="no gradient (on the floor)")
+                markeredgewidth=2, label="no gradient (on the floor)", zorder=4)
     nonfinite = np.flatnonzero(profile.nonfinite_steps > 0)
     if nonfinite.size:
         ax.plot(np.full(nonfinite.size, ceiling), y[nonfinite], "X", color="tab:red",
                 markersize=9, label="inf/NaN gradient (right edge)")
     bad = [i for i, name in enumerate(layers) if name in flagged]
     if bad:
-        ax.plot(on_floor(profile.median[bad]), y[bad], "o", color="tab:red", markersize=8,
-                linestyle="none", label="flagged layer")
+        flagged_x = on_floor(profile.median[bad])
+        flagged_x = np.where(np.isnan(flagged_x) & profile.no_grad[bad], floor, flagged_x)
+        ax.plot(flagged_x, y[bad], "o", markerfacecolor="none", markeredgecolor="tab:red",
+                markeredgewidth=2, markersize=12, linestyle="none", label="flagged layer",
+                zorder=3)
     _draw_sites(ax, sites, site_findings or {}, ceiling)
     ax.set_xscale("log")
     ax.set_xlim(floor / 2.5, ceiling * 2.5)
@@ -169,7 +172,8 @@ def _draw_sites(
         ax.axhspan(position - 0.22, position + 0.22, color=colour, alpha=0.35, linewidth=0)  # type: ignore[attr-defined]
         word = SITE_FINDING_WORDS.get(finding_kind, finding_kind)
         ax.text(ceiling * 1.8, position, f"{abbreviate(site)}: {word} {value:.0%}",  # type: ignore[attr-defined]
-                color=colour, fontsize=7, ha="right", va="center", fontweight="bold")
+                color=colour, fontsize=7, ha="right", va="center", fontweight="bold",
+                bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1.0})
         findings_seen.add(finding_kind)
     for kind in sorted(kinds_seen):
         ax.plot([], [], linestyle=":", color=SITE_COLOURS.get(kind, "grey"), label=f"{kind} site")  # type: ignore[attr-defined]
