@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
@@ -97,7 +98,7 @@ def gradient_flow_figure(
     Args:
         layers: Layer names in forward order.
         profile: Their statistics (see :func:`flow_profile`).
-        flagged: Layers (and sites) with a finding; drawn as red points and red labels.
+        flagged: Layers (and sites) with a finding; drawn as red rings and red labels.
         sites: ``(position, site, kind)`` activation sites in layer-index units (``k - 0.5``:
             between layers ``k - 1`` and ``k``), drawn as dotted lines.
         site_findings: ``{site: (finding kind, value)}`` for sites with a ``dead_relu`` or
@@ -115,7 +116,7 @@ def gradient_flow_figure(
     floor, ceiling = _floor_and_ceiling(profile.median, profile.low, profile.high)
     on_floor = lambda v: np.where(np.asarray(v) > 0, v, np.where(np.asarray(v) == 0, floor, np.nan))  # noqa: E731
     ax.fill_betweenx(y, on_floor(profile.low), on_floor(profile.high), color="tab:blue", alpha=0.2,
-                     label="min-max over interval", step=None)
+                     label="min-max over interval")
     ax.plot(on_floor(profile.median), y, "-o", color="tab:blue", markersize=4, label="median")
     ax.axvline(floor, color="black", linewidth=0.8, linestyle="--")
     zero = np.flatnonzero(profile.zero)
@@ -140,7 +141,7 @@ def gradient_flow_figure(
     _draw_sites(ax, sites, site_findings or {}, ceiling)
     ax.set_xscale("log")
     ax.set_xlim(floor / 2.5, ceiling * 2.5)
-    ax.set_ylim(n - 0.5 if n else 0.5, -0.5 if n else -0.5)  # input side at the top
+    ax.set_ylim(max(n, 1) - 0.5, -0.5)  # input side at the top
     _label_rows(ax, y, labels, bad)
     _decade_ticks(ax, floor, ceiling)
     ax.set_ylabel("layer (input side at the top)")
@@ -153,7 +154,7 @@ def gradient_flow_figure(
 
 
 def _draw_sites(
-    ax: object,
+    ax: Axes,
     sites: Sequence[tuple[float, str, str]],
     site_findings: Mapping[str, tuple[str, float]],
     ceiling: float,
@@ -163,43 +164,43 @@ def _draw_sites(
     for position, site, kind in sites:
         finding = site_findings.get(site)
         if finding is None:
-            ax.axhline(position, color=SITE_COLOURS.get(kind, "grey"), linestyle=":",  # type: ignore[attr-defined]
+            ax.axhline(position, color=SITE_COLOURS.get(kind, "grey"), linestyle=":",
                        alpha=0.6)
             kinds_seen.add(kind)
             continue
         finding_kind, value = finding
         colour = SITE_FINDING_COLOURS.get(finding_kind, "tab:red")
-        ax.axhspan(position - 0.22, position + 0.22, color=colour, alpha=0.35, linewidth=0)  # type: ignore[attr-defined]
+        ax.axhspan(position - 0.22, position + 0.22, color=colour, alpha=0.35, linewidth=0)
         word = SITE_FINDING_WORDS.get(finding_kind, finding_kind)
-        ax.text(ceiling * 1.8, position, f"{abbreviate(site)}: {word} {value:.0%}",  # type: ignore[attr-defined]
+        ax.text(ceiling * 1.8, position, f"{abbreviate(site)}: {word} {value:.0%}",
                 color=colour, fontsize=7, ha="right", va="center", fontweight="bold",
                 bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1.0})
         findings_seen.add(finding_kind)
     for kind in sorted(kinds_seen):
-        ax.plot([], [], linestyle=":", color=SITE_COLOURS.get(kind, "grey"), label=f"{kind} site")  # type: ignore[attr-defined]
+        ax.plot([], [], linestyle=":", color=SITE_COLOURS.get(kind, "grey"), label=f"{kind} site")
     for kind in sorted(findings_seen):
-        ax.plot([], [], linewidth=6, alpha=0.5, color=SITE_FINDING_COLOURS.get(kind, "tab:red"),  # type: ignore[attr-defined]
+        ax.plot([], [], linewidth=6, alpha=0.5, color=SITE_FINDING_COLOURS.get(kind, "tab:red"),
                 label=f"{SITE_FINDING_WORDS.get(kind, kind)} activation site (finding)")
 
 
-def _label_rows(ax: object, y: np.ndarray, labels: list[str], bad: list[int]) -> None:
+def _label_rows(ax: Axes, y: np.ndarray, labels: list[str], bad: list[int]) -> None:
     step = max(1, math.ceil(len(labels) / MAX_LABELLED_ROWS))
     shown = sorted(set(range(0, len(labels), step)) | set(bad))
-    ax.set_yticks(y[shown])  # type: ignore[attr-defined]
-    ax.set_yticklabels([labels[i] for i in shown], fontsize=7)  # type: ignore[attr-defined]
-    for tick, i in zip(ax.get_yticklabels(), shown):  # type: ignore[attr-defined]
+    ax.set_yticks(y[shown])
+    ax.set_yticklabels([labels[i] for i in shown], fontsize=7)
+    for tick, i in zip(ax.get_yticklabels(), shown):
         if i in bad:
             tick.set_color("tab:red")
 
 
-def _decade_ticks(ax: object, floor: float, ceiling: float) -> None:
+def _decade_ticks(ax: Axes, floor: float, ceiling: float) -> None:
     """Decade ticks from the floor up (at most ~9); the floor's tick reads ``0 / no grad``."""
     first, last = round(math.log10(floor)), round(math.log10(ceiling))
     stride = max(1, math.ceil((last - first) / 8))
     exponents = list(range(first, last + 1, stride))
-    ax.xaxis.set_major_locator(FixedLocator([10.0**e for e in exponents]))  # type: ignore[attr-defined]
-    ax.xaxis.set_minor_locator(NullLocator())  # type: ignore[attr-defined]
-    ax.xaxis.set_major_formatter(FuncFormatter(  # type: ignore[attr-defined]
+    ax.xaxis.set_major_locator(FixedLocator([10.0**e for e in exponents]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(
         lambda value, _pos: ZERO_LABEL if math.isclose(value, floor, rel_tol=1e-9)
         else f"1e{round(math.log10(value))}"))
 
