@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pandas as pd
@@ -358,11 +358,6 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
 
 def _still_active(monitor: GradientMonitor | None) -> str:
     kinds = [k for k in ALARM_KINDS if monitor is not None and monitor.rules.active(k)]
-    return f"{' and '.join(kinds)} still active" if kinds else "another rank's alarm"
-
-
-def _still_active(monitor: GradientMonitor | None) -> str:
-    kinds = [k for k in ("nonfinite", "exploding") if monitor is not None and monitor.rules.active(k)]
     return f"{' and '.join(kinds)} still active" if kinds else "another rank's alarm"
 
 
