@@ -291,8 +291,8 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
             action = agree_on_action(trainer.strategy, action)
         if action == "continue":
             return
-        if action == "skip" and report.action != "skip":
-            self.monitor.note_skipped()  # type: ignore[union-attr] # another rank asked for it
+        if action == "skip" and report.action != "skip" and self.monitor is not None:
+            self.monitor.note_skipped()  # another rank asked for it
         for group in optimizer.param_groups:  # nothing is applied: no gradient, no update
             for param in group["params"]:
                 param.grad = None
@@ -308,7 +308,7 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
             trainer.should_stop = True
             log.warning("graddiag: stopping training at step %d (%s)", report.step, reason)
             return
-        count = self.monitor.skipped_steps  # type: ignore[union-attr]
+        count = self.monitor.skipped_steps if self.monitor is not None else 0
         if count <= 3 or _is_power_of_ten(count):
             log.warning(
                 "graddiag: skipped optimizer step %d (%s): the optimizer applied nothing; "
