@@ -47,6 +47,8 @@ def report(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"graddiag report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    for problem in data.problems:
+        print(f"graddiag report: warning: {problem}", file=sys.stderr)
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.max_rows", 500, "display.float_format", "{:.3g}".format):
         summary = layer_summary(data.scalars)
@@ -56,7 +58,13 @@ def report(argv: list[str]) -> int:
         columns = ["run", "kind", "layer", "step", "value"]
         print(data.findings[columns].to_string(index=False) if len(data.findings) else "  none")
     if args.csv is not None:
-        data.scalars.to_csv(args.csv, index=False)
+        try:
+            args.csv.parent.mkdir(parents=True, exist_ok=True)
+            data.scalars.to_csv(args.csv, index=False)
+        except OSError as error:
+            print(f"graddiag report: error: cannot write --csv {str(args.csv)!r}: "
+                  f"{error.strerror or error}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"\nWrote {len(data.scalars)} rows to {args.csv}")
     alarms = data.findings[data.findings.kind.isin(args.fail_on)] if args.fail_on else []
     if len(alarms):

@@ -59,8 +59,13 @@ def test_findings_are_logged_once_as_warnings(caplog: pytest.LogCaptureFixture) 
     with caplog.at_level(logging.WARNING, logger="graddiag"):
         _fit(DeepMLP(depth=10, width=32, activation="sigmoid", optimizer="sgd", lr=0.1), cb, 30)
     lines = [r.getMessage() for r in caplog.records if "[vanishing]" in r.getMessage()]
-    assert len(lines) == len([f for f in cb.findings if f.kind == "vanishing"])
-    assert any("layer 'net.0'" in line and "Try:" in line for line in lines)
+    vanishing = [f for f in cb.findings if f.kind == "vanishing"]
+    steps = sorted({f.step for f in vanishing})
+    assert len(lines) == len(steps)  # one warning per step and kind, naming every layer
+    for step, line in zip(steps, lines):
+        layers = [f.layer for f in vanishing if f.step == step]
+        assert f"step {step}," in line and all(f"'{layer}'" in line for layer in layers)
+    assert any("'net.0'" in line and "Try:" in line for line in lines)
 
 
 def test_scalars_go_through_the_trainer_logger_at_its_interval(tmp_path: Path) -> None:

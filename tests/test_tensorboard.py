@@ -73,10 +73,11 @@ def test_dashboard_text_image_histograms_and_png(sigmoid_run) -> None:  # noqa: 
     images = acc.Images("graddiag/gradient_flow")
     assert [e.step for e in images] == [10, 20, 23]  # per interval, then the whole run at the end
     findings = acc.Tensors("graddiag/findings/text_summary")[-1].tensor_proto.string_val[0].decode()
-    for f in cb.findings:
-        assert f"| {f.kind} | {f.layer} | {f.step} |" in findings
+    for i, f in enumerate(cb.findings, 1):
+        assert f"| {i} | {f.kind} | `{f.layer}` | {f.step} |" in findings
+        assert f"#### {i}. {f.kind}: `{f.layer}`, step {f.step}" in findings
     summary = acc.Tensors("graddiag/summary/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert "| net.0 |" in summary
+    assert "| `net.0` |" in summary
     hist = acc.Histograms("graddiag/grad_hist/net.0")
     assert [h.step for h in hist] == [0, 8, 16]
     assert hist[0].histogram_value.num == 32 * 64 + 32  # every gradient element of net.0
@@ -104,14 +105,15 @@ def test_report_rejects_missing_and_empty_dirs(tmp_path: Path, capsys) -> None: 
         cli_main(["report", str(tmp_path), "--fail-on", "sadness"])
 
 
-def test_other_loggers_get_scalars_and_one_info_line(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+def test_other_loggers_get_scalars_and_one_warning(tmp_path: Path, caplog) -> None:  # noqa: ANN001
     cb = GradientDiagnostics(activation_every_n_steps=0)
     logger = CSVLogger(tmp_path, name="csv")
     with caplog.at_level(logging.INFO, logger="graddiag"):
         quiet_trainer(max_steps=3, callbacks=[cb], logger=logger, log_every_n_steps=1).fit(
             DeepMLP(depth=1, width=8), DigitsDataModule(batch_size=16))
-    infos = [r.getMessage() for r in caplog.records if "need a TensorBoardLogger" in r.getMessage()]
-    assert len(infos) == 1 and "CSVLogger" in infos[0]
+    notices = [r for r in caplog.records if "need a TensorBoardLogger" in r.getMessage()]
+    assert len(notices) == 1 and "CSVLogger" in notices[0].getMessage()
+    assert notices[0].levelno == logging.WARNING  # a user must see it
     metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
     assert "graddiag/grad_norm/net.0" in metrics.columns
 

@@ -23,6 +23,7 @@ class StepSnapshot:
         findings: Every finding so far, oldest first (restored ones after a resume included).
         active_count: Reported conditions that still hold (a layer still vanishing counts once).
         marks: Where the latest activation sites sit among the layers (for figures).
+        skipped_steps: Optimizer steps skipped so far on a ``"skip"`` action (this one included).
     """
 
     record: StepRecord
@@ -30,6 +31,7 @@ class StepSnapshot:
     findings: tuple[Finding, ...] = ()
     active_count: int = 0
     marks: tuple[SiteMark, ...] = ()
+    skipped_steps: int = 0
 
     @property
     def step(self) -> int:
@@ -47,6 +49,7 @@ class RunSnapshot:
         summary: The per-layer summary table (see ``GradientMonitor.summary``).
         marks: Where the latest activation sites sit among ``layers``.
         last_step: The last step that was recorded (0 when none was).
+        skipped_steps: Optimizer steps skipped on a ``"skip"`` action during the run.
     """
 
     records: tuple[StepRecord, ...]
@@ -55,3 +58,4 @@ class RunSnapshot:
     summary: pd.DataFrame
     marks: tuple[SiteMark, ...] = ()
     last_step: int = 0
+    skipped_steps: int = 0

@@ -5,14 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info
 
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import Finding
@@ -25,6 +21,12 @@ from graddiag.data.options import (
 )
 from graddiag.data.policy import ALARM_KINDS, StepReport
 from graddiag.lightning.replay import LightningStepReplay
+from graddiag.lightning.compat import (
+    CALLBACK_BASES,
+    RICH_PROGRESS_BARS,
+    TENSORBOARD_LOGGERS,
+    rank_zero_info,
+)
 from graddiag.lightning.strategy import StrategyReducer, agree_on_action
 from graddiag.measure.activations import ActivationRegistry
 from graddiag.pipeline.arguments import check_activation_registry, check_reporters
@@ -37,11 +39,17 @@ from graddiag.reporters.summary import summarize
 from graddiag.reporters.tables import save_table
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
 log = logging.getLogger("graddiag")
 
 
-class GradientDiagnostics(Callback):
+class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
     """Records per-layer gradient statistics during ``Trainer.fit`` and reports findings.
+
+    Works with ``pytorch_lightning`` and ``lightning.pytorch`` Trainers alike: the class derives
+    from the ``Callback`` of each namespace that is installed.
 
     Measures in ``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
     before clipping, once per optimizer step. Layer names are relative to the LightningModule.
@@ -76,6 +84,7 @@ class GradientDiagnostics(Callback):
         self._saved: dict[str, Any] | None = None
         self._shown_in_progress_bar: int | None = None
         self._replay = LightningStepReplay()  # the batches of the current optimizer step
+        self._summary_printed = False
 
     # ------------------------------------------------------------------ identity
     @property
@@ -124,18 +133,18 @@ class GradientDiagnostics(Callback):
         reporters: list[Reporter] = [ConsoleReporter()]
         others = []
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, TENSORBOARD_LOGGERS):
                 reporters.append(TensorBoardReporter(
-                    logger.experiment, prefix=self.prefix, scalars_every_n_steps=every,
+                    cast(Any, logger).experiment, prefix=self.prefix, scalars_every_n_steps=every,
                     figure_every_n_steps=self.figure_every_n_steps,
                 ))
             else:
                 others.append(logger)
         if others:
             reporters.append(LoggerReporter(others, every, self.prefix))
-            log.info(
-                "graddiag: %s get scalars only; the dashboard layout, text, figures and "
-                "histograms need a TensorBoardLogger.",
+            log.warning(
+                "graddiag: %s get(s) graddiag's scalars only; the dashboard layout, findings "
+                "text, gradient-flow figures and histograms need a TensorBoardLogger.",
                 ", ".join(type(lg).__name__ for lg in others),
             )
         return reporters + self.extra_reporters
@@ -214,10 +223,13 @@ class GradientDiagnostics(Callback):
         compiled = getattr(pl_module, "_compiler_ctx", None) is not None
         if self.progress_bar and report.recorded and not compiled:
             active = self.monitor.active_conditions()
-            if active != self._shown_in_progress_bar:  # self.log costs ~0.5 ms: only on change
-                pl_module.log("graddiag", float(active), prog_bar=True, logger=False,
-                              on_step=True, on_epoch=False)
+            if active != self._shown_in_progress_bar:  # only on change
+                _show_count(trainer, pl_module, "graddiag", active)
                 self._shown_in_progress_bar = active
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._shown_in_progress_bar = None  # each fit starts with an empty progress bar
+        self._summary_printed = False
 
     def _apply(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: StepReport) -> None:
         action = report.action
@@ -227,6 +239,8 @@ class GradientDiagnostics(Callback):
             action = agree_on_action(trainer.strategy, action)
         if action == "continue":
             return
+        if action == "skip" and report.action != "skip" and self.monitor is not None:
+            self.monitor.note_skipped()  # another rank asked for it
         for group in optimizer.param_groups:  # nothing is applied: no gradient, no update
             for param in group["params"]:
                 param.grad = None
@@ -237,22 +251,40 @@ class GradientDiagnostics(Callback):
         if not trainer.is_global_zero:
             trainer.should_stop = trainer.should_stop or action == "stop"
             return
+        reason = "; ".join(sorted({f.kind for f in report.findings})) or _still_active(self.monitor)
         if action == "stop":
             trainer.should_stop = True
-            log.warning("graddiag: stopping training at step %d (%s)", report.step,
-                        "; ".join(f.kind for f in report.findings) or "alarm persists")
-        else:
-            log.info("graddiag: skipped the optimizer step %d", report.step)
+            log.warning("graddiag: stopping training at step %d (%s)", report.step, reason)
+            return
+        count = self.monitor.skipped_steps if self.monitor is not None else 0
+        if count <= 3 or _is_power_of_ten(count):
+            log.warning(
+                "graddiag: skipped optimizer step %d (%s): the optimizer applied nothing; "
+                "%d step(s) skipped so far%s.", report.step, reason, count,
+                "" if count < 3 else " (further skips are counted in graddiag/skipped_steps "
+                "and the end-of-fit summary, and reported here at 10, 100, 1000, ...)",
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()
-        if self.print_summary and trainer.is_global_zero and self.monitor is not None:
-            rank_zero_info(summary_screen(self.monitor.summary(), self.monitor.findings))
+        self._print_summary(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        """Ctrl-C (Lightning calls this for KeyboardInterrupt) or an error: close the logs and
+        still print the summary of what was recorded."""
         self._finish()
+        self._print_summary(trainer, interrupted_at=trainer.global_step)
+
+    def _print_summary(self, trainer: pl.Trainer, interrupted_at: int | None = None) -> None:
+        if (not self.print_summary or self._summary_printed or not trainer.is_global_zero
+                or self.monitor is None):
+            return
+        self._summary_printed = True
+        rank_zero_info(summary_screen(self.monitor.summary(), self.monitor.findings,
+                                      skipped_steps=self.monitor.skipped_steps,
+                                      interrupted_at=interrupted_at))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finish()
@@ -298,6 +330,32 @@ GradientDiagnostics.__doc__ = f"{GradientDiagnostics.__doc__}\n" + docstring_sec
                                "built-in ones (extend graddiag.default_registry.copy()).",
         "reporters": "Further reporters, each with report(record, findings) and close().",
     })
+
+
+def _still_active(monitor: GradientMonitor | None) -> str:
+    kinds = [k for k in ALARM_KINDS if monitor is not None and monitor.rules.active(k)]
+    return f"{' and '.join(kinds)} still active" if kinds else "another rank's alarm"
+
+
+def _is_power_of_ten(n: int) -> bool:
+    return n >= 10 and str(n).strip("0") == "1"
+
+
+def _show_count(trainer: pl.Trainer, pl_module: pl.LightningModule, key: str, count: int) -> None:
+    """Show an integer in the progress bar (``graddiag=2``, not ``self.log``'s ``2.000``).
+
+    ``self.log`` turns every value into a float tensor, which progress bars print with three
+    decimals, so the count goes straight into the trainer's progress-bar metrics (reset by
+    Lightning at the start of each fit): as an ``int`` (the tqdm bar pads floats and numeric
+    strings, not ints) or, for the Rich bar (which prints every number with three decimals), as
+    a string. ``self.log`` is the fallback.
+    """
+    metrics = getattr(trainer, "progress_bar_metrics", None)
+    if isinstance(metrics, dict):
+        rich = isinstance(getattr(trainer, "progress_bar_callback", None), RICH_PROGRESS_BARS)
+        metrics[key] = str(int(count)) if rich else int(count)
+    else:
+        pl_module.log(key, float(count), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
 
 def _optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:

@@ -115,6 +115,7 @@ class GradientMonitor:
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)
         self._next_step = 0
+        self.skipped_steps = 0  # optimizer steps skipped on graddiag's request ("skip" actions)
         self._closed = False
 
     # ----------------------------------------------------------------- activation scope
@@ -206,9 +207,21 @@ class GradientMonitor:
         if findings:
             self._history.pin(record.step)
             self.findings.extend(findings)
-        self._reporting.report(record, findings, self.findings, self.rules.active_count())
         action = decide(self.rules.active, self.config.on_nonfinite, self.config.on_exploding)
+        if action == "skip":
+            self.note_skipped()
+        self._reporting.report(record, findings, self.findings, self.rules.active_count(),
+                               self.skipped_steps)
         return StepReport(record.step, True, findings, action, record)
+
+    def note_skipped(self) -> int:
+        """Count one optimizer step that applies nothing; returns the count so far.
+
+        The monitor counts the steps it asks to skip; an adapter that skips a step for another
+        reason (another rank asked for it) counts it here.
+        """
+        self.skipped_steps += 1
+        return self.skipped_steps
 
     # ----------------------------------------------------------------- results
     @property
@@ -251,7 +264,7 @@ class GradientMonitor:
         self._release()
         self._activations.close()
         self._reporting.close(self._history.records, self._measurement.layers, self.findings,
-                              self.summary)
+                              self.summary, self.skipped_steps)
 
     def __enter__(self) -> GradientMonitor:
         return self
@@ -261,9 +274,10 @@ class GradientMonitor:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Rule state, findings, history, the step counter and the settings (plain containers and
-        tensors only, so checkpoints load with ``weights_only=True``)."""
-        return {"next_step": self._next_step, "rules": self.rules.state_dict(),
+        """Rule state, findings, history, the step counter, skipped steps and the settings (plain
+        containers and tensors only, so checkpoints load with ``weights_only=True``)."""
+        return {"next_step": self._next_step, "skipped_steps": self.skipped_steps,
+                "rules": self.rules.state_dict(),
                 "findings": [f.to_dict() for f in self.findings],
                 "history": self._history.state_dict(), "settings": self.config.to_dict()}
 
@@ -279,6 +293,7 @@ class GradientMonitor:
                         "findings are kept, the new settings apply from here on.",
                         ", ".join(changed))
         self._next_step = self._activations.upcoming = int(state["next_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rules.load_state_dict(state["rules"])
         self.findings = [Finding.from_dict(d) for d in state["findings"]]
         if "history" in state:

@@ -28,7 +28,7 @@ class Reporting:
         self._findings: tuple[Finding, ...] = ()
 
     def report(self, record: StepRecord, new: list[Finding], findings: list[Finding],
-               active_count: int) -> None:
+               active_count: int, skipped_steps: int = 0) -> None:
         """Hand every reporter a snapshot of ``record``."""
         if record.activations is not None:
             self.marks = self.tree.site_marks(record.layers, record.activations)
@@ -37,17 +37,18 @@ class Reporting:
         known = self._findings
         if len(known) != len(findings) or (known and known[-1] is not findings[-1]):
             self._findings = tuple(findings)  # copied only when findings change
-        snapshot = StepSnapshot(record, tuple(new), self._findings, active_count, self.marks)
+        snapshot = StepSnapshot(record, tuple(new), self._findings, active_count, self.marks,
+                                skipped_steps)
         for reporter in self.reporters:
             reporter.report(snapshot)
 
     def close(self, records: list[StepRecord], layers: list[str], findings: list[Finding],
-              summary: Callable[[], pd.DataFrame]) -> None:
+              summary: Callable[[], pd.DataFrame], skipped_steps: int = 0) -> None:
         """Hand the run to the reporters that want it (``finish``), then close them all."""
         if any(r.wants_finish for r in self.reporters):
             kept = tuple(r for r in records if r.layers == layers)
             run = RunSnapshot(kept, tuple(layers), tuple(findings), summary(), self.marks,
-                              kept[-1].step if kept else 0)
+                              kept[-1].step if kept else 0, skipped_steps)
             for reporter in self.reporters:
                 reporter.finish(run)
         for reporter in self.reporters:

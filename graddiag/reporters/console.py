@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from graddiag.data.findings import Finding
 from graddiag.data.snapshots import StepSnapshot
+from graddiag.reporters.labels import abbreviate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -15,7 +16,11 @@ log = logging.getLogger("graddiag")
 
 
 class ConsoleReporter:
-    """Logs each finding once, as a warning, when it begins."""
+    """Logs each finding once, as a warning, when it begins.
+
+    Findings of one kind that begin on the same step (a whole network exploding at once) make
+    one warning that lists the layers, with the full explanation of the first one.
+    """
 
     def __init__(self, logger: logging.Logger = log) -> None:
         self.logger = logger
@@ -25,8 +30,22 @@ class ConsoleReporter:
             self.logger.info(
                 "graddiag: AMP overflow at step %d: inf/NaN in the fp16-scaled gradients; the "
                 "grad scaler skips this step and lowers its scale (not an alarm).", snapshot.step)
+        groups: dict[str, list[Finding]] = {}
         for finding in snapshot.new_findings:
-            self.logger.warning("graddiag %s", finding)
+            groups.setdefault(finding.kind, []).append(finding)
+        for group in groups.values():
+            self.logger.warning("graddiag %s", group[0] if len(group) == 1 else grouped(group))
+
+
+def grouped(findings: list[Finding], max_listed: int = 12) -> str:
+    """One message for several findings of one kind on one step: the layers with their values,
+    then the first finding's explanation and remedy."""
+    first = findings[0]
+    listed = ", ".join(f"'{f.layer}' ({f.value:.3g})" for f in findings[:max_listed])
+    more = f" and {len(findings) - max_listed} more" if len(findings) > max_listed else ""
+    text = (f"[{first.kind}] step {first.step}, {len(findings)} layers: {listed}{more}. "
+            f"First, '{first.layer}': {first.message}")
+    return f"{text} Try: {first.remedy}" if first.remedy else text
 
 
 def render_findings(findings: list[Finding]) -> str:
@@ -40,18 +59,37 @@ def render_findings(findings: list[Finding]) -> str:
     return "\n".join(lines)
 
 
-def summary_screen(summary: pd.DataFrame, findings: list[Finding], max_rows: int = 16) -> str:
-    """A one-screen end-of-fit summary: findings by kind, then one line per layer.
+def summary_screen(
+    summary: pd.DataFrame,
+    findings: list[Finding],
+    max_rows: int = 16,
+    *,
+    skipped_steps: int = 0,
+    interrupted_at: int | None = None,
+) -> str:
+    """A one-screen end-of-fit summary: findings by kind, one line per layer, then the
+    activation sites that have findings.
 
     Long models show their first and last layers and every flagged one, within ``max_rows``.
+
+    Args:
+        skipped_steps: Optimizer steps skipped on graddiag's request (``"skip"`` actions).
+        interrupted_at: The step at which training was interrupted (Ctrl-C, an exception).
     """
     counts: dict[str, int] = {}
     for f in findings:
         counts[f.kind] = counts.get(f.kind, 0) + 1
     verdict = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no findings"
-    lines = [f"graddiag summary: {verdict}"]
+    head_line = f"graddiag summary: {verdict}"
+    if skipped_steps:
+        head_line += f"; {skipped_steps} optimizer step(s) skipped"
+    if interrupted_at is not None:
+        head_line += f" (training interrupted at step {interrupted_at})"
+    lines = [head_line]
     if summary.empty:
         return lines[0]
+    sites = summary[summary["activation_site"]] if "activation_site" in summary else summary[:0]
+    summary = summary.drop(index=sites.index).reset_index(drop=True)
     flagged = summary[summary["findings"] > 0]
     keep = set(summary.index[:3]) | set(summary.index[-3:]) | set(flagged.index[: max_rows - 6])
     head = f"  {'layer':<28} {'median |g|':>11} {'min':>10} {'max':>10}  findings"
@@ -66,6 +104,21 @@ def summary_screen(summary: pd.DataFrame, findings: list[Finding], max_rows: int
         kinds = row["first_finding"] if row["findings"] else ""
         if row["findings"] > 1:
             kinds = f"{kinds} (+{row['findings'] - 1})"
-        lines.append(f"  {str(row['layer'])[:28]:<28} {row['grad_norm_median']:>11.3g} "
-                     f"{row['grad_norm_min']:>10.3g} {row['grad_norm_max']:>10.3g}  {kinds}")
+        lines.append(f"  {abbreviate(str(row['layer'])):<28} {_norm(row['grad_norm_median']):>11} "
+                     f"{_norm(row['grad_norm_min']):>10} {_norm(row['grad_norm_max']):>10}  {kinds}")
+    if len(sites):
+        last = {f.layer: f for f in findings}
+        lines += ["", f"  {'activation site':<28} {'finding':<11} {'step':>6} {'value':>7}",
+                  "  " + "-" * 55]
+        for _, row in sites.head(max_rows).iterrows():
+            f = last[row["layer"]]
+            more = f" (+{row['findings'] - 1} earlier)" if row["findings"] > 1 else ""
+            lines.append(f"  {abbreviate(str(row['layer'])):<28} {f.kind:<11} {f.step:>6} "
+                         f"{f.value:>7.0%}{more}")
+        if len(sites) > max_rows:
+            lines.append(f"  ... and {len(sites) - max_rows} more activation sites")
     return "\n".join(lines)
+
+
+def _norm(value: float) -> str:
+    return "no grad" if value != value else f"{value:.3g}"  # NaN: the layer never got a gradient

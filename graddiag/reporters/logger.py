@@ -31,6 +31,7 @@ class LoggerReporter:
     def report(self, snapshot: StepSnapshot) -> None:
         if not self.loggers or snapshot.step % self.every_n_steps:
             return
-        metrics = scalar_metrics(snapshot.record, self.prefix, snapshot.active_count)
+        metrics = scalar_metrics(snapshot.record, self.prefix, snapshot.active_count,
+                                 snapshot.skipped_steps)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=snapshot.step)

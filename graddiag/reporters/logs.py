@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from graddiag.reporters.event_files import event_file_problem
 from graddiag.reporters.markdown import parse_findings_markdown
 
 EVENT_GLOB = "events.out.tfevents.*"
@@ -21,12 +22,15 @@ class LogData:
         findings: ``run`` plus the columns of the findings table (kind, layer, step, ...).
         texts: ``{(run, tag): latest text}``.
         images: ``{run: [image tags]}``.
+        problems: ``"<event file>: <what is wrong>"`` for each event file that could not be read
+            to its end (corrupted or truncated); what was readable is in the other fields.
     """
 
     scalars: pd.DataFrame
     findings: pd.DataFrame
     texts: dict[tuple[str, str], str]
     images: dict[str, list[str]]
+    problems: list[str] = field(default_factory=list)
 
 
 def find_runs(logdir: Path) -> list[Path]:
@@ -55,6 +59,11 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
     texts: dict[tuple[str, str], str] = {}
     images: dict[str, list[str]] = {}
     finding_tables = []
+    problems = []
+    for path in sorted(root.rglob(EVENT_GLOB)):
+        problem = event_file_problem(path)
+        if problem is not None:
+            problems.append(f"{path}: {problem}")
     for run_dir in runs:
         run = str(run_dir.relative_to(root)) if run_dir != root else "."
         acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0,
@@ -84,11 +93,13 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
             finding_tables.append(table)
     scalars = pd.DataFrame(rows, columns=["run", "tag", "statistic", "layer", "step", "value"])
     if scalars.empty and not texts:
-        raise ValueError(f"no graddiag data (tags starting with {prefix!r}) under {str(root)!r}")
+        damaged = f"; unreadable event files: {'; '.join(problems)}" if problems else ""
+        raise ValueError(f"no graddiag data (tags starting with {prefix!r}) under "
+                         f"{str(root)!r}{damaged}")
     findings = (pd.concat(finding_tables, ignore_index=True) if finding_tables else
                 pd.DataFrame(columns=["run", "kind", "layer", "step", "value", "threshold",
                                       "evidence", "remedy"]))
-    return LogData(scalars, findings, texts, images)
+    return LogData(scalars, findings, texts, images, problems)
 
 
 def layer_summary(scalars: pd.DataFrame) -> pd.DataFrame:

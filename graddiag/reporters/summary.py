@@ -8,13 +8,14 @@ from graddiag.data.findings import Finding
 
 SUMMARY_COLUMNS = ["layer", "position", "records", "grad_norm_median", "grad_norm_min",
                    "grad_norm_max", "last_grad_norm", "findings", "first_finding",
-                   "first_finding_step", "last_finding", "last_finding_step"]
+                   "first_finding_step", "last_finding", "last_finding_step", "activation_site"]
 
 
 def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
-    """One row per layer (forward order) and per activation site named by a finding.
+    """One row per layer (forward order), then one per activation site named by a finding.
 
     ``grad_norm_*`` ignore non-finite values; ``findings`` counts the onsets in that layer.
+    ``activation_site`` is True for the rows of activation sites (they have no gradient norms).
     """
     rows = []
     if len(history):
@@ -29,7 +30,8 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
                 "grad_norm_max": float(finite.max()) if len(finite) else float("nan"),
                 "last_grad_norm": float(group["grad_norm"].iloc[-1]),
             })
-    known = {r["layer"] for r in rows}
+    layers = {r["layer"] for r in rows}
+    known = set(layers)
     for f in findings:
         if f.layer not in known:
             known.add(f.layer)
@@ -43,4 +45,5 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
     table["first_finding_step"] = [by_layer[l][0].step if l in by_layer else None for l in table["layer"]]
     table["last_finding"] = [by_layer[l][-1].kind if l in by_layer else None for l in table["layer"]]
     table["last_finding_step"] = [by_layer[l][-1].step if l in by_layer else None for l in table["layer"]]
+    table["activation_site"] = [layer not in layers for layer in table["layer"]]
     return table.sort_values("position", kind="stable").reset_index(drop=True)

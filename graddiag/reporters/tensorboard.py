@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,10 +15,15 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import RunSnapshot, StepSnapshot
 from graddiag.data.tree import SiteMark
-from graddiag.reporters.figures import figure_to_array, gradient_flow_figure
+from graddiag.reporters.figures import (
+    figure_to_array,
+    flow_profile,
+    gradient_flow_figure,
+    save_figure_atomically,
+)
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
 from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG, findings_json, layers_json
-from graddiag.reporters.scalars import scalar_metrics
+from graddiag.reporters.scalars import log10_metrics, scalar_metrics
 
 log = logging.getLogger("graddiag")
 
@@ -27,9 +31,24 @@ FIGURE_FILE = "gradient_flow.png"
 
 
 def dashboard_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout: one chart per statistic with all layers in it."""
+    """The custom-scalars layout: one chart per statistic with all layers in it.
+
+    Gradient norms span many decades, so their charts come first as log10 values (a vanishing
+    layer at 1e-9 shows as -9, not as a line on zero under an exploding one); the linear charts
+    follow.
+    """
     p = re.escape(prefix)
     return {
+        "graddiag: gradients (log10)": {
+            "log10 gradient norm per layer": ["Multiline", [rf"^{p}log10_grad_norm/"]],
+            "log10 layer gradient norms: median with min-max margin": [
+                "Margin",
+                [f"{prefix}log10_layer_norm/median", f"{prefix}log10_layer_norm/min",
+                 f"{prefix}log10_layer_norm/max"],
+            ],
+            "log10 global gradient norm": ["Multiline", [rf"^{p}log10_global_grad_norm$"]],
+            "log10 update ratio per layer": ["Multiline", [rf"^{p}log10_update_ratio/"]],
+        },
         "graddiag: gradients": {
             "gradient norm per layer": ["Multiline", [rf"^{p}grad_norm/"]],
             "global gradient norm": ["Multiline", [rf"^{p}global_grad_norm$"]],
@@ -39,6 +58,7 @@ def dashboard_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
                  f"{prefix}layer_norm/max"],
             ],
             "active findings": ["Multiline", [rf"^{p}active_findings$"]],
+            "skipped optimizer steps (cumulative)": ["Multiline", [rf"^{p}skipped_steps$"]],
         },
         "graddiag: parameters": {
             "parameter norm per layer": ["Multiline", [rf"^{p}param_norm/"]],
@@ -52,12 +72,9 @@ def dashboard_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
     }
 
 
-def _interval_stats(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    data = np.vstack(rows)
-    data = np.where(np.isfinite(data), data, np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without grads
-        return np.nanmedian(data, 0), np.nanmin(data, 0), np.nanmax(data, 0)
+def _site_findings(findings: Sequence[Finding]) -> dict[str, tuple[str, float]]:
+    """``{site: (kind, value)}`` of the latest ``dead_relu``/``saturated`` finding per site."""
+    return {f.layer: (f.kind, f.value) for f in findings if f.kind in ("dead_relu", "saturated")}
 
 
 class TensorBoardReporter:
@@ -90,7 +107,7 @@ class TensorBoardReporter:
         self._findings: tuple[Finding, ...] = ()
         self._marks: tuple[SiteMark, ...] = ()
         self._layout_written = False
-        self._interval: list[np.ndarray] = []
+        self._interval: list[tuple[np.ndarray, np.ndarray]] = []
         self._interval_layers: list[str] = []
         self._last_step = 0
         self._warned_histogram = False
@@ -109,13 +126,15 @@ class TensorBoardReporter:
             self._layout_written = True
         self._layer_order(record)
         if step % self.scalars_every == 0:
-            for key, value in scalar_metrics(record, p, snapshot.active_count).items():
-                w.add_scalar(key, value, step)
+            metrics = scalar_metrics(record, p, snapshot.active_count, snapshot.skipped_steps)
             finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
             if finite.size:
-                w.add_scalar(f"{p}layer_norm/median", float(np.median(finite)), step)
-                w.add_scalar(f"{p}layer_norm/min", float(finite.min()), step)
-                w.add_scalar(f"{p}layer_norm/max", float(finite.max()), step)
+                metrics[f"{p}layer_norm/median"] = float(np.median(finite))
+                metrics[f"{p}layer_norm/min"] = float(finite.min())
+                metrics[f"{p}layer_norm/max"] = float(finite.max())
+            metrics.update(log10_metrics(metrics, p))
+            for key, value in metrics.items():
+                w.add_scalar(key, value, step)
         if record.grad_histograms is not None:
             self._histograms(record)
         if findings:
@@ -124,7 +143,7 @@ class TensorBoardReporter:
         if self.figure_every:
             if record.layers != self._interval_layers:
                 self._interval, self._interval_layers = [], list(record.layers)
-            self._interval.append(record.grad_norm)
+            self._interval.append((record.grad_norm, record.has_grad))
             if step % self.figure_every == 0 and len(self._interval) > 1:
                 self._figure(self._interval, record.layers, step, f"steps up to {step}")
                 self._interval = []
@@ -167,11 +186,12 @@ class TensorBoardReporter:
                 bucket_counts=counts.tolist(), global_step=record.step,
             )
 
-    def _figure(self, rows: list[np.ndarray], layers: Sequence[str], step: int, title: str) -> Any:
-        median, low, high = _interval_stats(rows)
-        flagged = {f.layer for f in self._findings}
+    def _figure(self, rows: list[tuple[np.ndarray, np.ndarray]], layers: Sequence[str], step: int,
+                title: str) -> Any:
+        profile = flow_profile([r[0] for r in rows], [r[1] for r in rows])
         marks = [(m.x, m.site, m.kind) for m in self._marks]
-        fig = gradient_flow_figure(layers, median, low, high, flagged=flagged, sites=marks,
+        fig = gradient_flow_figure(layers, profile, flagged={f.layer for f in self._findings},
+                                   sites=marks, site_findings=_site_findings(self._findings),
                                    title=f"Gradient flow, {title}")
         self.writer.add_image(f"{self.prefix}gradient_flow", figure_to_array(fig), step,
                               dataformats="HWC")
@@ -182,14 +202,21 @@ class TensorBoardReporter:
         self._findings, self._marks = run.findings, run.marks
         if run.records:
             self._last_step = max(self._last_step, run.last_step)
-            fig = self._figure([r.grad_norm for r in run.records], run.layers,
+            fig = self._figure([(r.grad_norm, r.has_grad) for r in run.records], run.layers,
                                self._last_step, "whole run")
             logdir = _logdir(self.writer)
             if self.save_png and logdir is not None:
-                self.png_path = Path(logdir) / FIGURE_FILE
-                fig.savefig(self.png_path)
-            self.writer.add_text(f"{self.prefix}summary", summary_markdown(run.summary),
+                self._save_png(fig, Path(logdir) / FIGURE_FILE)
+            self.writer.add_text(f"{self.prefix}summary",
+                                 summary_markdown(run.summary, skipped_steps=run.skipped_steps),
                                  self._last_step)
+
+    def _save_png(self, fig: Any, path: Path) -> None:
+        try:
+            self.png_path = save_figure_atomically(fig, path)
+        except OSError as error:  # a full disk: no truncated PNG, and the text still gets written
+            log.warning("graddiag: could not save %s (%s); the figure is still in TensorBoard's "
+                        "Images tab.", path, error)
 
     def close(self) -> None:
         self.writer.flush()

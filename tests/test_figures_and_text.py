@@ -1,0 +1,169 @@
+"""The gradient-flow figure (axes and pixels) and the Markdown of TensorBoard's Text tab, as
+TensorBoard renders it."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+from matplotlib.lines import Line2D
+from PIL import Image
+from tensorboard.plugin_util import markdown_to_safe_html
+
+from graddiag import Finding
+from graddiag.reporters.figures import (
+    ZERO_LABEL,
+    figure_to_array,
+    flow_profile,
+    gradient_flow_figure,
+)
+from graddiag.reporters.labels import MAX_LABEL, abbreviate, abbreviate_all
+from graddiag.reporters.markdown import findings_markdown, parse_findings_markdown, summary_markdown
+from graddiag.reporters.summary import summarize
+
+HF_PARTS = ["attention.self.query", "attention.self.key", "attention.self.value",
+            "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def _bert_names(blocks: int) -> list[str]:
+    names = ["bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"]
+    names += [f"bert.encoder.layer.{i}.{part}" for i in range(blocks) for part in HF_PARTS]
+    return names + ["bert.pooler.dense", "classifier"]
+
+
+def _line(ax, label: str) -> Line2D:  # noqa: ANN001
+    lines = [line for line in ax.get_lines() if line.get_label() == label]
+    assert len(lines) == 1, [line.get_label() for line in ax.get_lines()]
+    return lines[0]
+
+
+def test_zero_missing_and_nonfinite_gradients_are_drawn_as_such() -> None:
+    layers = ["a", "b", "c", "d", "e"]
+    inf = float("inf")
+    rows = [np.array([1e-3, 0.0, np.nan, 2.0, 1e-6]), np.array([2e-3, 0.0, np.nan, inf, 3e-6]),
+            np.array([4e-3, 0.0, np.nan, 4.0, 2e-6])]
+    has = [np.array([True, True, False, True, True])] * 3
+    fig = gradient_flow_figure(layers, flow_profile(rows, has), flagged={"b"})
+    ax = fig.axes[0]
+    floor = 1e-7  # one decade below the smallest positive norm, 1e-6
+    zero = _line(ax, "median exactly 0 (on the floor)")
+    assert list(zero.get_xdata()) == [pytest.approx(floor)] and list(zero.get_ydata()) == [1]
+    missing = _line(ax, "no gradient (on the floor)")
+    assert list(missing.get_xdata()) == [pytest.approx(floor)] and list(missing.get_ydata()) == [2]
+    nonfinite = _line(ax, "inf/NaN gradient (right edge)")
+    assert list(nonfinite.get_ydata()) == [3] and nonfinite.get_xdata()[0] > 4.0
+    median = _line(ax, "median")
+    x = np.asarray(median.get_xdata(), dtype=float)
+    assert x[0] == pytest.approx(2e-3) and x[1] == pytest.approx(floor)
+    assert math.isnan(x[2])  # no gradient: no median point, only the marker
+    assert x[3] == pytest.approx(3.0)  # the median of the finite values 2 and 4
+    labels = {t.get_text(): t.get_position()[0] for t in ax.get_xticklabels()}
+    assert labels[ZERO_LABEL] == pytest.approx(floor)
+    assert ax.get_xscale() == "log"
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # the input side (layer 0) at the top
+    red = [t.get_text() for t in ax.get_yticklabels() if t.get_color() == "tab:red"]
+    assert red == ["b"]
+
+
+def test_dead_and_saturated_sites_are_marked_in_the_picture() -> None:
+    layers = ["net.0", "net.2", "net.4", "net.6"]
+    profile = flow_profile([np.array([1e-2, 1e-2, 1e-1, 1.0])], [np.ones(4, bool)])
+    sites = [(0.5, "net.1", "relu"), (1.5, "net.3", "relu"), (2.5, "net.5", "sigmoid")]
+    fig = gradient_flow_figure(layers, profile, sites=sites,
+                               site_findings={"net.3": ("dead_relu", 0.84),
+                                              "net.5": ("saturated", 0.6)})
+    ax = fig.axes[0]
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == ["net.3: dead 84%", "net.5: saturated 60%"]
+    bands = {round((p.get_extents().y0 + p.get_extents().y1) / 2) for p in ax.patches}
+    pixels = figure_to_array(fig)
+    height = pixels.shape[0]
+    # the dead site's band, tab:orange at 35 % over white, sits where y = 1.5 is drawn
+    _, y_pixel = ax.transData.transform((1.0, 1.5))
+    row = pixels[height - int(round(y_pixel))]
+    orange = np.abs(row.astype(int) - np.array([255, 210, 173])).sum(axis=1) < 30
+    assert orange.sum() > 100, bands
+    # the site without a finding is only a dotted line: no band at y = 0.5
+    _, y_plain = ax.transData.transform((1.0, 0.5))
+    plain = pixels[height - int(round(y_plain))]
+    assert (np.abs(plain.astype(int) - np.array([255, 210, 173])).sum(axis=1) < 30).sum() == 0
+
+
+def test_long_hugging_face_names_are_abbreviated_distinct_and_the_plot_keeps_its_size() -> None:
+    names = _bert_names(12)
+    labels = abbreviate_all(names)
+    assert len(set(labels)) == len(names)
+    assert max(len(label) for label in labels) <= MAX_LABEL
+    assert abbreviate("bert.encoder.layer.10.attention.output.dense") == "b.e.l.10.a.output.dense"
+    assert abbreviate("net.0") == "net.0"
+    rng = np.random.default_rng(0)
+    profile = flow_profile([10 ** rng.uniform(-8, 0, len(names))], [np.ones(len(names), bool)])
+    fig = gradient_flow_figure(names, profile)
+    ax = fig.axes[0]
+    shown = [t.get_text() for t in ax.get_yticklabels()]
+    assert shown == labels  # every layer labelled, input side first
+    small = gradient_flow_figure(names[:8], flow_profile([np.ones(8)], [np.ones(8, bool)]))
+    assert fig.get_size_inches()[1] > 2.5 * small.get_size_inches()[1]  # grows with the layers
+    box = ax.get_position()  # the axes keep most of the figure: no thin strip
+    assert box.height > 0.8 and box.width > 0.45
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    assert Image.open(io.BytesIO(png.getvalue())).size[1] == round(fig.get_size_inches()[1] * fig.dpi)
+
+
+def _finding(kind: str, layer: str, step: int, message: str, remedy: str = "do x") -> Finding:
+    return Finding(kind=kind, layer=layer, step=step, value=1.5e-9, threshold=1e-4,
+                   message=message, remedy=remedy)
+
+
+HOSTILE = "a | b * c _d_ `e` [f](g) <script>x</script> --> # h"
+
+
+def test_findings_text_renders_as_blocks_not_a_wide_table_and_reads_back_exactly() -> None:
+    findings = [_finding("vanishing", "bert.encoder.layer.0.attention.self.query", 9,
+                         "Vanishing gradient: norm 1.58e-09 is tiny."),
+                _finding("dead_relu", "net.3", 30, HOSTILE, remedy=HOSTILE)]
+    text = findings_markdown(findings)
+    html = markdown_to_safe_html(text)
+    tables = html.count("<table>")
+    assert tables == 1 and len(re.findall(r"<th[\s>]", html)) == 4  # index: #, kind, layer, step
+    assert html.count("<h4>") == 2
+    assert "<script>" not in html and "graddiag-finding" not in html
+    assert "Vanishing gradient: norm 1.58e-09 is tiny." in html
+    assert "<em>" not in html and "<a " not in html  # markup in messages stays literal
+    table = parse_findings_markdown(text)
+    assert list(table.kind) == ["vanishing", "dead_relu"]
+    assert list(table.layer) == [f.layer for f in findings]
+    assert list(table.step) == [9, 30]
+    assert list(table.evidence) == [f.message for f in findings]
+    assert list(table.remedy) == [f.remedy for f in findings]
+    assert list(table.value) == [1.5e-9, 1.5e-9]
+
+
+def test_older_findings_tables_still_read_back() -> None:
+    legacy = ("| kind | layer | step | value | threshold | evidence | remedy |\n"
+              "|---|---|---|---|---|---|---|\n"
+              "| vanishing | net.0 | 9 | 1.58e-09 | 0.0001 | tiny \\| norm | relu |")
+    table = parse_findings_markdown(legacy)
+    assert table.to_dict("records") == [{"kind": "vanishing", "layer": "net.0", "step": 9,
+                                         "value": 1.58e-09, "threshold": 1e-4,
+                                         "evidence": "tiny | norm", "remedy": "relu"}]
+
+
+def test_summary_text_has_short_columns_and_activation_sites_apart() -> None:
+    import pandas as pd
+
+    history = pd.DataFrame({"step": [0, 0, 1, 1], "layer": ["net.0", "net.2"] * 2,
+                            "position": [0, 1, 0, 1], "grad_norm": [1e-9, 0.5, 2e-9, 0.7]})
+    findings = [_finding("vanishing", "net.0", 1, "m"), _finding("dead_relu", "net.1", 1, "m")]
+    summary = summarize(history, findings)
+    assert list(summary.activation_site) == [False, False, True]
+    html = markdown_to_safe_html(summary_markdown(summary, skipped_steps=3))
+    assert html.count("<table>") == 2
+    first, second = html.split("</table>")[:2]
+    assert len(re.findall(r"<th[\s>]", first)) == 5 and "net.1" not in first and "nan" not in html
+    assert "<code>net.1</code>" in second and "dead_relu @ 1" in second
+    assert "3 optimizer step(s) skipped" in html
