@@ -66,7 +66,7 @@ def report(argv: list[str]) -> int:
                   f"{error.strerror or error}", file=sys.stderr)
             return EXIT_USAGE
         print(f"\nWrote {len(data.scalars)} rows to {args.csv}")
-    alarms = data.findings[data.findings.kind.isin(args.fail_on)] if args.fail_on else []
+    alarms = data.findings[data.findings.kind.isin(args.fail_on or [])]
     if len(alarms):
         print(f"\n{len(alarms)} finding(s) of kinds {sorted(set(alarms.kind))}: failing.",
               file=sys.stderr)

@@ -75,7 +75,7 @@ def build_mlp(
 
 def _initialise(linear: nn.Linear, init: str, activation: str, std: float) -> None:
     if init == "xavier":
-        gain = nn.init.calculate_gain(_GAIN_NONLINEARITY.get(activation, "linear"))
+        gain = nn.init.calculate_gain(_GAIN_NONLINEARITY.get(activation, "linear"))  # type: ignore[arg-type]
         nn.init.xavier_normal_(linear.weight, gain=gain)
     elif init == "kaiming":
         nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
@@ -141,9 +141,9 @@ class DeepMLP(Classifier):
         return self.net(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        if self.hparams["optimizer"] == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
 
 
 EstimatorName = Literal["argmax", "straight_through", "gumbel"]
@@ -187,19 +187,19 @@ class RoutedMLP(Classifier):
     def choice(self, x: torch.Tensor) -> torch.Tensor:
         """One-hot group choice per sample, ``(batch, groups)``."""
         logits = self.router(x)
-        if self.hparams.estimator == "gumbel":
+        if self.hparams["estimator"] == "gumbel":
             return F.gumbel_softmax(logits, tau=1.0, hard=True)
         hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-        if self.hparams.estimator == "straight_through":
+        if self.hparams["estimator"] == "straight_through":
             soft = logits.softmax(-1)
             return soft + (hard - soft).detach()  # forward: hard; backward: softmax's gradient
         return hard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.encoder(x))
-        groups = self.hparams.groups
+        groups = self.hparams["groups"]
         gate = self.choice(x).repeat_interleave(h.shape[-1] // groups, dim=-1)
         return self.head(h * (0.5 + gate))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])

@@ -96,7 +96,9 @@ def _parse_legacy_table(text: str) -> list[dict[str, str]]:
 
 
 def _split_row(row: str) -> list[str]:
-    cells, current, escaped = [], [], False
+    cells: list[str] = []
+    current: list[str] = []
+    escaped = False
     for ch in row:
         if ch == "|" and not escaped:
             cells.append("".join(current))

@@ -121,7 +121,7 @@ class _Site:
         self._ordinal += 1
         previous = self._slots.get(key)
         self._slots[key] = alive if previous is None else previous | alive
-        if self.below is None:
+        if self.below is None or self.gain is None:
             self.below, self.gain = below_sum, gain_sum
         else:
             self.below = self.below + below_sum
