@@ -10,7 +10,7 @@ def _copy_to_host(flat: torch.Tensor) -> np.ndarray:
     """The single device-to-host copy of a recorded step (tests count calls to this)."""
     # A numpy-owned copy: a view would keep a torch tensor (and ~24 KB of allocator block) alive
     # for every record kept in the history.
-    return flat.detach().to("cpu", torch.float64).numpy().copy()
+    return flat.detach().cpu().numpy().astype(np.float64)
 
 
 def to_host(chunks: list[torch.Tensor]) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ from graddiag.reporters.figures import (
 )
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
 from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG, findings_json, layers_json
-from graddiag.reporters.scalars import log10_metrics, scalar_metrics
+from graddiag.reporters.scalars import log10_metrics, scalar_metrics, write_scalars
 
 log = logging.getLogger("graddiag")
 
@@ -126,15 +126,7 @@ class TensorBoardReporter:
             self._layout_written = True
         self._layer_order(record)
         if step % self.scalars_every == 0:
-            metrics = scalar_metrics(record, p, snapshot.active_count, snapshot.skipped_steps)
-            finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
-            if finite.size:
-                metrics[f"{p}layer_norm/median"] = float(np.median(finite))
-                metrics[f"{p}layer_norm/min"] = float(finite.min())
-                metrics[f"{p}layer_norm/max"] = float(finite.max())
-            metrics.update(log10_metrics(metrics, p))
-            for key, value in metrics.items():
-                w.add_scalar(key, value, step)
+            self._scalars(record, snapshot.active_count, snapshot.skipped_steps)
         if record.grad_histograms is not None:
             self._histograms(record)
         if findings:
@@ -164,6 +156,19 @@ class TensorBoardReporter:
             self.writer.add_text(f"{self.prefix}{LAYERS_TAG}",
                                  layers_json(self.prefix, record.layers, self._sites_seen),
                                  record.step)
+
+    def _scalars(self, record: StepRecord, active: int, skipped: int) -> None:
+        """Every scalar of the record, the layer-norm margin chart's three and the log10 series,
+        in one event."""
+        p = self.prefix
+        metrics = scalar_metrics(record, p, active, skipped)
+        finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
+        if finite.size:
+            metrics[f"{p}layer_norm/median"] = float(np.median(finite))
+            metrics[f"{p}layer_norm/min"] = float(finite.min())
+            metrics[f"{p}layer_norm/max"] = float(finite.max())
+        metrics.update(log10_metrics(metrics, p))
+        write_scalars(self.writer, metrics, record.step)
 
     def _histograms(self, record: StepRecord) -> None:
         assert record.grad_histograms is not None
