@@ -26,7 +26,7 @@ from graddiag import GradientDiagnostics, GradientMonitor
 from graddiag.measure.activations import ActivationProbe
 from graddiag.measure.norms import GradientProbe
 from graddiag.measure.parameters import ParameterProbe
-from graddiag.pipeline import monitor as monitor_module
+from graddiag.measure.transfer import HostCopy
 from graddiag.pipeline.history import History
 from graddiag.reporters.scalars import scalar_metrics, write_scalars
 from graddiag.reporters.tensorboard import TensorBoardReporter
@@ -35,7 +35,8 @@ from graddiag.rules.ruleset import RuleSet
 # (label, owner, attribute): every call of owner.attribute is timed under label
 PARTS = [
     ("fused read (GradientProbe.read)", GradientProbe, "read"),
-    ("host copy (to_host)", monitor_module, "to_host"),
+    ("host copy (HostCopy)", HostCopy, "__init__"),
+    ("host copy (HostCopy)", HostCopy, "result"),
     ("rules (RuleSet.update)", RuleSet, "update"),
     ("history append", History, "append"),
     ("scalar writing (one event per logging step)", TensorBoardReporter, "_scalars"),

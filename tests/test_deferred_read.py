@@ -1,0 +1,92 @@
+"""Deferred host read (used on CUDA with warn-only actions): the same records and findings one
+step later; same-step decisions (skip/stop/raise) never deferred; CPU default unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from graddiag import GradientMonitor
+from graddiag.measure import transfer
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _backward(model: nn.Module, step: int) -> None:
+    model.zero_grad()
+    model(torch.randn(16, 4)).square().mean().backward()
+    if step == 4:  # a NaN in the middle layer's weight gradient
+        model[2].weight.grad[0, 0] = float("nan")
+
+
+def test_deferred_records_and_findings_equal_immediate_ones_one_step_later() -> None:
+    model = _model()
+    now = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
+    later = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
+    later.deferred_host_read = True
+    steps_reported = []
+    for step in range(8):
+        now.prepare(step)
+        later.prepare(step)
+        _backward(model, step)
+        assert now.step(prepare_next=False).step == step
+        report = later.step(prepare_next=False)
+        steps_reported.append(report.step if report.recorded else None)
+    assert steps_reported == [None, 0, 1, 2, 3, 4, 5, 6]
+    assert len(later.records) == 8  # reading the history evaluates the pending step
+    for a, b in zip(now.records, later.records):
+        assert a.step == b.step
+        np.testing.assert_array_equal(a.grad_norm, b.grad_norm)
+        assert (a.activations is None) == (b.activations is None)
+        if a.activations is not None:
+            np.testing.assert_array_equal(a.activations.saturated, b.activations.saturated)
+    assert [(f.kind, f.layer, f.step) for f in now.findings] == \
+        [(f.kind, f.layer, f.step) for f in later.findings] == [("nonfinite", "2", 4)]
+    # the element count needs the gradients, which are gone a step later: named, not counted
+    assert now.records[4].nonfinite == {1: {"weight": 1}}
+    assert later.records[4].nonfinite == {1: {"weight": -1}}
+    assert "weight: NaN/Inf" in later.findings[0].message
+    now.close()
+    later.close()
+
+
+def test_close_evaluates_the_pending_step() -> None:
+    model = _model()
+    monitor = GradientMonitor(model, reporters=[])
+    monitor.deferred_host_read = True
+    for step in range(3):
+        _backward(model, step)
+        monitor.step()
+    assert [r.step for r in monitor._history.records] == [0, 1]
+    monitor.close()
+    assert [r.step for r in monitor._history.records] == [0, 1, 2]
+
+
+def test_same_step_actions_are_never_deferred() -> None:
+    model = _model()
+    monitor = GradientMonitor(model, reporters=[], on_nonfinite="skip")
+    monitor.deferred_host_read = True  # asked for, but skip must decide on the step itself
+    actions = []
+    for step in range(6):
+        _backward(model, step)
+        actions.append(monitor.step().action)
+    assert actions == ["continue"] * 4 + ["skip", "continue"]
+    monitor.close()
+
+
+def test_cpu_default_reads_on_the_step_with_one_copy(monkeypatch) -> None:  # noqa: ANN001
+    model = _model()
+    monitor = GradientMonitor(model, reporters=[])
+    copies = []
+    real = transfer._copy_to_host
+    monkeypatch.setattr(transfer, "_copy_to_host", lambda t: copies.append(1) or real(t))
+    _backward(model, 0)
+    report = monitor.step()
+    assert not monitor._deferring()
+    assert report.recorded and report.step == 0 and len(monitor._history.records) == 1
+    assert copies == [1]
+    monitor.close()
