@@ -28,6 +28,7 @@ from graddiag.measure.norms import GradientProbe
 from graddiag.measure.parameters import ParameterProbe
 from graddiag.measure.transfer import HostCopy
 from graddiag.pipeline.history import History
+from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY
 from graddiag.reporters.scalars import scalar_metrics, write_scalars
 from graddiag.reporters.tensorboard import TensorBoardReporter
 from graddiag.rules.ruleset import RuleSet
@@ -40,7 +41,6 @@ PARTS = [
     ("rules (RuleSet.update)", RuleSet, "update"),
     ("history append", History, "append"),
     ("scalar writing (one event per logging step)", TensorBoardReporter, "_scalars"),
-    ("gradient-flow figure", TensorBoardReporter, "_figure"),
     ("activation statistics (arm, collect)", ActivationProbe, "arm"),
     ("activation statistics (arm, collect)", ActivationProbe, "collect"),
     ("parameter norms and update ratios", ParameterProbe, "read"),
@@ -123,6 +123,7 @@ def part_costs(model_fn: Callable[[], nn.Module], steps: int,
             progress["calls"] += 1
 
     clock = _StepClock(timers)
+    diagnostics = GradientDiagnostics(print_summary=False)
     pl.LightningModule.log = log  # type: ignore[method-assign]
     try:
         pl.seed_everything(0, verbose=False)
@@ -130,7 +131,7 @@ def part_costs(model_fn: Callable[[], nn.Module], steps: int,
             trainer = pl.Trainer(
                 max_steps=steps + 1, accelerator="cpu", devices=1,
                 logger=TensorBoardLogger(logdir, name="costs"),
-                callbacks=[clock, GradientDiagnostics(print_summary=False)],
+                callbacks=[clock, diagnostics],
                 enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, log_every_n_steps=log_every_n_steps,
                 num_sanity_val_steps=0)
@@ -156,7 +157,31 @@ def part_costs(model_fn: Callable[[], nn.Module], steps: int,
         parts["activation steps: hooks in the forward pass (excess, net)"] = {
             "ms_per_step": max(0.0, extra * 1e3 - timed) / 50, "calls": len(activation_steps),
             "ms_per_call": max(0.0, extra * 1e3 - timed)}
-    return {"steps": n, "step_ms": statistics.fmean(times) * 1e3, "parts": parts}
+    figure_ms = figure_cost(diagnostics.monitor)
+    parts[f"gradient-flow figure (at most one per {DEFAULT_FIGURE_EVERY} steps)"] = {
+        "ms_per_step": figure_ms / DEFAULT_FIGURE_EVERY, "calls": 1, "ms_per_call": figure_ms}
+    return {"steps": n, "step_ms": statistics.fmean(times) * 1e3, "parts": parts,
+            "figure_ms": figure_ms}
+
+
+def figure_cost(monitor: GradientMonitor | None) -> float:
+    """Milliseconds to draw and write one gradient-flow figure of ``monitor``'s records (best of
+    two), as the TensorBoard reporter does every ``figure_every_n_steps``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    assert monitor is not None
+    rows = [r.grad_norm for r in monitor.records]
+    best = float("inf")
+    with tempfile.TemporaryDirectory() as logdir:
+        writer = SummaryWriter(logdir)
+        reporter = TensorBoardReporter(writer, save_png=False)
+        reporter.bind(monitor)
+        for _ in range(2):
+            start = time.perf_counter()
+            reporter._figure(rows, monitor.records[-1].layers, len(rows), "benchmark")
+            best = min(best, time.perf_counter() - start)
+        writer.close()
+    return best * 1e3
 
 
 def scalar_write_cost(model_fn: Callable[[], nn.Module], repeats: int = 200) -> dict[str, float]:

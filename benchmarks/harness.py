@@ -156,6 +156,18 @@ class OwnSteps:
         setattr(self._trainer, name, value)
 
 
+def turn(names: list[str], block: int, index: int) -> tuple[str, int]:
+    """Who runs the ``index``-th step of an interleaved run, and its number in that one's run.
+
+    Every cycle runs each configuration for ``block`` steps; the order rotates by one place per
+    cycle, so that periodic work of the framework (Lightning logs ``train_loss`` every
+    ``log_every_n_steps`` global steps) falls on every configuration alike.
+    """
+    cycle, within = divmod(index, block * len(names))
+    name = names[(within // block + cycle) % len(names)]
+    return name, cycle * block + within % block
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,9 +194,7 @@ class Interleave(pl.Callback):
 
     def turn(self, global_step: int) -> tuple[str, int]:
         """The configuration that runs ``global_step``, and that step's number in its own run."""
-        cycle, within = divmod(global_step, self.block * len(self.names))
-        name = self.names[within // self.block]
-        return name, cycle * self.block + within % self.block
+        return turn(self.names, self.block, global_step)
 
     def _fan_out(self, hook: str, always: bool) -> Callable[..., Any]:
         def call(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
@@ -238,7 +248,7 @@ def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 def measure_lightning(model_fn: Callable[[], nn.Module], configs: list[str], steps: int, *,
                       log_every_n_steps: int = 10, warmup: int = 10, block: int = 1,
                       accelerator: str = "cpu", precision: str = "32-true",
-                      batch_size: int = 64) -> dict[str, dict[str, float]]:
+                      batch_size: int = 64, features: int = 256) -> dict[str, dict[str, float]]:
     """Time ``steps`` own steps (after ``warmup``) of each configuration inside one Trainer run
     with a ``TensorBoardLogger``."""
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
@@ -256,7 +266,8 @@ def measure_lightning(model_fn: Callable[[], nn.Module], configs: list[str], ste
             log_every_n_steps=log_every_n_steps, num_sanity_val_steps=0,
         )
         trainer.fit(Classifier(model_fn()),
-                    DataLoader(_data(), batch_size=batch_size, shuffle=True, drop_last=True))
+                    DataLoader(_data(features=features), batch_size=batch_size, shuffle=True,
+                               drop_last=True))
     return summarise({n: t[:steps] for n, t in switch.times.items()})
 
 
@@ -265,15 +276,15 @@ LOOP_CONFIGS = [PLAIN, AA, FLOOR, DEFAULTS, EVERY10]
 
 def measure_loop(model_fn: Callable[[], nn.Module], steps: int, *, warmup: int = 10,
                  block: int = 1, device: str = "cpu", autocast: torch.dtype | None = None,
-                 configs: list[str] = LOOP_CONFIGS,
-                 batch_size: int = 64) -> dict[str, dict[str, float]]:
+                 configs: list[str] = LOOP_CONFIGS, batch_size: int = 64,
+                 features: int = 256) -> dict[str, dict[str, float]]:
     """The same comparison in a hand-written loop (``GradientMonitor`` with its defaults: findings
     on the console), configurations taking turns, each with its own step numbers."""
     torch.manual_seed(0)
     dev = torch.device(device)
     model = model_fn().to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    data = _data()
+    data = _data(features=features)
     x_all, y_all = data.tensors[0].to(dev), data.tensors[1].to(dev)
     monitors: dict[str, GradientMonitor] = {}
     if DEFAULTS in configs:
@@ -289,9 +300,7 @@ def measure_loop(model_fn: Callable[[], nn.Module], steps: int, *, warmup: int =
     previous: tuple[str, int] | None = None
     batches = len(x_all) // batch_size
     for i in range(rounds * block * len(configs) + 1):
-        cycle, within = divmod(i, block * len(configs))
-        name = configs[within // block]
-        own = cycle * block + within % block
+        name, own = turn(configs, block, i)
         if own % block == 0:
             _sync(dev)
         now = time.perf_counter()

@@ -6,7 +6,7 @@ plain training's, all configurations interleaved in one process (see ``benchmark
 with an A/A control (plain against plain) showing the noise. Medians are a second column; they
 hide the expensive steps. Usage::
 
-    python benchmarks/overhead.py                 # full run (about 20 minutes on 2 CPU cores)
+    python benchmarks/overhead.py                 # full run (about 25 minutes on 2 idle CPU cores)
     python benchmarks/overhead.py --quick         # a few tiny steps, to check it still works
     python benchmarks/overhead.py --json out.json # also write the numbers
 """
@@ -44,11 +44,7 @@ from benchmarks.harness import (  # noqa: E402
     tensor_count,
 )
 
-# Each Lightning group has a number of configurations coprime with 10 and 50, so that
-# Lightning's own logging (train_loss every log_every_n_steps global steps) falls on every
-# configuration alike.
-LIGHTNING_MAIN = [PLAIN, AA, FLOOR, DEFAULTS, EVERY10, "graddiag, figure only at the end",
-                  "graddiag, activations and parameters off"]
+LIGHTNING_MAIN = [PLAIN, AA, FLOOR, DEFAULTS, EVERY10]
 LIGHTNING_RECIPES = [PLAIN, "graddiag everything every step",
                      "Lightning grad_norm + log_dict every step"]
 # Histogram hooks queue work on TensorBoard's writer thread, which would run during the other
@@ -77,15 +73,23 @@ def run_group(label: str, measure: Callable[[], dict[str, dict[str, float]]],
 
 
 def verdicts(results: dict[str, Any]) -> None:
-    """The targets, read off this run."""
-    say("\nTargets (mean ratios; floor = one _foreach_norm per step):")
+    """The targets, read off this run. Inside Lightning the defaults also draw a gradient-flow
+    figure at most every 500 steps (and within 1 % of the wall time), which a window of a few
+    hundred steps may not hold: its measured cost, spread over 500 steps, is added (an upper
+    bound) before comparing."""
+    say("\nTargets (mean ratios; floor = one _foreach_norm per step; Lightning defaults "
+        "+ the figure's cost spread over 500 steps):")
     for model, groups in results["models"].items():
+        figure_ms = results["costs"].get(model, {}).get("figure_ms", 0.0)
         for label, group in groups.items():
             rows = group["rows"]
             if DEFAULTS not in rows or FLOOR not in rows:
                 continue
             floor, defaults = rows[FLOOR]["mean"], rows[DEFAULTS]["mean"]
             margin = 0.01 if label.startswith("hand-written") else 0.02
+            if label.startswith("Lightning"):
+                defaults += figure_ms / 500 / group["plain_ms"]
+                group["defaults_with_figure"] = defaults
             line = (f"  {model}, {label}: defaults {defaults:.3f} vs floor {floor:.3f} + "
                     f"{margin:.2f} -> {'met' if defaults <= floor + margin else 'MISSED'}")
             if EVERY10 in rows and not label.startswith("hand-written"):
@@ -97,8 +101,8 @@ def verdicts(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="graddiag overhead benchmark")
     parser.add_argument("--quick", action="store_true", help="a few tiny steps (smoke test)")
-    parser.add_argument("--steps", type=int, default=500,
-                        help="timed steps per configuration (500 holds one default figure)")
+    parser.add_argument("--steps", type=int, default=250,
+                        help="timed steps per configuration")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 keeps timings steady on a small machine)")
     parser.add_argument("--models", default="mlp,transformer")
@@ -108,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    steps = 12 if args.quick else args.steps
-    recipe_steps = 6 if args.quick else max(30, steps // 8)
+    steps = 6 if args.quick else args.steps
+    warmup = 2 if args.quick else 10
+    recipe_steps = 4 if args.quick else max(30, steps // 8)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
@@ -131,17 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\n{name} ({tensor_count(fn)} parameter tensors), batch 64")
         out = results["models"][name] = {}
         run_group("hand-written loop, GradientMonitor",
-                  lambda: measure_loop(fn, steps, configs=LOOP_CONFIGS), out)
+                  lambda: measure_loop(fn, steps, warmup=warmup, configs=LOOP_CONFIGS), out)
         for every in (10, 50):
             run_group(f"Lightning, TensorBoardLogger, log_every_n_steps={every}",
-                      lambda: measure_lightning(fn, LIGHTNING_MAIN, steps,
+                      lambda: measure_lightning(fn, LIGHTNING_MAIN, steps, warmup=warmup,
                                                 log_every_n_steps=every), out)
         run_group("Lightning recipes, log_every_n_steps=10",
-                  lambda: measure_lightning(fn, LIGHTNING_RECIPES, recipe_steps), out)
+                  lambda: measure_lightning(fn, LIGHTNING_RECIPES, recipe_steps, warmup=warmup),
+                  out)
         run_group("Lightning histogram recipes, log_every_n_steps=10",
-                  lambda: measure_lightning(fn, HISTOGRAM_RECIPES, recipe_steps), out)
-    verdicts(results)
-
+                  lambda: measure_lightning(fn, HISTOGRAM_RECIPES, recipe_steps, warmup=warmup),
+                  out)
     say("\nBiggest per-step costs (Lightning, TensorBoardLogger, log_every_n_steps=10, graddiag "
         f"defaults, {steps} steps; wall-clock timers around graddiag's functions):")
     results["costs"] = {}
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, row in sorted(c["parts"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
             say(f"  {label:<58} {row['ms_per_step']:>8.3f} {row['calls']:>6} "
                 f"{row['ms_per_call']:>8.3f}")
+
+    verdicts(results)
 
     say("\nWriting one logging step's scalars to TensorBoard (ms, flushed; best of two):")
     results["scalar_write"] = {}
@@ -175,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     results["scaling_training"] = []
     for depth in ([4] if args.quick else [4, 49, 499]):
         fn = (lambda d=depth: mlp(depth=d, width=16))
-        stats = measure_loop(fn, 12 if args.quick else 100, configs=[PLAIN, AA, FLOOR, DEFAULTS])
+        stats = measure_loop(fn, 6 if args.quick else 100, warmup=warmup,
+                             configs=[PLAIN, AA, FLOOR, DEFAULTS])
         r = ratios(stats)
         row = {"tensors": tensor_count(fn), "plain_ms": stats[PLAIN]["mean"] * 1e3,
                "aa": r[AA]["mean"], "floor": r[FLOOR]["mean"], "defaults": r[DEFAULTS]["mean"]}
@@ -194,7 +202,7 @@ sys.path.insert(0, {root!r})
 from benchmarks.harness import mlp
 from graddiag import GradientMonitor
 torch.manual_seed(0)
-model, steps, mode = mlp(), {steps}, {mode!r}
+model, steps, mode = mlp(depth={depth}), {steps}, {mode!r}
 opt = torch.optim.Adam(model.parameters(), 1e-4)
 x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
 monitor = GradientMonitor(model, reporters=[]) if mode != "plain" else None
@@ -214,17 +222,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *(int(m) * page
 def memory_report(quick: bool) -> dict[str, float]:
     """Peak resident memory of plain training and graddiag defaults (separate processes), and
     the resident-memory growth between 10 % and 100 % of the run."""
-    steps = 200 if quick else 3000
+    steps, depth = (20, 2) if quick else (1500, 20)
     root = str(Path(__file__).resolve().parents[1])
     out: dict[str, float] = {}
     for mode in ("plain", "graddiag"):
-        code = MEMORY_CHILD.format(root=root, steps=steps, mode=mode)
+        code = MEMORY_CHILD.format(root=root, steps=steps, mode=mode, depth=depth)
         text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True).stdout.split()
         peak, early, late = (int(v) for v in text[-3:])
         out[f"{mode}_peak_mib"] = peak / 2**20
         out[f"{mode}_growth_mib"] = (late - early) / 2**20
-    say(f"\nMemory (MLP 20x256, {steps} steps, separate processes):")
+    say(f"\nMemory (MLP {depth}x256, {steps} steps, hand-written loop, separate processes):")
     say(f"  peak RSS plain {out['plain_peak_mib']:.0f} MiB, graddiag defaults "
         f"{out['graddiag_peak_mib']:.0f} MiB "
         f"(+{out['graddiag_peak_mib'] - out['plain_peak_mib']:.1f} MiB)")
