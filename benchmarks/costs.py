@@ -12,7 +12,8 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -240,7 +241,7 @@ def host_work_scaling(depths: list[int], repeats: int = 300) -> list[dict[str, f
                 samples.append((time.perf_counter() - start) / repeats)
             return min(samples) * 1e6
 
-        fused = best(lambda: torch._foreach_norm(grads))
+        fused = best(functools.partial(torch._foreach_norm, grads))
         step = best(monitor.step)
         monitor.close()
         rows.append({"tensors": float(len(grads)), "fused_read_us": fused, "step_us": step,

@@ -23,6 +23,7 @@ fp32 and bf16. Target on the launch-bound model: graddiag defaults <= floor + 0.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import warnings
@@ -103,8 +104,19 @@ def fsdp_norms(devices: int) -> list[float]:
 
 def overhead_table(steps: int) -> None:
     """The overhead table on this GPU (see the module docstring)."""
-    from benchmarks.harness import (AA, DEFAULTS, EVERY10, FLOOR, LOOP_CONFIGS, PLAIN,
-                                    Transformer, measure_lightning, measure_loop, mlp, ratios)
+    from benchmarks.harness import (
+        AA,
+        DEFAULTS,
+        EVERY10,
+        FLOOR,
+        LOOP_CONFIGS,
+        PLAIN,
+        Transformer,
+        measure_lightning,
+        measure_loop,
+        mlp,
+        ratios,
+    )
 
     for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -122,12 +134,13 @@ def overhead_table(steps: int) -> None:
         for dtype_name, autocast, precision in (("fp32", None, "32-true"),
                                                 ("bf16", torch.bfloat16, "bf16-mixed")):
             groups = {
-                "hand-written loop": lambda: measure_loop(
-                    fn, steps, block=20, device="cuda", autocast=autocast, configs=LOOP_CONFIGS,
-                    batch_size=batch, features=features),
-                "Lightning, log_every_n_steps=10": lambda: measure_lightning(
-                    fn, lightning_configs, steps, block=20, accelerator="cuda",
-                    precision=precision, batch_size=batch, features=features),
+                "hand-written loop": functools.partial(
+                    measure_loop, fn, steps, block=20, device="cuda", autocast=autocast,
+                    configs=LOOP_CONFIGS, batch_size=batch, features=features),
+                "Lightning, log_every_n_steps=10": functools.partial(
+                    measure_lightning, fn, lightning_configs, steps, block=20,
+                    accelerator="cuda", precision=precision, batch_size=batch,
+                    features=features),
             }
             for group, run in groups.items():
                 stats = run()

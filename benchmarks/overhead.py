@@ -21,8 +21,9 @@ import platform
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,16 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\n{name} ({tensor_count(fn)} parameter tensors), batch 64")
         out = results["models"][name] = {}
         run_group("hand-written loop, GradientMonitor",
-                  lambda: measure_loop(fn, steps, warmup=warmup, configs=LOOP_CONFIGS), out)
+                  lambda fn=fn: measure_loop(fn, steps, warmup=warmup, configs=LOOP_CONFIGS),
+                  out)
         for every in (10, 50):
             run_group(f"Lightning, TensorBoardLogger, log_every_n_steps={every}",
-                      lambda: measure_lightning(fn, LIGHTNING_MAIN, steps, warmup=warmup,
-                                                log_every_n_steps=every), out)
+                      lambda fn=fn, every=every: measure_lightning(
+                          fn, LIGHTNING_MAIN, steps, warmup=warmup, log_every_n_steps=every),
+                      out)
         run_group("Lightning recipes, log_every_n_steps=10",
-                  lambda: measure_lightning(fn, LIGHTNING_RECIPES, recipe_steps, warmup=warmup),
+                  lambda fn=fn: measure_lightning(fn, LIGHTNING_RECIPES, recipe_steps,
+                                                  warmup=warmup),
                   out)
         run_group("Lightning histogram recipes, log_every_n_steps=10",
-                  lambda: measure_lightning(fn, HISTOGRAM_RECIPES, recipe_steps, warmup=warmup),
+                  lambda fn=fn: measure_lightning(fn, HISTOGRAM_RECIPES, recipe_steps,
+                                                  warmup=warmup),
                   out)
     say("\nBiggest per-step costs (Lightning, TensorBoardLogger, log_every_n_steps=10, graddiag "
         f"defaults, {steps} steps; wall-clock timers around graddiag's functions):")
@@ -181,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  {'tensors':>8} {'plain ms':>9} {'A/A':>6} {'floor':>7} {'defaults':>9}")
     results["scaling_training"] = []
     for depth in ([4] if args.quick else [4, 49, 499]):
-        fn = (lambda d=depth: mlp(depth=d, width=16))
+        def fn(d: int = depth) -> nn.Module:
+            return mlp(depth=d, width=16)
+
         stats = measure_loop(fn, 6 if args.quick else 100, warmup=warmup,
                              configs=[PLAIN, AA, FLOOR, DEFAULTS])
         r = ratios(stats)

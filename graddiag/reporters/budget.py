@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 #: Default interval of the gradient-flow figure, in steps, when none is given.
 DEFAULT_FIGURE_EVERY = 500
