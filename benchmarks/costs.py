@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.harness import Classifier, _data, mlp
+from benchmarks.harness import Classifier, _data
 from graddiag import GradientDiagnostics, GradientMonitor
 from graddiag.measure.activations import ActivationProbe
 from graddiag.measure.norms import GradientProbe
@@ -218,15 +218,28 @@ def scalar_write_cost(model_fn: Callable[[], nn.Module], repeats: int = 200) -> 
     return out
 
 
-def host_work_scaling(depths: list[int], repeats: int = 300) -> list[dict[str, float]]:
+class Parallel(nn.Module):
+    """``n`` linear layers side by side, summed: many tensors with healthy, alike gradients (a
+    deep narrow net would also exercise the rules' findings, which is not what is timed here)."""
+
+    def __init__(self, n: int, width: int = 16) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(0)
+
+
+def host_work_scaling(layers: list[int], repeats: int = 300) -> list[dict[str, float]]:
     """Host time of ``monitor.step()`` on an ordinary step (no logging, no activations) against
-    the fused read alone, for narrow MLPs with more and more parameter tensors."""
+    the fused read alone (the ``.grad`` list, one ``_foreach_norm``, its results stacked into one
+    tensor), for models with more and more parameter tensors (:class:`Parallel`)."""
     rows = []
-    for depth in depths:
+    for n in layers:
         torch.manual_seed(0)
-        model = mlp(depth=depth, width=16)
-        F.cross_entropy(model(torch.randn(64, 256)), torch.randint(0, 10, (64,))).backward()
-        grads = [p.grad for p in model.parameters()]
+        model = Parallel(n)
+        F.cross_entropy(model(torch.randn(64, 16)), torch.randint(0, 16, (64,))).backward()
+        params = list(model.parameters())
         monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=0,
                                   param_every_n_steps=0)
         for _ in range(5):
@@ -241,9 +254,13 @@ def host_work_scaling(depths: list[int], repeats: int = 300) -> list[dict[str, f
                 samples.append((time.perf_counter() - start) / repeats)
             return min(samples) * 1e6
 
-        fused = best(functools.partial(torch._foreach_norm, grads))
+        def fused_read(params: list[nn.Parameter] = params) -> torch.Tensor:
+            # what any per-layer reading needs: the .grad list, one fused norm, one tensor
+            return torch.stack(torch._foreach_norm([p.grad for p in params]))
+
+        fused = best(fused_read)
         step = best(monitor.step)
         monitor.close()
-        rows.append({"tensors": float(len(grads)), "fused_read_us": fused, "step_us": step,
+        rows.append({"tensors": float(len(params)), "fused_read_us": fused, "step_us": step,
                      "beyond_us": step - fused})
     return rows
