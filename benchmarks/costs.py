@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader
 
 from benchmarks.harness import Classifier, _data
 from graddiag import GradientDiagnostics, GradientMonitor
-from graddiag.measure.activations import ActivationProbe
+from graddiag.measure.activations.watch import ActivationWatch
 from graddiag.measure.norms import GradientProbe
 from graddiag.measure.parameters import ParameterProbe
 from graddiag.measure.transfer import HostCopy
+from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.history import History
 from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY
 from graddiag.reporters.scalars import scalar_metrics, write_scalars
@@ -42,8 +43,8 @@ PARTS = [
     ("rules (RuleSet.update)", RuleSet, "update"),
     ("history append", History, "append"),
     ("scalar writing (one event per logging step)", TensorBoardReporter, "_scalars"),
-    ("activation statistics (arm, collect)", ActivationProbe, "arm"),
-    ("activation statistics (arm, collect)", ActivationProbe, "collect"),
+    ("activation statistics (install the watch, pack)", ActivationWatch, "_install"),
+    ("activation statistics (install the watch, pack)", ActivationScope, "take"),
     ("parameter norms and update ratios", ParameterProbe, "read"),
     ("all of graddiag's callback hooks", GradientDiagnostics, "on_before_optimizer_step"),
     ("all of graddiag's callback hooks", GradientDiagnostics, "on_train_batch_start"),
@@ -153,7 +154,9 @@ def part_costs(model_fn: Callable[[], nn.Module], steps: int,
     activation_steps = [times[s] for s in range(50, n, 50) if s % 500]
     if logging_steps and activation_steps:
         extra = statistics.fmean(activation_steps) - statistics.fmean(logging_steps)
-        timed = (parts.get("activation statistics (arm, collect)", {}).get("ms_per_call", 0) * 2
+        packing = parts.get("activation statistics (install the watch, pack)", {})
+        per_activation_step = packing.get("ms_per_step", 0.0) * n / len(activation_steps)
+        timed = (per_activation_step
                  + parts.get("parameter norms and update ratios", {}).get("ms_per_call", 0))
         parts["activation steps: hooks in the forward pass (excess, net)"] = {
             "ms_per_step": max(0.0, extra * 1e3 - timed) / 50, "calls": len(activation_steps),
@@ -176,7 +179,6 @@ def figure_cost(monitor: GradientMonitor | None) -> float:
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
         reporter = TensorBoardReporter(writer, save_png=False)
-        reporter.bind(monitor)
         for _ in range(2):
             start = time.perf_counter()
             reporter._figure(rows, monitor.records[-1].layers, len(rows), "benchmark")

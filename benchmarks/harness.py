@@ -287,13 +287,13 @@ def measure_loop(model_fn: Callable[[], nn.Module], steps: int, *, warmup: int =
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     data = _data(features=features)
     x_all, y_all = data.tensors[0].to(dev), data.tensors[1].to(dev)
+    # several monitors on one model: each watches only its own steps' forward passes (watch=None
+    # and watch_activations below), as a lone monitor's forward wrapper would
     monitors: dict[str, GradientMonitor] = {}
     if DEFAULTS in configs:
-        monitors[DEFAULTS] = GradientMonitor(model)
+        monitors[DEFAULTS] = GradientMonitor(model, watch=None)
     if EVERY10 in configs:
-        monitors[EVERY10] = GradientMonitor(model, every_n_steps=10)
-    for monitor in monitors.values():
-        monitor.prepare(1)  # armed only on their own activation steps, below
+        monitors[EVERY10] = GradientMonitor(model, every_n_steps=10, watch=None)
     times: dict[str, list[float]] = {name: [] for name in configs}
     own_steps = warmup + steps
     rounds = -(-own_steps // block)
@@ -311,20 +311,18 @@ def measure_loop(model_fn: Callable[[], nn.Module], steps: int, *, warmup: int =
         if i == rounds * block * len(configs):
             break
         monitor = monitors.get(name)
-        if monitor is not None:
-            monitor.prepare(own)
         b = i % batches
         x, y = x_all[b * batch_size:(b + 1) * batch_size], y_all[b * batch_size:(b + 1) * batch_size]
-        context = (torch.autocast(dev.type, dtype=autocast) if autocast is not None
-                   else nullcontext())
-        with context:
+        precision = (torch.autocast(dev.type, dtype=autocast) if autocast is not None
+                     else nullcontext())
+        with (monitor.watch_activations(own) if monitor is not None else nullcontext()), precision:
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         if name == FLOOR:
             torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None])
         elif monitor is not None:
-            monitor.step(own, prepare_next=False)
+            monitor.step(own)
         optimizer.step()
     for monitor in monitors.values():
         monitor.close()

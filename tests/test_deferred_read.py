@@ -4,6 +4,7 @@ step later; same-step decisions (skip/stop/raise) never deferred; CPU default un
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -18,23 +19,23 @@ def _model() -> nn.Module:
 
 def _backward(model: nn.Module, step: int) -> None:
     model.zero_grad()
-    model(torch.randn(16, 4)).square().mean().backward()
+    g = torch.Generator().manual_seed(step)
+    model(torch.randn(16, 4, generator=g)).square().mean().backward()
     if step == 4:  # a NaN in the middle layer's weight gradient
         model[2].weight.grad[0, 0] = float("nan")
 
 
 def test_deferred_records_and_findings_equal_immediate_ones_one_step_later() -> None:
-    model = _model()
-    now = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
-    later = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
+    model_now, model_later = _model(), _model()  # identical weights, identical batches
+    now = GradientMonitor(model_now, reporters=[], activation_every_n_steps=3)
+    later = GradientMonitor(model_later, reporters=[], activation_every_n_steps=3)
     later.deferred_host_read = True
     steps_reported = []
     for step in range(8):
-        now.prepare(step)
-        later.prepare(step)
-        _backward(model, step)
-        assert now.step(prepare_next=False).step == step
-        report = later.step(prepare_next=False)
+        _backward(model_now, step)
+        _backward(model_later, step)
+        assert now.step().step == step
+        report = later.step()
         steps_reported.append(report.step if report.recorded else None)
     assert steps_reported == [None, 0, 1, 2, 3, 4, 5, 6]
     assert len(later.records) == 8  # reading the history evaluates the pending step
@@ -44,6 +45,11 @@ def test_deferred_records_and_findings_equal_immediate_ones_one_step_later() -> 
         assert (a.activations is None) == (b.activations is None)
         if a.activations is not None:
             np.testing.assert_array_equal(a.activations.saturated, b.activations.saturated)
+    assert sum(r.activations is not None for r in later.records) == 3  # steps 0, 3, 6
+    # the records hold what torch computes for the layer, in float64
+    expected = torch.linalg.vector_norm(torch.cat([model_now[4].weight.grad.flatten(),
+                                                   model_now[4].bias.grad.flatten()]).double())
+    assert later.records[-1].grad_norm[2] == pytest.approx(expected.item(), rel=1e-6)
     assert [(f.kind, f.layer, f.step) for f in now.findings] == \
         [(f.kind, f.layer, f.step) for f in later.findings] == [("nonfinite", "2", 4)]
     # the element count needs the gradients, which are gone a step later: named, not counted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from graddiag.data.records import StepRecord
+from graddiag.data.snapshots import StepSnapshot
 from graddiag.reporters.budget import TimeBudget
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
@@ -62,8 +63,8 @@ def test_reporter_default_draws_within_one_percent_of_wall_time() -> None:
     layers = ["a", "b"]
     for step in range(30001):
         clock.now += 0.01  # 10 ms steps: a figure every 500 steps would be 40 % of the time
-        reporter.report(StepRecord(step, layers, np.array([1.0, 2.0]),
-                                   np.array([True, True])), [])
+        reporter.report(StepSnapshot(StepRecord(step, layers, np.array([1.0, 2.0]),
+                                                np.array([True, True]))))
     assert images[0] == 500
     assert all(s % 500 == 0 for s in images)
     # after the first figure, figures take at most 1 % of the time: 300 s of steps allow 1.5 more
