@@ -15,7 +15,7 @@ class TimeBudget:
     """Lets a periodic task run every ``every_n_steps`` steps, postponed (to a later multiple
     of the interval) while it would take more than ``share`` of the wall time.
 
-    A figure costs 0.1-0.5 s of Matplotlib. Every 500 steps that is under 1 % of a 100 ms
+    A figure costs tenths of a second to seconds of Matplotlib. Every 500 steps that is under 1 % of a 100 ms
     step, but several percent of a 5 ms one; the share keeps it under 1 % on any hardware.
 
     Args:
