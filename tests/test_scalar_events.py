@@ -63,13 +63,20 @@ def test_scalars_round_trip_one_event_per_step(tmp_path: Path) -> None:
         expected[("graddiag/layer_norm/min", step)] = r.grad_norm.min()
         expected[("graddiag/layer_norm/median", step)] = np.median(r.grad_norm)
 
+        expected[("graddiag/skipped_steps", step)] = 0.0
+    for (tag, step), value in list(expected.items()):  # the log10 series of the norms
+        name = tag.removeprefix("graddiag/")
+        if name.startswith(("grad_norm/", "global_grad_norm", "layer_norm/", "update_ratio/")):
+            if value > 0:
+                expected[(f"graddiag/log10_{name}", step)] = np.log10(value)
+
     acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.SCALARS: 0})
     acc.Reload()
     seen = {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)
             if tag != "graddiag/active_findings"}
     assert set(seen) == set(expected)
     for key, value in expected.items():
-        assert seen[key] == pytest.approx(float(np.float32(value)), rel=1e-6), key
+        assert seen[key] == pytest.approx(float(np.float32(value)), rel=1e-6, abs=1e-7), key
 
     table = read_logs(tmp_path).scalars  # what `graddiag report` reads
     assert len(table[table.statistic != "active_findings"]) == len(expected)
