@@ -96,3 +96,16 @@ def test_cpu_default_reads_on_the_step_with_one_copy(monkeypatch) -> None:  # no
     assert report.recorded and report.step == 0 and len(monitor._history.records) == 1
     assert copies == [1]
     monitor.close()
+
+
+def test_a_step_with_a_replay_closure_is_read_on_the_step() -> None:
+    model = _model()
+    monitor = GradientMonitor(model, reporters=[])
+    monitor.deferred_host_read = True  # asked for, but a replay needs this step's weights
+    _backward(model, 0)
+    report = monitor.step(replay=lambda: model(torch.randn(16, 4)).square().mean())
+    assert report.recorded and report.step == 0
+    _backward(model, 1)
+    assert not monitor.step().recorded  # without a closure: deferred (nothing was pending)
+    monitor.close()
+    assert [r.step for r in monitor._history.records] == [0, 1]

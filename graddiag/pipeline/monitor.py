@@ -123,7 +123,7 @@ class GradientMonitor:
         #: pinned memory without blocking and is read on the next step, so findings and the
         #: report returned by :meth:`step` concern the previous recorded step, and non-finite
         #: gradients are named per parameter without element counts. ``skip``/``stop``/``raise``
-        #: always decide on the step itself.
+        #: and a replay of a non-finite step always read on the step itself.
         self.deferred_host_read: bool | None = None
         self._defer_auto: bool | None = None
         self._pending: Callable[[], StepRecord] | None = None
