@@ -129,10 +129,10 @@ class StepMeasurement:
             device[f"act{i}"] = chunk
         if deferred:  # the gradients are gone when the copy is read: name non-finite tensors
             device.update({f"tensors{i}": n for i, n in enumerate(reading.tensor_norms)})
+        deferred = deferred and activations is None  # site positions need this step's timing
         copy = HostCopy(list(device.values()), deferred=deferred)  # the one host copy
         names = list(device)
         layers = self.layers
-        self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
 
         def finish() -> StepRecord:
             host = dict(zip(names, copy.result()))
@@ -142,6 +142,11 @@ class StepMeasurement:
                 record.activations.position = self.live.site_positions(record.activations.sites)
             return record
 
+        if not deferred:
+            record = finish()
+            self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
+            return lambda: record
+        self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
         return finish
 
     def _record(self, step: int, optimizer: int, probe: GradientProbe, reading: GradientReading,

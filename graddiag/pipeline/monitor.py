@@ -201,10 +201,12 @@ class GradientMonitor:
         deferred = self._deferring(replay)
         finish = None
         if self.schedule.records(current):
+            pack = self._activations.take(current)
+            deferred = deferred and pack is None  # activation steps are read on the step
             finish = self._measurement.start(
                 current, optimizer=optimizer, params=params, amp_scale=amp_scale,
-                grads_scaled=grads_scaled, clip_norm=clip_norm,
-                activations=self._activations.take(current), deferred=deferred)
+                grads_scaled=grads_scaled, clip_norm=clip_norm, activations=pack,
+                deferred=deferred)
         if deferred:  # evaluate the previous recorded step, whose copy has long arrived
             finish, self._pending = self._pending, finish
         elif self._pending is not None:
