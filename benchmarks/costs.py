@@ -174,7 +174,7 @@ def figure_cost(monitor: GradientMonitor | None) -> float:
     from torch.utils.tensorboard import SummaryWriter
 
     assert monitor is not None
-    rows = [r.grad_norm for r in monitor.records]
+    rows = [(r.grad_norm, r.has_grad) for r in monitor.records]
     best = float("inf")
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
