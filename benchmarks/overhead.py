@@ -1,365 +1,203 @@
-"""Overhead of graddiag against plain Lightning training, and against common recipes.
+"""What graddiag costs a user: mean step time against plain training, logging steps included.
 
-Trains one model with one data stream and seed, switching between configurations every few
-optimizer steps inside a single Trainer run (so all configurations see the same process and
-machine state), times the steady state after a warm-up cycle and prints median (and mean)
-step-time ratios against plain training. Usage::
+Every table's headline is the **mean** step time (total wall time of the timed steps over their
+number, every logging, activation, parameter and figure step included) of a configuration over
+plain training's, all configurations interleaved in one process (see ``benchmarks/harness.py``),
+with an A/A control (plain against plain) showing the noise. Medians are a second column; they
+hide the expensive steps. Usage::
 
-    python benchmarks/overhead.py                 # full run (about 10 minutes on 2 CPU cores)
-    python benchmarks/overhead.py --quick         # one tiny cycle, to check it still works
+    python benchmarks/overhead.py                 # full run (about 25 minutes on 2 idle CPU cores)
+    python benchmarks/overhead.py --quick         # a few tiny steps, to check it still works
     python benchmarks/overhead.py --json out.json # also write the numbers
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
 import platform
-import statistics
+import subprocess
 import sys
-import tempfile
-import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import grad_norm
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from graddiag import GradientDiagnostics, GradientMonitor  # noqa: E402
+from benchmarks import costs  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    AA,
+    DEFAULTS,
+    EVERY10,
+    FLOOR,
+    LOOP_CONFIGS,
+    PLAIN,
+    Transformer,
+    measure_lightning,
+    measure_loop,
+    mlp,
+    ratios,
+    tensor_count,
+)
+
+LIGHTNING_MAIN = [PLAIN, AA, FLOOR, DEFAULTS, EVERY10]
+LIGHTNING_RECIPES = [PLAIN, "graddiag everything every step",
+                     "Lightning grad_norm + log_dict every step"]
+# Histogram hooks queue work on TensorBoard's writer thread, which would run during the other
+# configurations' steps: they are timed against plain training on their own.
+HISTOGRAM_RECIPES = [PLAIN, "histogram hooks -> TensorBoard, every 10 steps",
+                     "histogram hooks -> TensorBoard, every step"]
 
 
-# ----------------------------------------------------------------------------- models
-def mlp(depth: int = 20, width: int = 256, in_features: int = 256) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers += [nn.Linear(in_features if i == 0 else width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
+def say(text: str = "") -> None:
+    print(text, flush=True)
 
 
-class Transformer(nn.Module):
-    def __init__(self, layers: int = 16, d_model: int = 64, in_features: int = 256) -> None:
-        super().__init__()
-        self.embed = nn.Linear(in_features // 8, d_model)
-        block = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, batch_first=True, dropout=0.0)
-        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x.reshape(x.shape[0], 8, -1))
-        return self.head(self.encoder(tokens).mean(1))
+def table(title: str, rows: dict[str, dict[str, float]], plain_ms: float, n: int) -> None:
+    say(f"  -- {title} (plain {plain_ms:.2f} ms/step, {n} timed steps per configuration)")
+    say(f"  {'configuration':<52} {'mean ratio':>10} {'median ratio':>12} {'ms/step':>8}")
+    for name, row in rows.items():
+        say(f"  {name:<52} {row['mean']:>10.3f} {row['median']:>12.3f} {row['ms']:>8.2f}")
 
 
-class Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)  # as every real run does
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-4)
+def run_group(label: str, measure: Callable[[], dict[str, dict[str, float]]],
+              out: dict[str, Any]) -> None:
+    stats = measure()
+    rows = ratios(stats)
+    table(label, rows, stats[PLAIN]["mean"] * 1e3, int(stats[PLAIN]["n"]))
+    out[label] = {"plain_ms": stats[PLAIN]["mean"] * 1e3, "rows": rows}
 
 
-# ----------------------------------------------------------------------------- configurations
-class Floor(pl.Callback):
-    """The floor: one fused norm over all gradients per step, nothing else."""
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule,
-                                 optimizer: Any) -> None:
-        torch._foreach_norm([p.grad for p in module.parameters() if p.grad is not None])
-
-
-class LightningRecipe(pl.Callback):
-    """Lightning's documented recipe: ``log_dict(grad_norm(module, 2))`` before each step."""
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule,
-                                 optimizer: Any) -> None:
-        module.log_dict(grad_norm(module, norm_type=2))
-
-
-class HistogramHooks(pl.Callback):
-    """The watch-style recipe: per-parameter gradient hooks logging histograms to TensorBoard."""
-
-    def __init__(self, every_n_steps: int) -> None:
-        self.every = every_n_steps
-        self.handles: list[Any] = []
-        self.active = False
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        writer = trainer.logger.experiment  # type: ignore[union-attr]
-        for name, p in module.named_parameters():
-            def hook(grad: torch.Tensor, name: str = name) -> None:
-                if self.active and trainer.global_step % self.every == 0:
-                    writer.add_histogram(f"grad/{name}", grad, trainer.global_step)
-            self.handles.append(p.register_hook(hook))
-
-    def on_train_end(self, *args: Any) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
-    "plain": lambda: [],
-    "plain again (A/A control: the noise)": lambda: [],
-    "floor (one _foreach_norm)": lambda: [Floor()],
-    "graddiag defaults": lambda: [GradientDiagnostics(print_summary=False)],
-    "graddiag every_n_steps=10": lambda: [GradientDiagnostics(every_n_steps=10,
-                                                              print_summary=False)],
-    "graddiag defaults, replay_nonfinite off": lambda: [GradientDiagnostics(
-        replay_nonfinite=False, print_summary=False)],
-    "graddiag, activations off": lambda: [GradientDiagnostics(activation_every_n_steps=0,
-                                                              print_summary=False)],
-    "graddiag all on (acts+params every step)": lambda: [GradientDiagnostics(
-        activation_every_n_steps=1, param_every_n_steps=1, print_summary=False)],
-    "graddiag defaults + histograms every 10 steps": lambda: [GradientDiagnostics(
-        histogram_every_n_steps=10, print_summary=False)],
-    "Lightning grad_norm + log_dict": lambda: [LightningRecipe()],
-    "histogram hooks -> TB, every 10 steps": lambda: [HistogramHooks(every_n_steps=10)],
-    "histogram hooks -> TB, every step": lambda: [HistogramHooks(every_n_steps=1)],
-}
-
-ALWAYS = ("setup", "on_fit_start", "on_train_start", "on_train_end", "on_fit_end", "teardown",
-          "on_exception", "state_dict", "on_save_checkpoint")
-PER_STEP = ("on_train_batch_start", "on_before_backward", "on_after_backward",
-            "on_before_optimizer_step", "on_before_zero_grad", "on_train_batch_end")
-
-
-class Interleave(pl.Callback):
-    """Runs every configuration in one Trainer, switching configuration every ``block`` steps.
-
-    Each optimizer step belongs to exactly one configuration (only its callbacks run), so all
-    configurations share the same process, model, data stream and machine state, and slow drifts
-    of the machine affect them alike. With ``block=1`` the periodic costs of the run (logging
-    every 10 steps, epoch ends) fall on every configuration alike. Step time is the wall time
-    between consecutive batch starts: every hook and the logging of that step included.
-    """
-
-    def __init__(self, configs: dict[str, list[pl.Callback]], block: int, warmup_cycles: int) -> None:
-        self.configs = configs
-        self.names = list(configs)
-        self.block = block
-        self.warmup_steps = warmup_cycles * block * len(self.names)
-        self.times: dict[str, list[float]] = {n: [] for n in self.names}
-        self.cpu: dict[str, list[float]] = {n: [] for n in self.names}
-        self._started: float | None = None
-        self._started_cpu = 0.0
-        self._current: str | None = None
-        for hook in ALWAYS:
-            setattr(self, hook, self._fan_out(hook, always=True))
-        for hook in PER_STEP[1:]:
-            setattr(self, hook, self._fan_out(hook, always=False))
-
-    def active(self, step: int) -> str:
-        return self.names[(step // self.block) % len(self.names)]
-
-    def _fan_out(self, hook: str, always: bool) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            names = self.names if always else [self._current]
-            for name in names:
-                for cb in self.configs[name or "plain"]:
-                    getattr(cb, hook)(*args, **kwargs)
-            return {} if hook == "state_dict" else None
-
-        return call
-
-    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
-        now, now_cpu = time.perf_counter(), time.process_time()
-        step = trainer.global_step
-        if self._started is not None and step > self.warmup_steps and self._current:
-            self.times[self._current].append(now - self._started)
-            self.cpu[self._current].append(now_cpu - self._started_cpu)
-        self._current = self.active(step)
-        for configs in self.configs.values():
-            for cb in configs:
-                if isinstance(cb, HistogramHooks):
-                    cb.active = False
-        for cb in self.configs[self._current]:
-            if isinstance(cb, HistogramHooks):
-                cb.active = True
-            cb.on_train_batch_start(trainer, module, batch, batch_idx)
-        self._started, self._started_cpu = now, now_cpu
-
-
-def measure(model_fn: Callable[[], nn.Module], configs: list[str], cycles: int, block: int,
-            warmup_cycles: int = 1) -> dict[str, dict[str, float]]:
-    """Median and mean step time per configuration, interleaved in one training run."""
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(4096, 256, generator=g), torch.randint(0, 10, (4096,), generator=g))
-    built = {name: CONFIGS[name]() for name in configs}
-    switch = Interleave(built, block, warmup_cycles)
-    steps = (cycles + warmup_cycles) * block * len(configs) + 1
-    pl.seed_everything(0, verbose=False)
-    with tempfile.TemporaryDirectory() as logdir:
-        trainer = pl.Trainer(
-            max_steps=steps, accelerator="cpu", devices=1,
-            logger=TensorBoardLogger(logdir, name="bench"), callbacks=[switch],
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            log_every_n_steps=10, num_sanity_val_steps=0,
-        )
-        trainer.fit(Classifier(model_fn()), DataLoader(data, batch_size=64, shuffle=True))
-    gc.collect()
-    return _summaries(switch.times, switch.cpu)
-
-
-def _summaries(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    return {n: {"median": statistics.median(t), "mean": statistics.fmean(t), "n": len(t),
-                "cpu_median": statistics.median(cpu[n])} for n, t in wall.items()}
-
-
-LOOP_CONFIGS = ["plain", "plain again (A/A control: the noise)", "floor (one _foreach_norm)",
-                "graddiag defaults", "graddiag every_n_steps=10", "graddiag, activations off",
-                "graddiag defaults + replay closure"]
-
-
-def measure_loop(model_fn: Callable[[], nn.Module], cycles: int) -> dict[str, dict[str, float]]:
-    """The same comparison in a hand-written PyTorch loop (``GradientMonitor``, the code path the
-    callback uses), interleaving configurations every step: no framework noise."""
-    torch.manual_seed(0)
-    model = model_fn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)
-    # three monitors on one model: each watches only its own steps' forward passes (watch=None
-    # and watch_activations below), as a lone monitor's forward wrapper would
-    monitors = {
-        "graddiag defaults": GradientMonitor(model, reporters=[], watch=None),
-        "graddiag every_n_steps=10": GradientMonitor(model, reporters=[], every_n_steps=10,
-                                                     watch=None),
-        "graddiag, activations off": GradientMonitor(model, reporters=[],
-                                                     activation_every_n_steps=0, watch=None),
-        "graddiag defaults + replay closure": GradientMonitor(model, reporters=[], watch=None),
-    }
-    calls = {name: 0 for name in monitors}
-    times: dict[str, list[float]] = {name: [] for name in LOOP_CONFIGS}
-    cpu: dict[str, list[float]] = {name: [] for name in LOOP_CONFIGS}
-    for i in range((cycles + 1) * len(LOOP_CONFIGS)):
-        name = LOOP_CONFIGS[i % len(LOOP_CONFIGS)]
-        monitor = monitors.get(name)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        with monitor.watch_activations(calls[name]) if monitor is not None else nullcontext():
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        if name == "floor (one _foreach_norm)":
-            torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None])
-        elif monitor is not None:
-            replay = (lambda: F.cross_entropy(model(x), y)) if "replay" in name else None
-            monitor.step(calls[name], replay=replay)
-            calls[name] += 1
-        optimizer.step()
-        if i >= len(LOOP_CONFIGS):
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    for monitor in monitors.values():
-        monitor.close()
-    return _summaries(times, cpu)
-
-
-def _print_ratios(title: str, stats: dict[str, dict[str, float]],
-                  configs: list[str]) -> dict[str, dict[str, float]]:
-    """Print each configuration's ratios to the first (plain) one; return them."""
-    base = stats[configs[0]]
-    print(f"  -- {title} (plain step {base['median'] * 1e3:.2f} ms, "
-          f"{base['n']} steps per configuration)")
-    rows = {}
-    for config in configs[1:]:
-        rows[config] = row = {k: stats[config][k] / base[k]
-                              for k in ("median", "mean", "cpu_median")}
-        print(f"  {config:<46} {row['median']:>12.3f} {row['mean']:>11.3f} "
-              f"{row['cpu_median']:>9.3f}")
-    return rows
-
-
-def _tensor_count(model_fn: Callable[[], nn.Module]) -> int:
-    return sum(1 for _ in model_fn().parameters())
-
-
-# Each group has a number of configurations coprime with 10 and 50, so that with one-step
-# interleaving every configuration gets its share of the logging steps (every 10) and of
-# graddiag's parameter/activation steps (every 50).
-GROUPS = {
-    "graddiag and the floor": ["plain", "plain again (A/A control: the noise)",
-                               "floor (one _foreach_norm)", "graddiag defaults",
-                               "graddiag every_n_steps=10", "graddiag, activations off",
-                               "graddiag all on (acts+params every step)",
-                               "graddiag defaults + histograms every 10 steps",
-                               "Lightning grad_norm + log_dict"],
-    # Histogram hooks queue work on TensorBoard's writer thread, which would run during the
-    # other configurations' steps: they are timed against plain training on their own.
-    "histogram recipes": ["plain", "histogram hooks -> TB, every 10 steps",
-                          "histogram hooks -> TB, every step"],
-}
+def verdicts(results: dict[str, Any]) -> None:
+    """The targets, read off this run. Inside Lightning the defaults also draw a gradient-flow
+    figure at most every 500 steps (and within 1 % of the wall time), which a window of a few
+    hundred steps may not hold: its measured cost, spread over 500 steps, is added (an upper
+    bound) before comparing."""
+    say("\nTargets (mean ratios; floor = one _foreach_norm per step; Lightning defaults "
+        "+ the figure's cost spread over 500 steps):")
+    for model, groups in results["models"].items():
+        figure_ms = results["costs"].get(model, {}).get("figure_ms", 0.0)
+        for label, group in groups.items():
+            rows = group["rows"]
+            if DEFAULTS not in rows or FLOOR not in rows:
+                continue
+            floor, defaults = rows[FLOOR]["mean"], rows[DEFAULTS]["mean"]
+            margin = 0.01 if label.startswith("hand-written") else 0.02
+            if label.startswith("Lightning"):
+                defaults += figure_ms / 500 / group["plain_ms"]
+                group["defaults_with_figure"] = defaults
+            line = (f"  {model}, {label}: defaults {defaults:.3f} vs floor {floor:.3f} + "
+                    f"{margin:.2f} -> {'met' if defaults <= floor + margin else 'MISSED'}")
+            if EVERY10 in rows and not label.startswith("hand-written"):
+                every = rows[EVERY10]["mean"]
+                line += f"; every_n_steps=10 {every:.3f} <= 1.01 -> {'met' if every <= 1.01 else 'MISSED'}"
+            say(line + f" (A/A {rows[AA]['mean']:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="graddiag overhead benchmark")
-    parser.add_argument("--quick", action="store_true", help="a few tiny cycles (smoke test)")
-    parser.add_argument("--cycles", type=int, default=120,
-                        help="timed cycles; each runs every configuration for --block steps")
-    parser.add_argument("--block", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a few tiny steps (smoke test)")
+    parser.add_argument("--steps", type=int, default=250,
+                        help="timed steps per configuration")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 keeps timings steady on a small machine)")
+    parser.add_argument("--models", default="mlp,transformer")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("graddiag").setLevel(logging.ERROR)
+    for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    cycles, block = (3, 1) if args.quick else (args.cycles, args.block)
+    steps = 6 if args.quick else args.steps
+    warmup = 2 if args.quick else 10
+    recipe_steps = 4 if args.quick else max(30, steps // 8)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); configurations "
-          f"interleaved every {block} step(s) in one Trainer run, {cycles} timed cycles after "
-          "one warm-up cycle")
-    results: dict[str, Any] = {"models": {}, "scaling": [], "memory": {}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
+        f"(affinity {sorted(os.sched_getaffinity(0))}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), commit {commit}")
+    say("headline: mean step time over plain training's (total wall time of the timed steps); "
+        "configurations interleaved one step at a time in one process, each with its own step "
+        "numbers")
+    results: dict[str, Any] = {"models": {}, "commit": commit, "torch": torch.__version__}
     models: dict[str, Callable[[], nn.Module]] = {"MLP 20x256": mlp,
                                                    "Transformer 16 layers": Transformer}
     if args.quick:
         models = {"MLP 4x64": lambda: mlp(depth=4, width=64)}
+    elif args.models != "mlp,transformer":
+        wanted = args.models.split(",")
+        models = {k: v for k, v in models.items() if k.split()[0].lower() in wanted}
     for name, fn in models.items():
-        print(f"\n{name} ({_tensor_count(fn)} parameter tensors)")
-        print(f"  {'configuration':<46} {'median ratio':>12} {'mean ratio':>11} {'CPU-time':>9}")
-        rows = _print_ratios("hand-written loop, GradientMonitor",
-                             measure_loop(fn, cycles * 3), LOOP_CONFIGS)
-        results.setdefault("loop", {})[name] = rows
-        for group, configs in GROUPS.items():
-            group_cycles = cycles if group != "histogram recipes" else max(3, cycles // 4)
-            rows = _print_ratios(f"Lightning, {group}",
-                                 measure(fn, configs, group_cycles, block), configs)
-            results["models"].setdefault(name, {}).update(rows)
+        say(f"\n{name} ({tensor_count(fn)} parameter tensors), batch 64")
+        out = results["models"][name] = {}
+        run_group("hand-written loop, GradientMonitor",
+                  lambda fn=fn: measure_loop(fn, steps, warmup=warmup, configs=LOOP_CONFIGS),
+                  out)
+        for every in (10, 50):
+            run_group(f"Lightning, TensorBoardLogger, log_every_n_steps={every}",
+                      lambda fn=fn, every=every: measure_lightning(
+                          fn, LIGHTNING_MAIN, steps, warmup=warmup, log_every_n_steps=every),
+                      out)
+        run_group("Lightning recipes, log_every_n_steps=10",
+                  lambda fn=fn: measure_lightning(fn, LIGHTNING_RECIPES, recipe_steps,
+                                                  warmup=warmup),
+                  out)
+        run_group("Lightning histogram recipes, log_every_n_steps=10",
+                  lambda fn=fn: measure_lightning(fn, HISTOGRAM_RECIPES, recipe_steps,
+                                                  warmup=warmup),
+                  out)
+    say("\nBiggest per-step costs (Lightning, TensorBoardLogger, log_every_n_steps=10, graddiag "
+        f"defaults, {steps} steps; wall-clock timers around graddiag's functions):")
+    results["costs"] = {}
+    for name, fn in models.items():
+        c = results["costs"][name] = costs.part_costs(fn, steps)
+        say(f"  {name} (step {c['step_ms']:.2f} ms with graddiag)")
+        say(f"  {'part':<58} {'ms/step':>8} {'calls':>6} {'ms/call':>8}")
+        for label, row in sorted(c["parts"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
+            say(f"  {label:<58} {row['ms_per_step']:>8.3f} {row['calls']:>6} "
+                f"{row['ms_per_call']:>8.3f}")
 
-    print("\nScaling with the number of parameter tensors (narrow MLPs, hand-written loop, "
-          "median ratio to plain):")
-    print(f"  {'tensors':>8} {'plain ms':>9} {'A/A':>6} {'floor':>8} {'graddiag defaults':>18}")
+    verdicts(results)
+
+    say("\nWriting one logging step's scalars to TensorBoard (ms, flushed; best of two):")
+    results["scalar_write"] = {}
+    for name, fn in models.items():
+        w = results["scalar_write"][name] = costs.scalar_write_cost(
+            fn, repeats=20 if args.quick else 200)
+        say(f"  {name}: {int(w['values'])} values: one add_scalar per key "
+            f"{w['add_scalar per key']:.3f} ms, one event {w['one event']:.3f} ms "
+            f"({w['add_scalar per key'] / w['one event']:.1f}x less)")
+
+    say("\nHost work of an ordinary recorded step against the fused read alone (the .grad "
+        "list, one _foreach_norm, stacked; 16x16 linear layers side by side, monitor.step() "
+        "with no logging, best of 5):")
+    say(f"  {'tensors':>8} {'fused read us':>14} {'monitor.step us':>16} {'beyond the read us':>19}")
+    results["scaling"] = costs.host_work_scaling([5] if args.quick else [5, 50, 500],
+                                                 repeats=20 if args.quick else 300)
+    for row in results["scaling"]:
+        say(f"  {int(row['tensors']):>8} {row['fused_read_us']:>14.1f} {row['step_us']:>16.1f} "
+            f"{row['beyond_us']:>19.1f}")
+    say("  and the same models trained (hand-written loop, mean ratios):")
+    say(f"  {'tensors':>8} {'plain ms':>9} {'A/A':>6} {'floor':>7} {'defaults':>9}")
+    results["scaling_training"] = []
     for depth in ([4] if args.quick else [4, 49, 499]):
-        fn = (lambda d=depth: mlp(depth=d, width=16))
-        stats = measure_loop(fn, cycles * 3)
-        base = stats["plain"]["median"]
-        row = {"tensors": _tensor_count(fn), "plain_ms": base * 1e3,
-               "aa": stats["plain again (A/A control: the noise)"]["median"] / base,
-               "floor": stats["floor (one _foreach_norm)"]["median"] / base,
-               "graddiag": stats["graddiag defaults"]["median"] / base}
-        results["scaling"].append(row)
-        print(f"  {row['tensors']:>8} {row['plain_ms']:>9.2f} {row['aa']:>6.3f} {row['floor']:>8.3f} "
-              f"{row['graddiag']:>18.3f}")
+        def fn(d: int = depth) -> nn.Module:
+            return mlp(depth=d, width=16)
+
+        stats = measure_loop(fn, 6 if args.quick else 100, warmup=warmup,
+                             configs=[PLAIN, AA, FLOOR, DEFAULTS])
+        r = ratios(stats)
+        row = {"tensors": tensor_count(fn), "plain_ms": stats[PLAIN]["mean"] * 1e3,
+               "aa": r[AA]["mean"], "floor": r[FLOOR]["mean"], "defaults": r[DEFAULTS]["mean"]}
+        results["scaling_training"].append(row)
+        say(f"  {row['tensors']:>8} {row['plain_ms']:>9.2f} {row['aa']:>6.3f} {row['floor']:>7.3f} "
+            f"{row['defaults']:>9.3f}")
     results["memory"] = memory_report(quick=args.quick)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -369,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 MEMORY_CHILD = """
 import resource, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
-from benchmarks.overhead import mlp
+from benchmarks.harness import mlp
 from graddiag import GradientMonitor
 torch.manual_seed(0)
-model, steps, mode = mlp(), {steps}, {mode!r}
+model, steps, mode = mlp(depth={depth}), {steps}, {mode!r}
 opt = torch.optim.Adam(model.parameters(), 1e-4)
 x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
 monitor = GradientMonitor(model, reporters=[]) if mode != "plain" else None
@@ -391,24 +229,23 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *(int(m) * page
 
 def memory_report(quick: bool) -> dict[str, float]:
     """Peak resident memory of plain training and graddiag defaults (separate processes), and
-    graddiag's resident-memory growth between 10 % and 100 % of the run."""
-    import subprocess
-
-    steps = 200 if quick else 3000
+    the resident-memory growth between 10 % and 100 % of the run."""
+    steps, depth = (20, 2) if quick else (1500, 20)
     root = str(Path(__file__).resolve().parents[1])
     out: dict[str, float] = {}
     for mode in ("plain", "graddiag"):
-        code = MEMORY_CHILD.format(root=root, steps=steps, mode=mode)
+        code = MEMORY_CHILD.format(root=root, steps=steps, mode=mode, depth=depth)
         text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True).stdout.split()
         peak, early, late = (int(v) for v in text[-3:])
         out[f"{mode}_peak_mib"] = peak / 2**20
         out[f"{mode}_growth_mib"] = (late - early) / 2**20
-    print(f"\nMemory (MLP 20x256, {steps} steps, separate processes):")
-    print(f"  peak RSS plain {out['plain_peak_mib']:.0f} MiB, graddiag defaults "
-          f"{out['graddiag_peak_mib']:.0f} MiB (+{out['graddiag_peak_mib'] - out['plain_peak_mib']:.1f} MiB)")
-    print(f"  RSS growth from 10 % to 100 % of the run: plain {out['plain_growth_mib']:.1f} MiB, "
-          f"graddiag {out['graddiag_growth_mib']:.1f} MiB")
+    say(f"\nMemory (MLP {depth}x256, {steps} steps, hand-written loop, separate processes):")
+    say(f"  peak RSS plain {out['plain_peak_mib']:.0f} MiB, graddiag defaults "
+        f"{out['graddiag_peak_mib']:.0f} MiB "
+        f"(+{out['graddiag_peak_mib'] - out['plain_peak_mib']:.1f} MiB)")
+    say(f"  RSS growth from 10 % to 100 % of the run: plain {out['plain_growth_mib']:.1f} MiB, "
+        f"graddiag {out['graddiag_growth_mib']:.1f} MiB")
     return out
 
 

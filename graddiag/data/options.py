@@ -199,10 +199,11 @@ class AdapterConfig(_Checked):
     log_every_n_steps: int | None = option(
         None, Integer(1, optional=True),
         "Scalar logging interval in optimizer steps; None uses the Trainer's log_every_n_steps.")
-    figure_every_n_steps: int = option(
-        500, Integer(0),
-        "Gradient-flow image interval in TensorBoard (0: only the final image, also saved as "
-        "gradient_flow.png in the log directory).")
+    figure_every_n_steps: int | None = option(
+        None, Integer(0, optional=True),
+        "Gradient-flow image interval in TensorBoard; None: every 500 steps, postponed while "
+        "figures would take more than 1 % of the wall time; an integer: exactly that interval "
+        "(0: only the final image, also saved as gradient_flow.png in the log directory).")
     prefix: str = option("graddiag/", Text(), "Prefix of every logged key.", identity=True)
     progress_bar: bool = option(
         True, Flag(), "Show the number of active findings in the progress bar.")

@@ -48,7 +48,8 @@ class StepRecord:
         grad_norm: Per-layer gradient p-norm; NaN for a layer that got no gradient.
         has_grad: Whether any parameter of the layer got a gradient.
         missing: ``{layer position: [parameter names]}`` for trainable parameters without gradient.
-        nonfinite: ``{layer position: {parameter name: number of NaN/Inf elements}}``.
+        nonfinite: ``{layer position: {parameter name: number of NaN/Inf elements}}`` (-1:
+            not counted, after a deferred host read).
         param_norm: Per-layer parameter 2-norm, or ``None`` on steps without parameter statistics.
         update_ratio: Per-layer ``||w_now - w_last|| / ||w_now||`` since the previous parameter
             read, or ``None``.

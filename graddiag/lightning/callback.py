@@ -83,6 +83,7 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
         self.monitor: GradientMonitor | None = None
         self._saved: dict[str, Any] | None = None
         self._shown_in_progress_bar: int | None = None
+        self._state_key: tuple[Any, Any, str] | None = None
         self._replay = LightningStepReplay()  # the batches of the current optimizer step
         self._summary_printed = False
 
@@ -92,8 +93,14 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
         """Names this callback's state in checkpoints: the identity settings only (what is
         monitored and where it is logged), so that a resumed run with other thresholds or
         cadences keeps its history, while two callbacks watching different layers, norms or
-        prefixes keep separate state."""
-        return self._generate_state_key(**identity_settings(self.config, self.adapter))
+        prefixes keep separate state. Lightning reads it around every hook call (its
+        profiler's action names), so it is built once per settings object, not six times a
+        step."""
+        cached = self._state_key
+        if cached is None or cached[0] is not self.config or cached[1] is not self.adapter:
+            cached = self._state_key = (self.config, self.adapter, self._generate_state_key(
+                **identity_settings(self.config, self.adapter)))
+        return cached[2]
 
     # ------------------------------------------------------------------ results
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from graddiag.measure.layers import LayerIndex
 from graddiag.measure.live_layers import LiveLayers
 from graddiag.measure.norms import GradientProbe, GradientReading
 from graddiag.measure.parameters import ParameterProbe
-from graddiag.measure.transfer import to_host
+from graddiag.measure.transfer import HostCopy
 
 
 class StepMeasurement:
@@ -93,6 +93,24 @@ class StepMeasurement:
         activations: ActivationPack | None = None,
     ) -> StepRecord:
         """Measure ``step`` (see ``GradientMonitor.step`` for the arguments); one host copy."""
+        return self.start(step, optimizer=optimizer, params=params, amp_scale=amp_scale,
+                          grads_scaled=grads_scaled, clip_norm=clip_norm,
+                          activations=activations)()
+
+    def start(
+        self,
+        step: int,
+        *,
+        optimizer: int = 0,
+        params: Iterable[torch.Tensor] | None = None,
+        amp_scale: torch.Tensor | float | None = None,
+        grads_scaled: bool = False,
+        clip_norm: float | None = None,
+        activations: ActivationPack | None = None,
+        deferred: bool = False,
+    ) -> Callable[[], StepRecord]:
+        """The device half of :meth:`measure`: reads the probes and starts the one host copy;
+        returns what builds the record from it, at once or (``deferred``) a step later."""
         probe = self._probe_for(optimizer, params)
         device: dict[str, torch.Tensor] = {}  # everything this step sends to the host
         scale = None if amp_scale is None else torch.as_tensor(amp_scale, dtype=torch.float32)
@@ -109,19 +127,35 @@ class StepMeasurement:
             device["histograms"] = self._histograms.read()
         for i, chunk in enumerate(activations.chunks if activations is not None else []):
             device[f"act{i}"] = chunk
-        host = dict(zip(device, to_host(list(device.values()))))  # the one host copy
-        record = self._record(step, optimizer, probe, reading, host, activations, clip_norm)
-        if record.activations is not None:  # where each site ran among the layers
-            record.activations.position = self.live.site_positions(record.activations.sites)
+        if deferred:  # the gradients are gone when the copy is read: name non-finite tensors
+            device.update({f"tensors{i}": n for i, n in enumerate(reading.tensor_norms)})
+        deferred = deferred and activations is None  # site positions need this step's timing
+        copy = HostCopy(list(device.values()), deferred=deferred)  # the one host copy
+        names = list(device)
+        layers = self.layers
+
+        def finish() -> StepRecord:
+            host = dict(zip(names, copy.result()))
+            record = self._record(step, optimizer, probe, reading, host, activations, clip_norm,
+                                  layers, deferred)
+            if record.activations is not None:  # where each site ran among the layers
+                record.activations.position = self.live.site_positions(record.activations.sites)
+            return record
+
+        if not deferred:
+            record = finish()
+            self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
+            return lambda: record
         self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
-        return record
+        return finish
 
     def _record(self, step: int, optimizer: int, probe: GradientProbe, reading: GradientReading,
                 host: dict[str, np.ndarray], activations: ActivationPack | None,
-                clip_norm: float | None) -> StepRecord:
+                clip_norm: float | None, layers: list[str], deferred: bool) -> StepRecord:
         grad_norm = host["grad_norm"]
-        has_grad = np.asarray(reading.has_grad, dtype=bool)
-        grad_norm[~has_grad] = np.nan
+        has_grad = reading.has_grad
+        if not has_grad.all():
+            grad_norm[~has_grad] = np.nan
         param_norm = host.get("param_norm")
         update_ratio = None
         if "update_norm" in host and param_norm is not None:
@@ -131,17 +165,24 @@ class StepMeasurement:
         if histograms is not None:
             histograms = histograms.reshape(len(self.index), -1)
         suspicious: set[int] = set()
-        if not np.isfinite(grad_norm[has_grad]).all():  # rare: look closer
-            suspicious = {int(i) for i in np.flatnonzero(has_grad & ~np.isfinite(grad_norm))}
+        finite = np.isfinite(grad_norm)
+        if not finite.all():  # missing layers (NaN), or rarely non-finite ones: look closer
+            suspicious = set(np.flatnonzero(has_grad & ~finite).tolist())
         # Under a GradScaler, inf/NaN gradients make the scaler skip the step: AMP overflow.
         amp_overflow = "amp_scale" in host and bool(suspicious)
-        nonfinite = probe.nonfinite_elements(suspicious) if suspicious and not amp_overflow else {}
+        nonfinite: dict[int, dict[str, int]] = {}
+        if suspicious and not amp_overflow:
+            if deferred:
+                values = [v for k, v in host.items() if k.startswith("tensors")]
+                nonfinite = reading.nonfinite_tensors(np.concatenate(values))
+            else:
+                nonfinite = probe.nonfinite_elements(suspicious)
         clipped = None
         if clip_norm is not None and self.norm_type == 2.0:
             clipped = bool(np.sqrt(np.sum(np.square(grad_norm[has_grad]))) > clip_norm)
         return StepRecord(
             step=step,
-            layers=self.layers,
+            layers=layers,
             grad_norm=grad_norm,
             has_grad=has_grad,
             missing=reading.missing,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,8 +26,22 @@ class GradientReading:
     """Device-side result of one gradient read, plus what is known on the host already."""
 
     layer_norms: torch.Tensor  # (L,) float32 on device; 0 for layers without gradients
-    has_grad: list[bool]  # per layer: at least one parameter has a gradient
+    has_grad: np.ndarray  # (L,) bool per layer: at least one parameter has a gradient
     missing: dict[int, list[str]] = field(default_factory=dict)  # layer -> params without grad
+    # per group read: the per-tensor norms on device, and whose they are (layer ids, parameter
+    # names); what a deferred host read names non-finite parameters from
+    tensor_norms: list[torch.Tensor] = field(default_factory=list)
+    tensor_keys: list[tuple[list[int], list[str]]] = field(default_factory=list)
+
+    def nonfinite_tensors(self, values: np.ndarray) -> dict[int, dict[str, int]]:
+        """``{layer: {parameter: -1}}`` for the tensors whose host-side norm ``values`` (the
+        :attr:`tensor_norms` concatenated) are NaN/Inf; -1: the elements were not counted."""
+        result: dict[int, dict[str, int]] = {}
+        lids = [lid for group_lids, _ in self.tensor_keys for lid in group_lids]
+        names = [name for _, group_names in self.tensor_keys for name in group_names]
+        for i in np.flatnonzero(~np.isfinite(values)).tolist():
+            result.setdefault(lids[i], {})[names[i]] = -1
+        return result
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,11 +107,15 @@ class LayerNormAggregator:
         return index
 
     def group_contribution(self, tensors: list[torch.Tensor], index: torch.Tensor,
-                           sample: torch.Tensor) -> torch.Tensor:
-        """Per-layer sums of ``||t||_p^p`` (or maxima for inf) of one (device, dtype) group."""
+                           sample: torch.Tensor,
+                           norms_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-layer sums of ``||t||_p^p`` (or maxima for inf) of one (device, dtype) group;
+        the per-tensor norms are appended to ``norms_out`` if given."""
         p = self.p
         local = [_local(t) for t in tensors] if is_dtensor(sample) or sample.is_sparse else tensors
         norms = _norms(local, p)
+        if norms_out is not None:
+            norms_out.append(norms)
         contrib = torch.zeros(self.n_layers, dtype=torch.float32, device=norms.device)
         if math.isinf(p):
             contrib.scatter_reduce_(0, index, norms, "amax", include_self=True)
@@ -141,6 +159,7 @@ class _ParamGroup:
         self.names: list[str] = []
         self.lids: list[int] = []
         self.mixed = False  # its gradients once needed the careful path (e.g. sparse ones)
+        self.index: torch.Tensor | None = None  # the lids on the gradients' device (all present)
 
 
 MEASURE_ERRORS = (RuntimeError, NotImplementedError, TypeError)
@@ -205,49 +224,85 @@ class GradientProbe:
             group.names.append(name)
             group.lids.append(lid)
         self._groups = list(groups.values())
+        # every measured layer has a gradient: shared, read-only (records keep a reference)
+        self._all_measured = self.measured.copy()
+        self._all_measured.flags.writeable = False
 
     def read(self, grad_scale: torch.Tensor | None = None) -> GradientReading:
         """Read the current ``.grad`` of every monitored parameter.
+
+        When every parameter has a gradient of the group's kind (the usual case) the host work
+        per step is one list of ``.grad`` per group and a few fused device operations, whatever
+        the number of layers; per-parameter bookkeeping happens only on steps where some
+        gradient is missing, or for groups whose gradients needed the careful path.
 
         Args:
             grad_scale: If gradients are still multiplied by an AMP loss scale, the scale
                 (a device tensor); norms are divided by it on device, without a host sync.
         """
-        has_grad = [False] * self._n_layers
         missing: dict[int, list[str]] = {}
         contributions: list[torch.Tensor] = []
-        for group in self._groups:
-            grads = [p.grad for p in group.params]
-            lids = group.lids
-            if any(g is None for g in grads):  # some parameters got no gradient this step
-                kept = [(g, lid) for g, lid in zip(grads, lids) if g is not None]
-                for g, lid, name, param in zip(grads, lids, group.names, group.params):
-                    if g is None and param.requires_grad:  # frozen ones are never flagged
-                        missing.setdefault(lid, []).append(name)
-                grads = [g for g, _ in kept]
-                lids = [lid for _, lid in kept]
-                if not grads:
-                    continue
-            if group.mixed:
-                measured = self._careful(grads, lids, _present(group), contributions)
-            else:
+        tensor_norms: list[torch.Tensor] = []
+        tensor_keys: list[tuple[list[int], list[str]]] = []
+        slow: list[int] | None = None  # layers measured, once the fast path does not apply
+        for position, group in enumerate(self._groups):
+            maybe = [p.grad for p in group.params]
+            if not group.mixed and not any(g is None for g in maybe):
+                grads = cast("list[torch.Tensor]", maybe)
+                index = group.index
+                if index is None or index.device != grads[0].device:
+                    index = group.index = self._aggregate.index(grads[0].device, group.lids)
                 try:
-                    index = self._aggregate.index(grads[0].device, lids)
-                    contributions.append(
-                        self._aggregate.group_contribution(grads, index, grads[0]))
-                    measured = lids
+                    contributions.append(self._aggregate.group_contribution(
+                        grads, index, grads[0], tensor_norms))
+                    tensor_keys.append((group.lids, group.names))
+                    if slow is not None:
+                        slow.extend(group.lids)
+                    continue
                 except MEASURE_ERRORS:  # e.g. a sparse gradient among dense ones
                     group.mixed = True
-                    measured = self._careful(grads, lids, _present(group), contributions)
-            for lid in measured:
-                has_grad[lid] = True
+            # the careful, per-parameter path
+            if slow is None:
+                # every group before this one took the fast path: all their layers were read
+                slow = [lid for g in self._groups[:position] for lid in g.lids]
+            lids, names = group.lids, group.names
+            if any(g is None for g in maybe):  # some parameters got no gradient this step
+                for g, lid, name, param in zip(maybe, lids, names, group.params):
+                    if g is None and param.requires_grad:  # frozen ones are never flagged
+                        missing.setdefault(lid, []).append(name)
+                names = [n for g, n in zip(maybe, names) if g is not None]
+                lids = [lid for g, lid in zip(maybe, lids) if g is not None]
+            grads = [g for g in maybe if g is not None]
+            if not grads:
+                continue
+            if group.mixed:
+                slow.extend(self._careful(grads, lids, names, contributions, tensor_norms,
+                                          tensor_keys))
+                continue
+            index = self._aggregate.index(grads[0].device, lids)
+            try:
+                contributions.append(self._aggregate.group_contribution(
+                    grads, index, grads[0], tensor_norms))
+                tensor_keys.append((lids, names))
+                slow.extend(lids)
+            except MEASURE_ERRORS:
+                group.mixed = True
+                slow.extend(self._careful(grads, lids, names, contributions, tensor_norms,
+                                          tensor_keys))
         norms = self._aggregate.combine(contributions)
         if grad_scale is not None:
             norms = norms / grad_scale.to(norms.device, torch.float32)
-        return GradientReading(norms, has_grad, missing)
+        if slow is None:
+            has_grad = self._all_measured
+        else:
+            has_grad = np.zeros(self._n_layers, dtype=bool)
+            has_grad[slow] = True
+        return GradientReading(norms, has_grad, missing, tensor_norms, tensor_keys)
 
     def _careful(self, grads: list[Any], lids: list[int], names: list[str],
-                 contributions: list[torch.Tensor]) -> list[int]:
+                 contributions: list[torch.Tensor],
+                 tensor_norms: list[torch.Tensor] | None = None,
+                 tensor_keys: list[tuple[list[int], list[str]]] | None = None) -> list[int]:
         """Measure gradients of mixed layouts/dtypes by kind; skip (warn once) what cannot be.
 
         Returns the layers that got at least one measured gradient.
@@ -262,14 +317,18 @@ class GradientProbe:
         for tensors, kind_lids, kind_names in kinds.values():
             index = self._aggregate.index(tensors[0].device, kind_lids)
             try:
-                contributions.append(self._aggregate.group_contribution(tensors, index, tensors[0]))
+                contributions.append(self._aggregate.group_contribution(
+                    tensors, index, tensors[0], tensor_norms))
             except MEASURE_ERRORS as error:
                 try:  # dtypes without norm kernels (float8): upcast one kind at a time
                     upcast = [_local(t).float() for t in tensors]
-                    contributions.append(self._aggregate.group_contribution(upcast, index, upcast[0]))
+                    contributions.append(self._aggregate.group_contribution(
+                        upcast, index, upcast[0], tensor_norms))
                 except MEASURE_ERRORS:
                     warn_unmeasurable(self._warned, tensors[0], kind_names, error)
                     continue
+            if tensor_keys is not None:
+                tensor_keys.append((kind_lids, kind_names))
             measured.extend(kind_lids)
         return measured
 

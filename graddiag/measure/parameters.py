@@ -40,7 +40,10 @@ class ParameterProbe:
             if self._snapshot is None:
                 self._snapshot = [p.clone() for p in params]
             else:
-                update = self._aggregate(torch._foreach_sub(params, self._snapshot), self._lids)
+                # in place, in the copy: no temporaries the size of the model (on a CPU their
+                # allocation and first touch cost more than the arithmetic)
+                torch._foreach_sub_(self._snapshot, params)
+                update = self._aggregate(self._snapshot, self._lids)
                 torch._foreach_copy_(self._snapshot, params)
         return norms, update
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -117,6 +118,15 @@ class GradientMonitor:
         self._next_step = 0
         self.skipped_steps = 0  # optimizer steps skipped on graddiag's request ("skip" actions)
         self._closed = False
+        #: Defer each recorded step's host read by one step (``None``: automatically, on CUDA
+        #: with warn-only actions). The device then never waits for the host: the copy goes to
+        #: pinned memory without blocking and is read on the next step, so findings and the
+        #: report returned by :meth:`step` concern the previous recorded step, and non-finite
+        #: gradients are named per parameter without element counts. ``skip``/``stop``/``raise``
+        #: and a replay of a non-finite step always read on the step itself.
+        self.deferred_host_read: bool | None = None
+        self._defer_auto: bool | None = None
+        self._pending: Callable[[], StepRecord] | None = None
 
     # ----------------------------------------------------------------- activation scope
     def watch_activations(self, step: int | None = None) -> AbstractContextManager[None]:
@@ -188,16 +198,48 @@ class GradientMonitor:
         current = self._next_step if step is None else int(step)
         self._next_step = self._activations.upcoming = current + 1
         report = StepReport(current, False)
+        deferred = self._deferring(replay)
+        finish = None
         if self.schedule.records(current):
-            report = self._evaluate(self._measurement.measure(
+            pack = self._activations.take(current)
+            deferred = deferred and pack is None  # activation steps are read on the step
+            finish = self._measurement.start(
                 current, optimizer=optimizer, params=params, amp_scale=amp_scale,
-                grads_scaled=grads_scaled, clip_norm=clip_norm,
-                activations=self._activations.take(current)), replay)
+                grads_scaled=grads_scaled, clip_norm=clip_norm, activations=pack,
+                deferred=deferred)
+        if deferred:  # evaluate the previous recorded step, whose copy has long arrived
+            finish, self._pending = self._pending, finish
+        elif self._pending is not None:
+            self.flush()
+        if finish is not None:
+            report = self._evaluate(finish(), None if deferred else replay)
         if report.action == "raise" and raise_on_alarm:
             alarms = [f for f in self.findings if f.kind in ALARM_KINDS]
             raise GradientAlarm([f for f in report.findings if f.kind in ALARM_KINDS]
                                 or alarms[-1:])
         return report
+
+    def _deferring(self, replay: ReplayArgument = None) -> bool:
+        """Whether this step's host read is deferred: on CUDA, when nothing needs the step
+        itself — ``on_nonfinite`` and ``on_exploding`` both ``"warn"``, and no replay of a
+        non-finite step asked for (a replay needs this step's weights); see
+        :attr:`deferred_host_read`."""
+        c = self.config
+        if c.on_nonfinite != "warn" or c.on_exploding != "warn":
+            return False
+        if replay is not None and getattr(c, "replay_nonfinite", True):
+            return False
+        if self.deferred_host_read is not None:
+            return self.deferred_host_read
+        if self._defer_auto is None:
+            first = next((p for layer in self.index.layers for p in layer.params), None)
+            self._defer_auto = first is not None and first.is_cuda
+        return self._defer_auto
+
+    def flush(self) -> StepReport | None:
+        """Evaluate the recorded step whose deferred host read is still pending, if any."""
+        finish, self._pending = self._pending, None
+        return None if finish is None else self._evaluate(finish())
 
     def _evaluate(self, record: StepRecord, replay: ReplayArgument = None) -> StepReport:
         self._explainer.observe(record)
@@ -227,16 +269,19 @@ class GradientMonitor:
     @property
     def history(self) -> pd.DataFrame:
         """Long-format table: one row per recorded step and layer (columns in the README)."""
+        self.flush()
         return self._history.frame()
 
     @property
     def activation_history(self) -> pd.DataFrame:
         """Long-format table: one row per activation step and activation site."""
+        self.flush()
         return self._history.activation_frame()
 
     @property
     def records(self) -> list[StepRecord]:
         """The kept step records (bounded by ``max_history_rows``)."""
+        self.flush()
         return list(self._history.records)
 
     def summary(self) -> pd.DataFrame:
@@ -260,6 +305,7 @@ class GradientMonitor:
         """Remove the watch wrapper and every hook, hand reporters the run, close them. Idempotent."""
         if self._closed:
             return
+        self.flush()
         self._closed = True
         self._release()
         self._activations.close()
@@ -276,6 +322,7 @@ class GradientMonitor:
     def state_dict(self) -> dict[str, Any]:
         """Rule state, findings, history, the step counter, skipped steps and the settings (plain
         containers and tensors only, so checkpoints load with ``weights_only=True``)."""
+        self.flush()
         return {"next_step": self._next_step, "skipped_steps": self.skipped_steps,
                 "rules": self.rules.state_dict(),
                 "findings": [f.to_dict() for f in self.findings],

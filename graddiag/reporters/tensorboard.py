@@ -15,6 +15,7 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import RunSnapshot, StepSnapshot
 from graddiag.data.tree import SiteMark
+from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY, FIGURE_TIME_SHARE, TimeBudget
 from graddiag.reporters.figures import (
     figure_to_array,
     flow_profile,
@@ -23,7 +24,7 @@ from graddiag.reporters.figures import (
 )
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
 from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG, findings_json, layers_json
-from graddiag.reporters.scalars import log10_metrics, scalar_metrics
+from graddiag.reporters.scalars import log10_metrics, scalar_metrics, write_scalars
 
 log = logging.getLogger("graddiag")
 
@@ -85,8 +86,9 @@ class TensorBoardReporter:
             ``TensorBoardLogger.experiment``).
         prefix: Prefix of every tag (default ``graddiag/``).
         scalars_every_n_steps: Scalar interval (the trainer's ``log_every_n_steps``).
-        figure_every_n_steps: Gradient-flow image interval (0: only at the end). Each figure costs
-            tens of milliseconds, so keep this well above the scalar interval.
+        figure_every_n_steps: Gradient-flow image interval (0: only at the end). ``None``:
+            every 500 steps, postponed while figures would take more than 1 % of the wall
+            time (each costs tenths of a second to seconds of Matplotlib); an integer: exactly that interval.
         save_png: Also save the final figure as ``gradient_flow.png`` in the writer's log dir.
     """
 
@@ -96,13 +98,16 @@ class TensorBoardReporter:
         *,
         prefix: str = "graddiag/",
         scalars_every_n_steps: int = 50,
-        figure_every_n_steps: int = 500,
+        figure_every_n_steps: int | None = None,
         save_png: bool = True,
     ) -> None:
         self.writer = writer
         self.prefix = prefix
         self.scalars_every = max(1, scalars_every_n_steps)
-        self.figure_every = figure_every_n_steps
+        self.figure_every = (DEFAULT_FIGURE_EVERY if figure_every_n_steps is None
+                             else figure_every_n_steps)
+        self._figure_budget = TimeBudget(
+            self.figure_every, FIGURE_TIME_SHARE if figure_every_n_steps is None else None)
         self.save_png = save_png
         self._findings: tuple[Finding, ...] = ()
         self._marks: tuple[SiteMark, ...] = ()
@@ -126,26 +131,20 @@ class TensorBoardReporter:
             self._layout_written = True
         self._layer_order(record)
         if step % self.scalars_every == 0:
-            metrics = scalar_metrics(record, p, snapshot.active_count, snapshot.skipped_steps)
-            finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
-            if finite.size:
-                metrics[f"{p}layer_norm/median"] = float(np.median(finite))
-                metrics[f"{p}layer_norm/min"] = float(finite.min())
-                metrics[f"{p}layer_norm/max"] = float(finite.max())
-            metrics.update(log10_metrics(metrics, p))
-            for key, value in metrics.items():
-                w.add_scalar(key, value, step)
+            self._scalars(record, snapshot.active_count, snapshot.skipped_steps)
         if record.grad_histograms is not None:
             self._histograms(record)
         if findings:
             w.add_text(f"{p}findings", findings_markdown(list(self._findings)), step)
             w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings), step)
         if self.figure_every:
-            if record.layers != self._interval_layers:
-                self._interval, self._interval_layers = [], list(record.layers)
+            if record.layers is not self._interval_layers and record.layers != self._interval_layers:
+                self._interval, self._interval_layers = [], record.layers
             self._interval.append((record.grad_norm, record.has_grad))
-            if step % self.figure_every == 0 and len(self._interval) > 1:
+            if len(self._interval) > 1 and self._figure_budget.due(step):
+                started = self._figure_budget.clock()
                 self._figure(self._interval, record.layers, step, f"steps up to {step}")
+                self._figure_budget.spent(started)
                 self._interval = []
 
     def _layer_order(self, record: StepRecord) -> None:
@@ -164,6 +163,19 @@ class TensorBoardReporter:
             self.writer.add_text(f"{self.prefix}{LAYERS_TAG}",
                                  layers_json(self.prefix, record.layers, self._sites_seen),
                                  record.step)
+
+    def _scalars(self, record: StepRecord, active: int, skipped: int) -> None:
+        """Every scalar of the record, the layer-norm margin chart's three and the log10 series,
+        in one event."""
+        p = self.prefix
+        metrics = scalar_metrics(record, p, active, skipped)
+        finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
+        if finite.size:
+            metrics[f"{p}layer_norm/median"] = float(np.median(finite))
+            metrics[f"{p}layer_norm/min"] = float(finite.min())
+            metrics[f"{p}layer_norm/max"] = float(finite.max())
+        metrics.update(log10_metrics(metrics, p))
+        write_scalars(self.writer, metrics, record.step)
 
     def _histograms(self, record: StepRecord) -> None:
         assert record.grad_histograms is not None

@@ -203,7 +203,8 @@ class NonfiniteRule(OnsetRule):
         name = record.layers[origin]
         counts = record.nonfinite[origin]
         upstream = len(bad) - 1
-        where = ", ".join(f"{p}: {n} element(s)" for p, n in counts.items())
+        where = ", ".join(f"{p}: {n} element(s)" if n >= 0 else f"{p}: NaN/Inf"
+                          for p, n in counts.items())
         everywhere = len(bad) == len(record.layers) and len(bad) > 1
         hint = (
             " Every layer is affected, so the loss or the forward pass probably produced it "

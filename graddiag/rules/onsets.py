@@ -24,22 +24,77 @@ class Rule(Protocol):
 
 
 class Onsets:
-    """Counts consecutive steps a condition holds per key; says when it has just begun."""
+    """Counts consecutive steps a condition holds per key; says when it has just begun.
+
+    State is kept in arrays aligned with the last key list given to :meth:`observe_all` (the
+    layer names of the records, one list shared by every record), so a step costs a handful of
+    vectorised operations however many layers there are; keys outside that list (e.g. the
+    model-wide key of the non-finite rule) live in small dictionaries.
+    """
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
-        self.streak: dict[str, int] = {}
-        self.reported: set[str] = set()
+        self._keys: list[str] = []
+        self._position: dict[str, int] = {}
+        self._streak = np.zeros(0, dtype=np.int64)
+        self._reported = np.zeros(0, dtype=bool)
+        self._any = False  # any aligned streak > 0 (the healthy fast path skips everything)
+        self._other_streak: dict[str, int] = {}
+        self._other_reported: set[str] = set()
+
+    # -- the state as plain containers (also what checkpoints hold)
+    @property
+    def streak(self) -> dict[str, int]:
+        """``{key: consecutive steps the condition has held}`` for keys where it holds."""
+        aligned = {self._keys[i]: int(self._streak[i]) for i in np.flatnonzero(self._streak)}
+        return {**self._other_streak, **aligned}
+
+    @property
+    def reported(self) -> set[str]:
+        """Keys whose condition was reported and still holds."""
+        return self._other_reported | {self._keys[i] for i in np.flatnonzero(self._reported)}
+
+    def reported_count(self) -> int:
+        """How many reported conditions still hold (no set is built)."""
+        return int(np.count_nonzero(self._reported)) + len(self._other_reported)
+
+    def _align(self, keys: list[str]) -> None:
+        """Re-key the arrays to ``keys`` (only when the key list actually changes)."""
+        if keys is self._keys:
+            return
+        if keys == self._keys:
+            self._keys = keys
+            return
+        streak, reported = self.streak, self.reported
+        self._keys = keys
+        self._position = {k: i for i, k in enumerate(keys)}
+        self._streak = np.array([streak.pop(k, 0) for k in keys], dtype=np.int64)
+        self._reported = np.array([k in reported for k in keys], dtype=bool)
+        self._other_streak = streak
+        self._other_reported = {k for k in reported if k not in self._position}
+        self._any = bool(self._streak.any())
 
     def observe(self, key: str, condition: bool) -> bool:
         """Record one step; True exactly when ``key`` has held for ``patience`` steps anew."""
-        if not condition:
-            self.streak.pop(key, None)
-            self.reported.discard(key)
+        i = self._position.get(key)
+        if i is not None:
+            if not condition:
+                self._streak[i] = 0
+                self._reported[i] = False
+                return False
+            self._streak[i] += 1
+            self._any = True
+            if self._streak[i] >= self.patience and not self._reported[i]:
+                self._reported[i] = True
+                return True
             return False
-        count = self.streak[key] = self.streak.get(key, 0) + 1
-        if count >= self.patience and key not in self.reported:
-            self.reported.add(key)
+        if not condition:
+            self._other_streak.pop(key, None)
+            self._other_reported.discard(key)
+            return False
+        count = self._other_streak[key] = self._other_streak.get(key, 0) + 1
+        if count >= self.patience and key not in self._other_reported:
+            self._other_reported.add(key)
             return True
         return False
 
@@ -49,36 +104,43 @@ class Onsets:
 
         Returns the positions whose condition has just begun.
         """
-        positions = np.flatnonzero(condition)
-        if not self.streak and not len(positions):
-            return positions  # the common, healthy case: nothing to do
-        onset = []
-        if self.streak:  # conditions that held before and may have ended now
-            held = set(positions.tolist())
-            index = {k: i for i, k in enumerate(keys)}
-            for key in list(self.streak):
-                i = index.get(key)
-                if i is None or i in held or (evaluated is not None and not evaluated[i]):
-                    continue
-                self.observe(key, False)
-        for i in positions.tolist():
-            if self.observe(keys[i], True):
-                onset.append(i)
-        return np.asarray(onset, dtype=int)
+        self._align(keys)
+        held = np.asarray(condition, dtype=bool)
+        if not self._any and not held.any():
+            return _NO_ONSETS  # the common, healthy case: nothing to do
+        ended = ~held if evaluated is None else ~held & evaluated
+        streak = np.where(held, self._streak + 1, self._streak)
+        streak[ended] = 0
+        self._streak = streak
+        self._reported[ended] = False
+        onset = held & (streak >= self.patience) & ~self._reported
+        self._reported |= onset
+        self._any = bool(streak.any())
+        return np.flatnonzero(onset)
 
     def confirmed(self, key: str) -> bool:
         """Whether ``key`` holds now and has held for at least ``patience`` steps."""
         return self.streak.get(key, 0) >= self.patience
 
     def any_confirmed(self) -> bool:
-        return any(v >= self.patience for v in self.streak.values())
+        if self._any and bool((self._streak >= self.patience).any()):
+            return True
+        return any(v >= self.patience for v in self._other_streak.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streak": dict(self.streak), "reported": sorted(self.reported)}
+        return {"streak": self.streak, "reported": sorted(self.reported)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.streak = dict(state["streak"])
-        self.reported = set(state["reported"])
+        self._keys, self._position = [], {}
+        self._streak = np.zeros(0, dtype=np.int64)
+        self._reported = np.zeros(0, dtype=bool)
+        self._any = False
+        self._other_streak = dict(state["streak"])
+        self._other_reported = set(state["reported"])
+
+
+_NO_ONSETS = np.zeros(0, dtype=np.int64)
+_NO_ONSETS.flags.writeable = False
 
 
 def _fmt(x: float) -> str:

@@ -44,7 +44,7 @@ class RuleSet:
 
     def active_count(self) -> int:
         """Reported conditions that still hold, over all rules."""
-        return sum(len(rule.onsets.reported) for rule in self.rules)  # type: ignore[attr-defined]
+        return sum(rule.onsets.reported_count() for rule in self.rules)  # type: ignore[attr-defined]
 
     def state_dict(self) -> dict[str, Any]:
         return {rule.kind: rule.state_dict() for rule in self.rules}

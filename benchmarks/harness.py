@@ -1,0 +1,337 @@
+"""Interleaved timing of training configurations: what a user pays, per optimizer step.
+
+Every configuration trains the *same* model on the same data stream in one process, taking
+turns (one step each on a CPU, blocks of steps with a device sync at block boundaries on a
+GPU), so all of them share the machine's drifts. Each configuration sees its *own* step
+numbers 0, 1, 2, ... (a trainer proxy in Lightning), so graddiag's periodic work (logging
+every ``log_every_n_steps``, activation and parameter statistics every 50 steps, the figure)
+falls on each configuration exactly as in a run of its own. A step's time is the wall time
+from one batch start to the next: every hook, the logging and the figure included.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import grad_norm
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from graddiag import GradientDiagnostics, GradientMonitor
+
+
+# ----------------------------------------------------------------------------- models
+def mlp(depth: int = 20, width: int = 256, in_features: int = 256) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(in_features if i == 0 else width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+class Transformer(nn.Module):
+    def __init__(self, layers: int = 16, d_model: int = 64, in_features: int = 256,
+                 tokens: int = 8) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.embed = nn.Linear(in_features // tokens, d_model)
+        block = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.reshape(x.shape[0], self.tokens, -1))
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def tensor_count(model_fn: Callable[[], nn.Module]) -> int:
+    return sum(1 for _ in model_fn().parameters())
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)  # as every real run does
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+
+# ----------------------------------------------------------------------------- configurations
+class Floor(pl.Callback):
+    """The floor: one fused norm over all gradients per step, nothing else."""
+
+    def on_before_optimizer_step(self, trainer: Any, module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        torch._foreach_norm([p.grad for p in module.parameters() if p.grad is not None])
+
+
+class LightningRecipe(pl.Callback):
+    """Lightning's documented recipe: ``log_dict(grad_norm(module, 2))`` before each step."""
+
+    def on_before_optimizer_step(self, trainer: Any, module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        module.log_dict(grad_norm(module, norm_type=2))
+
+
+class HistogramHooks(pl.Callback):
+    """The watch-style recipe: per-parameter gradient hooks logging histograms to TensorBoard."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every = every_n_steps
+        self.handles: list[Any] = []
+        self.active = False
+        self.step = 0
+
+    def on_train_start(self, trainer: Any, module: pl.LightningModule) -> None:
+        writer = trainer.logger.experiment
+        for name, p in module.named_parameters():
+            def hook(grad: torch.Tensor, name: str = name) -> None:
+                if self.active and self.step % self.every == 0:
+                    writer.add_histogram(f"grad/{name}", grad, self.step)
+            self.handles.append(p.register_hook(hook))
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self.step = trainer.global_step
+
+    def on_train_end(self, *args: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _diagnostics(**options: Any) -> Callable[[], list[pl.Callback]]:
+    return lambda: [GradientDiagnostics(print_summary=False, **options)]
+
+
+PLAIN, AA, FLOOR = "plain", "plain again (A/A control)", "floor: one _foreach_norm per step"
+DEFAULTS, EVERY10 = "graddiag defaults", "graddiag every_n_steps=10"
+LIGHTNING_CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
+    PLAIN: lambda: [],
+    AA: lambda: [],
+    FLOOR: lambda: [Floor()],
+    DEFAULTS: _diagnostics(),
+    EVERY10: _diagnostics(every_n_steps=10),
+    "graddiag, figure only at the end": _diagnostics(figure_every_n_steps=0),
+    "graddiag, activations and parameters off": _diagnostics(activation_every_n_steps=0,
+                                                             param_every_n_steps=0),
+    "graddiag everything every step": _diagnostics(activation_every_n_steps=1,
+                                                   param_every_n_steps=1),
+    "graddiag defaults + histograms every 10 steps": _diagnostics(histogram_every_n_steps=10),
+    "Lightning grad_norm + log_dict every step": lambda: [LightningRecipe()],
+    "histogram hooks -> TensorBoard, every 10 steps": lambda: [HistogramHooks(10)],
+    "histogram hooks -> TensorBoard, every step": lambda: [HistogramHooks(1)],
+}
+
+ALWAYS = ("setup", "on_fit_start", "on_train_start", "on_train_end", "on_fit_end", "teardown",
+          "on_exception", "state_dict", "on_save_checkpoint")
+PER_STEP = ("on_before_backward", "on_after_backward", "on_before_optimizer_step",
+            "on_before_zero_grad", "on_train_batch_end")
+
+
+class OwnSteps:
+    """The trainer as one configuration sees it: its own step counter, everything else shared."""
+
+    def __init__(self, trainer: pl.Trainer, step: int) -> None:
+        object.__setattr__(self, "_trainer", trainer)
+        object.__setattr__(self, "global_step", step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._trainer, name, value)
+
+
+def turn(names: list[str], block: int, index: int) -> tuple[str, int]:
+    """Who runs the ``index``-th step of an interleaved run, and its number in that one's run.
+
+    Every cycle runs each configuration for ``block`` steps; the order rotates by one place per
+    cycle, so that periodic work of the framework (Lightning logs ``train_loss`` every
+    ``log_every_n_steps`` global steps) falls on every configuration alike.
+    """
+    cycle, within = divmod(index, block * len(names))
+    name = names[(within // block + cycle) % len(names)]
+    return name, cycle * block + within % block
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Interleave(pl.Callback):
+    """Runs every configuration's callbacks in one Trainer, taking turns every ``block`` steps."""
+
+    def __init__(self, configs: dict[str, list[pl.Callback]], block: int, warmup: int,
+                 device: torch.device) -> None:
+        self.configs = configs
+        self.names = list(configs)
+        self.block = block
+        self.warmup = warmup
+        self.device = device
+        self.times: dict[str, list[float]] = {n: [] for n in self.names}
+        self._started: float | None = None
+        self._current: str | None = None
+        self._own_step = 0
+        for hook in ALWAYS:
+            setattr(self, hook, self._fan_out(hook, always=True))
+        for hook in PER_STEP:
+            setattr(self, hook, self._fan_out(hook, always=False))
+
+    def turn(self, global_step: int) -> tuple[str, int]:
+        """The configuration that runs ``global_step``, and that step's number in its own run."""
+        return turn(self.names, self.block, global_step)
+
+    def _fan_out(self, hook: str, always: bool) -> Callable[..., Any]:
+        def call(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+            if always:
+                for name in self.names:
+                    for cb in self.configs[name]:
+                        getattr(cb, hook)(trainer, *args, **kwargs)
+                return {} if hook == "state_dict" else None
+            view = OwnSteps(trainer, self._own_step)
+            for cb in self.configs[self._current or PLAIN]:
+                getattr(cb, hook)(view, *args, **kwargs)
+            return None
+
+        return call
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        name, own = self.turn(trainer.global_step)
+        if own % self.block == 0:
+            _sync(self.device)
+        now = time.perf_counter()
+        if self._started is not None and self._current and self._own_step >= self.warmup:
+            self.times[self._current].append(now - self._started)
+        self._current, self._own_step = name, own
+        for cb in self.configs[name]:
+            if isinstance(cb, HistogramHooks):
+                cb.active = True
+        for other in self.names:
+            if other != name:
+                for cb in self.configs[other]:
+                    if isinstance(cb, HistogramHooks):
+                        cb.active = False
+        view = OwnSteps(trainer, own)
+        for cb in self.configs[name]:
+            cb.on_train_batch_start(view, module, batch, batch_idx)
+        self._started = now
+
+
+def _data(n: int = 4096, features: int = 256) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, features, generator=g),
+                         torch.randint(0, 10, (n,), generator=g))
+
+
+def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Mean (= total wall time / steps) and median step time per configuration."""
+    return {name: {"mean": statistics.fmean(t), "median": statistics.median(t), "n": len(t),
+                   "total": sum(t)} for name, t in times.items() if t}
+
+
+def measure_lightning(model_fn: Callable[[], nn.Module], configs: list[str], steps: int, *,
+                      log_every_n_steps: int = 10, warmup: int = 10, block: int = 1,
+                      accelerator: str = "cpu", precision: str = "32-true",
+                      batch_size: int = 64, features: int = 256) -> dict[str, dict[str, float]]:
+    """Time ``steps`` own steps (after ``warmup``) of each configuration inside one Trainer run
+    with a ``TensorBoardLogger``."""
+    device = torch.device("cuda" if accelerator == "cuda" else "cpu")
+    built = {name: LIGHTNING_CONFIGS[name]() for name in configs}
+    switch = Interleave(built, block, warmup, device)
+    own_steps = warmup + steps
+    rounds = -(-own_steps // block)
+    total = rounds * block * len(configs) + 1
+    pl.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = pl.Trainer(
+            max_steps=total, accelerator=accelerator, devices=1, precision=precision,
+            logger=TensorBoardLogger(logdir, name="bench"), callbacks=[switch],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            log_every_n_steps=log_every_n_steps, num_sanity_val_steps=0,
+        )
+        trainer.fit(Classifier(model_fn()),
+                    DataLoader(_data(features=features), batch_size=batch_size, shuffle=True,
+                               drop_last=True))
+    return summarise({n: t[:steps] for n, t in switch.times.items()})
+
+
+LOOP_CONFIGS = [PLAIN, AA, FLOOR, DEFAULTS, EVERY10]
+
+
+def measure_loop(model_fn: Callable[[], nn.Module], steps: int, *, warmup: int = 10,
+                 block: int = 1, device: str = "cpu", autocast: torch.dtype | None = None,
+                 configs: list[str] = LOOP_CONFIGS, batch_size: int = 64,
+                 features: int = 256) -> dict[str, dict[str, float]]:
+    """The same comparison in a hand-written loop (``GradientMonitor`` with its defaults: findings
+    on the console), configurations taking turns, each with its own step numbers."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = model_fn().to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = _data(features=features)
+    x_all, y_all = data.tensors[0].to(dev), data.tensors[1].to(dev)
+    # several monitors on one model: each watches only its own steps' forward passes (watch=None
+    # and watch_activations below), as a lone monitor's forward wrapper would
+    monitors: dict[str, GradientMonitor] = {}
+    if DEFAULTS in configs:
+        monitors[DEFAULTS] = GradientMonitor(model, watch=None)
+    if EVERY10 in configs:
+        monitors[EVERY10] = GradientMonitor(model, every_n_steps=10, watch=None)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    own_steps = warmup + steps
+    rounds = -(-own_steps // block)
+    started: float | None = None
+    previous: tuple[str, int] | None = None
+    batches = len(x_all) // batch_size
+    for i in range(rounds * block * len(configs) + 1):
+        name, own = turn(configs, block, i)
+        if own % block == 0:
+            _sync(dev)
+        now = time.perf_counter()
+        if started is not None and previous is not None and previous[1] >= warmup:
+            times[previous[0]].append(now - started)
+        started, previous = now, (name, own)
+        if i == rounds * block * len(configs):
+            break
+        monitor = monitors.get(name)
+        b = i % batches
+        x, y = x_all[b * batch_size:(b + 1) * batch_size], y_all[b * batch_size:(b + 1) * batch_size]
+        precision = (torch.autocast(dev.type, dtype=autocast) if autocast is not None
+                     else nullcontext())
+        with (monitor.watch_activations(own) if monitor is not None else nullcontext()), precision:
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if name == FLOOR:
+            torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None])
+        elif monitor is not None:
+            monitor.step(own)
+        optimizer.step()
+    for monitor in monitors.values():
+        monitor.close()
+    return summarise({n: t[:steps] for n, t in times.items()})
+
+
+def ratios(stats: dict[str, dict[str, float]], base: str = PLAIN) -> dict[str, dict[str, float]]:
+    """Each configuration's mean and median step time over the baseline's."""
+    b = stats[base]
+    return {name: {"mean": s["mean"] / b["mean"], "median": s["median"] / b["median"],
+                   "ms": s["mean"] * 1e3, "n": s["n"]}
+            for name, s in stats.items() if name != base}
