@@ -1,6 +1,8 @@
 """Print the package layout for the README: one line per file, from each module docstring."""
 
-import ast, pathlib
+import ast
+import pathlib
+
 root = pathlib.Path("graddiag")
 order = ["data", "measure", "measure/activations", "measure/replay", "rules", "reporters", "pipeline", "lightning", "tensorboard_plugin", "demos"]
 titles = {"data": "1. data (plain data; no torch)", "measure": "2. measure (torch; no rules, no reporters)",
@@ -16,8 +18,10 @@ out.append(f"graddiag/__init__.py{'':<30} {doc(root/'__init__.py')}")
 out.append(f"graddiag/cli.py{'':<35} {doc(root/'cli.py')}")
 for sub in order:
     d = root / sub
-    if not d.is_dir(): continue
-    if sub in titles: out.append(f"# {titles[sub]}")
+    if not d.is_dir():
+        continue
+    if sub in titles:
+        out.append(f"# {titles[sub]}")
     for p in sorted(d.glob("*.py")):
         rel = str(p)
         out.append(f"{rel:<50} {doc(p)}")

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> GradientMonitor:
     model = build_mlp(64, 10, depth=6, width=64, activation="tanh", init="xavier")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     with GradientMonitor(model, activation_every_n_steps=25) as monitor:
-        for step in range(args.steps):
+        for _ in range(args.steps):
             idx = torch.randint(0, len(x), (64,))
             loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad()

@@ -4,7 +4,8 @@ graddiag causes no recompilation."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl

@@ -4,8 +4,8 @@ activation sites sit among the layers (for explanations and the gradient-flow fi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from graddiag.data.records import ActivationRecord
 

@@ -20,13 +20,13 @@ from graddiag.data.options import (
     split_options,
 )
 from graddiag.data.policy import ALARM_KINDS, StepReport
-from graddiag.lightning.replay import LightningStepReplay
 from graddiag.lightning.compat import (
     CALLBACK_BASES,
     RICH_PROGRESS_BARS,
     TENSORBOARD_LOGGERS,
     rank_zero_info,
 )
+from graddiag.lightning.replay import LightningStepReplay
 from graddiag.lightning.strategy import StrategyReducer, agree_on_action
 from graddiag.measure.activations import ActivationRegistry
 from graddiag.pipeline.arguments import check_activation_registry, check_reporters
@@ -136,7 +136,7 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
     def _reporters(self, trainer: pl.Trainer) -> list[Reporter]:
         if trainer.global_rank != 0:
             return []
-        every = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
+        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         reporters: list[Reporter] = [ConsoleReporter()]
         others = []
         for logger in trainer.loggers:

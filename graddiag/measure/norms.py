@@ -47,12 +47,13 @@ class GradientReading:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_sparse:
         tensor = tensor.coalesce().values()
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+    return cast(Any, tensor).to_local() if is_dtensor(tensor) else tensor
 
 
 def _group_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     if is_dtensor(tensor):
-        return (tensor.device, tensor.dtype, id(tensor.device_mesh), tuple(tensor.placements))
+        sharded = cast(Any, tensor)  # a DTensor: mesh and placements say how it is split
+        return (tensor.device, tensor.dtype, id(sharded.device_mesh), tuple(sharded.placements))
     return (tensor.device, tensor.dtype, None, None)
 
 
@@ -76,9 +77,10 @@ def _norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
 
 def _reduce_sharded(contrib: torch.Tensor, sample: torch.Tensor, p: float) -> None:
     """Combine per-shard contributions of DTensors into the full tensor's (in place)."""
-    mesh = sample.device_mesh
+    sharded = cast(Any, sample)  # a DTensor
+    mesh = sharded.device_mesh
     op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
-    for dim, placement in enumerate(sample.placements):
+    for dim, placement in enumerate(sharded.placements):
         if placement.is_shard():
             dist.all_reduce(contrib, op=op, group=mesh.get_group(dim))
 

@@ -3,8 +3,8 @@ or ``training_step`` in Lightning) that belong to an activation step, and nothin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Sequence
 
 from torch import nn
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from graddiag.data.snapshots import RunSnapshot, StepSnapshot
 

@@ -41,9 +41,9 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
     for f in findings:
         by_layer.setdefault(f.layer, []).append(f)
     table["findings"] = [len(by_layer.get(layer, [])) for layer in table["layer"]]
-    table["first_finding"] = [by_layer[l][0].kind if l in by_layer else None for l in table["layer"]]
-    table["first_finding_step"] = [by_layer[l][0].step if l in by_layer else None for l in table["layer"]]
-    table["last_finding"] = [by_layer[l][-1].kind if l in by_layer else None for l in table["layer"]]
-    table["last_finding_step"] = [by_layer[l][-1].step if l in by_layer else None for l in table["layer"]]
+    table["first_finding"] = [by_layer[name][0].kind if name in by_layer else None for name in table["layer"]]
+    table["first_finding_step"] = [by_layer[name][0].step if name in by_layer else None for name in table["layer"]]
+    table["last_finding"] = [by_layer[name][-1].kind if name in by_layer else None for name in table["layer"]]
+    table["last_finding_step"] = [by_layer[name][-1].step if name in by_layer else None for name in table["layer"]]
     table["activation_site"] = [layer not in layers for layer in table["layer"]]
     return table.sort_values("position", kind="stable").reset_index(drop=True)

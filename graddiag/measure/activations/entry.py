@@ -11,8 +11,9 @@ and copies or pickles of the module carry an inert wrapper that only calls the m
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -13,8 +13,8 @@ each keep their own units (see :mod:`graddiag.measure.activations.statistics`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

@@ -4,8 +4,8 @@ hand-over of one step's statistics to that step's measurement."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable, Sequence
 
 from torch import nn
 

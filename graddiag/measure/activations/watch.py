@@ -10,8 +10,9 @@ inside stay on the device until :meth:`ActivationWatch.take`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
