@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m graddiag.demos
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
