@@ -165,7 +165,7 @@ class ExplodingRule(OnsetRule):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.log_level is not None and self.count is not None:
-            state["level"] = {n: [float(l), int(c)] for n, l, c in
+            state["level"] = {n: [float(level), int(c)] for n, level, c in
                               zip(self.layers, self.log_level, self.count)}
         return state
 
