@@ -79,7 +79,7 @@ def test_callback_bad_logging_options() -> None:
         GradientDiagnostics(log_every_n_steps=0)
     with pytest.raises(ValueError, match="prefix must be a string"):
         GradientDiagnostics(prefix=3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="figure_every_n_steps must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="figure_every_n_steps must be an integer >= 0 or None, got -1"):
         GradientDiagnostics(figure_every_n_steps=-1)
     with pytest.raises(ValueError, match="progress_bar must be True or False, got 'yes'"):
         GradientDiagnostics(progress_bar="yes")  # type: ignore[arg-type]

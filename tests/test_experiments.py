@@ -93,7 +93,7 @@ def test_bad_config_values_are_rejected_before_training(override: list[str], nam
         (["--diagnostics.log_every_n_steps", "x"],
          "--diagnostics.log_every_n_steps must be an integer >= 1 or None, got x"),
         (["--diagnostics.figure_every_n_steps", "-1"],
-         "--diagnostics.figure_every_n_steps must be an integer >= 0, got -1"),
+         "--diagnostics.figure_every_n_steps must be an integer >= 0 or None, got -1"),
     ],
 )
 def test_a_bad_diagnostics_value_is_one_line_and_exit_status_2(
