@@ -29,7 +29,7 @@ def train_plain(
     opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=lr))
     options.setdefault("reporters", [])
-    with GradientMonitor(model, **options) as monitor:
+    with GradientMonitor(model, optimizers=opt, **options) as monitor:
         for _ in range(steps):
             idx = torch.randint(0, len(x), (batch_size,), generator=g)
             loss = F.cross_entropy(model(x[idx]), y[idx])

@@ -76,7 +76,8 @@ def test_evaluation_between_steps_is_not_counted(evaluation: str) -> None:
 def test_accumulated_forwards_are_pooled_and_counted() -> None:
     model = _sigmoid_net()
     g = torch.Generator().manual_seed(2)
-    with GradientMonitor(model, reporters=[], activation_every_n_steps=2) as monitor:
+    # early_steps=0: steps 1 and 3 are not activation steps, so their forwards must not count
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=2, early_steps=0) as monitor:
         expected = {}
         for step in range(4):
             batches = [torch.randn(5, 4, generator=g) * 3 for _ in range(3)]
@@ -301,8 +302,9 @@ def test_watch_names_an_existing_method() -> None:
 @pytest.mark.parametrize("order", ["first opened first closed", "last opened first closed"])
 def test_several_monitors_on_one_model_each_watch_their_steps_and_leave_nothing(order: str) -> None:
     model = _sigmoid_net()
-    every_second = GradientMonitor(model, reporters=[], activation_every_n_steps=2)
-    every_third = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
+    # early_steps=0: without the front-loaded steps the two schedules differ from step 1 on
+    every_second = GradientMonitor(model, reporters=[], activation_every_n_steps=2, early_steps=0)
+    every_third = GradientMonitor(model, reporters=[], activation_every_n_steps=3, early_steps=0)
     for _ in range(6):
         model(torch.randn(2, 4)).sum().backward()
         every_second.step()

@@ -153,18 +153,20 @@ def test_hooks_exist_only_inside_the_forward_of_activation_steps_and_never_after
         lambda *_: inside.append((len(nn.modules.module._global_forward_hooks),
                                   len(torch.overrides._get_current_function_mode_stack()))))
     user_hooks = _hook_count(model)
-    monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=3)
+    monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=3, early_steps=2)
     between = []
-    for _ in range(6):
+    for _ in range(8):
         model(torch.randn(2, 8)).sum().backward()
         monitor.step()
         between.append((_hook_count(model) - user_hooks,
                         len(nn.modules.module._global_forward_hooks),
                         len(torch.overrides._get_current_function_mode_stack())))
     monitor.close()
-    # during the forward of steps 0 and 3: the stack-tracking global hook and the interceptor
-    assert inside == [(1, 1), (0, 0), (0, 0), (1, 1), (0, 0), (0, 0)]
-    assert between == [(0, 0, 0)] * 6
+    # during the forward of steps 0 and 1 (front-loaded), then every third step (3, 6): the
+    # stack-tracking global hook and the interceptor
+    on, off = (1, 1), (0, 0)
+    assert inside == [on, on, off, on, off, off, on, off]
+    assert between == [(0, 0, 0)] * 8
     assert _hook_count(model) == user_hooks
     assert "forward" not in vars(model)  # the per-instance wrapper is gone
 

@@ -51,3 +51,15 @@ def test_gpu_check_skips_without_cuda() -> None:
                             env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped" in result.stdout
+
+
+@pytest.mark.slow
+def test_early_steps_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "early.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "early_steps.py"),
+                             "--steps", "8", "--depth", "2", "--width", "16", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"plain", "graddiag defaults", "graddiag early_steps=0"} <= set(data)
+    assert all(math.isfinite(v["ratio"]) and v["ratio"] > 0 for k, v in data.items() if "ratio" in v)

@@ -162,7 +162,7 @@ def test_frozen_parameters_are_never_flagged_and_unused_ones_are() -> None:
 
 
 def test_activation_statistics_are_logged_and_hooks_are_gone_after_fit(tmp_path: Path) -> None:
-    cb = GradientDiagnostics(activation_every_n_steps=2)
+    cb = GradientDiagnostics(activation_every_n_steps=2, early_steps=0)
     logger = CSVLogger(tmp_path, name="acts")
     model = DeepMLP(depth=2, width=16, activation="tanh")
     _fit(model, cb, 5, logger=logger, log_every_n_steps=2)
@@ -191,7 +191,8 @@ def test_dead_relu_vanishing_is_explained_with_dead_relu_remedies_first() -> Non
 def test_progress_bar_shows_active_findings_and_a_summary_prints_at_the_end(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cb = GradientDiagnostics(activation_every_n_steps=0)
+    # stalled (the same layers' weights barely move) is tested in tests/test_updates.py
+    cb = GradientDiagnostics(activation_every_n_steps=0, ignore=["stalled"])
     with caplog.at_level(logging.INFO):
         trainer = _fit(DeepMLP(depth=10, width=32, activation="sigmoid", optimizer="sgd", lr=0.1),
                        cb, 20)

@@ -47,6 +47,15 @@ from graddiag import GradientDiagnostics, GradientMonitor, MonitorConfig
         ("replay_nonfinite", "always", "True or False"),
         ("max_history_rows", 0, "integer >= 1"),
         ("histogram_every_n_steps", -2, "integer >= 0"),
+        ("early_steps", -1, "integer >= 0"),
+        ("early_steps", 2.0, "integer >= 0"),
+        ("vanishing_early_rel", 2.0, "number in [0.0, 1.0]"),
+        ("vanishing_early_patience", 0, "integer >= 1"),
+        ("stalled_ratio", -1e-6, "number >= 0.0"),
+        ("stalled_rel", math.nan, "number in [0.0, 1.0]"),
+        ("unstable_ratio", 0.0, "number > 0.0"),
+        ("unstable_ratio", "big", "number > 0.0"),
+        ("update_patience", 0, "integer >= 1"),
     ],
 )
 def test_bad_option_names_option_allowed_and_given(option: str, value: object, allowed: str) -> None:

@@ -195,7 +195,9 @@ def test_a_real_monitor_state_round_trips_through_weights_only_load() -> None:
     model = Net()
     x = torch.randn(8, 4)
     options: dict[str, Any] = {"reporters": [], "param_every_n_steps": 2,
-                               "activation_every_n_steps": 3, "histogram_every_n_steps": 2}
+                               "activation_every_n_steps": 3, "histogram_every_n_steps": 2,
+                               # learning rates, and 'unused' in no optimizer
+                               "optimizers": torch.optim.SGD(model.body.parameters(), lr=0.1)}
     with GradientMonitor(model, **options) as monitor:
         for step in range(7):
             model.zero_grad(set_to_none=True)
@@ -211,6 +213,8 @@ def test_a_real_monitor_state_round_trips_through_weights_only_load() -> None:
     fresh.close()
     assert any(r.missing for r in monitor.records) and any(r.nonfinite for r in monitor.records)
     assert any(r.activations is not None for r in monitor.records)
+    assert any(r.orphaned for r in monitor.records) and any(r.param_count is not None
+                                                            for r in monitor.records)
     for i, (want, got) in enumerate(zip(monitor.records, fresh.records, strict=True)):
         _assert_same(want, got, f"record {i}")
     assert [repr(f) for f in fresh.findings] == [repr(f) for f in monitor.findings]  # NaN values
@@ -221,6 +225,6 @@ def test_the_state_format_covers_every_record_field() -> None:
     assert [f.name for f in dataclasses.fields(StepRecord)] == [
         "step", "layers", "grad_norm", "has_grad", "missing", "nonfinite", "param_norm",
         "update_ratio", "activations", "grad_histograms", "optimizer", "measured", "amp_overflow",
-        "amp_scale", "clipped"]
+        "amp_scale", "clipped", "param_count", "learning_rate", "orphaned"]
     assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
         "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops", "position"]

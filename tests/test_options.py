@@ -76,7 +76,8 @@ def test_choices_are_literal_types_so_the_cli_rejects_bad_values() -> None:
     (kind,) = typing.get_args(ignore.type)
     assert typing.get_origin(ignore.type) is Sequence and typing.get_origin(kind) is typing.Literal
     assert set(typing.get_args(kind)) == {"vanishing", "exploding", "nonfinite", "no_gradient",
-                                          "saturated", "dead_relu"}
+                                          "saturated", "dead_relu", "stalled", "unstable_update",
+                                          "not_in_optimizer"}
 
 
 def test_unknown_names_are_an_error_naming_them() -> None:

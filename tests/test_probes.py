@@ -185,7 +185,7 @@ def test_parameter_norms_and_update_ratio_match_naive() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     snapshots = []
-    with GradientMonitor(model, reporters=[], param_every_n_steps=2,
+    with GradientMonitor(model, reporters=[], param_every_n_steps=2, early_steps=0,
                          activation_every_n_steps=0) as monitor:
         for _ in range(3):
             snapshots.append([p.detach().clone() for p in model.parameters()])
@@ -195,9 +195,9 @@ def test_parameter_norms_and_update_ratio_match_naive() -> None:
             opt.zero_grad()
     h = monitor.history
     step2 = h[h.step == 2]
-    w0, w2 = snapshots[0], snapshots[2]
+    w1, w2 = snapshots[1], snapshots[2]  # one optimizer step apart: the ratio spans one update
     first = torch.cat([w2[0].flatten(), w2[1].flatten()])
-    delta = torch.cat([(w2[0] - w0[0]).flatten(), (w2[1] - w0[1]).flatten()])
+    delta = torch.cat([(w2[0] - w1[0]).flatten(), (w2[1] - w1[1]).flatten()])
     assert step2.param_norm.iloc[0] == pytest.approx(first.norm().item(), rel=1e-5)
     assert step2.update_ratio.iloc[0] == pytest.approx((delta.norm() / first.norm()).item(), rel=1e-4)
     assert h[h.step == 1].param_norm.isna().all()

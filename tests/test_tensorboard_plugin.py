@@ -98,7 +98,7 @@ def test_activation_sites_sit_between_the_layers_they_follow(run_data) -> None: 
         site = sites[f"body.act{i}"]
         assert site["x"] == i + 0.5
         assert (site["kind"], site["statistic"]) == ("sigmoid", "saturated")
-        assert site["steps"] == [0, 4, 8]
+        assert site["steps"] == [0, 1, 2, 3, 4, 8]  # steps 0-4 (early_steps), then every 4th
         assert all(0.0 <= v <= 1.0 for v in site["values"])
 
 

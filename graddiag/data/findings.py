@@ -12,6 +12,9 @@ FindingKind = Literal[
     "no_gradient",
     "saturated",
     "dead_relu",
+    "stalled",
+    "unstable_update",
+    "not_in_optimizer",
 ]
 FINDING_KINDS: tuple[str, ...] = get_args(FindingKind)
 

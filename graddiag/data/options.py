@@ -114,8 +114,9 @@ class MonitorConfig(_Checked):
         given=Sequence[str], identity=True)
     param_every_n_steps: int = option(
         50, Integer(0),
-        "Parameter norms and update ratios on steps divisible by this (0: off); keeps one "
-        "copy of the monitored weights.")
+        "Parameter norms, one-step update ratios and learning rates on steps divisible by this "
+        "(0: off, and with them stalled/unstable_update); the weights are copied on the step "
+        "before, into one kept copy.")
     activation_every_n_steps: int = option(
         50, Integer(0),
         "Activation statistics (saturated and dead units) on steps divisible by this (0: off); "
@@ -124,6 +125,11 @@ class MonitorConfig(_Checked):
         0, Integer(0),
         "Per-layer gradient-magnitude histograms (fixed log-spaced bins) on steps divisible "
         "by this (0: off).")
+    early_steps: int = option(
+        5, Integer(0),
+        "Also record activation and parameter statistics on every optimizer step below this, "
+        "so a short run or the first minutes of a long one get saturated/dead_relu/stalled "
+        "evidence at once (0: the cadence only).")
     functional_activations: bool = option(
         True, Flag(),
         "Also analyse activation functions called inside forward (torch.sigmoid, F.relu, ...) "
@@ -136,6 +142,12 @@ class MonitorConfig(_Checked):
         "same step is vanishing.")
     vanishing_patience: int = option(
         10, Integer(1), "Consecutive recorded steps a layer must vanish before it is reported.")
+    vanishing_early_rel: float = option(
+        1e-8, Number(0.0, 1.0),
+        "Below this fraction of the largest layer's gradient norm the evidence is overwhelming: "
+        "vanishing is reported after vanishing_early_patience steps (0: off).")
+    vanishing_early_patience: int = option(
+        2, Integer(1), "Consecutive recorded steps for that early vanishing report.")
     exploding_abs: float = option(
         1e4, Number(0.0), "A layer whose gradient norm exceeds this is exploding.")
     exploding_factor: float = option(
@@ -152,6 +164,22 @@ class MonitorConfig(_Checked):
         3, Integer(1),
         "Consecutive recorded steps a trainable parameter must get no gradient before "
         "no_gradient is reported.")
+    stalled_ratio: float = option(
+        1e-6, Number(0.0),
+        "A layer with gradients whose weights change by less than this fraction of their norm "
+        "in one optimizer step (||w_t - w_(t-1)|| / ||w_t||, ~1e-3 is usual) is stalled, if "
+        "it also lags the fastest-moving layer (stalled_rel).")
+    stalled_rel: float = option(
+        1e-3, Number(0.0, 1.0),
+        "Fraction of the fastest-moving layer's update ratio a stalled layer must also be "
+        "below (a warm-up that slows every layer alike is not a finding).")
+    unstable_ratio: float = option(
+        0.1, Number(0.0, low_open=True),
+        "A layer whose weights change by more than this fraction of their norm in one "
+        "optimizer step is unstable_update.")
+    update_patience: int = option(
+        3, Integer(1),
+        "Consecutive parameter steps before stalled or unstable_update is reported.")
     derivative_floor: float = option(
         0.01, Number(0.0),
         "A unit whose local derivative f'(x) is below this in magnitude passes almost no "

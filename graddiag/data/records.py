@@ -51,8 +51,9 @@ class StepRecord:
         nonfinite: ``{layer position: {parameter name: number of NaN/Inf elements}}`` (-1:
             not counted, after a deferred host read).
         param_norm: Per-layer parameter 2-norm, or ``None`` on steps without parameter statistics.
-        update_ratio: Per-layer ``||w_now - w_last|| / ||w_now||`` since the previous parameter
-            read, or ``None``.
+        update_ratio: Per-layer ``||w_t - w_(t-1)|| / ||w_t||``: how much the last optimizer step
+            changed the weights, relative to their size (~1e-3 is usual); NaN where unknown,
+            ``None`` on steps without parameter statistics.
         activations: Activation statistics, or ``None`` on steps without them.
         grad_histograms: ``(layers, bins + 2)`` gradient-magnitude histogram counts over
             :data:`graddiag.data.bins.HISTOGRAM_EDGES` plus sum and sum of squares, or ``None``.
@@ -62,6 +63,13 @@ class StepRecord:
         amp_overflow: The AMP grad scaler found inf/NaN and skips this step (not an alarm).
         amp_scale: The grad scaler's loss scale on this step (``None`` without fp16 AMP).
         clipped: Gradient clipping will rescale this step's gradients (``None``: no clipping).
+        param_count: Elements per layer behind ``param_norm`` (with it, the weights' RMS), or
+            ``None`` on steps without parameter statistics.
+        learning_rate: Per-layer learning rate (the largest over the param groups holding the
+            layer's parameters; NaN for a layer in no optimizer), or ``None`` when the
+            optimizers are unknown or on steps without parameter statistics.
+        orphaned: ``{module name: [parameter names]}`` of trainable parameters that no
+            optimizer holds, or ``None`` when not checked on this step.
     """
 
     step: int
@@ -79,6 +87,9 @@ class StepRecord:
     amp_overflow: bool = False
     amp_scale: float | None = None
     clipped: bool | None = None
+    param_count: np.ndarray | None = None
+    learning_rate: np.ndarray | None = None
+    orphaned: dict[str, list[str]] | None = None
 
     @property
     def global_norm(self) -> float:

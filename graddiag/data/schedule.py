@@ -11,32 +11,51 @@ from graddiag.data.options import MonitorConfig
 class Schedule:
     """The cadences of one monitor; a cadence of 0 turns that measurement off.
 
+    Parameter and activation statistics are front-loaded: also recorded on every step below
+    ``early``, so a short run (a sweep trial, a smoke test) and the first minutes of a long one
+    get evidence at once, while a long run costs what the plain cadence costs.
+
     Attributes:
         gradients: Gradient norms on steps divisible by this (at least 1).
         parameters: Parameter norms and update ratios on steps divisible by this.
         activations: Activation statistics on steps divisible by this.
         histograms: Gradient-magnitude histograms on steps divisible by this.
+        early: Steps below this also record parameter and activation statistics (when on).
     """
 
     gradients: int = 1
     parameters: int = 0
     activations: int = 0
     histograms: int = 0
+    early: int = 0
 
     @classmethod
     def from_config(cls, config: MonitorConfig) -> Schedule:
         return cls(config.every_n_steps, config.param_every_n_steps,
-                   config.activation_every_n_steps, config.histogram_every_n_steps)
+                   config.activation_every_n_steps, config.histogram_every_n_steps,
+                   config.early_steps)
 
     @staticmethod
     def _due(every: int, step: int) -> bool:
         return bool(every) and step % every == 0
 
+    def _front_loaded(self, every: int, step: int) -> bool:
+        return bool(every) and (step < self.early or step % every == 0)
+
     def records_parameters(self, step: int) -> bool:
-        return self._due(self.parameters, step)
+        return self._front_loaded(self.parameters, step)
 
     def records_activations(self, step: int) -> bool:
-        return self._due(self.activations, step)
+        return self._front_loaded(self.activations, step)
+
+    def copies_parameters(self, step: int, lookahead: int = 1) -> bool:
+        """Whether ``step`` copies the weights for a parameter step among the next ``lookahead``.
+
+        The copy taken on the step before a parameter step makes the update measured there
+        exactly one optimizer step. ``lookahead`` is the number of optimizers taking turns on the
+        step counter (each one's previous step is at most that far back).
+        """
+        return any(self.records_parameters(step + ahead) for ahead in range(1, lookahead + 1))
 
     def records_histograms(self, step: int) -> bool:
         return self._due(self.histograms, step)
@@ -44,4 +63,5 @@ class Schedule:
     def records(self, step: int) -> bool:
         """Whether ``step`` is measured at all (gradients, parameters, activations or histograms)."""
         return (self._due(self.gradients, step) or self.records_parameters(step)
-                or self.records_activations(step) or self.records_histograms(step))
+                or self.copies_parameters(step) or self.records_activations(step)
+                or self.records_histograms(step))

@@ -237,6 +237,8 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._shown_in_progress_bar = None  # each fit starts with an empty progress bar
         self._summary_printed = False
+        if self.monitor is not None:  # learning rates and not_in_optimizer on parameter steps
+            self.monitor.watch_optimizers(list(trainer.optimizers))
 
     def _apply(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: StepReport) -> None:
         action = report.action

@@ -15,8 +15,8 @@ from graddiag.measure.histograms import HistogramProbe
 from graddiag.measure.layers import LayerIndex
 from graddiag.measure.live_layers import LiveLayers
 from graddiag.measure.norms import GradientProbe, GradientReading
-from graddiag.measure.parameters import ParameterProbe
 from graddiag.measure.transfer import HostCopy
+from graddiag.measure.updates import UpdateTracker, UpdateView
 
 
 class StepMeasurement:
@@ -35,11 +35,12 @@ class StepMeasurement:
             hooks would force recompilation: definition order is kept).
         include: Glob patterns of layer names to keep when the layers are found again.
         exclude: Glob patterns of layer names to drop then.
+        updates: Parameter norms, one-step update ratios and optimizer coverage, if any.
     """
 
     def __init__(self, root: nn.Module, index: LayerIndex, norm_type: float, schedule: Schedule,
                  *, record_order: bool = True, include: tuple[str, ...] | None = None,
-                 exclude: tuple[str, ...] = ()) -> None:
+                 exclude: tuple[str, ...] = (), updates: UpdateTracker | None = None) -> None:
         self.index = index
         self.norm_type = norm_type
         self.schedule = schedule
@@ -47,7 +48,7 @@ class StepMeasurement:
                                record_order=record_order)
         self._grads: GradientProbe | None = None
         self._per_optimizer: dict[int, GradientProbe] = {}
-        self._params: ParameterProbe | None = None
+        self._updates = updates
         self._histograms: HistogramProbe | None = None
         self._warned: set[str] = set()  # kinds of tensors already warned about as unmeasurable
 
@@ -61,9 +62,9 @@ class StepMeasurement:
         if changed or self._grads is None:
             self._per_optimizer.clear()
             self._grads = GradientProbe(self.index, self.norm_type, warned=self._warned)
-            self._params = self._histograms = None
-            if self.schedule.parameters:
-                self._params = ParameterProbe(self.index, warned=self._warned)
+            self._histograms = None
+            if self._updates is not None:  # new layers: new parameter probes, no valid copy
+                self._updates.reset(self._warned)
             if self.schedule.histograms:
                 self._histograms = HistogramProbe(self.index, warned=self._warned)
         return self._grads
@@ -119,10 +120,10 @@ class StepMeasurement:
         device["grad_norm"] = reading.layer_norms
         if scale is not None:
             device["amp_scale"] = scale.reshape(1)
-        if self._params is not None and self.schedule.records_parameters(step):
-            device["param_norm"], update = self._params.read()
-            if update is not None:
-                device["update_norm"] = update
+        view = None  # parameter norms and update norms, the weight copy if due, learning rates
+        if self._updates is not None:
+            tensors, view = self._updates.read(step, optimizer, probe.measured)
+            device.update(tensors)
         if self._histograms is not None and self.schedule.records_histograms(step):
             device["histograms"] = self._histograms.read()
         for i, chunk in enumerate(activations.chunks if activations is not None else []):
@@ -137,7 +138,7 @@ class StepMeasurement:
         def finish() -> StepRecord:
             host = dict(zip(names, copy.result()))
             record = self._record(step, optimizer, probe, reading, host, activations, clip_norm,
-                                  layers, deferred)
+                                  layers, deferred, view)
             if record.activations is not None:  # where each site ran among the layers
                 record.activations.position = self.live.site_positions(record.activations.sites)
             return record
@@ -151,16 +152,16 @@ class StepMeasurement:
 
     def _record(self, step: int, optimizer: int, probe: GradientProbe, reading: GradientReading,
                 host: dict[str, np.ndarray], activations: ActivationPack | None,
-                clip_norm: float | None, layers: list[str], deferred: bool) -> StepRecord:
+                clip_norm: float | None, layers: list[str], deferred: bool,
+                view: UpdateView | None = None) -> StepRecord:
         grad_norm = host["grad_norm"]
         has_grad = reading.has_grad
         if not has_grad.all():
             grad_norm[~has_grad] = np.nan
-        param_norm = host.get("param_norm")
-        update_ratio = None
-        if "update_norm" in host and param_norm is not None:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                update_ratio = np.where(param_norm > 0, host["update_norm"] / param_norm, np.nan)
+        param_norm = update_ratio = param_count = learning_rate = orphaned = None
+        if view is not None:
+            param_norm, update_ratio = view.ratios(host)
+            param_count, learning_rate, orphaned = view.counts, view.learning_rate, view.orphaned
         histograms = host.get("histograms")
         if histograms is not None:
             histograms = histograms.reshape(len(self.index), -1)
@@ -197,6 +198,9 @@ class StepMeasurement:
             amp_overflow=amp_overflow,
             amp_scale=float(host["amp_scale"][0]) if "amp_scale" in host else None,
             clipped=clipped,
+            param_count=param_count,
+            learning_rate=learning_rate,
+            orphaned=orphaned,
         )
 
     def close(self) -> None:

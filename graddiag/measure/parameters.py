@@ -1,7 +1,8 @@
-"""Per-layer parameter norms and the size of each update since the last read."""
+"""Per-layer parameter norms and the size of one optimizer update."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from graddiag.measure.layers import LayerIndex
@@ -15,41 +16,67 @@ from graddiag.measure.norms import (
 
 
 class ParameterProbe:
-    """Reads each layer's parameter norm and the size of its update since the last read.
+    """Reads each layer's parameter norm and, against a copy of the weights, the update since.
 
-    The update ratio ``||w_now - w_then|| / ||w_now||`` needs a copy of the monitored weights,
-    kept on their device and refreshed on every read.
+    :meth:`snapshot` copies the monitored weights (kept on their device, reused between
+    copies); :meth:`update_norms` then gives per layer ``||w_now - w_copy||``. Taken on the
+    step before an optimizer step and read on the step after it, that is one update exactly.
     """
 
-    def __init__(self, index: LayerIndex, warned: set[str] | None = None) -> None:
+    def __init__(self, index: LayerIndex, only: set[int] | None = None,
+                 warned: set[str] | None = None) -> None:
+        """Args:
+            index: The monitored layers.
+            only: ``id``s of the parameters to read (one optimizer's); ``None`` reads all.
+            warned: Kinds of tensors already warned about as unmeasurable (shared per monitor).
+        """
         entries = [(lid, name, p) for lid, layer in enumerate(index.layers)
-                   for name, p in zip(layer.param_names, layer.params)]
+                   for name, p in zip(layer.param_names, layer.params)
+                   if only is None or id(p) in only]
         usable = _measurable_kinds([p for _, _, p in entries], [n for _, n, _ in entries],
                                    set() if warned is None else warned)
         self._params = [p for _, _, p in entries if describe(p) in usable]
         self._lids = [lid for lid, _, p in entries if describe(p) in usable]
+        #: Elements read per layer (the full tensor's count for sharded parameters).
+        self.counts = np.zeros(len(index), dtype=np.int64)
+        np.add.at(self.counts, np.asarray(self._lids, dtype=np.int64),
+                  np.asarray([p.numel() for p in self._params], dtype=np.int64))
         self._aggregate = LayerNormAggregator(len(index), 2.0)
-        self._snapshot: list[torch.Tensor] | None = None
+        self._copy: list[torch.Tensor] | None = None
+        self.has_copy = False
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-layer parameter norms, and per-layer update norms (``None`` on the first read)."""
+    def norms(self) -> torch.Tensor:
+        """Per-layer parameter 2-norms, a float32 device tensor (0 for layers not read)."""
+        with torch.no_grad():
+            return self._aggregate([p.detach() for p in self._params], self._lids)
+
+    def snapshot(self) -> None:
+        """Copy the weights as they are now (into the kept buffer once it exists)."""
         with torch.no_grad():
             params = [p.detach() for p in self._params]
-            norms = self._aggregate(params, self._lids)
-            update = None
-            if self._snapshot is None:
-                self._snapshot = [p.clone() for p in params]
+            if self._copy is None:
+                self._copy = [p.clone() for p in params]
             else:
-                # in place, in the copy: no temporaries the size of the model (on a CPU their
-                # allocation and first touch cost more than the arithmetic)
-                torch._foreach_sub_(self._snapshot, params)
-                update = self._aggregate(self._snapshot, self._lids)
-                torch._foreach_copy_(self._snapshot, params)
-        return norms, update
+                torch._foreach_copy_(self._copy, params)
+        self.has_copy = True
+
+    def update_norms(self) -> torch.Tensor:
+        """Per-layer ``||w_now - w_copy||``; uses up the copy (the difference is made in place).
+
+        Raises:
+            RuntimeError: without a copy (call :meth:`snapshot` first).
+        """
+        if self._copy is None or not self.has_copy:
+            raise RuntimeError("update_norms needs a snapshot of the weights first")
+        with torch.no_grad():
+            torch._foreach_sub_(self._copy, [p.detach() for p in self._params])
+            self.has_copy = False
+            return self._aggregate(self._copy, self._lids)
 
     def reset(self) -> None:
         """Forget the weight copy (frees its memory)."""
-        self._snapshot = None
+        self._copy = None
+        self.has_copy = False
 
 
 def _measurable_kinds(params: list[torch.Tensor], names: list[str], warned: set[str]) -> set[str]:
@@ -65,7 +92,7 @@ def _measurable_kinds(params: list[torch.Tensor], names: list[str], warned: set[
         sample = _local(param.detach()).reshape(-1)[:1]  # a local element: no collective
         try:
             LayerNormAggregator(1, 2.0)([sample], [0])
-            torch._foreach_sub([sample], [sample])
+            torch._foreach_sub_([sample.clone()], [sample])  # the difference is made in place
         except MEASURE_ERRORS as error:
             warn_unmeasurable(warned, param, [n for p, n in zip(params, names)
                                               if describe(p) == kind], error)

@@ -18,7 +18,9 @@ import torch
 from graddiag.data.records import ActivationRecord, StepRecord
 
 FORMAT = "graddiag.history.columns/1"
-_ARRAYS = ("grad_norm", "has_grad", "param_norm", "update_ratio", "measured", "grad_histograms")
+_ARRAYS = ("grad_norm", "has_grad", "param_norm", "update_ratio", "measured", "grad_histograms",
+           "param_count", "learning_rate")
+_OPTIONAL = ("param_count", "learning_rate")  # absent from states saved before they existed
 _ACTIVATION_ARRAYS = ("saturated", "dead", "gain", "calls", "position")
 
 
@@ -106,6 +108,10 @@ def encode(records: list[StepRecord]) -> dict[str, Any]:
     state["update_ratio"] = _ragged([r.update_ratio for r in records])
     state["measured"] = _ragged([r.measured for r in records])
     state["grad_histograms"] = _ragged([r.grad_histograms for r in records])
+    state["param_count"] = _ragged([r.param_count for r in records])
+    state["learning_rate"] = _ragged([r.learning_rate for r in records])
+    state["orphaned"] = [[i, {k: list(v) for k, v in r.orphaned.items()}]
+                         for i, r in enumerate(records) if r.orphaned is not None]
     state["histogram_width"] = _tensor(
         [0 if r.grad_histograms is None else int(np.asarray(r.grad_histograms).shape[-1])
          for r in records], torch.int32)
@@ -150,7 +156,11 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
     names = list(state["names"])
     steps = state["step"].tolist()
     count = len(steps)
-    arrays = {name: _unragged(state[name]) for name in _ARRAYS}
+    arrays = {name: _unragged(state[name]) if name in state or name not in _OPTIONAL
+              else [None] * count for name in _ARRAYS}
+    orphaned: list[dict[str, list[str]] | None] = [None] * count
+    for i, modules in state.get("orphaned", []):
+        orphaned[int(i)] = {str(k): [str(p) for p in v] for k, v in modules.items()}
     widths = state["histogram_width"].tolist()
     amp_scale = _unragged(state["amp_scale"])
     clipped = state["clipped"].tolist()
@@ -184,6 +194,8 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
             optimizer=optimizer, measured=arrays["measured"][i], amp_overflow=overflow,
             amp_scale=None if scale is None else float(scale[0]),
             clipped=None if clipped[i] < 0 else bool(clipped[i]),
+            param_count=arrays["param_count"][i], learning_rate=arrays["learning_rate"][i],
+            orphaned=orphaned[i],
         ))
     return records
 

@@ -29,6 +29,7 @@ from graddiag.measure.measurement import StepMeasurement
 from graddiag.measure.ranks import as_reducer
 from graddiag.measure.replay import ReplayArgument, check_replay
 from graddiag.measure.tree import module_tree
+from graddiag.measure.updates import UpdateTracker, as_optimizers
 from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.arguments import check_activation_registry, check_reporters
 from graddiag.pipeline.history import History
@@ -40,6 +41,7 @@ from graddiag.reporters.tables import save_table
 from graddiag.rules.activation import DeadReluRule, SaturatedRule
 from graddiag.rules.explain import Explainer
 from graddiag.rules.ruleset import RuleSet
+from graddiag.rules.updates import update_rules
 
 __all__ = ["GradientMonitor", "StepReport"]
 
@@ -71,13 +73,18 @@ class GradientMonitor:
         watch: The method of ``model`` whose calls are watched on activation steps (only in
             training mode with gradients enabled); ``None`` watches only inside
             :meth:`watch_activations`. The Lightning adapter passes ``"training_step"``.
+        optimizers: The optimizer(s) training ``model``, if known: parameter steps then read
+            each layer's learning rate and report trainable parameters that no optimizer holds
+            (``not_in_optimizer``). :meth:`watch_optimizers` sets them later.
         **options: Any field of :class:`~graddiag.data.options.MonitorConfig`.
     """
 
     def __init__(self, model: nn.Module, *, reporters: Sequence[Reporter] | None = None,
                  activation_registry: ActivationRegistry | None = None,
                  config: MonitorConfig | None = None, process_group: Any = None,
-                 watch: str | None = "forward", **options: Any) -> None:
+                 watch: str | None = "forward",
+                 optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+                 **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config is not None and options:
@@ -98,7 +105,8 @@ class GradientMonitor:
         self._reporting = Reporting([ConsoleReporter()] if reporters is None else reporters, tree)
         self.reporters = self._reporting.reporters
         self.rules = RuleSet(c, extra=[SaturatedRule(c.saturated_fraction, c.activation_patience),
-                                       DeadReluRule(c.dead_fraction, c.activation_patience)])
+                                       DeadReluRule(c.dead_fraction, c.activation_patience),
+                                       *update_rules(c)])
         self._explainer = Explainer(tree)
         self._history = History(c.max_history_rows)
         self.findings: list[Finding] = []
@@ -106,9 +114,11 @@ class GradientMonitor:
         self._activations = ActivationScope(model, c, self.schedule,
                                             activation_registry or default_registry,
                                             as_reducer(process_group), compiled, watch)
+        self._updates = UpdateTracker(model, self.index, c, self.schedule)  # update ratios
+        self._updates.watch(as_optimizers(optimizers))
         self._measurement = StepMeasurement(model, self.index, c.norm_type, self.schedule,
                                             record_order=not compiled, include=c.include,
-                                            exclude=c.exclude)
+                                            exclude=c.exclude, updates=self._updates)
         if self._activations.steps is not None:  # sites are timed on the layers' clock
             self._activations.steps.watch.arrival = self._measurement.live.arrival
         self._replay = NonfiniteReplay(model, c.replay_nonfinite, self._unwatched)
@@ -157,6 +167,12 @@ class GradientMonitor:
         """Watch again after :meth:`pause_activations`."""
         self._activations.resume()
 
+    def watch_optimizers(
+        self, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+    ) -> None:
+        """The optimizer(s) training the model, for learning rates and ``not_in_optimizer``."""
+        self._updates.watch(as_optimizers(optimizers))
+
     # ----------------------------------------------------------------- one step
     def step(self, step: int | None = None, *, optimizer: int = 0,
              params: Iterable[torch.Tensor] | None = None,
@@ -200,7 +216,7 @@ class GradientMonitor:
         report = StepReport(current, False)
         deferred = self._deferring(replay)
         finish = None
-        if self.schedule.records(current):
+        if self.schedule.records(current) or self._updates.copies_on(current):
             pack = self._activations.take(current)
             deferred = deferred and pack is None  # activation steps are read on the step
             finish = self._measurement.start(
@@ -250,6 +266,8 @@ class GradientMonitor:
             self._history.pin(record.step)
             self.findings.extend(findings)
         action = decide(self.rules.active, self.config.on_nonfinite, self.config.on_exploding)
+        if action != "continue" or record.amp_overflow:  # no update: a weight copy is void
+            self._updates.discard_copy(record.step, record.optimizer)
         if action == "skip":
             self.note_skipped()
         self._reporting.report(record, findings, self.findings, self.rules.active_count(),

@@ -52,10 +52,10 @@ def render_findings(findings: list[Finding]) -> str:
     """A plain-text table of findings (kind, layer, step, value) followed by their messages."""
     if not findings:
         return "No findings: no vanishing, exploding, non-finite or missing gradients."
-    head = f"{'kind':<12} {'layer':<24} {'step':>6} {'value':>10}"
+    head = f"{'kind':<16} {'layer':<24} {'step':>6} {'value':>10}"
     lines = [head, "-" * len(head)]
     for f in findings:
-        lines.append(f"{f.kind:<12} {f.layer[:24]:<24} {f.step:>6} {f.value:>10.3g}")
+        lines.append(f"{f.kind:<16} {f.layer[:24]:<24} {f.step:>6} {f.value:>10.3g}")
     return "\n".join(lines)
 
 

@@ -15,18 +15,26 @@ import numpy as np
 from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
 from graddiag.rules import wording as remedies
+from graddiag.rules.early import EarlyConfirmation
 from graddiag.rules.onsets import OnsetRule, _fmt
 
 
 class VanishingRule(OnsetRule):
-    """A layer's gradient norm is below ``abs_floor`` or below ``rel_floor`` x the largest layer's."""
+    """A layer's gradient norm is below ``abs_floor`` or below ``rel_floor`` x the largest layer's.
+
+    Below ``early_rel`` x the largest layer's (overwhelming evidence) it is reported after
+    ``early_patience`` recorded steps instead of ``patience``.
+    """
 
     kind = "vanishing"
 
-    def __init__(self, abs_floor: float, rel_floor: float, patience: int) -> None:
+    def __init__(self, abs_floor: float, rel_floor: float, patience: int,
+                 early_rel: float = 0.0, early_patience: int = 1) -> None:
         super().__init__(patience)
         self.abs_floor = abs_floor
         self.rel_floor = rel_floor
+        self.early_rel = early_rel  # --- early report on overwhelming evidence (rules/early.py)
+        self.early = EarlyConfirmation(early_patience)
 
     def update(self, record: StepRecord) -> list[Finding]:
         norms = record.grad_norm
@@ -43,12 +51,18 @@ class VanishingRule(OnsetRule):
         below_abs = usable & (norms < self.abs_floor)
         below_rel = usable & (norms < rel_threshold)
         onsets = self.onsets.observe_all(record.layers, below_abs | below_rel, record.measured)
-        self._active = self.onsets.any_confirmed()
+        early: list[int] = []
+        if self.early_rel > 0:  # --- early report: far below the largest, fewer steps needed
+            deep = usable & (norms < self.early_rel * top) & (below_abs | below_rel)
+            early = self.early.confirm(self.onsets, record.layers, deep, record.measured)
+        self._active = self.onsets.any_confirmed() or self.early.any_confirmed()
         return [self._finding(record, int(i), top_pos, bool(below_abs[i]), rel_threshold)
-                for i in onsets]
+                for i in onsets] + [
+            self._finding(record, i, top_pos, False, self.early_rel * top,
+                          steps=self.early.onsets.patience) for i in early]
 
     def _finding(self, record: StepRecord, i: int, top_pos: int, below_abs: bool,
-                 rel_threshold: float) -> Finding:
+                 rel_threshold: float, steps: int | None = None) -> Finding:
         value = float(record.grad_norm[i])
         top = float(record.grad_norm[top_pos])
         ratio = value / top if top > 0 else 0.0
@@ -63,12 +77,23 @@ class VanishingRule(OnsetRule):
             step=record.step,
             value=value,
             threshold=self.abs_floor if below_abs else rel_threshold,
-            message=(f"Vanishing gradient: {evidence} for {self.onsets.patience} recorded steps; "
-                     "this layer barely learns."),
+            message=(f"Vanishing gradient: {evidence} for {steps or self.onsets.patience} "
+                     "recorded steps; this layer barely learns."
+                     + ("" if steps is None else
+                        f" Reported early: below {_fmt(self.early_rel)} x the largest layer's, "
+                        "the evidence is overwhelming.")),
             remedy=remedies.VANISHING,
             details={"ratio_to_largest": ratio, "largest_layer": record.layers[top_pos],
-                     "largest_norm": top},
+                     "largest_norm": top, "early": steps is not None},
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "early": self.early.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "early" in state:
+            self.early.load_state_dict(state["early"])
 
 
 class ExplodingRule(OnsetRule):

@@ -118,6 +118,15 @@ class Onsets:
         self._any = bool(streak.any())
         return np.flatnonzero(onset)
 
+    def mark_reported(self, key: str) -> None:
+        """Count ``key``'s condition as reported while it holds (e.g. confirmed early by a
+        stricter test), so that its patience running out does not report it again."""
+        i = self._position.get(key)
+        if i is not None:
+            self._reported[i] = True
+        else:
+            self._other_reported.add(key)
+
     def confirmed(self, key: str) -> bool:
         """Whether ``key`` holds now and has held for at least ``patience`` steps."""
         return self.streak.get(key, 0) >= self.patience

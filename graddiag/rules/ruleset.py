@@ -28,7 +28,8 @@ class RuleSet:
                 config.exploding_window,
                 config.exploding_patience,
             ),
-            VanishingRule(config.vanishing_abs, config.vanishing_rel, config.vanishing_patience),
+            VanishingRule(config.vanishing_abs, config.vanishing_rel, config.vanishing_patience,
+                          config.vanishing_early_rel, config.vanishing_early_patience),
             NoGradientRule(config.no_gradient_patience),
             *(extra or []),
         ]

@@ -34,3 +34,28 @@ DEAD_RELU = (
     "Kaiming init; use LeakyReLU/ELU/GELU, which pass gradient for negative inputs; add "
     "normalisation before the activation"
 )
+STALLED = (
+    "check this layer's param group: raise its learning rate if it is much smaller than the "
+    "others'; make sure the optimizer holds the parameter (build the optimizer after creating "
+    "every submodule); if the gradient has vanished, treat that first (ReLU-family activations, "
+    "Kaiming/Xavier init, normalisation, residual connections); if the layer should not train, "
+    "freeze it (requires_grad_(False))"
+)
+STALLED_LR = (
+    "raise this param group's learning rate towards the others' (check per-group lr settings "
+    "and any per-layer lr decay); if the layer should not train, freeze it "
+    "(requires_grad_(False)) instead"
+)
+UNSTABLE_UPDATE = (
+    "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; clip "
+    "gradients (Trainer(gradient_clip_val=1.0)); check this layer's initialisation scale (weights "
+    "near zero make any update large relative to them); with Adam, a larger eps damps updates of "
+    "parameters whose gradients are tiny"
+)
+NOT_IN_OPTIMIZER = (
+    "create every submodule before building the optimizer (in Lightning: in __init__ or "
+    "configure_model, not in configure_optimizers after the optimizer or lazily in forward), "
+    "and build it from self.parameters(); or add them with "
+    "optimizer.add_param_group({'params': module.parameters()}); if they should not train, "
+    "freeze them (requires_grad_(False))"
+)

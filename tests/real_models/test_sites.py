@@ -65,7 +65,8 @@ def test_conv1d_units_are_channels() -> None:
         model.conv1.weight[:27] = 0.0
         model.conv1.bias[:27] = -1.0
     recorder = CallRecorder(model.act1, {0, 3, 6})
-    run = train(model, _digits_loss(model, [recorder]), 7, activation_every_n_steps=3)
+    run = train(model, _digits_loss(model, [recorder]), 7, activation_every_n_steps=3,
+                early_steps=0)  # the cadence alone: the recorder reads steps 0, 3 and 6
     dead = _dead(run, "act1")
     assert dead == {s: pytest.approx(recorder.dead_fraction(s)) for s in (0, 3, 6)}
     assert dead[0] >= 27 / 32
@@ -76,7 +77,8 @@ def test_healthy_conv1d_net_dead_fractions_match_and_raise_nothing() -> None:
     torch.manual_seed(0)
     model = Conv1dNet(channels=16)
     recorders = [CallRecorder(model.act1, {0, 5, 10}), CallRecorder(model.act2, {0, 5, 10})]
-    run = train(model, _digits_loss(model, recorders), 12, activation_every_n_steps=5)
+    run = train(model, _digits_loss(model, recorders), 12, activation_every_n_steps=5,
+                early_steps=0)
     for recorder, site in zip(recorders, ("act1", "act2")):
         assert _dead(run, site) == {s: pytest.approx(recorder.dead_fraction(s)) for s in (0, 5, 10)}
     assert run.findings == []
@@ -86,7 +88,8 @@ def test_a_relu_reused_across_widths_keeps_each_calls_units() -> None:
     torch.manual_seed(0)
     model = ReusedReLU(wide=16, narrow=8)
     recorder = CallRecorder(model.relu, {0, 4, 8})
-    run = train(model, _digits_loss(model, [recorder]), 9, activation_every_n_steps=4)
+    run = train(model, _digits_loss(model, [recorder]), 9, activation_every_n_steps=4,
+                early_steps=0)
     assert _dead(run, "relu") == {s: pytest.approx(recorder.dead_fraction(s)) for s in (0, 4, 8)}
     assert all(len(recorder.alive[s]) == 2 for s in (0, 4, 8))  # two calls: 16 + 8 units
     assert run.findings == []
@@ -100,10 +103,16 @@ def test_a_dead_relu_reused_across_widths_is_found() -> None:
             conv.weight.mul_(0.01)
             conv.bias.fill_(-10.0)
     recorder = CallRecorder(model.relu, {0, 2})
-    run = train(model, _digits_loss(model, [recorder]), 5, activation_every_n_steps=2)
+    run = train(model, _digits_loss(model, [recorder]), 5, activation_every_n_steps=2,
+                early_steps=0)
     assert recorder.dead_fraction(0) == 1.0
     assert _dead(run, "relu") == {0: 1.0, 2: 1.0, 4: 1.0}
-    assert [(f.kind, f.layer, f.step) for f in run.findings] == [("dead_relu", "relu", 2)]
+    # the convolutions behind the dead ReLU get exactly zero gradient (the float64 references):
+    # overwhelming evidence, reported at step 1
+    zero = sorted(k for k, v in run.references[0].items() if v == 0.0 == run.references[1][k])
+    assert zero == ["conv1", "conv2"]
+    assert [(f.kind, f.layer, f.step) for f in run.findings] == [
+        *(("vanishing", k, 1) for k in zero), ("dead_relu", "relu", 2)]
 
 
 def _watched(root: nn.Module, *passes: torch.Tensor) -> ActivationRecord:

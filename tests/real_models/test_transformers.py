@@ -128,10 +128,12 @@ def test_bert_trains_without_alarms_and_a_starved_layer_is_found() -> None:
 
     run = train(model, _contains_token(model), 12, activation_every_n_steps=5,
                 after_backward=starve)
-    assert [(f.kind, f.layer, f.step) for f in run.findings] == [("vanishing", starved_name, 9)]
-    # it is the reference norm itself that is tiny, relative to the largest layer's
-    ref = run.references[9]
-    assert ref[starved_name] < 1e-4 * max(ref.values())
+    # it is the reference norm itself that is tiny, relative to the largest layer's; below 1e-8
+    # of it on steps 0 and 1 the evidence is overwhelming and it is reported at step 1
+    ratios = [ref[starved_name] / max(ref.values()) for ref in run.references]
+    assert max(ratios[:10]) < 1e-4
+    step = 1 if max(ratios[:2]) < 1e-8 else 9
+    assert [(f.kind, f.layer, f.step) for f in run.findings] == [("vanishing", starved_name, step)]
 
 
 def vit() -> torch.nn.Module:
@@ -180,6 +182,14 @@ def test_vit_trains_without_alarms_and_a_dead_gelu_is_found_at_its_site() -> Non
         dense.bias.fill_(-10.0)
     run = _vit_run(model, 7, activation_every_n_steps=3)
     site = name_of(model, act)
-    assert [(f.kind, f.layer, f.step) for f in run.findings] == [("dead_relu", site, 3)]
-    acts = run.monitor.records[3].activations
+    found = [(f.kind, f.layer, f.step) for f in run.findings]
+    assert ("dead_relu", site, 1) in found  # activation steps 0 and 1 (front-loaded)
+    acts = run.monitor.records[1].activations
     assert acts is not None and float(acts.dead[acts.sites.index(site)]) == 1.0
+    # the layers that feed only the dead units get exactly zero gradient (the float64
+    # references): vanishing at step 1 (overwhelming), and their weights stop moving (stalled)
+    zero = {k for k, v in run.references[0].items() if v == 0.0}
+    assert zero == {k for k, v in run.references[1].items() if v == 0.0} and zero
+    assert sorted(found) == sorted([("dead_relu", site, 1)]
+                                   + [("vanishing", k, 1) for k in zero]
+                                   + [("stalled", k, 3) for k in zero])

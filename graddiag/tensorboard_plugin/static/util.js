@@ -10,6 +10,9 @@ export const KIND_COLOURS = {
   no_gradient: "#4d4d4d",
   saturated: "#e08214",
   dead_relu: "#8c510a",
+  stalled: "#1b7837",
+  unstable_update: "#762a83",
+  not_in_optimizer: "#878787",
 };
 
 export const SPECIAL_COLOURS = { zero: "#000000", none: "#ffffff", nonfinite: "#ff1f8e" };

@@ -1,0 +1,85 @@
+"""What the optimizers hold: each parameter's learning rate, and trainable parameters they miss."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from graddiag.measure.layers import clean_name
+
+
+@dataclass
+class Coverage:
+    """The optimizers' view of a model at one moment.
+
+    Attributes:
+        learning_rate: ``{id(parameter): lr}`` for every parameter some optimizer holds (the
+            largest lr if several param groups hold it; NaN when the lr is a device tensor,
+            which is not read to avoid a host sync).
+        orphaned: ``{module name: [parameter names]}``: trainable parameters of the model
+            (``requires_grad=True``) that no optimizer holds.
+        held_any: Whether the optimizers hold any of the model's trainable parameters at all.
+            When they hold none (a strategy that flattens or copies parameters, an optimizer
+            built for another model), ``orphaned`` is left empty: nothing can be concluded.
+    """
+
+    learning_rate: dict[int, float] = field(default_factory=dict)
+    orphaned: dict[str, list[str]] = field(default_factory=dict)
+    held_any: bool = False
+
+
+def _as_float(lr: Any) -> float:
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else math.nan
+    try:
+        return float(lr)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> dict[int, float]:
+    """``{id(parameter): learning rate}`` over every param group of every optimizer."""
+    rates: dict[int, float] = {}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            lr = _as_float(group.get("lr", math.nan))
+            for param in group["params"]:
+                known = rates.get(id(param))
+                if known is None or math.isnan(known) or lr > known:
+                    rates[id(param)] = lr
+    return rates
+
+
+def coverage(
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> Coverage:
+    """Which of ``model``'s trainable parameters the ``optimizers`` hold, and at which lr.
+
+    Modules are named as layers are (qualified name relative to ``model``); ``include`` and
+    ``exclude`` glob patterns filter the reported modules as they filter layers.
+    """
+    rates = learning_rates(optimizers)
+    orphaned: dict[str, list[str]] = {}
+    held_any = False
+    seen: set[int] = set()
+    for raw_name, module in model.named_modules():
+        name = clean_name(raw_name) or type(module).__name__
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if id(param) in rates:
+                held_any = True
+            elif (include is None or any(fnmatch.fnmatchcase(name, p) for p in include)) \
+                    and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                orphaned.setdefault(name, []).append(pname)
+    return Coverage(rates, orphaned if held_any else {}, held_any)

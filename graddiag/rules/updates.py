@@ -1,0 +1,239 @@
+"""Rules on how much the weights move: ``stalled``, ``unstable_update`` and ``not_in_optimizer``.
+
+The update ratio ``||w_t - w_(t-1)|| / ||w_t||`` is the change one optimizer step makes to a
+layer's weights, relative to their size; around 1e-3 is the usual healthy range. Only records
+that carry update ratios (parameter steps) advance ``stalled``/``unstable_update``, so their
+patience counts parameter steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graddiag.data.findings import Finding
+from graddiag.data.options import MonitorConfig
+from graddiag.data.records import StepRecord
+from graddiag.rules import wording
+from graddiag.rules.onsets import OnsetRule, Rule, _fmt
+
+#: A layer's learning rate this far below the largest counts as "too small for this layer".
+LR_GAP = 1e-2
+#: Weights whose RMS starts below this start from (near) zero: below any standard
+#: initialisation (Kaiming/Xavier give ~1/sqrt(fan_in), 2e-3 even for a fan-in of 250,000), as in
+#: LayerScale (1e-6..1e-4), ReZero gates, zero-initialised heads and LoRA ``B`` matrices.
+SMALL_START_RMS = 1e-3
+
+
+def _judged(record: StepRecord, ratio: np.ndarray) -> np.ndarray:
+    """Layers whose ratio says something about their optimizer: held, trainable, measured."""
+    judged = np.isfinite(ratio) & record.has_grad
+    if record.measured is not None:
+        judged &= record.measured
+    if record.learning_rate is not None:
+        judged &= ~(record.learning_rate == 0.0)  # frozen on purpose (lr 0): said so, not judged
+    if record.orphaned:
+        judged &= ~np.isin(np.asarray(record.layers, dtype=object), list(record.orphaned))
+    return judged
+
+
+def _lr_text(record: StepRecord, i: int) -> tuple[str, float]:
+    if record.learning_rate is None or np.isnan(record.learning_rate[i]):
+        return "", float("nan")
+    return f" Its learning rate is {_fmt(float(record.learning_rate[i]))}.", float(
+        record.learning_rate[i]
+    )
+
+
+class StalledRule(OnsetRule):
+    """A layer with gradients whose weights barely move, while the rest of the model moves."""
+
+    kind = "stalled"
+
+    def __init__(self, ratio_floor: float, rel_floor: float, patience: int,
+                 vanishing_rel: float) -> None:
+        super().__init__(patience)
+        self.ratio_floor = ratio_floor
+        self.rel_floor = rel_floor
+        self.vanishing_rel = vanishing_rel
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        ratio = record.update_ratio
+        if ratio is None or record.amp_overflow:
+            return []
+        judged = _judged(record, ratio)
+        if not judged.any():
+            return []
+        top_pos = int(np.argmax(np.where(judged, ratio, -np.inf)))
+        top = float(ratio[top_pos])
+        condition = judged & (ratio < self.ratio_floor) & (ratio < self.rel_floor * top)
+        onsets = self.onsets.observe_all(record.layers, condition, judged)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i), top_pos) for i in onsets]
+
+    def _finding(self, record: StepRecord, i: int, top_pos: int) -> Finding:
+        assert record.update_ratio is not None
+        value = float(record.update_ratio[i])
+        top = float(record.update_ratio[top_pos])
+        lr_text, lr = _lr_text(record, i)
+        lrs = record.learning_rate
+        largest_lr = float(np.nanmax(lrs)) if lrs is not None and np.isfinite(lrs).any() else float("nan")
+        grads = np.where(record.has_grad & np.isfinite(record.grad_norm), record.grad_norm, -np.inf)
+        top_grad = float(grads.max())
+        grad_ratio = float(record.grad_norm[i]) / top_grad if top_grad > 0 else float("nan")
+        if lr_text and lr < LR_GAP * largest_lr:
+            cause = (f"{lr_text[1:-1]}, against {_fmt(largest_lr)} for other layers: too small a "
+                     "learning rate for this layer.")
+            remedy = wording.STALLED_LR
+        elif grad_ratio < self.vanishing_rel or record.grad_norm[i] == 0.0:
+            cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
+                     "has vanished before it reaches these weights.")
+            remedy = wording.VANISHING
+        elif lr_text:
+            cause = (f"{lr_text[1:]} Its gradient is not small ({_fmt(grad_ratio)} x the largest "
+                     "layer's), so the optimizer scales its update down (e.g. Adam's eps, "
+                     "weight decay cancelling it, a custom optimizer).")
+            remedy = wording.STALLED
+        else:
+            cause = ("Causes: too small a learning rate for this layer's param group, a vanished "
+                     "gradient, or an optimizer that does not hold the parameter (pass "
+                     "optimizers= to GradientMonitor to have graddiag check these).")
+            remedy = wording.STALLED
+        return Finding(
+            kind=self.kind,
+            layer=record.layers[i],
+            step=record.step,
+            value=value,
+            threshold=self.ratio_floor,
+            message=(f"Stalled weights: one optimizer step changes them by {_fmt(value)} of their "
+                     f"norm (usual: ~1e-3; the fastest layer '{record.layers[top_pos]}' moves "
+                     f"{_fmt(top)}) on {self.onsets.patience} parameter steps in a row, although "
+                     f"the layer gets gradients; it does not learn. {cause}"),
+            remedy=remedy,
+            details={"fastest_layer": record.layers[top_pos], "fastest_ratio": top,
+                     "learning_rate": lr, "largest_learning_rate": largest_lr,
+                     "grad_ratio_to_largest": grad_ratio},
+        )
+
+
+class UnstableUpdateRule(OnsetRule):
+    """One optimizer step changes a layer's weights by a large fraction of their norm.
+
+    A layer whose weights start from (near) zero (RMS below :data:`SMALL_START_RMS` at its first
+    parameter read: LayerScale, ReZero, zero-initialised heads, LoRA ``B``) grows with ratios of
+    ~1/t on its first steps by construction; it is judged once its ratio has first come below
+    the ceiling.
+    """
+
+    kind = "unstable_update"
+
+    def __init__(self, ceiling: float, patience: int) -> None:
+        super().__init__(patience)
+        self.ceiling = ceiling
+        self.first_norm: dict[str, float] = {}
+        self.settling: set[str] = set()
+
+    def _note_starts(self, record: StepRecord) -> None:
+        if record.param_norm is None:
+            return
+        counts = record.param_count
+        for i, (name, norm) in enumerate(zip(record.layers, record.param_norm)):
+            if name not in self.first_norm and np.isfinite(norm):
+                self.first_norm[name] = float(norm)
+                size = float(counts[i]) if counts is not None and counts[i] > 0 else 1.0
+                if norm / np.sqrt(size) < SMALL_START_RMS:
+                    self.settling.add(name)
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        self._note_starts(record)
+        ratio = record.update_ratio
+        if ratio is None or record.amp_overflow:
+            return []
+        judged = _judged(record, ratio)
+        with np.errstate(invalid="ignore"):
+            above = ratio > self.ceiling
+        if self.settling:
+            for i, name in enumerate(record.layers):
+                if name in self.settling and judged[i]:
+                    if not above[i]:
+                        self.settling.discard(name)
+                    judged[i] = False
+        condition = judged & above
+        onsets = self.onsets.observe_all(record.layers, condition, judged)
+        self._active = self.onsets.any_confirmed()
+        return [self._finding(record, int(i)) for i in onsets]
+
+    def _finding(self, record: StepRecord, i: int) -> Finding:
+        assert record.update_ratio is not None
+        value = float(record.update_ratio[i])
+        lr_text, lr = _lr_text(record, i)
+        return Finding(
+            kind=self.kind,
+            layer=record.layers[i],
+            step=record.step,
+            value=value,
+            threshold=self.ceiling,
+            message=(f"Unstable update: one optimizer step changes this layer's weights by "
+                     f"{_fmt(value)} of their norm (usual: ~1e-3) on {self.onsets.patience} "
+                     "parameter steps in a row; the weights are replaced rather than refined, "
+                     "which precedes loss spikes and divergence even while gradient norms look "
+                     f"ordinary.{lr_text}"),
+            remedy=wording.UNSTABLE_UPDATE,
+            details={"learning_rate": lr},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "first_norm": dict(self.first_norm),
+                "settling": sorted(self.settling)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.first_norm = dict(state.get("first_norm", {}))
+        self.settling = set(state.get("settling", []))
+
+
+class NotInOptimizerRule(OnsetRule):
+    """Trainable parameters (``requires_grad=True``) that no optimizer holds: they never change."""
+
+    kind = "not_in_optimizer"
+
+    def __init__(self) -> None:
+        super().__init__(patience=1)
+
+    def update(self, record: StepRecord) -> list[Finding]:
+        orphaned = record.orphaned
+        if orphaned is None:  # not checked on this step
+            return []
+        for name in list(self.onsets.streak):
+            if name not in orphaned:
+                self.onsets.observe(name, False)
+        found = [name for name in orphaned if self.onsets.observe(name, True)]
+        self._active = bool(orphaned)
+        return [self._finding(record, name, orphaned[name]) for name in found]
+
+    def _finding(self, record: StepRecord, name: str, params: list[str]) -> Finding:
+        return Finding(
+            kind=self.kind,
+            layer=name,
+            step=record.step,
+            value=float(len(params)),
+            threshold=0.0,
+            message=(f"Not in any optimizer: trainable parameter(s) {params} of '{name}' belong "
+                     "to no optimizer's param groups, so they never change, whatever their "
+                     "gradients. The classic cause: the module was created after the optimizer "
+                     "(after configure_optimizers, or lazily in forward), or the optimizer was "
+                     "built from a list of parameters that leaves it out."),
+            remedy=wording.NOT_IN_OPTIMIZER,
+            details={"parameters": list(params)},
+        )
+
+
+def update_rules(config: MonitorConfig) -> list[Rule]:
+    """The update rules with the thresholds of ``config``."""
+    return [
+        StalledRule(config.stalled_ratio, config.stalled_rel, config.update_patience,
+                    config.vanishing_rel),
+        UnstableUpdateRule(config.unstable_ratio, config.update_patience),
+        NotInOptimizerRule(),
+    ]

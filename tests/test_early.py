@@ -1,0 +1,148 @@
+"""Evidence early: front-loaded activation statistics, and vanishing confirmed early when overwhelming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graddiag import GradientDiagnostics, GradientMonitor
+from graddiag.data.records import StepRecord
+from graddiag.demos.data import DigitsDataModule
+from graddiag.demos.models import DeepMLP, build_mlp
+from graddiag.rules.gradient import VanishingRule
+
+PATHOLOGIES = {
+    "dead_relu": dict(depth=4, width=32, activation="relu", init="kaiming", bias_init=-3.0),
+    "saturated": dict(depth=4, width=64, activation="sigmoid", init="normal", init_std=8.0),
+}
+
+
+def _fraction(kind: str, output: torch.Tensor) -> float:
+    """The statistic recomputed from the activation's output, in float64."""
+    out = output.detach().double()
+    if kind == "dead_relu":  # units silent (derivative 0) for every sample of the batch
+        return (out <= 0).all(dim=0).double().mean().item()
+    return (out * (1 - out) < 0.01).double().mean().item()  # sigmoid derivative below the floor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(PATHOLOGIES))
+@pytest.mark.parametrize("early_steps", [5, 0])
+def test_a_thirty_step_lightning_run_with_defaults_is_flagged(
+    kind: str, early_steps: int, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = DeepMLP(**PATHOLOGIES[kind])  # type: ignore[arg-type]
+    site = model.net[1]
+    seen: list[float] = []  # our own reading of every training forward, in step order
+    site.register_forward_hook(
+        lambda m, a, out: seen.append(_fraction(kind, out)) if m.training else None)
+    cb = GradientDiagnostics(early_steps=early_steps, print_summary=False)
+    trainer = pl.Trainer(max_steps=30, callbacks=[cb], default_root_dir=tmp_path,
+                         accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False)  # sanity check and validation stay on
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    assert trainer.num_sanity_val_steps > 0 and trainer.num_val_batches[0] > 0  # they ran
+    assert trainer.global_step == 30 and len(seen) == 30
+    acts = cb.activation_history
+    found = [f for f in cb.findings if f.kind == kind]
+    if early_steps == 0:  # the old schedule: one activation step (0) in 30 steps, no finding
+        assert sorted(acts.step.unique()) == [0] and found == []
+        return
+    assert sorted(acts.step.unique()) == [0, 1, 2, 3, 4]  # validation never recorded
+    column = "dead_fraction" if kind == "dead_relu" else "saturated_fraction"
+    mine = acts[acts.site == "net.1"].sort_values("step")[column].to_numpy()
+    np.testing.assert_allclose(mine, seen[:5], rtol=1e-6)
+    assert found and found[0].layer == "net.1" and found[0].step == 1
+    threshold = 0.7 if kind == "dead_relu" else 0.5
+    assert min(seen[:2]) > threshold
+
+
+def _layer_grad_norms(model: nn.Sequential) -> dict[str, float]:
+    norms = {}
+    for name, module in model.named_children():
+        params = [p for p in module.parameters(recurse=False)]
+        if params:
+            norms[name] = torch.cat([p.grad.double().flatten() for p in params]).norm().item()
+    return norms
+
+
+def test_deep_sigmoid_vanishing_is_reported_at_step_one_where_overwhelming(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=12, width=32, activation="sigmoid")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = digits
+    ratios = []  # per step: each layer's gradient norm over the largest, recomputed in float64
+    with GradientMonitor(model, reporters=[], optimizers=opt) as monitor:
+        for step in range(12):
+            batch = slice(32 * step, 32 * step + 32)
+            opt.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            norms = _layer_grad_norms(model)
+            top = max(norms.values())
+            ratios.append({k: v / top for k, v in norms.items()})
+            monitor.step()
+            opt.step()
+    early = {k for k in ratios[0] if ratios[0][k] < 1e-8 and ratios[1][k] < 1e-8}
+    assert "0" in early
+    vanishing = [f for f in monitor.findings if f.kind == "vanishing"]
+    at_one = {f.layer for f in vanishing if f.step == 1}
+    assert at_one == early  # the overwhelming ones at step 1, after two recorded steps
+    assert all(f.details["early"] for f in vanishing if f.step == 1)
+    assert "Reported early" in vanishing[0].message
+    patient = {k for k in ratios[0] if k not in early and all(r[k] < 1e-4 for r in ratios[:10])}
+    assert patient  # the rest: far below, but not overwhelmingly; after the full patience
+    assert {f.layer for f in vanishing if f.step == 9} == patient
+    assert len({f.layer for f in vanishing}) == len(vanishing)  # each reported once
+
+
+def _norms(step: int, values: list[float]) -> StepRecord:
+    n = len(values)
+    return StepRecord(step=step, layers=[f"l{i}" for i in range(n)], grad_norm=np.array(values),
+                      has_grad=np.ones(n, dtype=bool))
+
+
+def test_early_report_is_made_once_and_again_only_after_the_condition_ended() -> None:
+    rule = VanishingRule(1e-12, 1e-4, patience=10, early_rel=1e-8, early_patience=2)
+    sequence = [[1e-10, 1.0]] * 2 + [[1e-6, 1.0]] * 12 + [[1e-10, 1.0]] * 3 + [[1.0, 1.0]] \
+        + [[1e-10, 1.0]] * 2
+    reported = []
+    for step, values in enumerate(sequence):
+        if step == 8:  # a resume in the middle keeps what was said
+            state = rule.state_dict()
+            rule = VanishingRule(1e-12, 1e-4, patience=10, early_rel=1e-8, early_patience=2)
+            rule.load_state_dict(state)
+        reported += [(f.step, f.details["early"]) for f in rule.update(_norms(step, values))]
+    # early at step 1; the condition lasts (1e-6 < 1e-4) to step 16, so no second report at
+    # step 9; it ends at step 17 and begins anew, overwhelming again at step 19
+    assert reported == [(1, True), (19, True)]
+
+
+def test_zero_gradient_on_the_first_step_alone_is_not_an_early_report() -> None:
+    """Zero-initialised next layers (LoRA B, zero-init residual branches) give 0 on step 0 only."""
+    rule = VanishingRule(1e-12, 1e-4, patience=10, early_rel=1e-8, early_patience=2)
+    found = [f for step, values in enumerate([[0.0, 1.0], [1e-3, 1.0], [1e-2, 1.0]])
+             for f in rule.update(_norms(step, values))]
+    assert found == []
+
+
+def test_schedule_front_loads_parameters_and_activations_then_keeps_the_cadence() -> None:
+    from graddiag.data.schedule import Schedule
+
+    schedule = Schedule(gradients=5, parameters=50, activations=50, histograms=0, early=3)
+    steps = range(0, 151)
+    assert [s for s in steps if schedule.records_activations(s)] == [0, 1, 2, 50, 100, 150]
+    assert [s for s in steps if schedule.records_parameters(s)] == [0, 1, 2, 50, 100, 150]
+    # the weights are copied on the step before each parameter step (two optimizers: two before)
+    assert [s for s in steps if schedule.copies_parameters(s)] == [0, 1, 49, 99, 149]
+    assert [s for s in steps if schedule.copies_parameters(s, lookahead=2)] == \
+        [0, 1, 48, 49, 98, 99, 148, 149]
+    recorded = [s for s in steps if schedule.records(s)]
+    assert recorded == sorted({*range(0, 151, 5), 1, 2, 49, 99, 149})
+    assert [s for s in steps if Schedule(1, 0, 0, 0, early=3).records_parameters(s)] == []  # off

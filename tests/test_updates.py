@@ -1,0 +1,362 @@
+"""Update ratios per optimizer step, and the stalled / unstable_update / not_in_optimizer findings.
+
+Every expected value is recomputed here from copies of the weights in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graddiag import GradientMonitor
+from graddiag.data.records import StepRecord
+from graddiag.demos.models import build_mlp
+from graddiag.rules.updates import NotInOptimizerRule, StalledRule, UnstableUpdateRule
+
+
+def _layer_ratios(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    """||w_after - w_before|| / ||w_after|| over a layer's tensors, in float64."""
+    delta = torch.cat([(a.double() - b.double()).flatten() for a, b in zip(after, before)])
+    norm = torch.cat([a.double().flatten() for a in after]).norm()
+    return (delta.norm() / norm).item()
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
+           steps: int, *, seed: int = 0, **options: object) -> tuple[GradientMonitor, list]:
+    """Train with a monitor; returns it and each step's weights as seen by ``monitor.step()``."""
+    x, y = data
+    g = torch.Generator().manual_seed(seed)
+    weights = []
+    options.setdefault("reporters", [])
+    with GradientMonitor(model, **options) as monitor:  # type: ignore[arg-type]
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            if monitor.step().should_skip:
+                continue
+            opt.step()
+    return monitor, weights
+
+
+def _expected_ratio(weights: list, step: int, layer: str) -> float:
+    names = [n for n in weights[step] if n.rsplit(".", 1)[0] == layer]
+    return _layer_ratios([weights[step - 1][n] for n in names], [weights[step][n] for n in names])
+
+
+# ----------------------------------------------------------------------------- the ratio itself
+def test_update_ratio_spans_exactly_one_optimizer_step_on_a_front_loaded_schedule(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=32, init="kaiming")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor, weights = _train(model, opt, digits, 13, every_n_steps=5, param_every_n_steps=4,
+                              early_steps=3, activation_every_n_steps=0)
+    h = monitor.history
+    # gradient steps 0, 5, 10; parameter steps 0, 1, 2 (early) and 4, 8, 12; weight copies on
+    # the steps before parameter steps: 0, 1, 3, 7, 11
+    assert sorted(h.step.unique()) == [0, 1, 2, 3, 4, 5, 7, 8, 10, 11, 12]
+    with_ratio = sorted(h[h.update_ratio.notna()].step.unique())
+    assert with_ratio == [1, 2, 4, 8, 12]  # step 0 has nothing before it
+    assert sorted(h[h.param_norm.notna()].step.unique()) == [0, 1, 2, 4, 8, 12]
+    for step in with_ratio:
+        for layer in ("0", "2", "4"):
+            row = h[(h.step == step) & (h.layer == layer)].iloc[0]
+            assert row.update_ratio == pytest.approx(_expected_ratio(weights, step, layer), rel=1e-4)
+
+
+def test_a_skipped_optimizer_step_gives_no_ratio_rather_than_zero(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def poison(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        return output * float("nan") if monitor_step[0] == 3 else output
+
+    monitor_step = [0]
+    model[0].register_forward_hook(poison)
+    x, y = digits
+    with GradientMonitor(model, reporters=[], param_every_n_steps=4, early_steps=0,
+                         activation_every_n_steps=0, on_nonfinite="skip") as monitor:
+        for step in range(9):
+            monitor_step[0] = step
+            opt.zero_grad()
+            F.cross_entropy(model(x[:32]), y[:32]).backward()
+            if not monitor.step().should_skip:
+                opt.step()
+    h = monitor.history
+    # step 3 (the copy before parameter step 4) was skipped: w_4 == w_3, no update happened
+    assert h[h.step == 4].update_ratio.isna().all()
+    assert (h[h.step == 8].update_ratio > 0).all()
+
+
+# ----------------------------------------------------------------------------- stalled
+def _groups_with_tiny_lr(model: nn.Sequential, slow: int, lr: float = 1e-3) -> torch.optim.Adam:
+    slow_params = list(model[slow].parameters())
+    others = [p for i, m in enumerate(model) if i != slow for p in m.parameters()]
+    return torch.optim.Adam([{"params": others}, {"params": slow_params, "lr": 1e-9}], lr=lr)
+
+
+@pytest.mark.parametrize("tell_optimizer", [True, False])
+def test_a_layer_with_a_tiny_learning_rate_is_stalled_there_and_nowhere_else(
+    digits, tell_optimizer: bool  # noqa: ANN001
+) -> None:
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=3, width=32, init="kaiming")
+    opt = _groups_with_tiny_lr(model, slow=2)
+    extra = {"optimizers": opt} if tell_optimizer else {}
+    monitor, weights = _train(model, opt, digits, 8, **extra)
+    stalled = [f for f in monitor.findings if f.kind == "stalled"]
+    assert [f.layer for f in stalled] == ["2"]
+    finding = stalled[0]
+    assert finding.step == 3  # ratios on steps 1, 2, 3 (front-loaded), patience 3
+    for step in (1, 2, 3):  # the evidence, recomputed: ~1e-8 there, >1e-4 everywhere else
+        assert _expected_ratio(weights, step, "2") < 1e-6
+        for layer in ("0", "4", "6"):
+            assert _expected_ratio(weights, step, layer) > 1e-4
+    assert finding.value == pytest.approx(_expected_ratio(weights, 3, "2"), rel=1e-3)
+    if tell_optimizer:
+        assert "learning rate is 1e-09" in finding.message
+        assert finding.details["largest_learning_rate"] == 1e-3
+        assert finding.remedy.startswith("raise this param group's learning rate")
+    else:
+        assert "pass optimizers=" in finding.message
+    assert not [f for f in monitor.findings if f.kind != "stalled"]
+
+
+def test_deep_sigmoid_net_first_layers_are_stalled_by_their_vanished_gradient(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=10, width=32, activation="sigmoid")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor, weights = _train(model, opt, digits, 6, optimizers=opt)
+    stalled = {f.layer: f for f in monitor.findings if f.kind == "stalled"}
+    assert "0" in stalled
+    expected = {layer for layer in [str(2 * i) for i in range(11)]
+                if all(_expected_ratio(weights, s, layer) < 1e-6 for s in (1, 2, 3))}
+    assert set(stalled) == expected
+    assert "gradient has vanished" in stalled["0"].message
+
+
+@pytest.mark.parametrize("tell_optimizer", [True, False])
+def test_frozen_layers_zero_lr_groups_and_warm_up_from_zero_are_not_stalled(
+    digits, caplog: pytest.LogCaptureFixture, tell_optimizer: bool  # noqa: ANN001
+) -> None:
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=3, width=32, init="kaiming")
+    model[0].requires_grad_(False)  # frozen before the monitor starts: not a layer at all
+    zero = list(model[2].parameters())
+    rest = [p for m in (model[4], model[6]) for p in m.parameters()]
+    opt = torch.optim.Adam([{"params": rest}, {"params": zero, "lr": 0.0}], lr=1e-3)
+    warm_up = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 1000)  # lr 0 at step 0
+    x, y = digits
+    extra = {"optimizers": opt} if tell_optimizer else {}
+    with caplog.at_level(logging.INFO, logger="graddiag"), \
+            GradientMonitor(model, reporters=[], **extra) as monitor:
+        for step in range(8):
+            batch = slice(32 * step, 32 * step + 32)
+            opt.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            monitor.step()
+            opt.step()
+            warm_up.step()
+    h = monitor.history
+    assert (h[(h.layer == "2") & h.update_ratio.notna()].update_ratio == 0).all()  # it did not move
+    assert "0" not in set(h.layer)
+    stalled = [f.layer for f in monitor.findings if f.kind in ("stalled", "unstable_update")]
+    if tell_optimizer:  # lr 0 says the layer is meant to stay put; warm-up slows all alike
+        assert stalled == []
+        assert any("'2'" in r.getMessage() and "learning rate 0" in r.getMessage()
+                   for r in caplog.records)
+    else:  # without the optimizer, a layer that never moves while the others do is flagged
+        assert stalled == ["2"]
+
+
+# ----------------------------------------------------------------------------- unstable_update
+def test_a_huge_learning_rate_is_an_unstable_update(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=32, init="kaiming")
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    monitor, weights = _train(model, opt, digits, 5, optimizers=opt)
+    unstable = [f for f in monitor.findings if f.kind == "unstable_update"]
+    assert unstable
+    for f in unstable:
+        assert f.step == 3
+        for step in (1, 2, 3):
+            assert _expected_ratio(weights, step, f.layer) > 0.1
+        assert f.value == pytest.approx(_expected_ratio(weights, 3, f.layer), rel=1e-3)
+        assert "learning rate is 1" in f.message
+
+
+def test_a_zero_initialised_layer_is_not_an_unstable_update(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=32, init="kaiming")
+    nn.init.zeros_(model[4].weight)  # a zero-initialised head: ratio ~1/t on its first steps
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor, weights = _train(model, opt, digits, 60, optimizers=opt)
+    assert _expected_ratio(weights, 2, "4") > 0.3  # large by construction, and harmless
+    assert monitor.findings == []
+
+
+# ----------------------------------------------------------------------------- not_in_optimizer
+class LateHead(nn.Module):
+    """A model whose second head is created after the optimizer was built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+        self.head2: nn.Linear | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        out = self.head(h)
+        return out if self.head2 is None else out + self.head2(h)
+
+
+def test_a_module_created_after_the_optimizer_is_not_in_optimizer(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = LateHead()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.head2 = nn.Linear(32, 10)  # the classic bug
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not any(id(p) in held for p in model.head2.parameters())  # independent check
+    monitor, weights = _train(model, opt, digits, 8, optimizers=opt)
+    missing = [f for f in monitor.findings if f.kind == "not_in_optimizer"]
+    assert [(f.layer, f.step, f.details["parameters"]) for f in missing] == [
+        ("head2", 0, ["weight", "bias"])]
+    assert torch.equal(weights[0]["head2.weight"], weights[-1]["head2.weight"])  # never moved
+    assert not [f for f in monitor.findings if f.kind == "stalled"]  # said to be so instead
+
+
+def test_optimizers_argument_is_checked() -> None:
+    with pytest.raises(ValueError, match="optimizers must be a torch.optim.Optimizer or a list"):
+        GradientMonitor(nn.Linear(2, 2), optimizers="adam")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- the rules alone
+def _record(step: int, ratio: list[float], *, lr: list[float] | None = None,
+            orphaned: dict[str, list[str]] | None = None, param_norm: list[float] | None = None,
+            grad: list[float] | None = None) -> StepRecord:
+    n = len(ratio)
+    return StepRecord(
+        step=step, layers=[f"l{i}" for i in range(n)],
+        grad_norm=np.array(grad or [1.0] * n), has_grad=np.ones(n, dtype=bool),
+        param_norm=np.array(param_norm or [1.0] * n), update_ratio=np.array(ratio),
+        learning_rate=None if lr is None else np.array(lr), orphaned=orphaned,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ratios", "lr", "orphaned", "expected"),
+    [
+        ([[1e-3, 1e-9, 1e-3]] * 3, None, None, {"l1"}),
+        ([[1e-3, 1e-9, 1e-3]] * 2, None, None, set()),  # patience 3 not reached
+        ([[1e-7, 1e-7, 1e-8]] * 3, None, None, set()),  # everything slow (warm-up): no outlier
+        ([[1e-3, 1e-9, 1e-3]] * 3, [1e-3, 0.0, 1e-3], None, set()),  # lr 0: frozen on purpose
+        ([[1e-3, 0.0, 1e-3]] * 3, None, {"l1": ["weight"]}, set()),  # not held: its own finding
+        ([[1e-3, 1e-9, 1e-3], [1e-3, 1e-3, 1e-3], [1e-3, 1e-9, 1e-3]], None, None, set()),
+        ([[1e-3, float("nan"), 1e-3]] * 3, None, None, set()),
+    ],
+    ids=["stalled", "short", "warm-up", "lr-zero", "orphan", "interrupted", "nan"],
+)
+def test_stalled_rule_table(ratios: list[list[float]], lr: list[float] | None,
+                            orphaned: dict[str, list[str]] | None, expected: set[str]) -> None:
+    rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    found = set()
+    for step, ratio in enumerate(ratios):
+        found |= {f.layer for f in rule.update(_record(step, ratio, lr=lr, orphaned=orphaned))}
+    assert found == expected
+
+
+def test_unstable_rule_skips_layers_that_start_from_zero_until_they_settle() -> None:
+    rule = UnstableUpdateRule(0.1, 2)
+    rule.update(_record(0, [np.nan, np.nan], param_norm=[1.0, 0.0]))  # l1 starts at zero
+    found = []
+    for step, ratio in enumerate([[0.5, 1.0], [0.5, 0.5], [0.01, 0.05], [0.5, 0.5], [0.5, 0.5]], 1):
+        found += [(f.layer, f.step) for f in rule.update(_record(step, ratio))]
+    # l0 after two steps above 0.1; l1 only after it once came below (step 3), then two above
+    assert found == [("l0", 2), ("l0", 5), ("l1", 5)]
+
+
+def test_not_in_optimizer_is_reported_once_and_again_only_after_it_was_fixed() -> None:
+    rule = NotInOptimizerRule()
+    seen = []
+    for step, orphaned in enumerate([{"h": ["weight"]}, {"h": ["weight"]}, None, {}, {"h": ["weight"]}]):
+        seen += [(f.layer, f.step) for f in rule.update(_record(step, [1e-3], orphaned=orphaned))]
+    assert seen == [("h", 0), ("h", 4)]
+
+
+class LateHeadModule(pl.LightningModule):
+    """Builds its optimizer, then a second head: the classic bug inside Lightning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = LateHead()
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        self.model.head2 = nn.Linear(32, 10)
+        return optimizer
+
+
+def test_lightning_callback_reports_a_module_created_after_configure_optimizers() -> None:
+    from graddiag import GradientDiagnostics
+    from graddiag.demos.data import DigitsDataModule
+    from tests.helpers import quiet_trainer
+
+    pl.seed_everything(0, verbose=False)
+    module = LateHeadModule()
+    cb = GradientDiagnostics(print_summary=False)
+    trainer = quiet_trainer(max_steps=6, callbacks=[cb])
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    held = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    assert [n for n, p in module.named_parameters() if id(p) not in held] == [
+        "model.head2.weight", "model.head2.bias"]  # independent check of what is missing
+    assert [(f.kind, f.layer, f.step) for f in cb.findings] == [
+        ("not_in_optimizer", "model.head2", 0)]
+
+
+def test_unstable_rule_waits_for_weights_that_start_near_zero_but_not_for_ordinary_ones() -> None:
+    rule = UnstableUpdateRule(0.1, 2)
+    first = _record(0, [np.nan, np.nan], param_norm=[1e-5, 1.0])
+    first.param_count = np.array([100, 100])  # RMS 1e-6 (LayerScale's init) and 0.1 (Kaiming)
+    rule.update(first)
+    found = [(f.layer, f.step) for step in (1, 2) for f in rule.update(_record(step, [0.5, 0.5]))]
+    assert found == [("l1", 2)]
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_an_amp_overflow_on_the_copy_step_gives_no_ratio_also_with_a_deferred_read(
+    digits, deferred: bool  # noqa: ANN001
+) -> None:
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = digits
+    with GradientMonitor(model, reporters=[], param_every_n_steps=4, early_steps=0,
+                         activation_every_n_steps=0) as monitor:
+        monitor.deferred_host_read = deferred  # the CUDA path: each record is read a step later
+        for step in range(10):
+            opt.zero_grad()
+            F.cross_entropy(model(x[:32]), y[:32]).backward()
+            if step == 3:  # the copy step before parameter step 4: the grad scaler overflows
+                model[0].weight.grad[0, 0] = float("inf")
+            monitor.step(amp_scale=1024.0)
+            if step != 3:  # ... and skips this optimizer step, as GradScaler.step does
+                opt.step()
+        monitor.flush()
+    h = monitor.history
+    assert bool(h[h.step == 3].amp_overflow.all())
+    assert h[h.step == 4].update_ratio.isna().all()  # w_4 == w_3: no update, so no ratio
+    assert (h[h.step == 8].update_ratio > 0).all()
