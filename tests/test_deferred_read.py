@@ -27,8 +27,8 @@ def _backward(model: nn.Module, step: int) -> None:
 
 def test_deferred_records_and_findings_equal_immediate_ones_one_step_later() -> None:
     model_now, model_later = _model(), _model()  # identical weights, identical batches
-    now = GradientMonitor(model_now, reporters=[], activation_every_n_steps=3)
-    later = GradientMonitor(model_later, reporters=[], activation_every_n_steps=3)
+    now = GradientMonitor(model_now, reporters=[], early_steps=0, activation_every_n_steps=3)
+    later = GradientMonitor(model_later, reporters=[], early_steps=0, activation_every_n_steps=3)
     later.deferred_host_read = True
     steps_reported = []
     for step in range(8):
@@ -64,7 +64,7 @@ def test_deferred_records_and_findings_equal_immediate_ones_one_step_later() -> 
 
 def test_close_evaluates_the_pending_step() -> None:
     model = _model()
-    monitor = GradientMonitor(model, reporters=[])
+    monitor = GradientMonitor(model, reporters=[], early_steps=0)
     monitor.deferred_host_read = True
     for step in range(3):
         _backward(model, step)
@@ -76,7 +76,7 @@ def test_close_evaluates_the_pending_step() -> None:
 
 def test_same_step_actions_are_never_deferred() -> None:
     model = _model()
-    monitor = GradientMonitor(model, reporters=[], on_nonfinite="skip")
+    monitor = GradientMonitor(model, reporters=[], early_steps=0, on_nonfinite="skip")
     monitor.deferred_host_read = True  # asked for, but skip must decide on the step itself
     actions = []
     for step in range(6):
@@ -88,7 +88,7 @@ def test_same_step_actions_are_never_deferred() -> None:
 
 def test_cpu_default_reads_on_the_step_with_one_copy(monkeypatch) -> None:  # noqa: ANN001
     model = _model()
-    monitor = GradientMonitor(model, reporters=[])
+    monitor = GradientMonitor(model, reporters=[], early_steps=0)
     copies = []
     real = transfer._copy_to_host
     monkeypatch.setattr(transfer, "_copy_to_host", lambda t: copies.append(1) or real(t))
@@ -102,7 +102,7 @@ def test_cpu_default_reads_on_the_step_with_one_copy(monkeypatch) -> None:  # no
 
 def test_a_step_with_a_replay_closure_is_read_on_the_step() -> None:
     model = _model()
-    monitor = GradientMonitor(model, reporters=[])
+    monitor = GradientMonitor(model, reporters=[], early_steps=0)
     monitor.deferred_host_read = True  # asked for, but a replay needs this step's weights
     _backward(model, 0)
     report = monitor.step(replay=lambda: model(torch.randn(16, 4)).square().mean())

@@ -85,7 +85,8 @@ def test_bad_config_values_are_rejected_before_training(override: list[str], nam
          "--diagnostics.vanishing_rel must be a number in [0.0, 1.0], got 5.0"),
         (["--diagnostics.ignore", "[vanish]"],
          "--diagnostics.ignore must be a list of finding kinds from ['vanishing', 'exploding', "
-         "'nonfinite', 'no_gradient', 'saturated', 'dead_relu'], got vanish"),
+         "'nonfinite', 'no_gradient', 'saturated', 'dead_relu', 'stalled', 'unstable_update', "
+         "'not_in_optimizer'], got vanish"),
         (["--diagnostics.every_n_steps", "ten"],
          "--diagnostics.every_n_steps must be an integer >= 1, got ten"),
         (["--diagnostics.on_nonfinite", "panic"],
