@@ -3,8 +3,8 @@ or ``training_step`` in Lightning) that belong to an activation step, and nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from torch import nn
 
@@ -59,6 +59,15 @@ class ActivationScope:
 
     def take(self, step: int) -> ActivationPack | None:
         return self.steps.take(step) if self.steps is not None else None
+
+    @contextmanager
+    def unwatched(self) -> Iterator[None]:
+        """Forward passes inside count for no step (a replay adds nothing to the statistics)."""
+        upcoming, self.upcoming = self.upcoming, None
+        try:
+            yield
+        finally:
+            self.upcoming = upcoming
 
     def pause(self) -> None:
         if self.steps is not None:

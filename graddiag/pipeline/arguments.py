@@ -1,4 +1,5 @@
-"""Checks of the object arguments (``activation_registry``, ``reporters``) at construction.
+"""Checks of the object arguments (``model``, ``watch``, ``activation_registry``, ``reporters``)
+at construction.
 
 Options are checked by :mod:`graddiag.data.options`; these two are objects, checked here so
 that a wrong one fails when the monitor or callback is made, not at fit or at its very end.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from torch import nn
 
 from graddiag.data.checks import reject
 from graddiag.measure.activations import ActivationRegistry
@@ -44,3 +47,16 @@ def check_reporters(value: Any) -> list[Any]:
                 f"a bad {' and '.join(wrong)}, got {reporter!r}"
             )
     return list(value)
+
+
+def check_monitor_arguments(model: Any, config: Any, options: dict[str, Any],
+                            watch: str | None) -> None:
+    """A module to monitor, either ``config`` or options (not both), and ``watch`` naming one of
+    the model's methods (or ``None``), else ``ValueError``."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None and options:
+        raise ValueError(f"pass either config or options, not both (got {sorted(options)})")
+    if watch is not None and not callable(getattr(model, watch, None)):
+        raise ValueError(f"watch must name a method of the model or be None; "
+                         f"{type(model).__name__} has no method {watch!r}")

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.findings import Finding
-from graddiag.data.options import MonitorConfig, changed_settings
+from graddiag.data.options import MonitorConfig
 from graddiag.data.policy import ALARM_KINDS, StepReport, decide
 from graddiag.data.records import StepRecord
 from graddiag.data.schedule import Schedule
@@ -31,13 +28,19 @@ from graddiag.measure.replay import ReplayArgument, check_replay
 from graddiag.measure.tree import module_tree
 from graddiag.measure.updates import UpdateTracker, as_optimizers
 from graddiag.pipeline.activation_scope import ActivationScope
-from graddiag.pipeline.arguments import check_activation_registry, check_reporters
+from graddiag.pipeline.arguments import (
+    check_activation_registry,
+    check_monitor_arguments,
+    check_reporters,
+)
+from graddiag.pipeline.controls import WatchControls
+from graddiag.pipeline.deferral import HostReadDeferral
 from graddiag.pipeline.history import History
+from graddiag.pipeline.persistence import monitor_state, restore_monitor
 from graddiag.pipeline.replay import NonfiniteReplay
 from graddiag.pipeline.reporting import Reporting
+from graddiag.pipeline.results import MonitorResults
 from graddiag.reporters import ConsoleReporter, Reporter
-from graddiag.reporters.summary import summarize
-from graddiag.reporters.tables import save_table
 from graddiag.rules.activation import DeadReluRule, SaturatedRule
 from graddiag.rules.explain import Explainer
 from graddiag.rules.ruleset import RuleSet
@@ -48,7 +51,7 @@ __all__ = ["GradientMonitor", "StepReport"]
 log = logging.getLogger("graddiag")
 
 
-class GradientMonitor:
+class GradientMonitor(MonitorResults, WatchControls):
     """Records per-layer gradient statistics of ``model`` and raises findings.
 
     Call :meth:`step` after ``loss.backward()`` and before ``optimizer.step()``::
@@ -85,13 +88,7 @@ class GradientMonitor:
                  watch: str | None = "forward",
                  optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
                  **options: Any) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if config is not None and options:
-            raise ValueError(f"pass either config or options, not both (got {sorted(options)})")
-        if watch is not None and not callable(getattr(model, watch, None)):
-            raise ValueError(f"watch must name a method of the model or be None; "
-                             f"{type(model).__name__} has no method {watch!r}")
+        check_monitor_arguments(model, config, options, watch)
         self.config = c = config if config is not None else MonitorConfig.from_options(**options)
         activation_registry = check_activation_registry(activation_registry)
         reporters = None if reporters is None else check_reporters(reporters)
@@ -121,7 +118,7 @@ class GradientMonitor:
                                             exclude=c.exclude, updates=self._updates)
         if self._activations.steps is not None:  # sites are timed on the layers' clock
             self._activations.steps.watch.arrival = self._measurement.live.arrival
-        self._replay = NonfiniteReplay(model, c.replay_nonfinite, self._unwatched)
+        self._replay = NonfiniteReplay(model, c.replay_nonfinite, self._activations.unwatched)
         # on close, and on garbage collection of a monitor never closed: no wrapper, no hook left
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)
@@ -129,49 +126,9 @@ class GradientMonitor:
         self.skipped_steps = 0  # optimizer steps skipped on graddiag's request ("skip" actions)
         self._closed = False
         #: Defer each recorded step's host read by one step (``None``: automatically, on CUDA
-        #: with warn-only actions). The device then never waits for the host: the copy goes to
-        #: pinned memory without blocking and is read on the next step, so findings and the
-        #: report returned by :meth:`step` concern the previous recorded step, and non-finite
-        #: gradients are named per parameter without element counts. ``skip``/``stop``/``raise``
-        #: and a replay of a non-finite step always read on the step itself.
+        #: with warn-only actions); see :mod:`graddiag.pipeline.deferral`.
         self.deferred_host_read: bool | None = None
-        self._defer_auto: bool | None = None
-        self._pending: Callable[[], StepRecord] | None = None
-
-    # ----------------------------------------------------------------- activation scope
-    def watch_activations(self, step: int | None = None) -> AbstractContextManager[None]:
-        """A context in which forward passes count for ``step``'s activation statistics (default:
-        the upcoming step); a no-op context off activation steps. For loops that scope it
-        themselves (``watch=None``)."""
-        return nullcontext() if self._closed else self._activations.watching(step)
-
-    def expect_step(self, step: int | None) -> None:
-        """Forward passes from now on belong to optimizer step ``step`` (``None``: to no step, so
-        none is watched until the next :meth:`step` or call of this)."""
-        self._activations.upcoming = None if step is None else int(step)
-
-    @contextmanager
-    def _unwatched(self) -> Iterator[None]:
-        """Forward passes inside count for no step (a replay adds nothing to the statistics)."""
-        upcoming, self._activations.upcoming = self._activations.upcoming, None
-        try:
-            yield
-        finally:
-            self._activations.upcoming = upcoming
-
-    def pause_activations(self) -> None:
-        """Leave the watch during a backward pass inside the watched call (manual optimization)."""
-        self._activations.pause()
-
-    def resume_activations(self) -> None:
-        """Watch again after :meth:`pause_activations`."""
-        self._activations.resume()
-
-    def watch_optimizers(
-        self, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
-    ) -> None:
-        """The optimizer(s) training the model, for learning rates and ``not_in_optimizer``."""
-        self._updates.watch(as_optimizers(optimizers))
+        self._deferral = HostReadDeferral(c, self.index)
 
     # ----------------------------------------------------------------- one step
     def step(self, step: int | None = None, *, optimizer: int = 0,
@@ -224,8 +181,8 @@ class GradientMonitor:
                 grads_scaled=grads_scaled, clip_norm=clip_norm, activations=pack,
                 deferred=deferred)
         if deferred:  # evaluate the previous recorded step, whose copy has long arrived
-            finish, self._pending = self._pending, finish
-        elif self._pending is not None:
+            finish = self._deferral.swap(finish)
+        elif self._deferral.pending is not None:
             self.flush()
         if finish is not None:
             report = self._evaluate(finish(), None if deferred else replay)
@@ -236,25 +193,12 @@ class GradientMonitor:
         return report
 
     def _deferring(self, replay: ReplayArgument = None) -> bool:
-        """Whether this step's host read is deferred: on CUDA, when nothing needs the step
-        itself — ``on_nonfinite`` and ``on_exploding`` both ``"warn"``, and no replay of a
-        non-finite step asked for (a replay needs this step's weights); see
-        :attr:`deferred_host_read`."""
-        c = self.config
-        if c.on_nonfinite != "warn" or c.on_exploding != "warn":
-            return False
-        if replay is not None and getattr(c, "replay_nonfinite", True):
-            return False
-        if self.deferred_host_read is not None:
-            return self.deferred_host_read
-        if self._defer_auto is None:
-            first = next((p for layer in self.index.layers for p in layer.params), None)
-            self._defer_auto = first is not None and first.is_cuda
-        return self._defer_auto
+        """Whether this step's host read is deferred (see :attr:`deferred_host_read`)."""
+        return self._deferral.wanted(replay, self.deferred_host_read)
 
     def flush(self) -> StepReport | None:
         """Evaluate the recorded step whose deferred host read is still pending, if any."""
-        finish, self._pending = self._pending, None
+        finish = self._deferral.take()
         return None if finish is None else self._evaluate(finish())
 
     def _evaluate(self, record: StepRecord, replay: ReplayArgument = None) -> StepReport:
@@ -283,42 +227,11 @@ class GradientMonitor:
         self.skipped_steps += 1
         return self.skipped_steps
 
-    # ----------------------------------------------------------------- results
-    @property
-    def history(self) -> pd.DataFrame:
-        """Long-format table: one row per recorded step and layer (columns in the README)."""
-        self.flush()
-        return self._history.frame()
-
-    @property
-    def activation_history(self) -> pd.DataFrame:
-        """Long-format table: one row per activation step and activation site."""
-        self.flush()
-        return self._history.activation_frame()
-
-    @property
-    def records(self) -> list[StepRecord]:
-        """The kept step records (bounded by ``max_history_rows``)."""
-        self.flush()
-        return list(self._history.records)
-
-    def summary(self) -> pd.DataFrame:
-        """Per-layer summary: median/min/max gradient norm, first and last finding."""
-        return summarize(self.history, self.findings)
-
-    def save_history(self, path: str | Path) -> Path:
-        """Write :attr:`history` to ``.csv`` or ``.parquet`` (by the file's extension)."""
-        return save_table(self.history, path)
-
-    def active_conditions(self) -> int:
-        """How many reported conditions still hold (a layer still vanishing counts once)."""
-        return self.rules.active_count()
-
+    # ----------------------------------------------------------------- lifecycle
     @property
     def closed(self) -> bool:
         return self._closed
 
-    # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Remove the watch wrapper and every hook, hand reporters the run, close them. Idempotent."""
         if self._closed:
@@ -338,31 +251,12 @@ class GradientMonitor:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Rule state, findings, history, the step counter, skipped steps and the settings (plain
-        containers and tensors only, so checkpoints load with ``weights_only=True``)."""
-        self.flush()
-        return {"next_step": self._next_step, "skipped_steps": self.skipped_steps,
-                "rules": self.rules.state_dict(),
-                "findings": [f.to_dict() for f in self.findings],
-                "history": self._history.state_dict(), "settings": self.config.to_dict()}
+        """Checkpoint state (see :func:`~graddiag.pipeline.persistence.monitor_state`)."""
+        return monitor_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (a resumed run continues where it stopped).
-
-        Settings may differ from the saved ones (e.g. a changed threshold): history and findings
-        are kept, the new settings apply from here on, and one warning says what changed.
-        """
-        changed = changed_settings(state.get("settings", {}), self.config)
-        if changed:
-            log.warning("graddiag: resuming with changed settings (%s); the saved history and "
-                        "findings are kept, the new settings apply from here on.",
-                        ", ".join(changed))
-        self._next_step = self._activations.upcoming = int(state["next_step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.rules.load_state_dict(state["rules"])
-        self.findings = [Finding.from_dict(d) for d in state["findings"]]
-        if "history" in state:
-            self._history.load_state_dict(state["history"])
+        """Restore :meth:`state_dict` (see :func:`~graddiag.pipeline.persistence.restore_monitor`)."""
+        restore_monitor(self, state)
 
 
 def _release(entry: WatchedEntry | None, measurement: StepMeasurement) -> None:
