@@ -37,13 +37,24 @@ def between_trainable_layers(position: np.ndarray | None, n_sites: int, n_layers
 class _FractionRule(OnsetRule):
     family = ""
     kind = ""
+    remedy = ""
 
     def __init__(self, fraction: float, patience: int) -> None:
         super().__init__(patience)
         self.fraction = fraction
 
-    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
+    def _message(self, kind: str, value: float, gain: float) -> str:
         raise NotImplementedError
+
+    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
+        a = record.activations
+        assert a is not None
+        gain = float(a.gain[i])
+        return Finding(
+            kind=self.kind, layer=a.sites[i], step=record.step, value=value,
+            threshold=self.fraction, message=self._message(a.kinds[i], value, gain),
+            remedy=self.remedy, details={"activation": a.kinds[i], "gain": gain},
+        )
 
     def update(self, record: StepRecord) -> list[Finding]:
         acts = record.activations
@@ -65,24 +76,12 @@ class SaturatedRule(_FractionRule):
 
     kind = "saturated"
     family = "saturating"
+    remedy = remedies.SATURATED
 
-    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
-        a = record.activations
-        assert a is not None
-        return Finding(
-            kind=self.kind,
-            layer=a.sites[i],
-            step=record.step,
-            value=value,
-            threshold=self.fraction,
-            message=(
-                f"Saturated {a.kinds[i]}: {value:.0%} of its units sit in the flat region "
-                f"(local derivative below the floor), mean derivative {a.gain[i]:.3g}; they pass "
-                "almost no gradient back, so the layers before it starve."
-            ),
-            remedy=remedies.SATURATED,
-            details={"activation": a.kinds[i], "gain": float(a.gain[i])},
-        )
+    def _message(self, kind: str, value: float, gain: float) -> str:
+        return (f"Saturated {kind}: {value:.0%} of its units sit in the flat region (local "
+                f"derivative below the floor), mean derivative {gain:.3g}; they pass almost no "
+                "gradient back, so the layers before it starve.")
 
 
 class DeadReluRule(_FractionRule):
@@ -90,21 +89,9 @@ class DeadReluRule(_FractionRule):
 
     kind = "dead_relu"
     family = "rectifier"
+    remedy = remedies.DEAD_RELU
 
-    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
-        a = record.activations
-        assert a is not None
-        return Finding(
-            kind=self.kind,
-            layer=a.sites[i],
-            step=record.step,
-            value=value,
-            threshold=self.fraction,
-            message=(
-                f"Dead {a.kinds[i]} units: {value:.0%} of its units output zero (no gradient) for "
-                f"every sample of the batch, mean derivative {a.gain[i]:.3g}; dead units rarely "
-                "recover, so this capacity is lost."
-            ),
-            remedy=remedies.DEAD_RELU,
-            details={"activation": a.kinds[i], "gain": float(a.gain[i])},
-        )
+    def _message(self, kind: str, value: float, gain: float) -> str:
+        return (f"Dead {kind} units: {value:.0%} of its units output zero (no gradient) for every "
+                f"sample of the batch, mean derivative {gain:.3g}; dead units rarely recover, so "
+                "this capacity is lost.")
