@@ -82,22 +82,6 @@ class StepMeasurement:
             self._per_optimizer[optimizer] = probe
         return probe
 
-    def measure(
-        self,
-        step: int,
-        *,
-        optimizer: int = 0,
-        params: Iterable[torch.Tensor] | None = None,
-        amp_scale: torch.Tensor | float | None = None,
-        grads_scaled: bool = False,
-        clip_norm: float | None = None,
-        activations: ActivationPack | None = None,
-    ) -> StepRecord:
-        """Measure ``step`` (see ``GradientMonitor.step`` for the arguments); one host copy."""
-        return self.start(step, optimizer=optimizer, params=params, amp_scale=amp_scale,
-                          grads_scaled=grads_scaled, clip_norm=clip_norm,
-                          activations=activations)()
-
     def start(
         self,
         step: int,

@@ -43,6 +43,11 @@ class CallSite:
         text = linecache.getline(self.file, self.line).strip()
         return text or None
 
+    def fields(self) -> dict[str, Any]:
+        """Where the call was, as the keyword fields of a replay outcome."""
+        return {"module": self.module, "function": self.function, "file": self.file,
+                "line": self.line, "code": self.code}
+
 
 def _package_dir(name: str) -> str | None:
     module = sys.modules.get(name)
