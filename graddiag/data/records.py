@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -90,6 +92,21 @@ class StepRecord:
     param_count: np.ndarray | None = None
     learning_rate: np.ndarray | None = None
     orphaned: dict[str, list[str]] | None = None
+
+    @cached_property
+    def healthy_range(self) -> tuple[float, float] | None:
+        """``(smallest, largest)`` gradient norm when every layer was measured and has a
+        finite, positive gradient norm, not under an AMP overflow; ``None`` otherwise.
+
+        The usual step: rules then check whole-model bounds against these two numbers instead
+        of comparing layer by layer (computed once, shared by the rules).
+        """
+        if self.measured is not None or self.amp_overflow or not len(self.grad_norm):
+            return None
+        low, high = float(self.grad_norm.min()), float(self.grad_norm.max())
+        if not (low > 0.0 and math.isfinite(high)):  # NaN (no gradient), 0, inf
+            return None
+        return low, high
 
     @property
     def global_norm(self) -> float:

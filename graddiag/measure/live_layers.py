@@ -96,7 +96,7 @@ class LiveLayers:
     def note_missing(self, missing: dict[int, list[str]]) -> None:
         """Known layers that stopped receiving gradients may belong to a replaced module:
         walk the module tree on the next update."""
-        if set(missing) != self._missing:
+        if (missing or self._missing) and set(missing) != self._missing:
             self._missing = set(missing)
             if missing:
                 self._watcher.check_modules_next()

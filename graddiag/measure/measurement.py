@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -140,7 +141,9 @@ class StepMeasurement:
                 view: UpdateView | None = None) -> StepRecord:
         grad_norm = host["grad_norm"]
         has_grad = reading.has_grad
-        if not has_grad.all():
+        # every layer got a gradient (the usual step): nothing to mark missing
+        complete = has_grad is probe.all_read and probe.measures_all
+        if not complete and not has_grad.all():
             grad_norm[~has_grad] = np.nan
         param_norm = update_ratio = param_count = learning_rate = orphaned = None
         if view is not None:
@@ -150,9 +153,8 @@ class StepMeasurement:
         if histograms is not None:
             histograms = histograms.reshape(len(self.index), -1)
         suspicious: set[int] = set()
-        finite = np.isfinite(grad_norm)
-        if not finite.all():  # missing layers (NaN), or rarely non-finite ones: look closer
-            suspicious = set(np.flatnonzero(has_grad & ~finite).tolist())
+        if not math.isfinite(grad_norm.sum()):  # missing layers (NaN), or non-finite ones
+            suspicious = set(np.flatnonzero(has_grad & ~np.isfinite(grad_norm)).tolist())
         # Under a GradScaler, inf/NaN gradients make the scaler skip the step: AMP overflow.
         amp_overflow = "amp_scale" in host and bool(suspicious)
         nonfinite: dict[int, dict[str, int]] = {}
@@ -178,7 +180,7 @@ class StepMeasurement:
                 [v for k, v in host.items() if k.startswith("act")]),
             grad_histograms=histograms,
             optimizer=optimizer,
-            measured=None if probe.measured.all() else probe.measured.copy(),
+            measured=None if probe.measures_all else probe.measured.copy(),
             amp_overflow=amp_overflow,
             amp_scale=float(host["amp_scale"][0]) if "amp_scale" in host else None,
             clipped=clipped,

@@ -226,9 +226,11 @@ class GradientProbe:
             group.names.append(name)
             group.lids.append(lid)
         self._groups = list(groups.values())
-        # every measured layer has a gradient: shared, read-only (records keep a reference)
-        self._all_measured = self.measured.copy()
-        self._all_measured.flags.writeable = False
+        #: ``has_grad`` of a read in which every measured layer got its gradients (shared and
+        #: read-only: records keep a reference; ``reading.has_grad is probe.all_read`` tells it)
+        self.all_read = self.measured.copy()
+        self.all_read.flags.writeable = False
+        self.measures_all = bool(self.measured.all())  # every layer (not one optimizer's)
 
     def read(self, grad_scale: torch.Tensor | None = None) -> GradientReading:
         """Read the current ``.grad`` of every monitored parameter.
@@ -295,7 +297,7 @@ class GradientProbe:
         if grad_scale is not None:
             norms = norms / grad_scale.to(norms.device, torch.float32)
         if slow is None:
-            has_grad = self._all_measured
+            has_grad = self.all_read
         else:
             has_grad = np.zeros(self._n_layers, dtype=bool)
             has_grad[slow] = True

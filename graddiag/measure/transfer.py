@@ -10,7 +10,10 @@ def _copy_to_host(flat: torch.Tensor) -> np.ndarray:
     """The single device-to-host copy of a recorded step (tests count calls to this)."""
     # A numpy-owned copy: a view would keep a torch tensor (and ~24 KB of allocator block) alive
     # for every record kept in the history.
-    return flat.detach().cpu().numpy().astype(np.float64)
+    host = flat.detach()
+    if host.device.type != "cpu":
+        host = host.cpu()
+    return host.numpy().astype(np.float64)
 
 
 def to_host(chunks: list[torch.Tensor]) -> list[np.ndarray]:
@@ -72,7 +75,8 @@ class HostCopy:
 def _flatten(chunks: list[torch.Tensor]) -> torch.Tensor:
     home = chunks[0].device
     if len(chunks) == 1:
-        return chunks[0].detach().reshape(-1)
+        only = chunks[0]
+        return only if only.ndim == 1 else only.reshape(-1)
     return torch.cat([c.detach().reshape(-1).to(home, torch.float32) for c in chunks])
 
 

@@ -37,6 +37,9 @@ class VanishingRule(OnsetRule):
         self.early = EarlyConfirmation(early_patience)
 
     def update(self, record: StepRecord) -> list[Finding]:
+        healthy = record.healthy_range
+        if healthy is not None:
+            return self._update_healthy(record, *healthy)
         norms = record.grad_norm
         usable = record.has_grad & np.isfinite(norms)
         if record.measured is not None:
@@ -58,6 +61,30 @@ class VanishingRule(OnsetRule):
         self._active = self.onsets.any_confirmed() or self.early.any_confirmed()
         return [self._finding(record, int(i), top_pos, bool(below_abs[i]), rel_threshold)
                 for i in onsets] + [
+            self._finding(record, i, top_pos, False, self.early_rel * top,
+                          steps=self.early.onsets.patience) for i in early]
+
+    def _update_healthy(self, record: StepRecord, low: float, top: float) -> list[Finding]:
+        """:meth:`update` for a record whose every layer has a finite, positive norm (see
+        ``StepRecord.healthy_range``): the same decisions in a few whole-array operations."""
+        norms = record.grad_norm
+        rel_threshold = self.rel_floor * top
+        threshold = max(self.abs_floor, rel_threshold)
+        if low >= threshold and self.onsets.idle and self.early.onsets.idle:
+            self._active = False  # no layer below either floor: nothing begins, nothing ends
+            return []
+        below = norms < threshold
+        onsets = self.onsets.observe_all(record.layers, below)
+        early: list[int] = []
+        if self.early_rel > 0:  # --- early report: far below the largest, fewer steps needed
+            deep = norms < min(self.early_rel * top, threshold)
+            early = self.early.confirm(self.onsets, record.layers, deep)
+        self._active = self.onsets.any_confirmed() or self.early.any_confirmed()
+        if not len(onsets) and not early:
+            return []
+        top_pos = int(np.argmax(norms))
+        return [self._finding(record, int(i), top_pos, bool(norms[i] < self.abs_floor),
+                              rel_threshold) for i in onsets] + [
             self._finding(record, i, top_pos, False, self.early_rel * top,
                           steps=self.early.onsets.patience) for i in early]
 
@@ -120,6 +147,7 @@ class ExplodingRule(OnsetRule):
         self.log_level: np.ndarray | None = None
         self.count: np.ndarray | None = None
         self.layers: list[str] = []
+        self._settled = False  # every layer has min_history values (known true, else unknown)
 
     def _ensure(self, layers: list[str]) -> None:
         if self.log_level is None or self.count is None:
@@ -131,6 +159,7 @@ class ExplodingRule(OnsetRule):
             self.log_level = np.array([known.get(n, (0.0, 0))[0] for n in layers], dtype=float)
             self.count = np.array([known.get(n, (0.0, 0))[1] for n in layers], dtype=int)
             self.layers = layers
+            self._settled = False
 
     def update(self, record: StepRecord) -> list[Finding]:
         self._active = False
@@ -138,6 +167,8 @@ class ExplodingRule(OnsetRule):
             return []
         self._ensure(record.layers)
         assert self.log_level is not None and self.count is not None
+        if self._quiet_step(record):
+            return []
         norms = record.grad_norm  # NaN where a layer got no gradient
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             logs = np.log(norms)  # NaN for missing/NaN, -inf for 0, +inf for inf
@@ -166,6 +197,28 @@ class ExplodingRule(OnsetRule):
                 self.log_level[first] = logs[first]
             self.count += usable
         return findings
+
+    def _quiet_step(self, record: StepRecord) -> bool:
+        """The usual step, in a handful of whole-array operations: every layer finite, positive,
+        settled, under the ceiling and within ``factor`` of its level, no streak running. Moves
+        the levels exactly as :meth:`update` would and returns ``True``; otherwise changes
+        nothing and returns ``False``."""
+        healthy = record.healthy_range
+        if healthy is None or healthy[1] > self.abs_ceiling or not self.onsets.idle:
+            return False
+        assert self.log_level is not None and self.count is not None
+        if not self._settled:
+            self._settled = bool(self.count.min() >= self.min_history)
+            if not self._settled:
+                return False
+        step = np.log(record.grad_norm)
+        step -= self.log_level
+        if step.max() > self.log_factor:
+            return False
+        step *= self.alpha
+        self.log_level += step
+        self.count += 1
+        return True
 
     def _finding(self, record: StepRecord, i: int, above: bool, level: float) -> Finding:
         value = float(record.grad_norm[i])
@@ -201,6 +254,7 @@ class ExplodingRule(OnsetRule):
             self.layers = list(level)
             self.log_level = np.array([v[0] for v in level.values()], dtype=float)
             self.count = np.array([v[1] for v in level.values()], dtype=int)
+            self._settled = False
 
 
 class NonfiniteRule(OnsetRule):
@@ -292,6 +346,9 @@ class NoGradientRule(OnsetRule):
     kind = "no_gradient"
 
     def update(self, record: StepRecord) -> list[Finding]:
+        if not record.missing and self.onsets.idle:
+            self._active = False
+            return []
         condition = np.zeros(len(record.layers), dtype=bool)
         if record.missing:
             condition[list(record.missing)] = True

@@ -39,13 +39,26 @@ class Onsets:
         self._streak = np.zeros(0, dtype=np.int64)
         self._reported = np.zeros(0, dtype=bool)
         self._any = False  # any aligned streak > 0 (the healthy fast path skips everything)
+        self._confirmed: bool | None = False  # any aligned streak >= patience (None: unknown)
         self._other_streak: dict[str, int] = {}
         self._other_reported: set[str] = set()
+        # A steady run: the same conditions held step after step, all of them reported already.
+        # Such steps only lengthen the streaks, which is counted here and applied when read.
+        self._steady: bytes | None = None  # the held mask of the run (its bytes)
+        self._steady_mask = np.zeros(0, dtype=bool)
+        self._pending = 0  # steady steps not yet added to the streaks
+
+    def _apply_pending(self) -> None:
+        """Add the steps of a steady run to the streaks (before they are read or changed)."""
+        if self._pending:
+            self._streak = self._streak + self._pending * self._steady_mask
+            self._pending = 0
 
     # -- the state as plain containers (also what checkpoints hold)
     @property
     def streak(self) -> dict[str, int]:
         """``{key: consecutive steps the condition has held}`` for keys where it holds."""
+        self._apply_pending()
         aligned = {self._keys[i]: int(self._streak[i]) for i in np.flatnonzero(self._streak)}
         return {**self._other_streak, **aligned}
 
@@ -56,7 +69,15 @@ class Onsets:
 
     def reported_count(self) -> int:
         """How many reported conditions still hold (no set is built)."""
+        if not self._any:  # nothing holds on the aligned keys, so nothing reported there
+            return len(self._other_reported)
         return int(np.count_nonzero(self._reported)) + len(self._other_reported)
+
+    @property
+    def idle(self) -> bool:
+        """No condition holds for any key: a step where none holds changes nothing (rules use
+        this to skip their vectorised bookkeeping on healthy steps)."""
+        return not self._any and not self._other_streak and not self._other_reported
 
     def _align(self, keys: list[str]) -> None:
         """Re-key the arrays to ``keys`` (only when the key list actually changes)."""
@@ -66,6 +87,7 @@ class Onsets:
             self._keys = keys
             return
         streak, reported = self.streak, self.reported
+        self._steady = None
         self._keys = keys
         self._position = {k: i for i, k in enumerate(keys)}
         self._streak = np.array([streak.pop(k, 0) for k in keys], dtype=np.int64)
@@ -73,11 +95,15 @@ class Onsets:
         self._other_streak = streak
         self._other_reported = {k for k in reported if k not in self._position}
         self._any = bool(self._streak.any())
+        self._confirmed = None
 
     def observe(self, key: str, condition: bool) -> bool:
         """Record one step; True exactly when ``key`` has held for ``patience`` steps anew."""
         i = self._position.get(key)
         if i is not None:
+            self._apply_pending()
+            self._steady = None
+            self._confirmed = None
             if not condition:
                 self._streak[i] = 0
                 self._reported[i] = False
@@ -108,21 +134,39 @@ class Onsets:
         held = np.asarray(condition, dtype=bool)
         if not self._any and not held.any():
             return _NO_ONSETS  # the common, healthy case: nothing to do
-        ended = ~held if evaluated is None else ~held & evaluated
-        streak = np.where(held, self._streak + 1, self._streak)
-        streak[ended] = 0
+        if evaluated is None and self._steady is not None and held.tobytes() == self._steady:
+            self._pending += 1  # the same conditions again, all reported: streaks grow
+            return _NO_ONSETS
+        self._apply_pending()
+        self._steady = None
+        if evaluated is None:  # every key judged: a streak goes on where held, else ends
+            streak = self._streak + 1
+            streak *= held
+            self._reported &= held
+        else:  # keys not evaluated keep their streak and their reported flag
+            ended = ~held & evaluated
+            streak = np.where(held, self._streak + 1, self._streak)
+            streak[ended] = 0
+            self._reported[ended] = False
         self._streak = streak
-        self._reported[ended] = False
-        onset = held & (streak >= self.patience) & ~self._reported
-        self._reported |= onset
+        confirmed = streak >= self.patience
         self._any = bool(streak.any())
-        return np.flatnonzero(onset)
+        self._confirmed = bool(confirmed.any())
+        onset = (confirmed & held) > self._reported  # held, confirmed, not yet reported
+        if onset.any():
+            self._reported |= onset
+            return np.flatnonzero(onset)
+        if evaluated is None and not (held > self._reported).any():  # a steady run begins
+            self._steady, self._steady_mask = held.tobytes(), held.copy()
+        return _NO_ONSETS
 
     def mark_reported(self, key: str) -> None:
         """Count ``key``'s condition as reported while it holds (e.g. confirmed early by a
         stricter test), so that its patience running out does not report it again."""
         i = self._position.get(key)
         if i is not None:
+            self._apply_pending()
+            self._steady = None
             self._reported[i] = True
         else:
             self._other_reported.add(key)
@@ -132,8 +176,12 @@ class Onsets:
         return self.streak.get(key, 0) >= self.patience
 
     def any_confirmed(self) -> bool:
-        if self._any and bool((self._streak >= self.patience).any()):
-            return True
+        if self._any:
+            if self._confirmed is None:
+                self._apply_pending()
+                self._confirmed = bool((self._streak >= self.patience).any())
+            if self._confirmed:
+                return True
         return any(v >= self.patience for v in self._other_streak.values())
 
     def state_dict(self) -> dict[str, Any]:
@@ -144,6 +192,8 @@ class Onsets:
         self._streak = np.zeros(0, dtype=np.int64)
         self._reported = np.zeros(0, dtype=bool)
         self._any = False
+        self._confirmed = False
+        self._steady, self._pending = None, 0
         self._other_streak = dict(state["streak"])
         self._other_reported = set(state["reported"])
 
