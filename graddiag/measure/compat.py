@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +29,22 @@ def is_optimized_module(module: nn.Module) -> bool:
 def is_compiled_in_place(module: nn.Module) -> bool:
     """Whether ``module.compile()`` compiled this module in place."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+@contextmanager
+def without_function_mode(mode: Any) -> Iterator[None]:
+    """Run the body with ``mode`` off the function-mode stack when it is on top (its own work,
+    e.g. statistics computed in a module hook, then skips its ``__torch_function__``);
+    otherwise leave the stack as it is."""
+    stack = function_mode_stack()
+    if not stack or stack[-1] is not mode:
+        yield
+        return
+    torch.overrides._pop_mode()
+    try:
+        yield
+    finally:
+        torch.overrides._push_mode(mode)
 
 
 def remove_function_mode(mode: Any) -> int:

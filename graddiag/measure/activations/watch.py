@@ -27,7 +27,11 @@ from graddiag.measure.activations.registry import (
     default_registry,
 )
 from graddiag.measure.activations.statistics import _Site
-from graddiag.measure.compat import function_mode_stack, remove_function_mode
+from graddiag.measure.compat import (
+    function_mode_stack,
+    remove_function_mode,
+    without_function_mode,
+)
 from graddiag.measure.order import GradientArrival
 
 log = logging.getLogger("graddiag")
@@ -235,7 +239,8 @@ class ActivationWatch:
         try:
             if self.arrival is not None:
                 self.arrival.watch_site(name, y)
-            with torch.no_grad():
+            # graddiag's own operations do not pass through its interceptor
+            with without_function_mode(self._mode), torch.no_grad():
                 site = self.sites.get(name)
                 if site is None:
                     site = self.sites[name] = _Site(name, spec)
