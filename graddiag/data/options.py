@@ -230,7 +230,7 @@ class AdapterConfig(_Checked):
     figure_every_n_steps: int | None = option(
         None, Integer(0, optional=True),
         "Gradient-flow image interval in TensorBoard; None: every 500 steps, postponed while "
-        "figures would take more than 1 % of the wall time; an integer: exactly that interval "
+        "figures would take more than 0.25 % of the wall time; an integer: exactly that interval "
         "(0: only the final image, also saved as gradient_flow.png in the log directory).")
     prefix: str = option("graddiag/", Text(), "Prefix of every logged key.", identity=True)
     progress_bar: bool = option(

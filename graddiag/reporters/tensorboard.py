@@ -88,7 +88,7 @@ class TensorBoardReporter:
         prefix: Prefix of every tag (default ``graddiag/``).
         scalars_every_n_steps: Scalar interval (the trainer's ``log_every_n_steps``).
         figure_every_n_steps: Gradient-flow image interval (0: only at the end). ``None``:
-            every 500 steps, postponed while figures would take more than 1 % of the wall
+            every 500 steps, postponed while figures would take more than 0.25 % of the wall
             time (each costs tenths of a second to seconds of Matplotlib); an integer: exactly that interval.
         save_png: Also save the final figure as ``gradient_flow.png`` in the writer's log dir.
     """
