@@ -112,3 +112,19 @@ def test_exploding_level_is_the_running_mean_of_log_norms() -> None:
     assert rule.log_level is not None
     assert rule.log_level[0] == pytest.approx(level, rel=1e-12)
     assert rule.count is not None and rule.count.tolist() == [9, 9]
+
+
+@pytest.mark.parametrize(("norms", "expected"), [
+    ([2.0, 1.0, 3.0], (1.0, 3.0)),
+    ([1.0, math.nan, 3.0], None),  # a layer without gradient, wherever it sits
+    ([math.nan, 1.0], None),
+    ([1.0, math.nan], None),
+    ([1.0, math.inf], None),
+    ([0.0, 1.0], None),  # a zero norm: the general path judges it
+])
+def test_healthy_range(norms: list[float], expected: tuple[float, float] | None) -> None:
+    record = StepRecord(0, [f"l{i}" for i in range(len(norms))], np.array(norms),
+                        np.ones(len(norms), dtype=bool))
+    assert record.healthy_range == expected
+    amp = StepRecord(0, ["a"], np.array([1.0]), np.ones(1, dtype=bool), amp_overflow=True)
+    assert amp.healthy_range is None

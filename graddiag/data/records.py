@@ -103,10 +103,11 @@ class StepRecord:
         """
         if self.measured is not None or self.amp_overflow or not len(self.grad_norm):
             return None
-        low, high = float(self.grad_norm.min()), float(self.grad_norm.max())
-        if not (low > 0.0 and math.isfinite(high)):  # NaN (no gradient), 0, inf
+        values = self.grad_norm.tolist()  # one conversion, then C loops over floats
+        if not math.isfinite(sum(values)):  # NaN (no gradient) or inf somewhere
             return None
-        return low, high
+        low = min(values)
+        return (low, max(values)) if low > 0.0 else None
 
     @property
     def global_norm(self) -> float:

@@ -34,9 +34,11 @@ class RuleSet:
             *(extra or []),
         ]
         self.rules = [r for r in rules if r.kind not in config.ignore]
+        self._active_count: int | None = None  # of the latest update (None: not counted yet)
 
     def update(self, record: StepRecord) -> list[Finding]:
         """Findings that begin at this record."""
+        self._active_count = None
         return [finding for rule in self.rules for finding in rule.update(record)]
 
     def active(self, kind: str) -> bool:
@@ -45,12 +47,16 @@ class RuleSet:
 
     def active_count(self) -> int:
         """Reported conditions that still hold, over all rules."""
-        return sum(rule.onsets.reported_count() for rule in self.rules)  # type: ignore[attr-defined]
+        if self._active_count is None:
+            self._active_count = sum(rule.onsets.reported_count()  # type: ignore[attr-defined]
+                                     for rule in self.rules)
+        return self._active_count
 
     def state_dict(self) -> dict[str, Any]:
         return {rule.kind: rule.state_dict() for rule in self.rules}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._active_count = None
         for rule in self.rules:
             if rule.kind in state:
                 rule.load_state_dict(state[rule.kind])
