@@ -218,3 +218,19 @@ def test_no_gradient_names_the_graph_cutting_operation() -> None:
     found = [f for f in monitor.findings if f.kind == "no_gradient"]
     assert [f.layer for f in found] == ["gate"]
     assert "'Router' called argmax" in found[0].message
+
+
+def test_relu_statistics_count_nan_outputs_as_passing_no_gradient() -> None:
+    from graddiag.measure.activations.specs import RELU
+    from graddiag.measure.activations.statistics import _Site
+
+    y = torch.tensor([[1.0, -1.0, float("nan")], [2.0, 0.0, float("nan")], [0.5, -3.0, 4.0]])
+    site = _Site("r", RELU)
+    with torch.no_grad():
+        site.add(None, y, {}, 0.01)
+    # below the floor: -1, nan, 0, nan, -3 (ReLU's backward passes grad * (y > 0))
+    assert site.below is not None and site.gain is not None
+    assert site.below.item() == 5.0
+    assert site.gain.item() == 4.0  # |f'| = 1 on the four positive elements
+    assert site.alive is not None
+    assert site.alive.tolist() == [True, False, True]  # unit 1 never positive

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -42,8 +43,7 @@ def _empty() -> ActivationRecord:
 
 
 def _info(site: _Site) -> SiteInfo:
-    units = int(site.alive.numel()) if site.alive is not None else -1
-    return (site.name, site.spec.kind, site.spec.family, units)
+    return (site.name, site.spec.kind, site.spec.family, site.units or -1)
 
 
 def _agree(local: list[SiteInfo], cut_ops: dict[str, list[str]], reducer: RankReducer
@@ -77,13 +77,11 @@ def pack_activations(sites: list[_Site], cut_ops: dict[str, list[str]],
     if reducer is None:
         if not sites and not cut_ops:
             return None
-        layout, cuts = local, cut_ops
-        home = sites[0].below.device if sites else torch.device("cpu")  # type: ignore[union-attr]
-    else:
-        layout, cuts = _agree(local, cut_ops, reducer)
-        if not layout and not cuts:
-            return None
-        home = reducer.device
+        return _pack_local(sites, local, cut_ops)
+    layout, cuts = _agree(local, cut_ops, reducer)
+    if not layout and not cuts:
+        return None
+    home = reducer.device
     row = {info[0]: i for i, info in enumerate(layout)}
     width = [max(info[3], 0) for info in layout]
     offsets = np.concatenate([[0], np.cumsum(width)]).astype(int)
@@ -97,27 +95,50 @@ def pack_activations(sites: list[_Site], cut_ops: dict[str, list[str]],
             i = row[site.name]
             if site.alive is not None and info[3] == layout[i][3] >= 0:
                 fired[offsets[i]:offsets[i + 1]] = site.alive.reshape(-1).to(home, torch.float32)
-    if reducer is not None:
-        flat = reducer.all_reduce_sum(torch.cat([counts.reshape(-1), fired]))
-        counts, fired = flat[: counts.numel()].reshape(counts.shape), flat[counts.numel():]
+    flat = reducer.all_reduce_sum(torch.cat([counts.reshape(-1), fired]))
+    counts, fired = flat[: counts.numel()].reshape(counts.shape), flat[counts.numel():]
     segment = torch.from_numpy(np.repeat(np.arange(len(layout)), width)).to(home)
     dead = torch.zeros(len(layout), device=home).index_add_(0, segment, (fired == 0).float())
     unknown = torch.tensor([info[3] < 0 for info in layout], device=home, dtype=torch.bool)
     dead = dead.masked_fill(unknown, math.nan)
+    return ActivationPack([torch.cat([counts, dead[:, None]], 1)],
+                          partial(_record, layout, cuts, None))
 
-    def finish(host: list[np.ndarray]) -> ActivationRecord:
+
+def _pack_local(sites: list[_Site], layout: list[SiteInfo], cut_ops: dict[str, list[str]]
+                ) -> ActivationPack:
+    """One process's statistics: three device numbers per site (saturated elements, sum of
+    |f'|, dead units) in one stack; element and call counts are known on the host already."""
+    home = sites[0].below.device if sites else torch.device("cpu")  # type: ignore[union-attr]
+    values: list[torch.Tensor] = []
+    for site in sites:
+        assert site.below is not None and site.gain is not None
+        values += [site.below, site.gain, site.dead_units()]
+    chunks = [torch.stack([v if v.device == home else v.to(home) for v in values])] if values \
+        else []
+    counts = np.array([[s.elements, s.calls] for s in sites], dtype=float).reshape(-1, 2)
+    return ActivationPack(chunks, partial(_record, layout, cut_ops, counts))
+
+
+def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], counts: np.ndarray | None,
+            host: list[np.ndarray]) -> ActivationRecord:
+    """The record from the host copy: rows of :data:`COLUMNS` (``counts`` None), or of
+    ``[saturated elements, sum of |f'|, dead units]`` with ``counts`` = ``[elements, calls]``."""
+    if counts is None:
         values = host[0].reshape(len(layout), COLUMNS)
-        units = np.array([info[3] if info[3] >= 0 else np.nan for info in layout], dtype=float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return ActivationRecord(
-                sites=[info[0] for info in layout],
-                kinds=[info[1] for info in layout],
-                families=[info[2] for info in layout],
-                saturated=values[:, 0] / values[:, 2],
-                dead=values[:, 4] / units,
-                gain=values[:, 1] / values[:, 2],
-                calls=values[:, 3].copy(),
-                cut_ops=cuts,
-            )
-
-    return ActivationPack([torch.cat([counts, dead[:, None]], 1)], finish)
+    else:
+        device = host[0].reshape(len(layout), 3) if host else np.zeros((0, 3))
+        values = np.column_stack([device[:, 0], device[:, 1], counts[:, 0], counts[:, 1],
+                                  device[:, 2]])
+    units = np.array([info[3] if info[3] >= 0 else np.nan for info in layout], dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ActivationRecord(
+            sites=[info[0] for info in layout],
+            kinds=[info[1] for info in layout],
+            families=[info[2] for info in layout],
+            saturated=values[:, 0] / values[:, 2],
+            dead=values[:, 4] / units,
+            gain=values[:, 1] / values[:, 2],
+            calls=values[:, 3].copy(),
+            cut_ops=cuts,
+        )

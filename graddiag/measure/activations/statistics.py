@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from graddiag.measure.activations.specs import ActivationSpec
+from graddiag.measure.activations.specs import NONNEGATIVE, ActivationSpec, _relu
 from graddiag.measure.order import in_backward
 
 log = logging.getLogger("graddiag")
@@ -74,7 +74,7 @@ class _Site:
         self.elements = 0
         self.below: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
-        # per call position within a forward pass, and its width: units alive in any sample
+        # per call position within a forward pass, and its width: units dead in every sample
         self._slots: dict[tuple[int, int], torch.Tensor] = {}
         self._pass = -1
         self._ordinal = 0
@@ -85,11 +85,21 @@ class _Site:
         if not self._slots:
             return None
         slots = list(self._slots.values())
-        return slots[0] if len(slots) == 1 else torch.cat(slots)
+        return ~(slots[0] if len(slots) == 1 else torch.cat(slots))
 
     @property
     def units(self) -> int:
+        """Units over every call position (0 before the first call)."""
         return sum(int(a.numel()) for a in self._slots.values())
+
+    def dead_units(self) -> torch.Tensor:
+        """How many units of every call position were below the floor for every sample (a
+        float32 device scalar); call only after :meth:`add` recorded a call."""
+        slots = list(self._slots.values())
+        total = slots[0].sum(dtype=torch.float32)
+        for slot in slots[1:]:
+            total = total + slot.sum(dtype=torch.float32).to(total.device)
+        return total
 
     def add(self, x: torch.Tensor | None, y: torch.Tensor, params: dict[str, float],
             floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None) -> None:
@@ -102,25 +112,36 @@ class _Site:
                 log.warning("graddiag: activation site %r has %s outputs; its statistics are "
                             "skipped, training goes on.", self.name, y.dtype)
             return
-        y32 = y.detach().float()
-        x32 = x.detach().float() if x is not None and x.is_floating_point() else None
-        d = self.spec.derivative(x32, y32, params).abs()
-        if d.ndim == 0:
-            d = d.reshape(1)
-        below = d < floor
-        below_sum = below.sum(dtype=torch.float32)
-        gain_sum = d.sum(dtype=torch.float32)
-        if d.ndim > 1:
-            dim = unit_dim(y) if y.ndim == d.ndim else d.ndim - 1
-            alive = (~below).movedim(dim, 0).reshape(d.shape[dim], -1).any(dim=1)
+        # called under no_grad: no graph is built, float32 inputs are used as they are
+        y32 = y if y.dtype == torch.float32 else y.float()
+        x32 = None
+        if x is not None and x.is_floating_point():
+            x32 = x if x.dtype == torch.float32 else x.float()
+        if self.spec.derivative is _relu and floor <= 1.0:  # f' is 1 where y > 0, else 0 (NaN too)
+            d = y32.reshape(1) if y32.ndim == 0 else y32
+            below = ~(d > 0)
+            below_sum = below.sum(dtype=torch.float32)
+            gain_sum = below.numel() - below_sum  # the sum of |f'|: the elements above 0
         else:
-            alive = ~below
+            d = self.spec.derivative(x32, y32, params)
+            if self.spec.derivative not in NONNEGATIVE:
+                d = d.abs()
+            if d.ndim == 0:
+                d = d.reshape(1)
+            below = d < floor
+            below_sum = below.sum(dtype=torch.float32)
+            gain_sum = d.sum(dtype=torch.float32)
+        if d.ndim > 1:  # a unit is dead when it is below the floor for every sample
+            dim = unit_dim(y) if y.ndim == d.ndim else d.ndim - 1
+            dead = below.all(dim=tuple(i for i in range(d.ndim) if i != dim))
+        else:
+            dead = below
         if forward_pass != self._pass:
             self._pass, self._ordinal = forward_pass, 0
-        key = (self._ordinal, int(alive.numel()))
+        key = (self._ordinal, int(dead.numel()))
         self._ordinal += 1
         previous = self._slots.get(key)
-        self._slots[key] = alive if previous is None else previous | alive
+        self._slots[key] = dead if previous is None else previous & dead
         if self.below is None or self.gain is None:
             self.below, self.gain = below_sum, gain_sum
         else:
