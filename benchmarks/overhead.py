@@ -75,7 +75,7 @@ def run_group(label: str, measure: Callable[[], dict[str, dict[str, float]]],
 
 def verdicts(results: dict[str, Any]) -> None:
     """The targets, read off this run. Inside Lightning the defaults also draw a gradient-flow
-    figure at most every 500 steps (and within 1 % of the wall time), which a window of a few
+    figure at most every 500 steps (and within 0.25 % of the wall time), which a window of a few
     hundred steps may not hold: its measured cost, spread over 500 steps, is added (an upper
     bound) before comparing."""
     say("\nTargets (mean ratios; floor = one _foreach_norm per step; Lightning defaults "
