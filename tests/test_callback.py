@@ -203,3 +203,38 @@ def test_progress_bar_shows_active_findings_and_a_summary_prints_at_the_end(
     assert len(summaries) == 1
     assert summaries[0].splitlines()[0] == "graddiag summary: 6 vanishing"
     assert "net.0" in summaries[0] and "vanishing" in summaries[0].splitlines()[3]
+
+
+def test_unmeasured_steps_gather_no_step_inputs_and_keep_no_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every_n_steps=5 (no early steps, no activation or parameter statistics) only steps 0
+    and 5 of 10 are measured: only they read Lightning's step inputs and keep the batch and the
+    random state for a replay; a NaN on a measured step is still replayed to its operation."""
+    from graddiag.lightning import callback as callback_module
+    from graddiag.lightning import replay as replay_module
+
+    gathered: list[int] = []
+    real_inputs = callback_module.step_inputs
+
+    def counting_inputs(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> dict:
+        gathered.append(trainer.global_step)
+        return real_inputs(trainer, optimizer)
+
+    kept: list[int] = []
+    real_keep = replay_module.LightningStepReplay.keep
+
+    def counting_keep(self: object, trainer: pl.Trainer, *args: object) -> None:
+        kept.append(trainer.global_step)
+        real_keep(self, trainer, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(callback_module, "step_inputs", counting_inputs)
+    monkeypatch.setattr(replay_module.LightningStepReplay, "keep", counting_keep)
+    model = NaNAt(bad_step=5, depth=2, width=16)
+    cb = GradientDiagnostics(every_n_steps=5, early_steps=0, activation_every_n_steps=0,
+                             param_every_n_steps=0, print_summary=False)
+    _fit(model, cb, 10)
+    assert gathered == [0, 5]
+    assert kept == [0, 5]
+    assert [(f.kind, f.step) for f in cb.findings] == [("nonfinite", 5)]
+    assert "replay of step 5" in cb.findings[0].message  # the replay named the operation
+    assert "torch.tensor" in cb.findings[0].message

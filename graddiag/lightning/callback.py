@@ -161,8 +161,10 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.monitor is not None:
-            self.monitor.expect_step(trainer.global_step)
-            if self.config.replay_nonfinite:  # a reference and the random state (~3 us)
+            step = trainer.global_step
+            self.monitor.expect_step(step)
+            # a reference and the random state, on the steps that can find a NaN to replay
+            if self.config.replay_nonfinite and self.monitor.measures(step):
                 self._replay.keep(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -185,8 +187,11 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         if self.monitor is None:
             return
+        step = trainer.global_step
+        # what Lightning knows about the optimizer step matters only to a measured step
+        inputs = step_inputs(trainer, optimizer) if self.monitor.measures(step) else {}
         report = self.monitor.step(
-            trainer.global_step, **step_inputs(trainer, optimizer), raise_on_alarm=False,
+            step, **inputs, raise_on_alarm=False,
             replay=self._replay if self.config.replay_nonfinite else None,
         )
         self._replay.clear()

@@ -173,7 +173,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         report = StepReport(current, False)
         deferred = self._deferring(replay)
         finish = None
-        if self.schedule.records(current) or self._updates.copies_on(current):
+        if self.measures(current):
             pack = self._activations.take(current)
             deferred = deferred and pack is None  # activation steps are read on the step
             finish = self._measurement.start(
@@ -191,6 +191,11 @@ class GradientMonitor(MonitorResults, WatchControls):
             raise GradientAlarm([f for f in report.findings if f.kind in ALARM_KINDS]
                                 or alarms[-1:])
         return report
+
+    def measures(self, step: int) -> bool:
+        """Whether :meth:`step` measures ``step`` (gradients, parameters, activations or a copy of
+        the weights); adapters gather a step's inputs only then."""
+        return self.schedule.records(step) or self._updates.copies_on(step)
 
     def _deferring(self, replay: ReplayArgument = None) -> bool:
         """Whether this step's host read is deferred (see :attr:`deferred_host_read`)."""
