@@ -128,3 +128,33 @@ def test_healthy_range(norms: list[float], expected: tuple[float, float] | None)
     assert record.healthy_range == expected
     amp = StepRecord(0, ["a"], np.array([1.0]), np.ones(1, dtype=bool), amp_overflow=True)
     assert amp.healthy_range is None
+
+
+def test_a_condition_reported_early_stays_active_through_a_steady_run() -> None:
+    """Reported early (2 steps far below), then merely vanishing: from its 10th step on the
+    condition is confirmed, and ``active`` says so on both paths."""
+    def make() -> VanishingRule:
+        return VanishingRule(1e-12, 1e-4, 10, early_rel=1e-8, early_patience=2)
+    shortcut, general = make(), make()
+    active = []
+    for step in range(30):
+        ratio = 1e-9 if step < 2 else 1e-6
+        norms = np.array([ratio, 1.0, 0.5])
+        got = [f.step for f in shortcut.update(_record(step, norms, True))]
+        want = [f.step for f in general.update(_record(step, norms, False))]
+        assert got == want and shortcut.active == general.active, step
+        active.append(shortcut.active)
+    assert active == [False, True] + [False] * 7 + [True] * 21  # early confirmation, then patience
+
+
+def test_relu_statistics_with_a_zero_floor_count_nothing_below_it() -> None:
+    from graddiag.measure.activations.specs import RELU
+    from graddiag.measure.activations.statistics import _Site
+
+    site = _Site("r", RELU)
+    import torch
+
+    with torch.no_grad():
+        site.add(None, torch.tensor([[1.0, -1.0], [0.0, -2.0]]), {}, 0.0)
+    assert site.below is not None and site.below.item() == 0.0  # |f'| < 0 never holds
+    assert site.alive is not None and site.alive.tolist() == [True, True]

@@ -99,7 +99,8 @@ class StepRecord:
         finite, positive gradient norm, not under an AMP overflow; ``None`` otherwise.
 
         The usual step: rules then check whole-model bounds against these two numbers instead
-        of comparing layer by layer (computed once, shared by the rules).
+        of comparing layer by layer (computed once and shared by the rules; a record is not
+        changed after it is made).
         """
         if self.measured is not None or self.amp_overflow or not len(self.grad_norm):
             return None

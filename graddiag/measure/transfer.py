@@ -75,8 +75,7 @@ class HostCopy:
 def _flatten(chunks: list[torch.Tensor]) -> torch.Tensor:
     home = chunks[0].device
     if len(chunks) == 1:
-        only = chunks[0]
-        return only if only.ndim == 1 else only.reshape(-1)
+        return chunks[0].detach().reshape(-1)
     return torch.cat([c.detach().reshape(-1).to(home, torch.float32) for c in chunks])
 
 

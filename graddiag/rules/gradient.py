@@ -211,7 +211,7 @@ class ExplodingRule(OnsetRule):
             self._settled = bool(self.count.min() >= self.min_history)
             if not self._settled:
                 return False
-        step = np.log(record.grad_norm)
+        step = np.log(record.grad_norm, dtype=np.float64)  # the levels are float64
         step -= self.log_level
         if step.max() > self.log_factor:
             return False

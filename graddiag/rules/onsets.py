@@ -156,13 +156,17 @@ class Onsets:
         if onset.any():
             self._reported |= onset
             return np.flatnonzero(onset)
-        if evaluated is None and not (held > self._reported).any():  # a steady run begins
+        # a steady run begins when every held key is confirmed and reported: repeating this
+        # mask then changes nothing but the streaks (so ``_confirmed`` stays right too)
+        if evaluated is None and not (held > (self._reported & confirmed)).any():
             self._steady, self._steady_mask = held.tobytes(), held.copy()
         return _NO_ONSETS
 
     def mark_reported(self, key: str) -> None:
         """Count ``key``'s condition as reported while it holds (e.g. confirmed early by a
-        stricter test), so that its patience running out does not report it again."""
+        stricter test), so that its patience running out does not report it again. ``key``
+        must hold now (its streak is above 0), which keeps :meth:`reported_count` and
+        :attr:`idle` exact."""
         i = self._position.get(key)
         if i is not None:
             self._apply_pending()

@@ -1,8 +1,9 @@
 """Activation statistics of one step, laid out for the one host copy and, across ranks, on a
 site list every rank has agreed on.
 
-Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dead units]``.
-With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
+Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dead units]``. In
+one process only the device numbers travel (saturated elements, sum of |f'|, dead units: one
+stack per step); elements and calls are known on the host. With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
 (name, kind, family, unit count) and lay their rows out by the union of names in rank order; a
 site a rank did not see contributes zeros. One sum over ranks then adds the counts and, per unit,
 how many ranks saw it fire, so a unit is dead only if it fired on no rank. A site whose unit
@@ -93,8 +94,9 @@ def pack_activations(sites: list[_Site], cut_ops: dict[str, list[str]],
         counts[rows] = torch.cat([torch.stack([s.sums(home) for s in sites]), calls[:, None]], 1)
         for site, info in zip(sites, local):
             i = row[site.name]
-            if site.alive is not None and info[3] == layout[i][3] >= 0:
-                fired[offsets[i]:offsets[i + 1]] = site.alive.reshape(-1).to(home, torch.float32)
+            alive = site.alive
+            if alive is not None and info[3] == layout[i][3] >= 0:
+                fired[offsets[i]:offsets[i + 1]] = alive.reshape(-1).to(home, torch.float32)
     flat = reducer.all_reduce_sum(torch.cat([counts.reshape(-1), fired]))
     counts, fired = flat[: counts.numel()].reshape(counts.shape), flat[counts.numel():]
     segment = torch.from_numpy(np.repeat(np.arange(len(layout)), width)).to(home)

@@ -136,8 +136,11 @@ HARDSWISH = ActivationSpec("hardswish", "rectifier", _hardswish, needs_input=Tru
 RELU_SQUARED = ActivationSpec("relu_squared", "rectifier", _relu_squared)
 LAPLACE = ActivationSpec("laplace", "saturating", _laplace, needs_input=True)
 
-#: Derivatives that are never negative: their absolute value is not taken again.
-NONNEGATIVE = frozenset({_sigmoid, _tanh, _relu, _band, _relu_squared, _laplace})
+def is_relu(spec: ActivationSpec) -> bool:
+    """Whether ``spec`` is ReLU's (f' is 1 where the output is positive, else 0), whose
+    statistics can be read off its output alone."""
+    return spec.derivative is _relu
+
 
 _RELU6_PARAMS = {"min_val": 0.0, "max_val": 6.0}
 _HARDSIGMOID_PARAMS = {"min_val": 0.0, "max_val": 1.0, "slope": 1.0 / 6.0}
