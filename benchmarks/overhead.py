@@ -6,7 +6,7 @@ plain training's, all configurations interleaved in one process (see ``benchmark
 with an A/A control (plain against plain) showing the noise. Medians are a second column; they
 hide the expensive steps. Usage::
 
-    python benchmarks/overhead.py                 # full run (about 25 minutes on 2 idle CPU cores)
+    python benchmarks/overhead.py                 # full run (about 7 minutes on 2 idle CPU cores)
     python benchmarks/overhead.py --quick         # a few tiny steps, to check it still works
     python benchmarks/overhead.py --json out.json # also write the numbers
 """

@@ -1,10 +1,11 @@
 """Cost of replay-on-onset on healthy steps: with it, without it, and the A/A noise.
 
-Healthy training never replays; what remains per step is a reference to the batch and a copy
-of the random state (Lightning), or a closure passed to ``monitor.step`` (plain loops). Both
-paths are timed with configurations interleaved every step in one process::
+Healthy training never replays; what remains per step (inside Lightning) is a reference to the
+batch and a copy of the random state on measured steps. Configurations take turns every step in
+one Trainer run (see ``benchmarks/harness.py``); the headline is the mean step time over plain
+training's::
 
-    python benchmarks/replay_overhead.py [--cycles 60] [--threads 1]
+    python benchmarks/replay_overhead.py [--steps 400] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -19,33 +20,37 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.overhead import LOOP_CONFIGS, _print_ratios, measure, measure_loop, mlp  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import AA, DEFAULTS, PLAIN, measure_lightning, mlp, ratios  # noqa: E402
 from graddiag.measure.replay import RngState  # noqa: E402
 
-# 7 configurations: coprime with the logging (10) and activation (50) cadences
-LIGHTNING = ["plain", "plain again (A/A control: the noise)", "floor (one _foreach_norm)",
-             "graddiag defaults", "graddiag defaults, replay_nonfinite off",
-             "graddiag every_n_steps=10", "graddiag, activations off"]
+REPLAY_OFF = "graddiag defaults, replay_nonfinite=False"
+harness.LIGHTNING_CONFIGS[REPLAY_OFF] = harness._diagnostics(replay_nonfinite=False)
+CONFIGS = [PLAIN, AA, DEFAULTS, REPLAY_OFF]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cycles", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=400, help="timed steps per configuration")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a few tiny steps (smoke test)")
     args = parser.parse_args(argv)
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("graddiag").setLevel(logging.ERROR)
+    for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    number = 200 if args.quick else 20000
     for stmt in ("torch.get_rng_state()", "RngState.capture()"):
         best = min(timeit.repeat(stmt, globals={"torch": torch, "RngState": RngState},
-                                 number=20000, repeat=7)) / 20000
-        print(f"{stmt:<28} {best * 1e6:6.2f} us per call (best of 7 x 20000)")
-    print(f"\nMLP 20x256, {args.cycles} cycles, configurations interleaved every step")
-    print(f"  {'configuration':<46} {'median ratio':>12} {'mean ratio':>11} {'CPU-time':>9}")
-    _print_ratios("hand-written loop, GradientMonitor", measure_loop(mlp, args.cycles * 3),
-                  LOOP_CONFIGS)
-    _print_ratios("Lightning", measure(mlp, LIGHTNING, args.cycles, 1), LIGHTNING)
+                                 number=number, repeat=7)) / number
+        print(f"{stmt:<28} {best * 1e6:6.2f} us per call (best of 7 x {number})")
+    steps, model = (6, lambda: mlp(depth=4, width=64)) if args.quick else (args.steps, mlp)
+    stats = measure_lightning(model, CONFIGS, steps, warmup=2 if args.quick else 10)
+    print(f"\nLightning, {'MLP 4x64' if args.quick else 'MLP 20x256'}, {steps} timed steps per "
+          f"configuration, taking turns every step (plain {stats[PLAIN]['mean'] * 1e3:.2f} ms)")
+    print(f"  {'configuration':<46} {'mean ratio':>10} {'median ratio':>12}")
+    for name, row in ratios(stats).items():
+        print(f"  {name:<46} {row['mean']:>10.3f} {row['median']:>12.3f}")
     return 0
 
 

@@ -63,3 +63,13 @@ def test_early_steps_benchmark_runs(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert {"plain", "graddiag defaults", "graddiag early_steps=0"} <= set(data)
     assert all(math.isfinite(v["ratio"]) and v["ratio"] > 0 for k, v in data.items() if "ratio" in v)
+
+
+@pytest.mark.slow
+def test_replay_benchmark_runs() -> None:
+    replay = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replay_overhead.py"),
+                             "--quick"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    rows = [line.split() for line in replay.stdout.splitlines() if "graddiag defaults" in line]
+    assert len(rows) == 2 and all(float(row[-2]) > 0 for row in rows)
+    assert "RngState.capture()" in replay.stdout
