@@ -4,8 +4,10 @@ A training step streams tens of megabytes through the caches (weights, activatio
 optimizer state); the few microseconds of Python, numpy and torch dispatch that graddiag runs per
 step then start from cold caches. This script times the same small calls twice: repeated
 back to back ("hot"), and right after a 32 MB sweep of memory ("after a sweep"), which is what
-they meet after a backward pass. It then times ``GradientMonitor.step()`` on one model both ways:
-called again and again on the same gradients, and inside a training loop. Usage::
+they meet after a backward pass. It then times ``GradientMonitor.step()`` on one model both ways
+(called again and again on the same gradients, and inside a training loop), and the ordinary
+step part by part inside training (the floor, the read and its host copy, the record, the
+whole step). Usage::
 
     python benchmarks/cold_calls.py
 """
@@ -23,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import mlp  # noqa: E402
+from benchmarks.harness import _data, mlp  # noqa: E402
 from graddiag import GradientMonitor  # noqa: E402
+from graddiag.measure.transfer import HostCopy  # noqa: E402
 
 
 def hot_and_cold(fn: Callable[[], object], sweep: torch.Tensor, repeats: int = 300
@@ -111,7 +114,57 @@ def main() -> int:
     print(f"  {'GradientMonitor.step()':<36} {statistics.fmean(again) * 1e6:>22.0f} "
           f"{statistics.fmean(in_training) * 1e6:>16.0f}")
     monitor.close()
+    parts_in_training()
     return 0
+
+
+def parts_in_training(steps: int = 500) -> None:
+    """The ordinary step part by part, inside training: plain, the floor, the read and its host
+    copy, the read, copy and record, and the whole gradients-only ``monitor.step()``, taking
+    turns every step on one model (the order rotating each round); mean extra over plain."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = _data()
+    xs, ys = data.tensors
+    whole = GradientMonitor(model, watch=None, reporters=[], activation_every_n_steps=0,
+                            param_every_n_steps=0)
+    parts = GradientMonitor(model, watch=None, reporters=[], activation_every_n_steps=0,
+                            param_every_n_steps=0)
+    parts.step(0)  # settles the layers and builds the probe
+    measurement = parts._measurement
+    probe = measurement._probe_for(0, None)
+    params = list(model.parameters())
+    configs: dict[str, Callable[[int], object]] = {
+        "plain": lambda step: None,
+        "the floor (.grad list, _foreach_norm)":
+            lambda step: torch._foreach_norm([p.grad for p in params if p.grad is not None]),
+        "the read and its one host copy":
+            lambda step: HostCopy([probe.read().layer_norms]).result(),
+        "the read, the copy and the record": lambda step: measurement.start(step + 1)(),
+        "GradientMonitor.step() (gradients only)": lambda step: whole.step(step),
+    }
+    names = list(configs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(steps * len(names)):
+        name = names[(i + i // len(names)) % len(names)]
+        own = i // len(names)
+        batch = slice((i % 64) * 64, (i % 64 + 1) * 64)
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(xs[batch]), ys[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        configs[name](own)
+        optimizer.step()
+        if own >= 10:
+            times[name].append(time.perf_counter() - start)
+    plain = statistics.fmean(times["plain"])
+    print(f"\nThe ordinary step part by part, inside training (MLP 20x256, {steps} steps each, "
+          f"taking turns; plain {plain * 1e3:.2f} ms): mean extra over plain, us")
+    for name in names[1:]:
+        print(f"  {name:<44} {(statistics.fmean(times[name]) - plain) * 1e6:>6.0f}")
+    whole.close()
+    parts.close()
 
 
 if __name__ == "__main__":

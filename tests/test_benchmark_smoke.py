@@ -73,3 +73,12 @@ def test_replay_benchmark_runs() -> None:
     rows = [line.split() for line in replay.stdout.splitlines() if "graddiag defaults" in line]
     assert len(rows) == 2 and all(float(row[-2]) > 0 for row in rows)
     assert "RngState.capture()" in replay.stdout
+
+
+@pytest.mark.slow
+def test_cold_calls_benchmark_runs() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cold_calls.py")],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = result.stdout.split("part by part")[-1].splitlines()[1:]
+    assert len(parts) == 4 and all(line.split()[-1].lstrip("-").isdigit() for line in parts)
