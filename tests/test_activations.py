@@ -234,3 +234,17 @@ def test_relu_statistics_count_nan_outputs_as_passing_no_gradient() -> None:
     assert site.gain.item() == 4.0  # |f'| = 1 on the four positive elements
     assert site.alive is not None
     assert site.alive.tolist() == [True, False, True]  # unit 1 never positive
+
+
+def test_relu6_statistics_count_the_band_where_the_derivative_is_one() -> None:
+    from graddiag.measure.activations.specs import _RELU6_PARAMS, RELU6
+    from graddiag.measure.activations.statistics import _Site
+
+    y = torch.tensor([[-1.0, 3.0], [6.0, 2.0], [float("nan"), 0.0]])
+    site = _Site("r6", RELU6)
+    with torch.no_grad():
+        site.add(None, y, dict(_RELU6_PARAMS), 0.01)
+    # f' = 1 only strictly inside (0, 6): 3 and 2; -1, 6, nan and 0 pass no gradient
+    assert site.below is not None and site.gain is not None
+    assert (site.below.item(), site.gain.item()) == (4.0, 2.0)
+    assert site.alive is not None and site.alive.tolist() == [False, True]

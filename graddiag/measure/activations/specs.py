@@ -24,12 +24,17 @@ class ActivationSpec:
             dead units.
         derivative: ``(input or None, output, params) -> |f'(x)|`` on float32 tensors.
         needs_input: Whether ``derivative`` needs the input (otherwise the output suffices).
+        passes: For a derivative that is 1 or 0 (ReLU, ReLU6): ``(output, params) -> bool``
+            tensor of the elements where it is 1 (NaN: 0). The statistics then count those
+            elements instead of computing and summing ``derivative`` (``None``: not such a
+            derivative).
     """
 
     kind: str
     family: Family
     derivative: Derivative
     needs_input: bool = False
+    passes: Callable[[torch.Tensor, dict[str, float]], torch.Tensor] | None = None
 
 
 def _sigmoid(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
@@ -42,6 +47,14 @@ def _tanh(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch
 
 def _relu(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
     return (y > 0).float()
+
+
+def _relu_passes(y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    return y > 0
+
+
+def _band_passes(y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
+    return (y > p.get("min_val", -1.0)) & (y < p.get("max_val", 1.0))
 
 
 def _leaky(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
@@ -120,9 +133,9 @@ def _silu(x: torch.Tensor | None, y: torch.Tensor, p: dict[str, float]) -> torch
 
 SIGMOID = ActivationSpec("sigmoid", "saturating", _sigmoid)
 TANH = ActivationSpec("tanh", "saturating", _tanh)
-RELU = ActivationSpec("relu", "rectifier", _relu)
+RELU = ActivationSpec("relu", "rectifier", _relu, passes=_relu_passes)
 LEAKY_RELU = ActivationSpec("leaky_relu", "rectifier", _leaky)
-RELU6 = ActivationSpec("relu6", "rectifier", _band)
+RELU6 = ActivationSpec("relu6", "rectifier", _band, passes=_band_passes)
 HARDTANH = ActivationSpec("hardtanh", "saturating", _band)
 HARDSIGMOID = ActivationSpec("hardsigmoid", "saturating", _band)
 ELU = ActivationSpec("elu", "rectifier", _elu)
@@ -135,12 +148,6 @@ MISH = ActivationSpec("mish", "rectifier", _mish, needs_input=True)
 HARDSWISH = ActivationSpec("hardswish", "rectifier", _hardswish, needs_input=True)
 RELU_SQUARED = ActivationSpec("relu_squared", "rectifier", _relu_squared)
 LAPLACE = ActivationSpec("laplace", "saturating", _laplace, needs_input=True)
-
-def is_relu(spec: ActivationSpec) -> bool:
-    """Whether ``spec`` is ReLU's (f' is 1 where the output is positive, else 0), whose
-    statistics can be read off its output alone."""
-    return spec.derivative is _relu
-
 
 _RELU6_PARAMS = {"min_val": 0.0, "max_val": 6.0}
 _HARDSIGMOID_PARAMS = {"min_val": 0.0, "max_val": 1.0, "slope": 1.0 / 6.0}

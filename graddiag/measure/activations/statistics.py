@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from graddiag.measure.activations.specs import ActivationSpec, is_relu
+from graddiag.measure.activations.specs import ActivationSpec
 from graddiag.measure.order import in_backward
 
 log = logging.getLogger("graddiag")
@@ -117,11 +117,12 @@ class _Site:
         x32 = None
         if x is not None and x.is_floating_point():
             x32 = x if x.dtype == torch.float32 else x.float()
-        if is_relu(self.spec) and 0.0 < floor <= 1.0:  # f' is 1 where y > 0, else 0 (NaN too)
+        passes = self.spec.passes
+        if passes is not None and 0.0 < floor <= 1.0:  # |f'| is 1 or 0: count where it is 1
             d = y32.reshape(1) if y32.ndim == 0 else y32
-            below = ~(d > 0)
+            below = ~passes(d, params)
             below_sum = below.sum(dtype=torch.float32)
-            gain_sum = below.numel() - below_sum  # the sum of |f'|: the elements above 0
+            gain_sum = below.numel() - below_sum  # the sum of |f'|
         else:
             d = self.spec.derivative(x32, y32, params).abs()
             if d.ndim == 0:
