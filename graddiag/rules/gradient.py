@@ -37,52 +37,43 @@ class VanishingRule(OnsetRule):
         self.early = EarlyConfirmation(early_patience)
 
     def update(self, record: StepRecord) -> list[Finding]:
-        healthy = record.healthy_range
-        if healthy is not None:
-            return self._update_healthy(record, *healthy)
         norms = record.grad_norm
+        healthy = record.healthy_range
+        if healthy is not None:  # every layer finite and positive: whole-array comparisons
+            low, top = healthy
+            threshold = max(self.abs_floor, self.rel_floor * top)
+            if low >= threshold and self.onsets.idle and self.early.onsets.idle:
+                self._active = False  # no layer below either floor: nothing begins or ends
+                return []
+            return self._judge(record, top, None, norms < threshold,
+                               norms < min(self.early_rel * top, threshold), None)
         usable = record.has_grad & np.isfinite(norms)
         if record.measured is not None:
             usable &= record.measured
         if record.amp_overflow or not usable.any():
             self._active = False
             return []
-        masked = np.where(usable, norms, -np.inf)
-        top_pos = int(np.argmax(masked))
+        top_pos = int(np.argmax(np.where(usable, norms, -np.inf)))
         top = float(norms[top_pos])
-        rel_threshold = self.rel_floor * top
-        below_abs = usable & (norms < self.abs_floor)
-        below_rel = usable & (norms < rel_threshold)
-        onsets = self.onsets.observe_all(record.layers, below_abs | below_rel, record.measured)
-        early: list[int] = []
-        if self.early_rel > 0:  # --- early report: far below the largest, fewer steps needed
-            deep = usable & (norms < self.early_rel * top) & (below_abs | below_rel)
-            early = self.early.confirm(self.onsets, record.layers, deep, record.measured)
-        self._active = self.onsets.any_confirmed() or self.early.any_confirmed()
-        return [self._finding(record, int(i), top_pos, bool(below_abs[i]), rel_threshold)
-                for i in onsets] + [
-            self._finding(record, i, top_pos, False, self.early_rel * top,
-                          steps=self.early.onsets.patience) for i in early]
+        below = usable & (norms < max(self.abs_floor, self.rel_floor * top))
+        return self._judge(record, top, top_pos, below, below & (norms < self.early_rel * top),
+                           record.measured)
 
-    def _update_healthy(self, record: StepRecord, low: float, top: float) -> list[Finding]:
-        """:meth:`update` for a record whose every layer has a finite, positive norm (see
-        ``StepRecord.healthy_range``): the same decisions in a few whole-array operations."""
-        norms = record.grad_norm
-        rel_threshold = self.rel_floor * top
-        threshold = max(self.abs_floor, rel_threshold)
-        if low >= threshold and self.onsets.idle and self.early.onsets.idle:
-            self._active = False  # no layer below either floor: nothing begins, nothing ends
-            return []
-        below = norms < threshold
-        onsets = self.onsets.observe_all(record.layers, below)
+    def _judge(self, record: StepRecord, top: float, top_pos: int | None, below: np.ndarray,
+               deep: np.ndarray, evaluated: np.ndarray | None) -> list[Finding]:
+        """Streaks and findings from the layers ``below`` a floor and those far below
+        (``deep``, for the early report); ``top_pos``: the largest layer (``None``: found here,
+        when a finding needs it)."""
+        onsets = self.onsets.observe_all(record.layers, below, evaluated)
         early: list[int] = []
         if self.early_rel > 0:  # --- early report: far below the largest, fewer steps needed
-            deep = norms < min(self.early_rel * top, threshold)
-            early = self.early.confirm(self.onsets, record.layers, deep)
+            early = self.early.confirm(self.onsets, record.layers, deep, evaluated)
         self._active = self.onsets.any_confirmed() or self.early.any_confirmed()
         if not len(onsets) and not early:
             return []
-        top_pos = int(np.argmax(norms))
+        norms = record.grad_norm
+        top_pos = int(np.argmax(norms)) if top_pos is None else top_pos
+        rel_threshold = self.rel_floor * top
         return [self._finding(record, int(i), top_pos, bool(norms[i] < self.abs_floor),
                               rel_threshold) for i in onsets] + [
             self._finding(record, i, top_pos, False, self.early_rel * top,
