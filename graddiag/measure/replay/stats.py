@@ -69,25 +69,23 @@ def tensor_stats(tensor: torch.Tensor, role: str) -> dict[str, Any]:
         return stats
 
 
-def tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+def _leaves(value: Any, levels: int) -> Iterator[Any]:
+    """The items inside tuples, lists and dict values, down to ``levels`` containers deep."""
+    if levels and isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _leaves(item, levels - 1)
+    elif levels and isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item, levels - 1)
+    else:
+        yield value
+
+
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
     """Tensors inside arguments or results: tensors, tuples, lists and dict values, 3 levels deep."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif depth < 3 and isinstance(value, (tuple, list)):
-        for item in value:
-            yield from tensors_in(item, depth + 1)
-    elif depth < 3 and isinstance(value, dict):
-        for item in value.values():
-            yield from tensors_in(item, depth + 1)
+    return (v for v in _leaves(value, 3) if isinstance(v, torch.Tensor))
 
 
-def nonfinite_numbers(value: Any, depth: int = 0) -> Iterator[float]:
+def nonfinite_numbers(value: Any) -> Iterator[float]:
     """Non-finite Python numbers among arguments (``x * float("nan")``, ``masked_fill(m, -inf)``)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        yield value
-    elif depth < 2 and isinstance(value, (tuple, list)):
-        for item in value:
-            yield from nonfinite_numbers(item, depth + 1)
-    elif depth < 2 and isinstance(value, dict):
-        for item in value.values():
-            yield from nonfinite_numbers(item, depth + 1)
+    return (v for v in _leaves(value, 2) if isinstance(v, float) and not math.isfinite(v))
