@@ -49,3 +49,25 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def installed() -> tuple[int, int]:
+    """(TorchFunctionModes on the stack, global module forward hooks) installed right now."""
+    hooks = nn.modules.module
+    return (len(torch.overrides._get_current_function_mode_stack()),
+            len(hooks._global_forward_hooks) + len(hooks._global_forward_pre_hooks))
+
+
+class BackwardSpy(torch.autograd.Function):
+    """Identity; its backward notes :func:`installed` in ``seen`` (clear it before a run)."""
+
+    seen: list[tuple[int, int]] = []
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        BackwardSpy.seen.append(installed())
+        return grad

@@ -19,17 +19,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from graddiag import GradientMonitor
+from tests.helpers import BackwardSpy, installed
 
 FLOOR = 0.01
-
-
-def _modes() -> int:
-    return len(torch.overrides._get_current_function_mode_stack())
-
-
-def _global_hooks() -> int:
-    m = nn.modules.module
-    return len(m._global_forward_hooks) + len(m._global_forward_pre_hooks)
 
 
 def _expected_saturation(layer: nn.Linear, batches: list[torch.Tensor]) -> float:
@@ -92,21 +84,6 @@ def test_accumulated_forwards_are_pooled_and_counted() -> None:
     assert 0 < expected[0] < 1  # a fraction that could come out wrong
 
 
-class _BackwardSpy(torch.autograd.Function):
-    """Identity; its backward notes whether any function mode or global hook is installed."""
-
-    seen: list[tuple[int, int]] = []
-
-    @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        _BackwardSpy.seen.append((_modes(), _global_hooks()))
-        return grad
-
-
 class _Checkpointed(nn.Module):
     def __init__(self, reentrant: bool) -> None:
         super().__init__()
@@ -116,7 +93,7 @@ class _Checkpointed(nn.Module):
         self.reentrant = reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = checkpoint(lambda t: _BackwardSpy.apply(self.block(t)), x,
+        h = checkpoint(lambda t: BackwardSpy.apply(self.block(t)), x,
                        use_reentrant=self.reentrant)
         return self.head(torch.sigmoid(h))
 
@@ -124,7 +101,7 @@ class _Checkpointed(nn.Module):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_nothing_is_watched_during_backward_or_checkpoint_recompute(reentrant: bool) -> None:
     model = _Checkpointed(reentrant)
-    _BackwardSpy.seen = []
+    BackwardSpy.seen = []
     with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
         for _ in range(2):
             x = torch.randn(3, 4, requires_grad=reentrant)
@@ -133,13 +110,13 @@ def test_nothing_is_watched_during_backward_or_checkpoint_recompute(reentrant: b
     acts = monitor.activation_history
     assert list(acts.calls) == [1.0, 1.0, 1.0, 1.0]  # tanh and sigmoid, once per step each
     assert set(acts.site) == {"block.1", "_Checkpointed:sigmoid"}
-    assert _BackwardSpy.seen == [(0, 0), (0, 0)]
+    assert BackwardSpy.seen == [(0, 0), (0, 0)]
 
 
 def test_nothing_is_installed_between_steps_and_unrelated_models_are_not_intercepted() -> None:
     unrelated = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
     seen: list[tuple[int, int]] = []
-    unrelated.register_forward_hook(lambda *_: seen.append((_modes(), _global_hooks())))
+    unrelated.register_forward_hook(lambda *_: seen.append(installed()))
     monitors, models = [], []
     for _ in range(5):  # never closed, still referenced
         model = _sigmoid_net()
@@ -147,7 +124,7 @@ def test_nothing_is_installed_between_steps_and_unrelated_models_are_not_interce
         for _ in range(2):
             model(torch.randn(2, 4)).sum().backward()
             monitor.step()
-            assert (_modes(), _global_hooks()) == (0, 0)  # between steps
+            assert installed() == (0, 0)  # between steps
         monitors.append(monitor)
         models.append(model)
     unrelated(torch.randn(2, 4)).sum().backward()
@@ -168,7 +145,7 @@ def test_a_garbage_collected_monitor_leaves_its_model_untouched() -> None:
     assert alive() is None  # the wrapper did not keep it alive
     assert "forward" not in vars(model) and type(model).forward is plain_forward
     inside = []
-    model[1].register_forward_hook(lambda *_: inside.append((_modes(), _global_hooks())))
+    model[1].register_forward_hook(lambda *_: inside.append(installed()))
     model(torch.randn(2, 4))
     assert inside == [(0, 0)]
 
@@ -179,7 +156,7 @@ def test_close_removes_the_wrapper_and_later_forwards_are_plain() -> None:
     monitor.close()
     assert "forward" not in vars(model)
     inside = []
-    model[1].register_forward_hook(lambda *_: inside.append((_modes(), _global_hooks())))
+    model[1].register_forward_hook(lambda *_: inside.append(installed()))
     model(torch.randn(2, 4))
     assert inside == [(0, 0)]
 
@@ -195,7 +172,7 @@ def test_copies_of_a_monitored_model_work_and_are_not_watched() -> None:
         with torch.no_grad():
             twin[0].weight.mul_(2)  # a different model: its outputs must be its own
         inside = []
-        twin[1].register_forward_hook(lambda *_: inside.append(_modes()))
+        twin[1].register_forward_hook(lambda *_: inside.append(installed()[0]))
         torch.testing.assert_close(twin(x), F.linear(torch.sigmoid(twin[0](x)), twin[2].weight,
                                                      twin[2].bias))
         torch.testing.assert_close(pickled(x), model(x))
@@ -231,7 +208,7 @@ def test_a_failing_forward_leaves_nothing_behind() -> None:
     with GradientMonitor(model, reporters=[], activation_every_n_steps=1):
         with pytest.raises(ValueError, match="bad batch"):
             model(torch.randn(1, 2))
-        assert (_modes(), _global_hooks()) == (0, 0)
+        assert installed() == (0, 0)
 
 
 def test_a_mode_left_open_inside_forward_is_kept_and_graddiag_leaves_from_under_it(

@@ -17,14 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from graddiag import GradientDiagnostics
 from graddiag.data.policy import StepReport
 from graddiag.lightning.strategy import agree_on_action
+from tests.helpers import BackwardSpy, installed
 
 FLOOR = 0.01
-
-
-def _installed() -> tuple[int, int]:
-    m = nn.modules.module
-    return (len(torch.overrides._get_current_function_mode_stack()),
-            len(m._global_forward_hooks) + len(m._global_forward_pre_hooks))
 
 
 def _saturation_by_hand(layer: nn.Linear, xs: list[torch.Tensor]) -> float:
@@ -34,19 +29,6 @@ def _saturation_by_hand(layer: nn.Linear, xs: list[torch.Tensor]) -> float:
         below += int((s * (1 - s) < FLOOR).sum())
         total += s.numel()
     return below / total
-
-
-class _BackwardSpy(torch.autograd.Function):
-    seen: list[tuple[int, int]] = []
-
-    @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        _BackwardSpy.seen.append(_installed())
-        return grad
 
 
 class SigmoidNet(pl.LightningModule):
@@ -60,7 +42,7 @@ class SigmoidNet(pl.LightningModule):
         self.in_validation: list[tuple[int, int]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[1](_BackwardSpy.apply(self.net[0](x))))
+        return self.net[2](self.net[1](BackwardSpy.apply(self.net[0](x))))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -69,7 +51,7 @@ class SigmoidNet(pl.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.in_validation.append(_installed())
+        self.in_validation.append(installed())
         x, y = batch
         self.log("val_loss", F.cross_entropy(self(x * 1000), y))
 
@@ -90,7 +72,7 @@ class _Spy(pl.Callback):
         self.seen: dict[str, list[tuple[int, int]]] = {}
 
     def _note(self, moment: str) -> None:
-        self.seen.setdefault(moment, []).append(_installed())
+        self.seen.setdefault(moment, []).append(installed())
 
     def on_sanity_check_start(self, *args: Any) -> None:
         self._note("sanity check")
@@ -119,7 +101,7 @@ def test_statistics_come_from_training_forwards_only(accumulate: int) -> None:
     cb = GradientDiagnostics(activation_every_n_steps=2, early_steps=0, print_summary=False,
                              progress_bar=False)
     spy = _Spy()
-    _BackwardSpy.seen = []
+    BackwardSpy.seen = []
     trainer = _trainer([cb, spy], max_steps=5, val_check_interval=2,
                        accumulate_grad_batches=accumulate)
     trainer.fit(model, _loader(64, 0), _loader(16, 1))
@@ -134,7 +116,7 @@ def test_statistics_come_from_training_forwards_only(accumulate: int) -> None:
     for moment in ("sanity check", "optimizer step", "between steps", "validation"):
         assert spy.seen[moment] and set(spy.seen[moment]) == {(0, 0)}, moment
     assert set(model.in_validation) == {(0, 0)}
-    assert set(_BackwardSpy.seen) == {(0, 0)}  # nothing during backward
+    assert set(BackwardSpy.seen) == {(0, 0)}  # nothing during backward
     assert "training_step" not in vars(model)  # the wrapper is gone after fit
 
 
@@ -159,7 +141,7 @@ class ManualTwoPasses(pl.LightningModule):
         opt.zero_grad()
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[1](_BackwardSpy.apply(self.net[0](x))))
+        return self.net[2](self.net[1](BackwardSpy.apply(self.net[0](x))))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.net(batch[0] * 1000)
@@ -171,7 +153,7 @@ class ManualTwoPasses(pl.LightningModule):
 def test_manual_backward_and_checkpoint_recompute_are_not_watched() -> None:
     model = ManualTwoPasses()
     cb = GradientDiagnostics(activation_every_n_steps=1, print_summary=False, progress_bar=False)
-    _BackwardSpy.seen = []
+    BackwardSpy.seen = []
     _trainer([cb], max_steps=3, val_check_interval=1).fit(model, _loader(32, 0), _loader(8, 1))
     acts = cb.activation_history
     assert list(acts.step) == [0, 1, 2]
@@ -180,7 +162,7 @@ def test_manual_backward_and_checkpoint_recompute_are_not_watched() -> None:
         assert value == pytest.approx(_saturation_by_hand(model.net[0], model.expected[step]),
                                       abs=1e-9)
     assert 0 < acts.saturated_fraction.max() < 1
-    assert len(_BackwardSpy.seen) == 6 and set(_BackwardSpy.seen) == {(0, 0)}
+    assert len(BackwardSpy.seen) == 6 and set(BackwardSpy.seen) == {(0, 0)}
 
 
 class _FakeStrategy:
