@@ -27,8 +27,11 @@ def _backward(model: nn.Module, step: int) -> None:
 
 def test_deferred_records_and_findings_equal_immediate_ones_one_step_later() -> None:
     model_now, model_later = _model(), _model()  # identical weights, identical batches
-    now = GradientMonitor(model_now, reporters=[], early_steps=0, activation_every_n_steps=3)
-    later = GradientMonitor(model_later, reporters=[], early_steps=0, activation_every_n_steps=3)
+    # every step judged on itself, so both read through the same device path
+    now = GradientMonitor(model_now, reporters=[], early_steps=0, activation_every_n_steps=3,
+                          evaluate_every_n_records=1)
+    later = GradientMonitor(model_later, reporters=[], early_steps=0, activation_every_n_steps=3,
+                            evaluate_every_n_records=1)
     later.deferred_host_read = True
     steps_reported = []
     for step in range(8):

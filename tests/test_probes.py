@@ -152,7 +152,7 @@ def test_one_host_transfer_per_recorded_step_and_none_per_parameter(
     model = _deep_model()
     cadence = 1 if with_params_and_activations else 0
     monitor = GradientMonitor(model, reporters=[], param_every_n_steps=cadence,
-                              activation_every_n_steps=cadence)
+                              activation_every_n_steps=cadence, evaluate_every_n_records=1)
     counter = _SyncCounter()
     for _ in range(3):
         model(torch.randn(4, 8)).sum().backward()
@@ -171,7 +171,7 @@ def test_nothing_happens_on_steps_that_are_not_recorded(monkeypatch: pytest.Monk
     model = _deep_model()
     read_calls = []
     monitor = GradientMonitor(model, reporters=[], every_n_steps=5, param_every_n_steps=0,
-                              activation_every_n_steps=0)
+                              activation_every_n_steps=0, evaluate_every_n_records=1)
     for _ in range(10):
         model(torch.randn(4, 8)).sum().backward()
         report = monitor.step()

@@ -43,10 +43,13 @@ class StepReport:
     Attributes:
         step: The optimizer step.
         recorded: Whether this step was measured (``False`` on steps skipped by the cadence).
-        findings: Findings that began on this step.
+        findings: Findings that began on this step, and on the kept plain steps judged with it
+            (see the option ``evaluate_every_n_records``; each names its own step).
         action: ``"continue"``, or ``"skip"``/``"stop"``/``"raise"`` when ``on_nonfinite`` or
             ``on_exploding`` asks for it and that condition holds on this step.
-        record: The measurements, when recorded.
+        record: The measurements, when recorded and judged on this step (``None`` on a plain
+            step kept for its block: its record reaches history and the reporters when the
+            block is judged, and the judging step's report holds that step's own record).
     """
 
     step: int

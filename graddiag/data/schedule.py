@@ -60,6 +60,20 @@ class Schedule:
     def records_histograms(self, step: int) -> bool:
         return self._due(self.histograms, step)
 
+    def gradients_only(self, step: int, lookahead: int = 1) -> bool:
+        """Whether ``step`` measures gradient norms and nothing else: no parameter statistics,
+        weight copy, activations or histograms, and not one of the first steps (where
+        learning rates and optimizer coverage are read). One call on every step, so it is
+        plain arithmetic."""
+        if step < max(1, self.early) or step % self.gradients:
+            return False
+        parameters = self.parameters
+        if parameters and (step % parameters == 0
+                           or (step + lookahead) // parameters != step // parameters):
+            return False  # a parameter step, or the copy for one within ``lookahead``
+        return not ((self.activations and step % self.activations == 0)
+                    or (self.histograms and step % self.histograms == 0))
+
     def records(self, step: int) -> bool:
         """Whether ``step`` is measured at all (gradients, parameters, activations or histograms)."""
         return (self._due(self.gradients, step) or self.records_parameters(step)

@@ -44,7 +44,9 @@ def apply_action(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: 
     if not trainer.is_global_zero:
         trainer.should_stop = trainer.should_stop or action == "stop"
         return
-    reason = "; ".join(sorted({f.kind for f in report.findings})) or _still_active(monitor)
+    # findings of this step (a report may also carry earlier, judged steps' findings)
+    reason = ("; ".join(sorted({f.kind for f in report.findings if f.step == report.step}))
+              or _still_active(monitor))
     if action == "stop":
         trainer.should_stop = True
         log.warning("graddiag: stopping training at step %d (%s)", report.step, reason)

@@ -202,6 +202,14 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
         if self.progress_bar and report.recorded and not compiled:
             self._progress.update(trainer, pl_module, self.monitor.active_conditions())
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:  # steps kept for their block are judged before validation
+            self.monitor.flush()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:  # and at the end of every epoch
+            self.monitor.flush()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._progress.reset()  # each fit starts with an empty progress bar
         self._summary.reset()

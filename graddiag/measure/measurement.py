@@ -16,6 +16,7 @@ from graddiag.measure.histograms import HistogramProbe
 from graddiag.measure.layers import LayerIndex
 from graddiag.measure.live_layers import LiveLayers
 from graddiag.measure.norms import GradientProbe, GradientReading
+from graddiag.measure.rows import NormRows
 from graddiag.measure.transfer import HostCopy
 from graddiag.measure.updates import UpdateTracker, UpdateView
 
@@ -52,6 +53,11 @@ class StepMeasurement:
         self._updates = updates
         self._histograms: HistogramProbe | None = None
         self._warned: set[str] = set()  # kinds of tensors already warned about as unmeasurable
+        self._rows: NormRows | None = None  # plain steps kept for judging together
+        # after a step that could not be kept (a gradient missing, say), the next attempt
+        # waits 2, 4, ... 64 steps: a parameter that never gets a gradient costs no retries
+        self._failed_keeps = 0
+        self._next_keep = 0
 
     @property
     def layers(self) -> list[str]:
@@ -82,6 +88,61 @@ class StepMeasurement:
                 probe = everything
             self._per_optimizer[optimizer] = probe
         return probe
+
+    def keep(self, step: int, capacity: int, *, optimizer: int = 0,
+             params: Iterable[torch.Tensor] | None = None,
+             clip_norm: float | None = None) -> bool:
+        """Keep a plain step (gradient norms only) as a row of :class:`~graddiag.measure.rows.
+        NormRows` instead of measuring it in full; its record comes from :meth:`take_kept`.
+
+        Returns ``False`` when the step must be measured with :meth:`start` instead: the step
+        is not plain (a gradient missing, sparse, non-finite, not on the CPU, or one optimizer
+        reading only some layers), or the layers changed while steps are kept (take those
+        first). ``capacity``: how many steps the rows hold (:meth:`take_kept` when full).
+        """
+        if step < self._next_keep:
+            return False
+        probe = self._probe_for(optimizer, params)
+        rows = self._rows
+        if rows is None or rows.probe is not probe:  # another layout or optimizer's probe
+            if rows is not None and len(rows):  # the kept steps are judged first
+                return False
+            if not (probe.measures_all and probe.reads_rows and len(probe.row_layers)):
+                return False
+            rows = self._rows = NormRows(probe, self.layers, capacity, self.norm_type)
+        if not rows.keep(step, optimizer, clip_norm):
+            self._failed_keeps = min(self._failed_keeps + 1, 6)
+            self._next_keep = step + 2 ** self._failed_keeps
+            return False
+        self._failed_keeps = 0
+        self.live.note_missing({})
+        self._finish_step(step)
+        return True
+
+    def _finish_step(self, step: int) -> None:
+        """After a step's measurement: forget its gradient timing, and watch the next backward
+        pass if it will record activations (or the layers still need sorting)."""
+        self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
+
+    @property
+    def kept(self) -> int:
+        """How many steps :meth:`keep` holds."""
+        return 0 if self._rows is None else len(self._rows)
+
+    @property
+    def kept_full(self) -> bool:
+        """The rows are full: :meth:`take_kept` before keeping another step."""
+        return self._rows is not None and self._rows.full
+
+    def take_kept(self) -> list[StepRecord]:
+        """The records of the kept steps, oldest first (none are kept afterwards)."""
+        return [] if self._rows is None else self._rows.take()
+
+    def discard_kept(self) -> None:
+        """Forget the kept steps without making their records (a checkpoint was loaded)."""
+        if self._rows is not None:
+            self._rows.clear()
+        self._failed_keeps = self._next_keep = 0
 
     def start(
         self,
@@ -130,9 +191,9 @@ class StepMeasurement:
 
         if not deferred:
             record = finish()
-            self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
+            self._finish_step(step)
             return lambda: record
-        self.live.finish_step(watch_next=self.schedule.records_activations(step + 1))
+        self._finish_step(step)
         return finish
 
     def _record(self, step: int, optimizer: int, probe: GradientProbe, reading: GradientReading,

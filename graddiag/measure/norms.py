@@ -231,6 +231,41 @@ class GradientProbe:
         self.all_read = self.measured.copy()
         self.all_read.flags.writeable = False
         self.measures_all = bool(self.measured.all())  # every layer (not one optimizer's)
+        #: Layer of each norm :meth:`read_row` writes, in the order it writes them.
+        self.row_layers = np.array([lid for g in self._groups for lid in g.lids], dtype=np.int64)
+        #: Every group is plain tensors on the CPU, so :meth:`read_row` can write into a CPU row.
+        self.reads_rows = all(
+            g.params[0].device.type == "cpu" and not is_dtensor(g.params[0]) for g in self._groups)
+
+    def read_row(self, row: torch.Tensor) -> bool:
+        """Write every monitored parameter's gradient p-norm into ``row``, a float32 CPU vector
+        of ``len(row_layers)`` (one fused kernel per group, nothing else on the host).
+
+        Returns ``False``, with ``row`` not to be used, when the step needs :meth:`read`: a
+        gradient is missing, sparse, or of a kind that needs the careful path.
+        """
+        if not self.reads_rows:
+            return False
+        start = 0
+        try:
+            for group in self._groups:
+                if group.mixed:
+                    return False
+                # a missing gradient (None) makes the kernel raise a TypeError: checking for
+                # it first would cost every step more than the exception costs the rare one
+                grads = cast("list[torch.Tensor]", [p.grad for p in group.params])
+                first = grads[0]
+                if first is None or first.layout != torch.strided:
+                    return False
+                end = start + len(grads)
+                if first.dtype == torch.float32:
+                    torch.stack(torch._foreach_norm(grads, self._aggregate.p), out=row[start:end])
+                else:
+                    row[start:end] = _norms(grads, self._aggregate.p)
+                start = end
+        except MEASURE_ERRORS:  # a missing or sparse gradient, say: read() sorts it out
+            return False
+        return True
 
     def read(self, grad_scale: torch.Tensor | None = None) -> GradientReading:
         """Read the current ``.grad`` of every monitored parameter.

@@ -98,6 +98,9 @@ class UpdateTracker:
         self._frozen_said: set[str] = set()
         self._unheld_said = False
         self._warned: set[str] = set()
+        #: Optimizers taking turns on the step counter (manual optimization counts each):
+        #: how far back a parameter step's weight copy may be.
+        self.lookahead = 1
 
     def reset(self, warned: set[str]) -> None:
         """The layers changed: parameter probes are rebuilt, weight copies are dropped.
@@ -107,16 +110,16 @@ class UpdateTracker:
         """
         self._states.clear()
         self._warned = warned
+        self._count_optimizers()
 
     def watch(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Read learning rates and coverage from these optimizers from now on."""
         self._optimizers = as_optimizers(list(optimizers))
+        self._count_optimizers()
 
     # ----------------------------------------------------------------- cadence
-    @property
-    def _lookahead(self) -> int:
-        """Optimizers taking turns on the step counter (manual optimization counts each)."""
-        return max(1, len(self._optimizers), len(self._states))
+    def _count_optimizers(self) -> None:
+        self.lookahead = max(1, len(self._optimizers), len(self._states))
 
     def is_param_step(self, step: int) -> bool:
         """Whether ``step`` reads parameter norms and update ratios."""
@@ -124,7 +127,7 @@ class UpdateTracker:
 
     def copies_on(self, step: int) -> bool:
         """Whether ``step`` copies the weights for the next parameter step."""
-        return self.schedule.copies_parameters(step, self._lookahead)
+        return self.schedule.copies_parameters(step, self.lookahead)
 
     def needs_record(self, step: int) -> bool:
         """Whether ``step`` must be measured for the parameter statistics."""
@@ -146,6 +149,7 @@ class UpdateTracker:
             state = _OptimizerState(ParameterProbe(self.index, only, self._warned),
                                     measured.copy())
             self._states[optimizer] = state
+            self._count_optimizers()
         return state
 
     def read(self, step: int, optimizer: int,
@@ -163,7 +167,7 @@ class UpdateTracker:
                 view.counts = state.probe.counts
                 copied = state.copy_step
                 if state.probe.has_copy and copied is not None \
-                        and 0 < step - copied <= self._lookahead:
+                        and 0 < step - copied <= self.lookahead:
                     out["update_norm"] = state.probe.update_norms()
                     view.copy_step = copied
             if self.copies_on(step):

@@ -4,6 +4,7 @@ reporters."""
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -49,6 +50,9 @@ from graddiag.rules.updates import update_rules
 __all__ = ["GradientMonitor", "StepReport"]
 
 log = logging.getLogger("graddiag")
+
+#: Kept plain steps are judged at the latest this many seconds after the first of them.
+MAX_BLOCK_SECONDS = 1.0
 
 
 class GradientMonitor(MonitorResults, WatchControls):
@@ -106,7 +110,7 @@ class GradientMonitor(MonitorResults, WatchControls):
                                        *update_rules(c)])
         self._explainer = Explainer(tree)
         self._history = History(c.max_history_rows)
-        self.findings: list[Finding] = []
+        self._findings: list[Finding] = []
         compiled = compiled_parts(model)
         self._activations = ActivationScope(model, c, self.schedule,
                                             activation_registry or default_registry,
@@ -129,6 +133,8 @@ class GradientMonitor(MonitorResults, WatchControls):
         #: with warn-only actions); see :mod:`graddiag.pipeline.deferral`.
         self.deferred_host_read: bool | None = None
         self._deferral = HostReadDeferral(c, self.index)
+        self._action: str = "continue"  # the last judged step's action
+        self._block_started = 0.0  # when the first of the kept plain steps was kept
 
     # ----------------------------------------------------------------- one step
     def step(self, step: int | None = None, *, optimizer: int = 0,
@@ -163,6 +169,9 @@ class GradientMonitor(MonitorResults, WatchControls):
 
         Returns:
             A :class:`StepReport`; ``report.should_skip`` tells a loop to skip ``optimizer.step()``.
+            A plain step (gradient norms only, nothing to decide) is kept and judged with the
+            next ``evaluate_every_n_records`` - 1 such steps, or a second later: its report then
+            has no record and no findings yet; they come with the block's last step.
         """
         if self._closed:
             raise RuntimeError("this GradientMonitor is closed")
@@ -170,12 +179,22 @@ class GradientMonitor(MonitorResults, WatchControls):
             check_replay(replay)
         current = self._next_step if step is None else int(step)
         self._next_step = self._activations.upcoming = current + 1
+        # kept steps are on the CPU, where a host read is deferred only when asked for
+        if (amp_scale is None and self.deferred_host_read is not True
+                and self._deferral.pending is None
+                and self._try_keep(current, optimizer, params, clip_norm)):
+            report = StepReport(current, True)  # kept: judged with its block
+            if (self._measurement.kept_full
+                    or time.perf_counter() - self._block_started > MAX_BLOCK_SECONDS):
+                report = self._judge_kept() or report
+            return report
         report = StepReport(current, False)
         deferred = self._deferring(replay)
-        finish = None
+        finish = earlier = None
         if self.measures(current):
             pack = self._activations.take(current)
             deferred = deferred and pack is None  # activation steps are read on the step
+            earlier = self._judge_kept()  # steps kept before this one are judged before it
             finish = self._measurement.start(
                 current, optimizer=optimizer, params=params, amp_scale=amp_scale,
                 grads_scaled=grads_scaled, clip_norm=clip_norm, activations=pack,
@@ -187,9 +206,40 @@ class GradientMonitor(MonitorResults, WatchControls):
         if finish is not None:
             report = self._evaluate(finish(), None if deferred else replay)
         if report.action == "raise" and raise_on_alarm:
-            alarms = [f for f in self.findings if f.kind in ALARM_KINDS]
+            alarms = [f for f in self._findings if f.kind in ALARM_KINDS]
             raise GradientAlarm([f for f in report.findings if f.kind in ALARM_KINDS]
                                 or alarms[-1:])
+        if earlier is not None:  # what the kept steps found comes first (their steps named)
+            report.findings = earlier.findings + report.findings
+        return report
+
+    def _try_keep(self, step: int, optimizer: int, params: Iterable[torch.Tensor] | None,
+                  clip_norm: float | None) -> bool:
+        """Keep ``step`` (read its gradient norms into a row) to be judged with the next block
+        of plain steps (see the option ``evaluate_every_n_records``) if it is one: gradient
+        norms only, nothing to decide on its own. ``False``: measure it in full."""
+        c = self.config
+        if (c.evaluate_every_n_records == 1 or c.on_exploding != "warn"
+                or self._action != "continue"
+                or not self.schedule.gradients_only(step, self._updates.lookahead)):
+            return False
+        first = not self._measurement.kept
+        kept = self._measurement.keep(step, c.evaluate_every_n_records, optimizer=optimizer,
+                                      params=params, clip_norm=clip_norm)
+        if kept and first:
+            self._block_started = time.perf_counter()
+        return kept
+
+    def _judge_kept(self) -> StepReport | None:
+        """Judge the kept plain steps, oldest first; one report for them all (the last step's
+        record and action, every finding that began on any of them), or ``None`` if none."""
+        report = None
+        found: list[Finding] = []
+        for record in self._measurement.take_kept():
+            report = self._evaluate(record)
+            found.extend(report.findings)
+        if report is not None:
+            report.findings = found
         return report
 
     def measures(self, step: int) -> bool:
@@ -201,10 +251,27 @@ class GradientMonitor(MonitorResults, WatchControls):
         """Whether this step's host read is deferred (see :attr:`deferred_host_read`)."""
         return self._deferral.wanted(replay, self.deferred_host_read)
 
+    def forget_waiting(self) -> None:
+        """Drop the kept steps and a pending deferred read unjudged (before loading a state)."""
+        self._measurement.discard_kept()
+        self._deferral.take()
+        self._action = "continue"
+
     def flush(self) -> StepReport | None:
-        """Evaluate the recorded step whose deferred host read is still pending, if any."""
+        """Judge the steps still waiting: kept plain steps and a pending deferred host read."""
+        report = self._judge_kept()
         finish = self._deferral.take()
-        return None if finish is None else self._evaluate(finish())
+        return report if finish is None else self._evaluate(finish())
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding so far, oldest first (steps still waiting are judged first)."""
+        self.flush()
+        return self._findings
+
+    @findings.setter
+    def findings(self, findings: list[Finding]) -> None:
+        self._findings = list(findings)
 
     def _evaluate(self, record: StepRecord, replay: ReplayArgument = None) -> StepReport:
         self._explainer.observe(record)
@@ -213,13 +280,14 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._history.append(record)
         if findings:
             self._history.pin(record.step)
-            self.findings.extend(findings)
-        action = decide(self.rules.active, self.config.on_nonfinite, self.config.on_exploding)
+            self._findings.extend(findings)
+        action = self._action = decide(self.rules.active, self.config.on_nonfinite,
+                                       self.config.on_exploding)
         if action != "continue" or record.amp_overflow:  # no update: a weight copy is void
             self._updates.discard_copy(record.step, record.optimizer)
         if action == "skip":
             self.note_skipped()
-        self._reporting.report(record, findings, self.findings, self.rules.active_count(),
+        self._reporting.report(record, findings, self._findings, self.rules.active_count(),
                                self.skipped_steps)
         return StepReport(record.step, True, findings, action, record)
 
@@ -245,7 +313,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._closed = True
         self._release()
         self._activations.close()
-        self._reporting.close(self._history.records, self._measurement.layers, self.findings,
+        self._reporting.close(self._history.records, self._measurement.layers, self._findings,
                               self.summary, self.skipped_steps)
 
     def __enter__(self) -> GradientMonitor:

@@ -37,6 +37,7 @@ def restore_monitor(monitor: GradientMonitor, state: dict[str, Any]) -> None:
         log.warning("graddiag: resuming with changed settings (%s); the saved history and "
                     "findings are kept, the new settings apply from here on.",
                     ", ".join(changed))
+    monitor.forget_waiting()  # steps after the saved state, not yet judged: not part of it
     monitor._next_step = monitor._activations.upcoming = int(state["next_step"])
     monitor.skipped_steps = int(state.get("skipped_steps", 0))
     monitor.rules.load_state_dict(state["rules"])

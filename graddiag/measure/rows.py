@@ -1,0 +1,109 @@
+"""Plain recorded steps kept as rows: each step's per-parameter gradient norms in one CPU buffer,
+turned into per-layer norms and step records together, a block at a time.
+
+A plain step is one that measures gradient norms only, and whose every monitored gradient is
+present, dense, on the CPU and finite. Keeping such a step costs one fused norm kernel written
+straight into a preallocated row and a finiteness check of that row; the per-layer norms, the
+clipping flag and the :class:`~graddiag.data.records.StepRecord` of every kept step are made
+later, all at once, while the caches are warm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from graddiag.data.records import StepRecord
+from graddiag.measure.norms import GradientProbe
+
+
+class NormRows:
+    """Per-parameter gradient norms of up to ``capacity`` plain steps of one probe and layout.
+
+    Args:
+        probe: The gradient probe that reads every monitored layer on these steps.
+        layers: The layer names of that layout (shared by the records made from the rows).
+        capacity: How many steps the rows hold.
+        norm_type: The p of the per-layer p-norm.
+    """
+
+    def __init__(self, probe: GradientProbe, layers: list[str], capacity: int,
+                 norm_type: float) -> None:
+        self.probe = probe
+        self.layers = layers
+        self.norm_type = norm_type
+        buffer = torch.zeros(capacity, len(probe.row_layers), dtype=torch.float32)
+        self._rows = list(buffer.unbind(0))  # views made once, written in turn
+        self._values = buffer.numpy()  # the same memory, read by numpy
+        # and row by row as plain floats: summing 40 of them this way is the cheapest check
+        # for a NaN/Inf right after a training step (numpy's or torch's reductions cost more)
+        self._memory = [memoryview(row) for row in self._values]
+        self._kept: list[tuple[int, int, float | None]] = []  # step, optimizer, clip norm
+        # columns sorted by layer, so each layer's norms are one contiguous run to reduce
+        self._order = np.argsort(probe.row_layers, kind="stable")
+        sorted_layers = probe.row_layers[self._order]
+        self._starts = np.flatnonzero(np.r_[True, sorted_layers[1:] != sorted_layers[:-1]])
+        self._present = sorted_layers[self._starts]
+        self._n_layers = len(layers)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @property
+    def full(self) -> bool:
+        """Every row holds a kept step."""
+        return len(self._kept) == len(self._rows)
+
+    def keep(self, step: int, optimizer: int = 0, clip_norm: float | None = None) -> bool:
+        """Read this step's gradient norms into the next row.
+
+        Returns ``False`` (nothing kept) when the step is not plain: a gradient is missing or
+        needs the careful path, or some norm is NaN/Inf (that step is measured in full, on the
+        step itself). The rows must not be :attr:`full`.
+        """
+        row = len(self._kept)
+        if not self.probe.read_row(self._rows[row]):
+            return False
+        if not math.isfinite(sum(self._memory[row])):  # NaN/Inf anywhere: not plain
+            return False
+        self._kept.append((step, optimizer, clip_norm))
+        return True
+
+    def layer_norms(self) -> np.ndarray:
+        """``(kept steps, layers)`` per-layer p-norms of the kept rows, combined in float32 as
+        on a fully measured step (so the same norms overflow to inf), returned in float64."""
+        values = self._values[:len(self._kept), self._order]
+        p = self.norm_type
+        if math.isinf(p):
+            per_layer = np.maximum.reduceat(values, self._starts, axis=1)
+        elif p == 1.0:
+            per_layer = np.add.reduceat(values, self._starts, axis=1)
+        else:
+            with np.errstate(over="ignore"):  # p-th powers beyond float32 read as inf
+                per_layer = np.add.reduceat(values ** np.float32(p), self._starts, axis=1)
+                per_layer **= np.float32(1.0 / p)
+        norms = np.zeros((len(self._kept), self._n_layers))
+        norms[:, self._present] = per_layer
+        return norms
+
+    def take(self) -> list[StepRecord]:
+        """The kept steps' records, oldest first; the rows are free again afterwards."""
+        if not self._kept:
+            return []
+        norms = self.layer_norms()
+        records = []
+        for (step, optimizer, clip_norm), grad_norm in zip(self._kept, norms):
+            clipped = None
+            if clip_norm is not None and self.norm_type == 2.0:
+                clipped = bool(math.sqrt(float(np.dot(grad_norm, grad_norm))) > clip_norm)
+            records.append(StepRecord(step=step, layers=self.layers, grad_norm=grad_norm,
+                                      has_grad=self.probe.all_read, optimizer=optimizer,
+                                      clipped=clipped))
+        self._kept.clear()
+        return records
+
+    def clear(self) -> None:
+        """Forget the kept steps."""
+        self._kept.clear()

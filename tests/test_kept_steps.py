@@ -1,0 +1,525 @@
+"""Plain recorded steps judged in blocks (``evaluate_every_n_records``): the same numbers and
+findings as judging every step on itself, later; anything that decides on its own step still
+does; nothing is copied or synchronised on a kept step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from graddiag import GradientMonitor
+from graddiag.measure import transfer
+from graddiag.pipeline import monitor as monitor_module
+from tests.test_probes import _SyncCounter
+
+
+class Mixed(nn.Module):
+    """float32 layers, one float64 layer (a second kernel group) and a top-level parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(6))
+        self.inp = nn.Linear(6, 16)
+        self.mid = nn.Linear(16, 16).double()
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x * self.scale))
+        h = torch.tanh(self.mid(h.double())).float()
+        return self.out(h)
+
+
+def _reference(model: nn.Module, p: float) -> dict[str, float]:
+    """Each module's p-norm over the gradient elements it owns directly, in float64."""
+    norms = {}
+    for name, module in model.named_modules():
+        grads = [q.grad.detach().double().flatten() for q in module.parameters(recurse=False)
+                 if q.grad is not None]
+        if grads:
+            norms[name or type(model).__name__] = float(
+                torch.linalg.vector_norm(torch.cat(grads), ord=p))
+    return norms
+
+
+def _run(steps: int, *, seed: int = 0, before: Callable[[nn.Module, int], None] | None = None,
+         after: Callable[[nn.Module, int], None] | None = None, optimizer_step: bool = True,
+         **options: object) -> tuple[GradientMonitor, list, list[dict[str, float]]]:
+    """Train ``Mixed`` for ``steps`` steps; returns the closed monitor, each step's report and
+    the float64 reference norms taken right before ``monitor.step()``."""
+    torch.manual_seed(seed)
+    model = Mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    options = {"reporters": [], "activation_every_n_steps": 0, "param_every_n_steps": 0,
+               "early_steps": 0, **options}
+    p = float(options.get("norm_type", 2.0))  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(seed)
+    reports, references = [], []
+    with GradientMonitor(model, **options) as monitor:  # type: ignore[arg-type]
+        for step in range(steps):
+            if before is not None:
+                before(model, step)
+            opt.zero_grad(set_to_none=True)
+            x = torch.randn(32, 6, generator=g)
+            torch.nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+            if after is not None:
+                after(model, step)
+            references.append(_reference(model, p))
+            report = monitor.step()
+            reports.append(report)
+            if optimizer_step and not report.should_skip:
+                opt.step()
+    return monitor, reports, references
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+def test_kept_steps_hold_each_layers_norm(norm_type: float) -> None:
+    monitor, reports, references = _run(13, norm_type=norm_type, evaluate_every_n_records=4)
+    # step 0 (learning rates and coverage are read there) is measured in full; the kept steps
+    # report no record, and every fourth one is judged with the three before it
+    assert [r.record is not None for r in reports] == [s % 4 == 0 for s in range(13)]
+    assert all(r.recorded for r in reports)
+    records = monitor.records
+    assert [r.step for r in records] == list(range(13))  # closing judged the last one
+    layers = records[0].layers
+    assert set(layers) == {"Mixed", "inp", "mid", "out"}
+    for record in records:
+        for name, value in zip(record.layers, record.grad_norm):
+            assert value == pytest.approx(references[record.step][name], rel=1e-5)
+        assert record.has_grad.all() and not record.missing and not record.nonfinite
+
+
+def _vanish_then_explode(model: nn.Module, step: int) -> None:
+    """Shrink the middle layer's gradient on steps 12-29, blow up the first's on 40-44."""
+    if 12 <= step < 30:
+        for q in model.mid.parameters():  # type: ignore[union-attr]
+            q.grad.mul_(1e-9)
+    if 40 <= step < 45:
+        for q in model.inp.parameters():  # type: ignore[union-attr]
+            q.grad.mul_(1e5)
+
+
+def test_blocks_find_what_judging_every_step_finds() -> None:
+    every, _, _ = _run(60, after=_vanish_then_explode, optimizer_step=False,
+                       evaluate_every_n_records=1)
+    blocks, reports, _ = _run(60, after=_vanish_then_explode, optimizer_step=False,
+                              evaluate_every_n_records=8)
+    found = [(f.kind, f.layer, f.step) for f in every.findings]
+    # 1e-9 of the others: reported after vanishing_early_patience (2) steps; exploding at once
+    assert ("vanishing", "mid", 13) in found and ("exploding", "inp", 40) in found
+    assert [(f.kind, f.layer, f.step, f.message) for f in blocks.findings] == \
+        [(f.kind, f.layer, f.step, f.message) for f in every.findings]
+    a, b = every.history, blocks.history
+    assert len(a) == len(b) == 60 * 4
+    np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-5)
+    # a finding arrives in the report of the step that judges its block (steps 9-16)
+    vanishing = next(f for f in blocks.findings if f.kind == "vanishing")
+    assert vanishing in reports[16].findings and not reports[13].findings
+
+
+def test_reading_results_judges_the_kept_steps() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    monitor = GradientMonitor(model, reporters=[], evaluate_every_n_records=8, early_steps=0,
+                              activation_every_n_steps=0, param_every_n_steps=0,
+                              vanishing_patience=1)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, 6)).sum().backward()
+        if step == 2:
+            model.mid.weight.grad.zero_()  # type: ignore[union-attr]
+            model.mid.bias.grad.zero_()  # type: ignore[union-attr]
+        assert (monitor.step().record is None) == (step > 0)  # kept after step 0
+    assert monitor._measurement.kept == 2
+    assert [(f.kind, f.layer, f.step) for f in monitor.findings] == [("vanishing", "mid", 2)]
+    assert monitor._measurement.kept == 0
+    assert len(monitor.history) == 3 * 4
+    monitor.close()
+
+
+def test_a_checkpoint_holds_the_kept_steps() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    monitor = GradientMonitor(model, reporters=[], evaluate_every_n_records=8, early_steps=0)
+    for _ in range(5):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, 6)).sum().backward()
+        monitor.step()
+    restored = GradientMonitor(Mixed(), reporters=[])
+    restored.load_state_dict(monitor.state_dict())
+    assert sorted(set(restored.history.step)) == [0, 1, 2, 3, 4]
+    monitor.close()
+    restored.close()
+
+
+def _nan_at(step_with_nan: int) -> Callable[[nn.Module, int], None]:
+    def inject(model: nn.Module, step: int) -> None:
+        if step == step_with_nan:
+            model.out.weight.grad[0, 0] = float("nan")  # type: ignore[union-attr,index]
+    return inject
+
+
+@pytest.mark.parametrize("action", ["warn", "skip"])
+def test_a_nonfinite_gradient_is_decided_on_its_own_step(action: str) -> None:
+    monitor, reports, _ = _run(10, after=_nan_at(5), on_nonfinite=action,
+                               evaluate_every_n_records=8)
+    nan_report = reports[5]
+    assert nan_report.record is not None and nan_report.record.step == 5
+    assert nan_report.action == ("skip" if action == "skip" else "continue")
+    assert [(f.kind, f.layer, f.step) for f in nan_report.findings] == [("nonfinite", "out", 5)]
+    # measured in full on the step: the NaN elements are counted, not just named
+    assert nan_report.record.nonfinite == {nan_report.record.layers.index("out"): {"weight": 1}}
+    assert [r.step for r in monitor.records] == list(range(10))  # kept ones judged first
+    assert [r.record is None for r in reports[:5]] == [False] + [True] * 4
+
+
+def test_a_missing_gradient_is_measured_on_its_own_step() -> None:
+    def drop(model: nn.Module, step: int) -> None:
+        if step in (3, 4):
+            model.out.bias.grad = None  # type: ignore[union-attr]
+
+    monitor, reports, _ = _run(8, after=drop, evaluate_every_n_records=8,
+                               no_gradient_patience=2)
+    assert [r.record is not None for r in reports] == [s in (0, 3, 4) for s in range(8)]
+    no_gradient = [(f.kind, f.layer, f.step) for f in reports[4].findings]
+    assert no_gradient == [("no_gradient", "out", 4)]
+    record = monitor.records[3]
+    assert record.missing == {record.layers.index("out"): ["bias"]}
+
+
+def test_steps_that_decide_or_measure_more_are_never_kept() -> None:
+    _, reports, _ = _run(6, on_exploding="skip", evaluate_every_n_records=8)
+    assert all(r.record is not None for r in reports)  # exploding must be decided each step
+    monitor, reports, _ = _run(12, activation_every_n_steps=5, param_every_n_steps=5,
+                               early_steps=2, evaluate_every_n_records=8)
+    full = [r.step for r in reports if r.record is not None]
+    # early steps 0-1, parameter and activation steps 5 and 10, the weight copies before them
+    assert full == [0, 1, 4, 5, 9, 10]
+    records = {r.step: r for r in monitor.records}
+    assert records[5].activations is not None and records[5].param_norm is not None
+    assert records[7].activations is None and records[7].param_norm is None
+    assert [r.step for r in monitor.records] == list(range(12))
+
+
+def test_a_layout_change_judges_the_kept_steps_of_the_old_layout_first() -> None:
+    def unfreeze(model: nn.Module, step: int) -> None:
+        if step == 0:
+            model.inp.requires_grad_(False)  # type: ignore[union-attr]
+        if step == 5:
+            model.inp.requires_grad_(True)  # type: ignore[union-attr]
+
+    monitor, reports, references = _run(9, before=unfreeze, evaluate_every_n_records=8)
+    records = monitor.records
+    assert [r.step for r in records] == list(range(9))
+    assert all("inp" not in r.layers for r in records[:5])
+    assert all("inp" in r.layers for r in records[5:])
+    assert reports[5].record is not None  # the first step of the new layout, in full
+    for record in records:
+        assert len(record.grad_norm) == len(record.layers)
+        for name, value in zip(record.layers, record.grad_norm):
+            assert value == pytest.approx(references[record.step][name], rel=1e-5)
+
+
+def test_kept_steps_copy_nothing_and_never_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies: list[int] = []
+    real = transfer._copy_to_host
+    monkeypatch.setattr(transfer, "_copy_to_host", lambda t: copies.append(1) or real(t))
+    torch.manual_seed(0)
+    model = Mixed()
+    counter = _SyncCounter()
+    monitor = GradientMonitor(model, reporters=[], early_steps=0, activation_every_n_steps=0,
+                              param_every_n_steps=0, evaluate_every_n_records=16)
+    kept = 0
+    for step in range(13):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, 6)).sum().backward()
+        if step == 1:
+            copies.clear()  # step 0 is measured in full, with its one copy
+        with counter:
+            kept += monitor.step().record is None
+    assert kept == 12
+    assert copies == [] and counter.syncs == 0
+    monitor.close()
+    assert len(monitor.records) == 13
+
+
+def test_a_slow_step_is_judged_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(monitor_module, "MAX_BLOCK_SECONDS", -1.0)  # every block is "old"
+    _, reports, _ = _run(5, evaluate_every_n_records=8)
+    assert all(r.record is not None and r.record.step == r.step for r in reports)
+
+
+def test_the_block_size_is_checked() -> None:
+    with pytest.raises(ValueError, match="evaluate_every_n_records"):
+        GradientMonitor(Mixed(), evaluate_every_n_records=0)
+
+
+@pytest.mark.parametrize("cadences", [(1, 50, 50, 0, 5, 1), (2, 7, 3, 4, 0, 2), (1, 0, 0, 0, 0, 1),
+                                      (3, 10, 0, 6, 12, 3)])
+def test_gradients_only_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
+    from graddiag.data.schedule import Schedule
+
+    gradients, parameters, activations, histograms, early, lookahead = cadences
+    schedule = Schedule(gradients, parameters, activations, histograms, early)
+
+    def naive(step: int) -> bool:
+        parameter_steps = {s for s in range(step, step + lookahead + 1)
+                           if parameters and (s < early or s % parameters == 0)}
+        return (step % gradients == 0 and step >= max(1, early) and not parameter_steps
+                and not (activations and step % activations == 0)
+                and not (histograms and step % histograms == 0))
+
+    assert [schedule.gradients_only(s, lookahead) for s in range(400)] == \
+        [naive(s) for s in range(400)]
+
+
+def test_nothing_to_keep_when_nothing_is_trainable() -> None:
+    torch.manual_seed(0)
+    backbone, head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 2)
+    with GradientMonitor(backbone, reporters=[], early_steps=0) as frozen:
+        for _ in range(4):
+            head(backbone(torch.randn(3, 4))).sum().backward()
+            assert frozen.step().record is not None  # measured (empty), never kept
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with GradientMonitor(model[0], reporters=[], early_steps=0) as monitor:
+        for step in range(8):
+            if step == 4:
+                model[0].requires_grad_(False)  # everything monitored is frozen part-way
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(3, 4)).sum().backward()
+            monitor.step()
+    assert [r.step for r in monitor.records] == list(range(8))
+    assert [len(r.layers) for r in monitor.records] == [1] * 4 + [0] * 4
+
+
+def test_a_deferred_read_and_kept_steps_stay_in_step_order() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    with GradientMonitor(model, reporters=[], early_steps=0) as monitor:
+        for step in range(12):
+            monitor.deferred_host_read = True if step == 5 else None
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, 6)).sum().backward()
+            monitor.step()
+    assert [r.step for r in monitor.records] == list(range(12))
+
+
+def test_loading_a_state_drops_the_steps_kept_after_it() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+
+    def steps(monitor: GradientMonitor, n: int) -> None:
+        for _ in range(n):
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, 6)).sum().backward()
+            monitor.step()
+
+    with GradientMonitor(model, reporters=[], early_steps=0) as monitor:
+        steps(monitor, 3)
+        saved = monitor.state_dict()
+        steps(monitor, 3)  # steps 3-5, kept
+        monitor.load_state_dict(saved)
+        steps(monitor, 3)  # steps 3-5 again
+    assert [r.step for r in monitor.records] == list(range(6))
+
+
+def test_an_alarm_names_only_its_own_steps_findings() -> None:
+    from graddiag import GradientAlarm
+
+    torch.manual_seed(0)
+    model = Mixed()
+    monitor = GradientMonitor(model, reporters=[], early_steps=0, on_nonfinite="raise")
+    with pytest.raises(GradientAlarm) as raised:
+        for step in range(8):
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, 6)).sum().backward()
+            if step == 5:
+                model.inp.weight.grad.mul_(1e9)  # exploding (warn), on a kept step
+            if step == 7:
+                model.out.weight.grad[0, 0] = float("nan")
+            monitor.step()
+    assert [(f.kind, f.step) for f in raised.value.findings] == [("nonfinite", 7)]
+    assert [(f.kind, f.layer, f.step) for f in monitor.findings][-2:] == \
+        [("exploding", "inp", 5), ("nonfinite", "out", 7)]
+    monitor.close()
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, tuple[str, ...]]] = []
+
+    def report(self, snapshot: object) -> None:
+        self.seen.append((snapshot.record.step,  # type: ignore[attr-defined]
+                          tuple(f.kind for f in snapshot.new_findings)))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        pass
+
+
+def test_reporters_receive_every_kept_step_in_order() -> None:
+    recorder = _Recorder()
+    _run(20, after=_vanish_then_explode, optimizer_step=False, reporters=[recorder])
+    assert [step for step, _ in recorder.seen] == list(range(20))
+    assert [(step, kinds) for step, kinds in recorder.seen if kinds] == [(13, ("vanishing",))]
+
+
+def test_a_block_is_judged_a_second_after_its_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    seconds = [0.0, 0.0, 0.4, 0.9, 1.3, 5.0, 5.2, 5.5, 5.9, 6.01]  # the time at each step
+    now = [0.0]
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+    def tick(model: nn.Module, step: int) -> None:
+        now[0] = seconds[step]
+
+    monkeypatch.setattr(monitor_module, "time", Clock)
+    _, reports, _ = _run(10, before=tick, evaluate_every_n_records=8)
+    # step 1 starts a block at 0.0; step 4 (1.3 s) judges it; step 5 starts the next at 5.0,
+    # step 9 (6.01 s) judges it
+    assert [r.step for r in reports if r.record is not None] == [0, 4, 9]
+
+
+def test_a_parameter_that_never_gets_a_gradient_is_not_retried_every_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from graddiag.measure.norms import GradientProbe
+
+    tried: list[int] = []
+    real = GradientProbe.read_row
+    step_now = [0]
+    monkeypatch.setattr(GradientProbe, "read_row",
+                        lambda self, row: tried.append(step_now[0]) or real(self, row))
+
+    class WithUnused(Mixed):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(3, 3)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    with GradientMonitor(model, reporters=[], early_steps=0) as monitor:
+        for step in range(40):
+            step_now[0] = step
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, 6)).sum().backward()
+            assert monitor.step().record is not None  # never kept, measured in full
+    assert tried == [1, 3, 7, 15, 31]  # tries after 2, 4, 8, 16 steps
+    found = [(f.kind, f.layer, f.step) for f in monitor.findings]
+    assert found == [("no_gradient", "unused", 2)]  # patience 3: steps 0, 1, 2
+
+
+class Zoo(nn.Module):
+    """float32, bfloat16 and float64 layers, for comparing blocks with single steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 12).to(torch.bfloat16)
+        self.c = nn.Linear(12, 12).double()
+        self.d = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h.bfloat16())).double()
+        return self.d(torch.tanh(self.c(h)).float())
+
+
+@pytest.mark.parametrize("options", [
+    {"every_n_steps": 3},
+    {"norm_type": 1.0, "clip": 1.0},
+    {"two_optimizers": True},
+    {"all_params": True},
+    {"param_every_n_steps": 7, "activation_every_n_steps": 5, "early_steps": 3},
+])
+def test_blocks_and_single_steps_agree_on_mixed_dtypes(options: dict) -> None:
+    def run(block: int) -> tuple[list, list, int]:
+        torch.manual_seed(0)
+        model = Zoo()
+        first = torch.optim.SGD([*model.a.parameters(), *model.b.parameters()], lr=0.05)
+        second = torch.optim.SGD([*model.c.parameters(), *model.d.parameters()], lr=0.05)
+        both = torch.optim.SGD(model.parameters(), lr=0.05)
+        settings = {k: v for k, v in options.items()
+                    if k not in ("clip", "two_optimizers", "all_params")}
+        kept = 0
+        g = torch.Generator().manual_seed(1)
+        with GradientMonitor(model, reporters=[], evaluate_every_n_records=block,
+                             **{"activation_every_n_steps": 0, "param_every_n_steps": 0,
+                                **settings}) as monitor:
+            for step in range(40):
+                x = torch.randn(16, 6, generator=g)
+                model.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+                if 10 <= step < 20:
+                    for q in model.c.parameters():
+                        q.grad.mul_(1e-9)
+                if options.get("two_optimizers"):
+                    for i, opt in enumerate((first, second)):
+                        params = [q for group in opt.param_groups for q in group["params"]]
+                        monitor.step(2 * step + i, optimizer=i, params=params)
+                        opt.step()
+                    continue
+                every = list(model.parameters()) if options.get("all_params") else None
+                kept += monitor.step(clip_norm=options.get("clip"), params=every).record is None
+                both.step()
+        return monitor.records, [(f.kind, f.layer, f.step) for f in monitor.findings], kept
+
+    (single, found, _), (blocks, found_in_blocks, kept) = run(1), run(8)
+    # one optimizer's half of the layers is never kept; otherwise most steps are
+    assert kept == 0 if options.get("two_optimizers") else kept > 10
+    assert found_in_blocks == found and found  # the vanishing layer at least
+    assert [r.step for r in blocks] == [r.step for r in single]
+    for a, b in zip(single, blocks):
+        assert a.layers == b.layers and a.optimizer == b.optimizer and a.clipped == b.clipped
+        np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-5)
+        np.testing.assert_array_equal(b.has_grad, a.has_grad)
+
+
+def test_lightning_judges_kept_steps_before_validation_and_at_epoch_end() -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from graddiag import GradientDiagnostics
+    from tests.helpers import quiet_trainer
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+
+        def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch: tuple[torch.Tensor, ...], _: int) -> None:
+            pass
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    judged_at: list[tuple[str, list[int]]] = []
+
+    class Probe(pl.Callback):  # runs after graddiag's hooks (callbacks run in order)
+        def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            records = diagnostics.monitor._history.records  # type: ignore[union-attr]
+            judged_at.append(("validation", [r.step for r in records]))
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            records = diagnostics.monitor._history.records  # type: ignore[union-attr]
+            judged_at.append(("epoch end", [r.step for r in records]))
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 6), torch.randint(0, 2, (40,)))
+    diagnostics = GradientDiagnostics(print_summary=False, progress_bar=False,
+                                      activation_every_n_steps=0, param_every_n_steps=0,
+                                      early_steps=0)
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=1, callbacks=[diagnostics, Probe()])
+    trainer.fit(Module(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    # five steps per epoch (0-4, 5-9): never a full block of 8, all judged at those points
+    assert judged_at == [("validation", list(range(5))), ("epoch end", list(range(5))),
+                         ("validation", list(range(10))), ("epoch end", list(range(10)))]
