@@ -6,8 +6,8 @@ step then start from cold caches. This script times the same small calls twice: 
 back to back ("hot"), and right after a 32 MB sweep of memory ("after a sweep"), which is what
 they meet after a backward pass. It then times ``GradientMonitor.step()`` on one model both ways
 (called again and again on the same gradients, and inside a training loop), and the ordinary
-step part by part inside training (the floor, the read and its host copy, the record, the
-whole step). Usage::
+step part by part inside training (the floor, the read and its host copy, the record, the row
+of a step kept to be judged in a block, the whole step). Usage::
 
     python benchmarks/cold_calls.py
 """
@@ -120,8 +120,10 @@ def main() -> int:
 
 def parts_in_training(steps: int = 500) -> None:
     """The ordinary step part by part, inside training: plain, the floor, the read and its host
-    copy, the read, copy and record, and the whole gradients-only ``monitor.step()``, taking
-    turns every step on one model (the order rotating each round); mean extra over plain."""
+    copy, the read, copy and record, a kept plain step's row (its records made eight at a time,
+    not judged), and the whole gradients-only ``monitor.step()`` (kept steps judged in blocks),
+    taking turns every step on one model (the order rotating each round); mean extra over
+    plain."""
     torch.manual_seed(0)
     model = mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -134,6 +136,11 @@ def parts_in_training(steps: int = 500) -> None:
     parts.step(0)  # settles the layers and builds the probe
     measurement = parts._measurement
     probe = measurement._probe_for(0, None)
+
+    def kept_row(step: int) -> None:  # a plain step's row; every eighth, the block's records
+        measurement.keep(step + 1, 8)
+        if measurement.kept_full:
+            measurement.take_kept()
     params = list(model.parameters())
     configs: dict[str, Callable[[int], object]] = {
         "plain": lambda step: None,
@@ -142,7 +149,8 @@ def parts_in_training(steps: int = 500) -> None:
         "the read and its one host copy":
             lambda step: HostCopy([probe.read().layer_norms]).result(),
         "the read, the copy and the record": lambda step: measurement.start(step + 1)(),
-        "GradientMonitor.step() (gradients only)": lambda step: whole.step(step),
+        "a kept step's row (records made 8 at a time)": kept_row,
+        "GradientMonitor.step() (gradients only)": lambda step: whole.step(step + 1),
     }
     names = list(configs)
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -27,6 +27,7 @@ from graddiag import GradientDiagnostics, GradientMonitor
 from graddiag.measure.activations.watch import ActivationWatch
 from graddiag.measure.norms import GradientProbe
 from graddiag.measure.parameters import ParameterProbe
+from graddiag.measure.rows import NormRows
 from graddiag.measure.transfer import HostCopy
 from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.history import History
@@ -38,6 +39,9 @@ from graddiag.rules.ruleset import RuleSet
 # (label, owner, attribute): every call of owner.attribute is timed under label
 PARTS = [
     ("fused read (GradientProbe.read)", GradientProbe, "read"),
+    ("kept plain step: fused read into its row (GradientProbe.read_row)", GradientProbe,
+     "read_row"),
+    ("kept plain steps: per-layer norms and records (NormRows.take)", NormRows, "take"),
     ("host copy (HostCopy)", HostCopy, "__init__"),
     ("host copy (HostCopy)", HostCopy, "result"),
     ("rules (RuleSet.update)", RuleSet, "update"),

@@ -81,4 +81,4 @@ def test_cold_calls_benchmark_runs() -> None:
                             capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     parts = result.stdout.split("part by part")[-1].splitlines()[1:]
-    assert len(parts) == 4 and all(line.split()[-1].lstrip("-").isdigit() for line in parts)
+    assert len(parts) == 5 and all(line.split()[-1].lstrip("-").isdigit() for line in parts)
