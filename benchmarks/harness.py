@@ -11,9 +11,12 @@ from one batch start to the next: every hook, the logging and the figure include
 
 from __future__ import annotations
 
+import argparse
+import logging
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -335,3 +338,26 @@ def ratios(stats: dict[str, dict[str, float]], base: str = PLAIN) -> dict[str, d
     return {name: {"mean": s["mean"] / b["mean"], "median": s["median"] / b["median"],
                    "ms": s["mean"] * 1e3, "n": s["n"]}
             for name, s in stats.items() if name != base}
+
+
+def variant_arguments(description: str, argv: list[str] | None,
+                      steps: int) -> argparse.Namespace:
+    """``--steps``, ``--threads`` and ``--quick`` of a script comparing Lightning variants;
+    also quiets Lightning's and graddiag's logs and sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per configuration")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a few tiny steps (smoke test)")
+    args = parser.parse_args(argv)
+    for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def print_ratios(stats: dict[str, dict[str, float]], width: int = 46) -> None:
+    """One line per configuration: mean and median step time over plain training's."""
+    print(f"  {'configuration':<{width}} {'mean ratio':>10} {'median ratio':>12}")
+    for name, row in ratios(stats).items():
+        print(f"  {name:<{width}} {row['mean']:>10.3f} {row['median']:>12.3f}")

@@ -10,18 +10,23 @@ training's::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import timeit
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
-from benchmarks.harness import AA, DEFAULTS, PLAIN, measure_lightning, mlp, ratios  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    AA,
+    DEFAULTS,
+    PLAIN,
+    measure_lightning,
+    mlp,
+    print_ratios,
+    variant_arguments,
+)
 from graddiag.measure.replay import RngState  # noqa: E402
 
 REPLAY_OFF = "graddiag defaults, replay_nonfinite=False"
@@ -30,15 +35,7 @@ CONFIGS = [PLAIN, AA, DEFAULTS, REPLAY_OFF]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=400, help="timed steps per configuration")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="a few tiny steps (smoke test)")
-    args = parser.parse_args(argv)
-    for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    args = variant_arguments(__doc__ or "", argv, steps=400)
     number = 200 if args.quick else 20000
     for stmt in ("torch.get_rng_state()", "RngState.capture()"):
         best = min(timeit.repeat(stmt, globals={"torch": torch, "RngState": RngState},
@@ -48,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = measure_lightning(model, CONFIGS, steps, warmup=2 if args.quick else 10)
     print(f"\nLightning, {'MLP 4x64' if args.quick else 'MLP 20x256'}, {steps} timed steps per "
           f"configuration, taking turns every step (plain {stats[PLAIN]['mean'] * 1e3:.2f} ms)")
-    print(f"  {'configuration':<46} {'mean ratio':>10} {'median ratio':>12}")
-    for name, row in ratios(stats).items():
-        print(f"  {name:<46} {row['mean']:>10.3f} {row['median']:>12.3f}")
+    print_ratios(stats)
     return 0
 
 

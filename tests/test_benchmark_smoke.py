@@ -82,3 +82,12 @@ def test_cold_calls_benchmark_runs() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     parts = result.stdout.split("part by part")[-1].splitlines()[1:]
     assert len(parts) == 5 and all(line.split()[-1].lstrip("-").isdigit() for line in parts)
+
+
+@pytest.mark.slow
+def test_blocks_benchmark_runs() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "blocks.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if "graddiag" in line]
+    assert len(rows) == 4 and all(float(row[-2]) > 0 for row in rows)
