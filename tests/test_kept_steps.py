@@ -177,18 +177,30 @@ def test_a_nonfinite_gradient_is_decided_on_its_own_step(action: str) -> None:
     assert [r.record is None for r in reports[:5]] == [False] + [True] * 4
 
 
-def test_a_missing_gradient_is_measured_on_its_own_step() -> None:
+def test_missing_gradients_in_kept_steps_read_as_on_steps_measured_in_full() -> None:
     def drop(model: nn.Module, step: int) -> None:
-        if step in (3, 4):
+        if 3 <= step < 7:
             model.out.bias.grad = None  # type: ignore[union-attr]
+        if step == 5:
+            model.out.weight.grad = None  # type: ignore[union-attr]
 
-    monitor, reports, _ = _run(8, after=drop, evaluate_every_n_records=8,
-                               no_gradient_patience=2)
-    assert [r.record is not None for r in reports] == [s in (0, 3, 4) for s in range(8)]
-    no_gradient = [(f.kind, f.layer, f.step) for f in reports[4].findings]
-    assert no_gradient == [("no_gradient", "out", 4)]
-    record = monitor.records[3]
-    assert record.missing == {record.layers.index("out"): ["bias"]}
+    single, _, references = _run(10, after=drop, evaluate_every_n_records=1,
+                                 no_gradient_patience=2)
+    blocks, reports, _ = _run(10, after=drop, evaluate_every_n_records=8, no_gradient_patience=2)
+    assert [r.record is not None for r in reports] == [s in (0, 8) for s in range(10)]
+    found = [(f.kind, f.layer, f.step) for f in blocks.findings]
+    assert found == [(f.kind, f.layer, f.step) for f in single.findings]
+    assert found == [("no_gradient", "out", 4)]
+    for a, b in zip(single.records, blocks.records):
+        assert b.missing == a.missing
+        np.testing.assert_array_equal(b.has_grad, a.has_grad)
+        np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-5)  # NaN where no gradient
+    out = blocks.records[0].layers.index("out")
+    assert blocks.records[3].missing == {out: ["bias"]}
+    assert blocks.records[3].grad_norm[out] == pytest.approx(references[3]["out"], rel=1e-5)
+    assert blocks.records[5].missing == {out: ["weight", "bias"]}
+    assert not blocks.records[5].has_grad[out] and math.isnan(blocks.records[5].grad_norm[out])
+    assert blocks.records[7].missing == {} and blocks.records[7].has_grad.all()
 
 
 def test_steps_that_decide_or_measure_more_are_never_kept() -> None:
@@ -386,7 +398,29 @@ def test_a_block_is_judged_a_second_after_its_first_step(monkeypatch: pytest.Mon
     assert [r.step for r in reports if r.record is not None] == [0, 4, 9]
 
 
-def test_a_parameter_that_never_gets_a_gradient_is_not_retried_every_step(
+def test_a_module_that_never_gets_a_gradient_does_not_stop_the_blocks() -> None:
+    class WithUnused(Mixed):  # e.g. a pooler the head does not use
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(3, 3)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    with GradientMonitor(model, reporters=[], early_steps=0) as monitor:
+        kept = 0
+        for _ in range(20):
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, 6)).sum().backward()
+            kept += monitor.step().record is None
+    assert kept == 17  # all but step 0 and the two steps that judged full blocks
+    found = [(f.kind, f.layer, f.step) for f in monitor.findings]
+    assert found == [("no_gradient", "unused", 2)]  # patience 3: steps 0, 1, 2
+    unused = monitor.records[0].layers.index("unused")
+    assert all(not r.has_grad[unused] and math.isnan(r.grad_norm[unused])
+               for r in monitor.records)
+
+
+def test_a_step_that_cannot_be_kept_is_not_retried_every_step(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from graddiag.measure.norms import GradientProbe
 
@@ -396,13 +430,16 @@ def test_a_parameter_that_never_gets_a_gradient_is_not_retried_every_step(
     monkeypatch.setattr(GradientProbe, "read_row",
                         lambda self, row: tried.append(step_now[0]) or real(self, row))
 
-    class WithUnused(Mixed):
+    class WithSparse(Mixed):  # a sparse gradient goes the careful way, measured in full
         def __init__(self) -> None:
             super().__init__()
-            self.unused = nn.Linear(3, 3)
+            self.embed = nn.Embedding(10, 6, sparse=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x + self.embed(torch.tensor([1, 2, 3, 4])))
 
     torch.manual_seed(0)
-    model = WithUnused()
+    model = WithSparse()
     with GradientMonitor(model, reporters=[], early_steps=0) as monitor:
         for step in range(40):
             step_now[0] = step
@@ -410,8 +447,8 @@ def test_a_parameter_that_never_gets_a_gradient_is_not_retried_every_step(
             model(torch.randn(4, 6)).sum().backward()
             assert monitor.step().record is not None  # never kept, measured in full
     assert tried == [1, 3, 7, 15, 31]  # tries after 2, 4, 8, 16 steps
-    found = [(f.kind, f.layer, f.step) for f in monitor.findings]
-    assert found == [("no_gradient", "unused", 2)]  # patience 3: steps 0, 1, 2
+    embed = monitor.records[0].layers.index("embed")
+    assert all(r.has_grad[embed] and r.grad_norm[embed] > 0 for r in monitor.records)
 
 
 class Zoo(nn.Module):
@@ -523,3 +560,58 @@ def test_lightning_judges_kept_steps_before_validation_and_at_epoch_end() -> Non
     # five steps per epoch (0-4, 5-9): never a full block of 8, all judged at those points
     assert judged_at == [("validation", list(range(5))), ("epoch end", list(range(5))),
                          ("validation", list(range(10))), ("epoch end", list(range(10)))]
+
+
+def test_a_monitor_dropped_without_close_still_reports_its_waiting_steps() -> None:
+    import gc
+
+    from tests.helpers import installed
+
+    recorder = _Recorder()
+    torch.manual_seed(0)
+    model = Mixed()
+    before = installed()
+
+    def train_and_forget() -> None:
+        monitor = GradientMonitor(model, reporters=[recorder], early_steps=0)
+        for _ in range(5):
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, 6)).sum().backward()
+            monitor.step()
+        assert [step for step, _ in recorder.seen] == [0]  # steps 1-4 wait for their block
+
+    train_and_forget()
+    gc.collect()
+    assert [step for step, _ in recorder.seen] == [0, 1, 2, 3, 4]
+    assert installed() == before
+
+
+def test_a_script_that_never_closes_its_monitor_still_prints_the_last_findings() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import torch
+from torch import nn
+from graddiag import GradientMonitor
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+monitor = GradientMonitor(model, early_steps=0, activation_every_n_steps=0)
+for step in range(6):
+    model.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    if step >= 3:
+        model[0].weight.grad.mul_(1e-12)
+        model[0].bias.grad.mul_(1e-12)
+    monitor.step()
+print("trained")
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained" in result.stdout
+    # steps 3 and 4 vanish (below 1e-8 of the largest: 2 steps); step 4 waits in its block
+    assert "graddiag [vanishing] step 4, layer '0'" in result.stderr

@@ -96,9 +96,9 @@ class StepMeasurement:
         NormRows` instead of measuring it in full; its record comes from :meth:`take_kept`.
 
         Returns ``False`` when the step must be measured with :meth:`start` instead: the step
-        is not plain (a gradient missing, sparse, non-finite, not on the CPU, or one optimizer
-        reading only some layers), or the layers changed while steps are kept (take those
-        first). ``capacity``: how many steps the rows hold (:meth:`take_kept` when full).
+        is not plain (a gradient sparse, non-finite or not on the CPU, or one optimizer reading
+        only some layers), or the layers changed while steps are kept (take those first).
+        After such a step the next try waits 2, 4, ... up to 64 steps. ``capacity``: how many steps the rows hold (:meth:`take_kept` when full).
         """
         if step < self._next_keep:
             return False
@@ -110,12 +110,13 @@ class StepMeasurement:
             if not (probe.measures_all and probe.reads_rows and len(probe.row_layers)):
                 return False
             rows = self._rows = NormRows(probe, self.layers, capacity, self.norm_type)
-        if not rows.keep(step, optimizer, clip_norm):
+        missing = rows.keep(step, optimizer, clip_norm)
+        if missing is None:
             self._failed_keeps = min(self._failed_keeps + 1, 6)
             self._next_keep = step + 2 ** self._failed_keeps
             return False
         self._failed_keeps = 0
-        self.live.note_missing({})
+        self.live.note_missing(missing)
         self._finish_step(step)
         return True
 

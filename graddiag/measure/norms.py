@@ -231,41 +231,77 @@ class GradientProbe:
         self.all_read = self.measured.copy()
         self.all_read.flags.writeable = False
         self.measures_all = bool(self.measured.all())  # every layer (not one optimizer's)
-        #: Layer of each norm :meth:`read_row` writes, in the order it writes them.
+        #: Layer and parameter name of each norm :meth:`read_row` writes, in its order.
         self.row_layers = np.array([lid for g in self._groups for lid in g.lids], dtype=np.int64)
+        self.row_names = [name for g in self._groups for name in g.names]
+        # where the present gradients' norms go, by (group's first row position, missing ones)
+        self._places: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         #: Every group is plain tensors on the CPU, so :meth:`read_row` can write into a CPU row.
         self.reads_rows = all(
             g.params[0].device.type == "cpu" and not is_dtensor(g.params[0]) for g in self._groups)
 
-    def read_row(self, row: torch.Tensor) -> bool:
+    def read_row(self, row: torch.Tensor) -> tuple[int, ...] | None:
         """Write every monitored parameter's gradient p-norm into ``row``, a float32 CPU vector
-        of ``len(row_layers)`` (one fused kernel per group, nothing else on the host).
+        of ``len(row_layers)`` (one fused kernel per group, nothing else on the host); a
+        parameter without a gradient gets 0.
 
-        Returns ``False``, with ``row`` not to be used, when the step needs :meth:`read`: a
-        gradient is missing, sparse, or of a kind that needs the careful path.
+        Returns the positions in ``row`` of the parameters that got no gradient (usually none),
+        or ``None``, with ``row`` not to be used, when the step needs :meth:`read`: a sparse
+        gradient, or one of a kind that needs the careful path.
         """
         if not self.reads_rows:
-            return False
+            return None
+        absent: tuple[int, ...] = ()
         start = 0
-        try:
-            for group in self._groups:
-                if group.mixed:
-                    return False
-                # a missing gradient (None) makes the kernel raise a TypeError: checking for
-                # it first would cost every step more than the exception costs the rare one
-                grads = cast("list[torch.Tensor]", [p.grad for p in group.params])
+        for group in self._groups:
+            if group.mixed:
+                return None
+            grads = [p.grad for p in group.params]
+            end = start + len(grads)
+            try:  # a missing gradient (None) makes the kernel raise a TypeError: checking
+                # for it first would cost every step more than the exception costs the rare one
                 first = grads[0]
-                if first is None or first.layout != torch.strided:
-                    return False
-                end = start + len(grads)
-                if first.dtype == torch.float32:
-                    torch.stack(torch._foreach_norm(grads, self._aggregate.p), out=row[start:end])
-                else:
-                    row[start:end] = _norms(grads, self._aggregate.p)
-                start = end
-        except MEASURE_ERRORS:  # a missing or sparse gradient, say: read() sorts it out
-            return False
-        return True
+                if first is not None and first.layout == torch.strided:
+                    present = cast("list[torch.Tensor]", grads)
+                    if first.dtype == torch.float32:
+                        torch.stack(torch._foreach_norm(present, self._aggregate.p),
+                                    out=row[start:end])
+                    else:
+                        row[start:end] = _norms(present, self._aggregate.p)
+                    start = end
+                    continue
+            except MEASURE_ERRORS:
+                if all(g is not None for g in grads):  # a sparse gradient among dense ones, say
+                    return None
+            missing = self._read_some(grads, row[start:end], start)
+            if missing is None:
+                return None
+            absent += tuple(start + i for i in missing)
+            start = end
+        return absent
+
+    def _read_some(self, grads: list[torch.Tensor | None], row: torch.Tensor,
+                   group: int) -> tuple[int, ...] | None:
+        """:meth:`read_row` for one group where some gradients are ``None``: the others' norms
+        into their places, 0 for the missing ones; returns the missing ones' positions."""
+        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        present = [g for g in grads if g is not None]
+        row.zero_()
+        if not present:
+            return missing
+        if any(g.layout != torch.strided for g in present):
+            return None
+        places = self._places.get((group, missing))
+        if places is None:
+            if len(self._places) > 16:
+                self._places.clear()
+            places = self._places[group, missing] = torch.tensor(
+                [i for i, g in enumerate(grads) if g is not None], dtype=torch.long)
+        try:
+            row[places] = _norms(present, self._aggregate.p)
+        except MEASURE_ERRORS:
+            return None
+        return missing
 
     def read(self, grad_scale: torch.Tensor | None = None) -> GradientReading:
         """Read the current ``.grad`` of every monitored parameter.

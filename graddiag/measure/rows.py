@@ -1,11 +1,12 @@
 """Plain recorded steps kept as rows: each step's per-parameter gradient norms in one CPU buffer,
 turned into per-layer norms and step records together, a block at a time.
 
-A plain step is one that measures gradient norms only, and whose every monitored gradient is
-present, dense, on the CPU and finite. Keeping such a step costs one fused norm kernel written
-straight into a preallocated row and a finiteness check of that row; the per-layer norms, the
-clipping flag and the :class:`~graddiag.data.records.StepRecord` of every kept step are made
-later, all at once, while the caches are warm.
+A plain step is one that measures gradient norms only, and whose monitored gradients are
+dense, on the CPU and finite (some may be missing: a module unused on this step). Keeping such a
+step costs one fused norm kernel written straight into a preallocated row and a finiteness
+check of that row; the per-layer norms, the clipping flag and the
+:class:`~graddiag.data.records.StepRecord` of every kept step are made later, all at once,
+while the caches are warm.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ class NormRows:
         # and row by row as plain floats: summing 40 of them this way is the cheapest check
         # for a NaN/Inf right after a training step (numpy's or torch's reductions cost more)
         self._memory = [memoryview(row) for row in self._values]
-        self._kept: list[tuple[int, int, float | None]] = []  # step, optimizer, clip norm
+        # step, optimizer, clip norm, and the row positions of parameters without a gradient
+        self._kept: list[tuple[int, int, float | None, tuple[int, ...]]] = []
+        # per set of missing positions: (has_grad per layer, {layer: [parameter names]})
+        self._absent: dict[tuple[int, ...], tuple[np.ndarray, dict[int, list[str]]]] = {}
         # columns sorted by layer, so each layer's norms are one contiguous run to reduce
         self._order = np.argsort(probe.row_layers, kind="stable")
         sorted_layers = probe.row_layers[self._order]
@@ -56,21 +60,42 @@ class NormRows:
         """Every row holds a kept step."""
         return len(self._kept) == len(self._rows)
 
-    def keep(self, step: int, optimizer: int = 0, clip_norm: float | None = None) -> bool:
+    def keep(self, step: int, optimizer: int = 0,
+             clip_norm: float | None = None) -> dict[int, list[str]] | None:
         """Read this step's gradient norms into the next row.
 
-        Returns ``False`` (nothing kept) when the step is not plain: a gradient is missing or
+        Returns the step's missing gradients (``{layer: [parameter names]}``, empty when every
+        gradient arrived), or ``None`` (nothing kept) when the step is not plain: a gradient
         needs the careful path, or some norm is NaN/Inf (that step is measured in full, on the
         step itself). The rows must not be :attr:`full`.
         """
         row = len(self._kept)
-        if not self.probe.read_row(self._rows[row]):
-            return False
+        absent = self.probe.read_row(self._rows[row])
+        if absent is None:
+            return None
         if not math.isfinite(sum(self._memory[row])):  # NaN/Inf anywhere: not plain
-            return False
-        self._kept.append((step, optimizer, clip_norm))
-        return True
+            return None
+        self._kept.append((step, optimizer, clip_norm, absent))
+        return self._without_gradient(absent)[1] if absent else {}
 
+    def _without_gradient(self, absent: tuple[int, ...]
+                          ) -> tuple[np.ndarray, dict[int, list[str]]]:
+        """Which layers got a gradient, and the missing parameters' names by layer, when the
+        parameters at these row positions got none (worked out once per set)."""
+        known = self._absent.get(absent)
+        if known is None:
+            layers = self.probe.row_layers
+            missing: dict[int, list[str]] = {}
+            for position in absent:
+                missing.setdefault(int(layers[position]), []).append(
+                    self.probe.row_names[position])
+            present = np.bincount(np.delete(layers, list(absent)), minlength=self._n_layers)
+            has_grad = present[:self._n_layers] > 0
+            has_grad.flags.writeable = False
+            if len(self._absent) > 16:
+                self._absent.clear()
+            known = self._absent[absent] = (has_grad, missing)
+        return known
     def layer_norms(self) -> np.ndarray:
         """``(kept steps, layers)`` per-layer p-norms of the kept rows, combined in float32 as
         on a fully measured step (so the same norms overflow to inf), returned in float64."""
@@ -94,12 +119,18 @@ class NormRows:
             return []
         norms = self.layer_norms()
         records = []
-        for (step, optimizer, clip_norm), grad_norm in zip(self._kept, norms):
+        for (step, optimizer, clip_norm, absent), grad_norm in zip(self._kept, norms):
+            has_grad, missing = self.probe.all_read, {}
+            if absent:  # some parameters got no gradient: as a step measured in full says it
+                has_grad, names = self._without_gradient(absent)
+                missing = {layer: list(params) for layer, params in names.items()}
+                grad_norm[~has_grad] = np.nan
             clipped = None
             if clip_norm is not None and self.norm_type == 2.0:
-                clipped = bool(math.sqrt(float(np.dot(grad_norm, grad_norm))) > clip_norm)
+                measured = grad_norm[has_grad]
+                clipped = bool(math.sqrt(float(np.dot(measured, measured))) > clip_norm)
             records.append(StepRecord(step=step, layers=self.layers, grad_norm=grad_norm,
-                                      has_grad=self.probe.all_read, optimizer=optimizer,
+                                      has_grad=has_grad, missing=missing, optimizer=optimizer,
                                       clipped=clipped))
         self._kept.clear()
         return records

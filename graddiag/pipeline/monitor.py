@@ -3,10 +3,14 @@ reporters."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Iterable, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -135,6 +139,10 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._deferral = HostReadDeferral(c, self.index)
         self._action: str = "continue"  # the last judged step's action
         self._block_started = 0.0  # when the first of the kept plain steps was kept
+        # a monitor never closed still judges its waiting steps: when it is dropped
+        # (``__del__``), or when the interpreter exits while it is still alive
+        self._judge_at_exit = partial(_flush_if_open, weakref.ref(self))
+        atexit.register(self._judge_at_exit)
 
     # ----------------------------------------------------------------- one step
     def step(self, step: int | None = None, *, optimizer: int = 0,
@@ -311,10 +319,20 @@ class GradientMonitor(MonitorResults, WatchControls):
             return
         self.flush()
         self._closed = True
+        atexit.unregister(self._judge_at_exit)
         self._release()
         self._activations.close()
         self._reporting.close(self._history.records, self._measurement.layers, self._findings,
                               self.summary, self.skipped_steps)
+
+    def __del__(self) -> None:
+        """Dropped without :meth:`close`: judge the steps still waiting, so that their findings
+        still reach the reporters (hooks go with the ``weakref`` finalizer right after)."""
+        if getattr(self, "_closed", True) or sys.is_finalizing():
+            return
+        with contextlib.suppress(Exception):
+            self.flush()
+        atexit.unregister(self._judge_at_exit)
 
     def __enter__(self) -> GradientMonitor:
         return self
@@ -330,6 +348,14 @@ class GradientMonitor(MonitorResults, WatchControls):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (see :func:`~graddiag.pipeline.persistence.restore_monitor`)."""
         restore_monitor(self, state)
+
+
+def _flush_if_open(monitor: weakref.ReferenceType[GradientMonitor]) -> None:
+    """At interpreter exit: judge the waiting steps of a monitor still alive and never closed."""
+    alive = monitor()
+    if alive is not None and not alive.closed:
+        with contextlib.suppress(Exception):
+            alive.flush()
 
 
 def _release(entry: WatchedEntry | None, measurement: StepMeasurement) -> None:
