@@ -615,3 +615,60 @@ print("trained")
     assert "trained" in result.stdout
     # steps 3 and 4 vanish (below 1e-8 of the largest: 2 steps); step 4 waits in its block
     assert "graddiag [vanishing] step 4, layer '0'" in result.stderr
+
+
+def test_a_forked_child_does_not_judge_its_parents_waiting_steps() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import os, sys
+import torch
+from torch import nn
+from graddiag import GradientMonitor
+
+class Print:
+    def report(self, snapshot):
+        print(os.getpid(), snapshot.record.step, flush=True)
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+monitor = GradientMonitor(model, reporters=[Print()], early_steps=0)
+for _ in range(4):
+    model.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    monitor.step()
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a normal exit: exit handlers run in the child
+os.waitpid(child, 0)
+print("parent", os.getpid(), flush=True)
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.split()
+    parent = lines[lines.index("parent") + 1]
+    reported = [(pid, int(step)) for pid, step in zip(lines[::2], lines[1::2])
+                if pid != "parent" and step != parent]
+    # step 0 on the step, 1-3 at the parent's exit; the child reports nothing
+    assert reported == [(parent, 0), (parent, 1), (parent, 2), (parent, 3)]
+
+
+def test_a_monitor_that_failed_to_start_is_dropped_quietly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import sys
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("no")
+
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(monitor_module, "HostReadDeferral", fail)
+    with pytest.raises(RuntimeError):
+        GradientMonitor(Mixed(), reporters=[])
+    gc.collect()
+    assert unraisable == []

@@ -54,8 +54,8 @@ class StepMeasurement:
         self._histograms: HistogramProbe | None = None
         self._warned: set[str] = set()  # kinds of tensors already warned about as unmeasurable
         self._rows: NormRows | None = None  # plain steps kept for judging together
-        # after a step that could not be kept (a gradient missing, say), the next attempt
-        # waits 2, 4, ... 64 steps: a parameter that never gets a gradient costs no retries
+        # after a step that could not be kept (a sparse gradient, say), the next attempt
+        # waits 2, 4, ... 64 steps: a model that can never be kept costs no retries
         self._failed_keeps = 0
         self._next_keep = 0
 
@@ -92,8 +92,9 @@ class StepMeasurement:
     def keep(self, step: int, capacity: int, *, optimizer: int = 0,
              params: Iterable[torch.Tensor] | None = None,
              clip_norm: float | None = None) -> bool:
-        """Keep a plain step (gradient norms only) as a row of :class:`~graddiag.measure.rows.
-        NormRows` instead of measuring it in full; its record comes from :meth:`take_kept`.
+        """Keep a plain step (gradient norms only) as a row of
+        :class:`~graddiag.measure.rows.NormRows` instead of measuring it in full; its record
+        comes from :meth:`take_kept`.
 
         Returns ``False`` when the step must be measured with :meth:`start` instead: the step
         is not plain (a gradient sparse, non-finite or not on the CPU, or one optimizer reading

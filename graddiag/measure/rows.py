@@ -96,6 +96,7 @@ class NormRows:
                 self._absent.clear()
             known = self._absent[absent] = (has_grad, missing)
         return known
+
     def layer_norms(self) -> np.ndarray:
         """``(kept steps, layers)`` per-layer p-norms of the kept rows, combined in float32 as
         on a fully measured step (so the same norms overflow to inf), returned in float64."""

@@ -4,8 +4,8 @@ reporters."""
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
+import os
 import sys
 import time
 import weakref
@@ -140,7 +140,9 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._action: str = "continue"  # the last judged step's action
         self._block_started = 0.0  # when the first of the kept plain steps was kept
         # a monitor never closed still judges its waiting steps: when it is dropped
-        # (``__del__``), or when the interpreter exits while it is still alive
+        # (``__del__``), or when the interpreter exits while it is still alive (in this
+        # process: a forked child does not judge its parent's steps)
+        self._pid = os.getpid()
         self._judge_at_exit = partial(_flush_if_open, weakref.ref(self))
         atexit.register(self._judge_at_exit)
 
@@ -327,12 +329,12 @@ class GradientMonitor(MonitorResults, WatchControls):
 
     def __del__(self) -> None:
         """Dropped without :meth:`close`: judge the steps still waiting, so that their findings
-        still reach the reporters (hooks go with the ``weakref`` finalizer right after)."""
-        if getattr(self, "_closed", True) or sys.is_finalizing():
+        still reach the reporters' ``report`` (hooks go with the ``weakref`` finalizer)."""
+        handler = getattr(self, "_judge_at_exit", None)
+        if handler is None or self._closed or sys.is_finalizing():
             return
-        with contextlib.suppress(Exception):
-            self.flush()
-        atexit.unregister(self._judge_at_exit)
+        atexit.unregister(handler)
+        _judge_waiting(self)
 
     def __enter__(self) -> GradientMonitor:
         return self
@@ -354,8 +356,20 @@ def _flush_if_open(monitor: weakref.ReferenceType[GradientMonitor]) -> None:
     """At interpreter exit: judge the waiting steps of a monitor still alive and never closed."""
     alive = monitor()
     if alive is not None and not alive.closed:
-        with contextlib.suppress(Exception):
-            alive.flush()
+        _judge_waiting(alive)
+
+
+def _judge_waiting(monitor: GradientMonitor) -> None:
+    """Judge a never-closed monitor's waiting steps, in the process that kept them; a failure
+    is logged, never raised (this runs from garbage collection or at exit)."""
+    if monitor._pid != os.getpid():
+        return
+    try:
+        monitor.flush()
+    except Exception as error:  # noqa: BLE001 - nothing may escape a finalizer
+        log.warning("graddiag: the steps still waiting for their block could not be judged "
+                    "(%s: %s); close() the monitor to have them judged in training.",
+                    type(error).__name__, error)
 
 
 def _release(entry: WatchedEntry | None, measurement: StepMeasurement) -> None:
