@@ -99,7 +99,8 @@ class StepMeasurement:
         Returns ``False`` when the step must be measured with :meth:`start` instead: the step
         is not plain (a gradient sparse, non-finite or not on the CPU, or one optimizer reading
         only some layers), or the layers changed while steps are kept (take those first).
-        After such a step the next try waits 2, 4, ... up to 64 steps. ``capacity``: how many steps the rows hold (:meth:`take_kept` when full).
+        After such a step the next try waits 2, 4, ... up to 64 steps. ``capacity``: how many
+        steps the rows hold (:meth:`take_kept` when full).
         """
         if step < self._next_keep:
             return False

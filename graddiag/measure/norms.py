@@ -60,8 +60,9 @@ def _group_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 _ACCUMULATE_IN_FLOAT32 = (torch.float16, torch.bfloat16)
 
 
-def _norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
-    """Per-tensor p-norms as one float32 vector on the tensors' device.
+def _norms(tensors: list[torch.Tensor], p: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-tensor p-norms as one float32 vector on the tensors' device (written into ``out``,
+    a float32 vector of their number, when given).
 
     float16/bfloat16 are accumulated in float32 (values above 65504 do not read as inf);
     float64 is normed in its own precision and complex tensors by the magnitude of their
@@ -69,10 +70,11 @@ def _norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
     """
     dtype = tensors[0].dtype
     if dtype == torch.float32:  # already float32: the plain kernel is the fastest
-        return torch.stack(torch._foreach_norm(tensors, p))
+        return torch.stack(torch._foreach_norm(tensors, p), out=out)
     if dtype in _ACCUMULATE_IN_FLOAT32:
-        return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32))
-    return torch.stack(torch._foreach_norm(tensors, p)).float()
+        return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32), out=out)
+    norms = torch.stack(torch._foreach_norm(tensors, p)).float()
+    return norms if out is None else out.copy_(norms)
 
 
 def _reduce_sharded(contrib: torch.Tensor, sample: torch.Tensor, p: float) -> None:
@@ -262,12 +264,8 @@ class GradientProbe:
                 # for it first would cost every step more than the exception costs the rare one
                 first = grads[0]
                 if first is not None and first.layout == torch.strided:
-                    present = cast("list[torch.Tensor]", grads)
-                    if first.dtype == torch.float32:
-                        torch.stack(torch._foreach_norm(present, self._aggregate.p),
-                                    out=row[start:end])
-                    else:
-                        row[start:end] = _norms(present, self._aggregate.p)
+                    _norms(cast("list[torch.Tensor]", grads), self._aggregate.p,
+                           out=row[start:end])
                     start = end
                     continue
             except MEASURE_ERRORS:

@@ -138,6 +138,8 @@ class GradientMonitor(MonitorResults, WatchControls):
         self.deferred_host_read: bool | None = None
         self._deferral = HostReadDeferral(c, self.index)
         self._action: str = "continue"  # the last judged step's action
+        # plain steps may wait for a block: nothing decides on them (exploding only warns)
+        self._blocks = c.evaluate_every_n_records > 1 and c.on_exploding == "warn"
         self._block_started = 0.0  # when the first of the kept plain steps was kept
         # a monitor never closed still judges its waiting steps: when it is dropped
         # (``__del__``), or when the interpreter exits while it is still alive (in this
@@ -228,15 +230,12 @@ class GradientMonitor(MonitorResults, WatchControls):
         """Keep ``step`` (read its gradient norms into a row) to be judged with the next block
         of plain steps (see the option ``evaluate_every_n_records``) if it is one: gradient
         norms only, nothing to decide on its own. ``False``: measure it in full."""
-        c = self.config
-        if (c.evaluate_every_n_records == 1 or c.on_exploding != "warn"
-                or self._action != "continue"
+        if (not self._blocks or self._action != "continue"
                 or not self.schedule.gradients_only(step, self._updates.lookahead)):
             return False
-        first = not self._measurement.kept
-        kept = self._measurement.keep(step, c.evaluate_every_n_records, optimizer=optimizer,
-                                      params=params, clip_norm=clip_norm)
-        if kept and first:
+        kept = self._measurement.keep(step, self.config.evaluate_every_n_records,
+                                      optimizer=optimizer, params=params, clip_norm=clip_norm)
+        if kept and self._measurement.kept == 1:  # the first of a block
             self._block_started = time.perf_counter()
         return kept
 
@@ -272,16 +271,6 @@ class GradientMonitor(MonitorResults, WatchControls):
         report = self._judge_kept()
         finish = self._deferral.take()
         return report if finish is None else self._evaluate(finish())
-
-    @property
-    def findings(self) -> list[Finding]:
-        """Every finding so far, oldest first (steps still waiting are judged first)."""
-        self.flush()
-        return self._findings
-
-    @findings.setter
-    def findings(self, findings: list[Finding]) -> None:
-        self._findings = list(findings)
 
     def _evaluate(self, record: StepRecord, replay: ReplayArgument = None) -> StepReport:
         self._explainer.observe(record)

@@ -15,15 +15,23 @@ from graddiag.rules.ruleset import RuleSet
 
 
 class MonitorResults:
-    """What a monitor has found so far, as tables; each read evaluates a pending deferred read
-    first (:meth:`flush`), so tables always include the latest recorded step."""
+    """What a monitor has found so far, as findings and tables; each read first judges the
+    steps still waiting (kept plain steps, a deferred read: :meth:`flush`), so results always
+    include the latest recorded step."""
 
     _history: History
+    _findings: list[Finding]
     rules: RuleSet
 
     @property
-    def findings(self) -> list[Finding]:  # pragma: no cover - the monitor's property replaces it
-        raise NotImplementedError
+    def findings(self) -> list[Finding]:
+        """Every finding so far, oldest first."""
+        self.flush()
+        return self._findings
+
+    @findings.setter
+    def findings(self, findings: list[Finding]) -> None:
+        self._findings = list(findings)
 
     def flush(self) -> object:  # pragma: no cover - the monitor's flush replaces it
         raise NotImplementedError
