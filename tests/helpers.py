@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from graddiag import GradientMonitor
 
@@ -71,3 +72,16 @@ class BackwardSpy(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         BackwardSpy.seen.append(installed())
         return grad
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts host syncs (``.item()``, ``bool(t)``, ``float(t)``) while it is entered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), bool(t), float(t)
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))

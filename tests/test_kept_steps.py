@@ -15,7 +15,7 @@ from torch import nn
 from graddiag import GradientMonitor
 from graddiag.measure import transfer
 from graddiag.pipeline import monitor as monitor_module
-from tests.test_probes import _SyncCounter
+from tests.helpers import SyncCounter
 
 
 class Mixed(nn.Module):
@@ -242,7 +242,7 @@ def test_kept_steps_copy_nothing_and_never_synchronise(monkeypatch: pytest.Monke
     monkeypatch.setattr(transfer, "_copy_to_host", lambda t: copies.append(1) or real(t))
     torch.manual_seed(0)
     model = Mixed()
-    counter = _SyncCounter()
+    counter = SyncCounter()
     monitor = GradientMonitor(model, reporters=[], early_steps=0, activation_every_n_steps=0,
                               param_every_n_steps=0, evaluate_every_n_records=16)
     kept = 0

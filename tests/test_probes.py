@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import graddiag.measure.transfer as transfer
 from graddiag import GradientMonitor
 from graddiag.measure.layers import clean_name, discover_layers
 from graddiag.measure.norms import GradientProbe, LayerNormAggregator
+from tests.helpers import SyncCounter
 
 
 def _two_layer_with_grads() -> nn.Sequential:
@@ -126,17 +126,6 @@ def test_layers_follow_forward_order_not_registration_order() -> None:
     assert monitor.records[0].layers == ["early", "late"]
 
 
-class _SyncCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), bool(t), float(t)
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _deep_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(8, 8), nn.Tanh())])
@@ -153,7 +142,7 @@ def test_one_host_transfer_per_recorded_step_and_none_per_parameter(
     cadence = 1 if with_params_and_activations else 0
     monitor = GradientMonitor(model, reporters=[], param_every_n_steps=cadence,
                               activation_every_n_steps=cadence, evaluate_every_n_records=1)
-    counter = _SyncCounter()
+    counter = SyncCounter()
     for _ in range(3):
         model(torch.randn(4, 8)).sum().backward()
         with counter:
