@@ -32,7 +32,8 @@ from graddiag.measure.transfer import HostCopy
 from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.history import History
 from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY
-from graddiag.reporters.scalars import scalar_metrics, write_scalars
+from graddiag.reporters.events import write_scalars
+from graddiag.reporters.scalars import scalar_metrics
 from graddiag.reporters.tensorboard import TensorBoardReporter
 from graddiag.rules.ruleset import RuleSet
 

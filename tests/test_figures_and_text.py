@@ -114,6 +114,27 @@ def test_long_hugging_face_names_are_abbreviated_distinct_and_the_plot_keeps_its
     assert Image.open(io.BytesIO(png.getvalue())).size[1] == round(fig.get_size_inches()[1] * fig.dpi)
 
 
+@pytest.mark.parametrize("blocks", [1, 12, 40])
+def test_the_layout_is_matplotlibs_tight_layout_over_every_row_label(blocks: int) -> None:
+    names = _bert_names(blocks)
+    names[5] = "bert.encoder.layer.0.WWWWWWWW"  # short, but wide glyphs
+    rng = np.random.default_rng(1)
+    profile = flow_profile([10 ** rng.uniform(-8, 0, len(names))], [np.ones(len(names), bool)])
+    fig = gradient_flow_figure(names, profile, flagged={names[3]})
+    ax = fig.axes[0]
+    placed = ax.get_position().bounds
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = [t.get_window_extent(renderer) for t in ax.get_yticklabels() if t.get_text()]
+    title = ax.yaxis.label.get_window_extent(renderer)
+    every = math.ceil(len(names) / 120)  # at most 120 rows labelled, and the flagged one
+    assert len(ticks) == len(set(range(0, len(names), every)) | {3})
+    assert min(b.x0 for b in ticks) >= 0  # no row label cut off at the left edge
+    assert title.x0 >= 0 and title.x1 <= min(b.x0 for b in ticks)  # beside them, not over them
+    fig.tight_layout()  # matplotlib's own layout, measuring every label (2 px apart at most)
+    assert ax.get_position().bounds == pytest.approx(placed, abs=2 / fig.bbox.width)
+
+
 def _finding(kind: str, layer: str, step: int, message: str, remedy: str = "do x") -> Finding:
     return Finding(kind=kind, layer=layer, step=step, value=1.5e-9, threshold=1e-4,
                    message=message, remedy=remedy)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
@@ -14,8 +16,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from graddiag import GradientMonitor
+from graddiag.reporters.events import write_image, write_scalars
 from graddiag.reporters.logs import read_logs
-from graddiag.reporters.scalars import write_scalars
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
 
@@ -101,3 +103,29 @@ def test_writers_other_than_torchs_get_one_add_scalar_per_key() -> None:
 
     write_scalars(Writer(), {"a": 1.0, "b": 2.5}, 7)
     assert calls == [("a", 1.0, 7), ("b", 2.5, 7)]
+
+
+def test_an_image_is_one_png_event_with_the_exact_pixels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    pixels[:20] = 255  # mostly white, like a figure
+    writer = SummaryWriter(str(tmp_path))
+    write_image(writer, "g/flow", pixels, 11)
+    writer.close()
+    acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.IMAGES: 0})
+    acc.Reload()
+    (event,) = acc.Images("g/flow")
+    assert (event.step, event.height, event.width) == (11, 37, 53)
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, pixels)
+
+
+def test_writers_other_than_torchs_get_add_image() -> None:
+    calls: list[tuple[str, tuple[int, ...], int, str]] = []
+
+    class Writer:
+        def add_image(self, tag: str, pixels: np.ndarray, step: int, dataformats: str) -> None:
+            calls.append((tag, pixels.shape, step, dataformats))
+
+    write_image(Writer(), "t", np.zeros((4, 5, 3), np.uint8), 3)
+    assert calls == [("t", (4, 5, 3), 3, "HWC")]

@@ -1,11 +1,10 @@
-"""The scalar metrics of a record, under hierarchical keys that TensorBoard's tag filter groups,
-and how a step's scalars are written: all of them in one TensorBoard event."""
+"""The scalar metrics of a record, under hierarchical keys that TensorBoard's tag filter groups
+(:mod:`graddiag.reporters.events` writes them, all of a step's in one event)."""
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
@@ -76,33 +75,3 @@ def log10_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
         if name.startswith(LOG10_STATISTICS) and value > 0 and math.isfinite(value):
             logs[f"{prefix}log10_{name}"] = math.log10(value)
     return logs
-
-
-def write_scalars(writer: Any, metrics: dict[str, float], step: int) -> None:
-    """Write all of a step's scalars to a TensorBoard ``SummaryWriter`` as **one** event.
-
-    One event carrying every value costs a fraction of one ``add_scalar`` per key (each of
-    which builds, serialises, checksums and queues an event of its own); TensorBoard and
-    ``graddiag report`` read every value of it as an ordinary scalar. Writers other than
-    ``torch.utils.tensorboard.SummaryWriter`` get one ``add_scalar`` per key.
-    """
-    file_writer = _torch_file_writer(writer)
-    if file_writer is None:
-        for tag, value in metrics.items():
-            writer.add_scalar(tag, value, step)
-        return
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    summary = Summary()
-    add = summary.value.add
-    for tag, value in metrics.items():
-        add(tag=tag, simple_value=value)
-    file_writer.add_summary(summary, step)
-
-
-def _torch_file_writer(writer: Any) -> Any:
-    """The ``FileWriter`` behind torch's ``SummaryWriter``, or ``None`` for any other writer."""
-    get = getattr(type(writer), "_get_file_writer", None)
-    if get is None or not type(writer).__module__.startswith("torch.utils.tensorboard"):
-        return None
-    return writer._get_file_writer()

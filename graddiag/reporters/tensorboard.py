@@ -17,6 +17,7 @@ from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import RunSnapshot, StepSnapshot
 from graddiag.data.tree import SiteMark
 from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY, FIGURE_TIME_SHARE, TimeBudget
+from graddiag.reporters.events import write_image, write_scalars
 from graddiag.reporters.figures import (
     figure_to_array,
     flow_profile,
@@ -25,7 +26,7 @@ from graddiag.reporters.figures import (
 )
 from graddiag.reporters.markdown import findings_markdown, summary_markdown
 from graddiag.reporters.plugin_data import FINDINGS_TAG, LAYERS_TAG, findings_json, layers_json
-from graddiag.reporters.scalars import log10_metrics, scalar_metrics, write_scalars
+from graddiag.reporters.scalars import log10_metrics, scalar_metrics
 
 log = logging.getLogger("graddiag")
 
@@ -206,8 +207,7 @@ class TensorBoardReporter:
         fig = gradient_flow_figure(layers, profile, flagged={f.layer for f in self._findings},
                                    sites=marks, site_findings=_site_findings(self._findings),
                                    title=f"Gradient flow, {title}")
-        self.writer.add_image(f"{self.prefix}gradient_flow", figure_to_array(fig), step,
-                              dataformats="HWC")
+        write_image(self.writer, f"{self.prefix}gradient_flow", figure_to_array(fig), step)
         return fig
 
     def finish(self, run: RunSnapshot) -> None:
