@@ -13,6 +13,7 @@ from torch import nn
 
 from graddiag import GradientDiagnostics, GradientMonitor
 from graddiag.data.records import StepRecord
+from graddiag.data.schedule import Schedule
 from graddiag.demos.data import DigitsDataModule
 from graddiag.demos.models import DeepMLP, build_mlp
 from graddiag.rules.gradient import VanishingRule
@@ -146,3 +147,19 @@ def test_schedule_front_loads_parameters_and_activations_then_keeps_the_cadence(
     recorded = [s for s in steps if schedule.records(s)]
     assert recorded == sorted({*range(0, 151, 5), 1, 2, 49, 99, 149})
     assert [s for s in steps if Schedule(1, 0, 0, 0, early=3).records_parameters(s)] == []  # off
+
+
+@pytest.mark.parametrize("cadences", [(1, 50, 50, 0, 5, 1), (10, 50, 50, 0, 5, 1), (10, 50, 0, 0, 0, 3),
+                                      (7, 0, 3, 4, 2, 1), (10, 0, 0, 0, 0, 1), (4, 6, 0, 9, 0, 2)])
+def test_measured_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
+    gradients, parameters, activations, histograms, early, lookahead = cadences
+    schedule = Schedule(gradients, parameters, activations, histograms, early)
+
+    def naive(step: int) -> bool:  # a parameter step, or the copy for one within the lookahead
+        parameter_steps = [s for s in range(step, step + lookahead + 1)
+                           if parameters and (s < early or s % parameters == 0)]
+        return (step % gradients == 0 or bool(parameter_steps)
+                or bool(activations and (step < early or step % activations == 0))
+                or bool(histograms and step % histograms == 0))
+
+    assert [schedule.records(s, lookahead) for s in range(400)] == [naive(s) for s in range(400)]

@@ -74,8 +74,17 @@ class Schedule:
         return not ((self.activations and step % self.activations == 0)
                     or (self.histograms and step % self.histograms == 0))
 
-    def records(self, step: int) -> bool:
-        """Whether ``step`` is measured at all (gradients, parameters, activations or histograms)."""
-        return (self._due(self.gradients, step) or self.records_parameters(step)
-                or self.copies_parameters(step) or self.records_activations(step)
-                or self.records_histograms(step))
+    def records(self, step: int, lookahead: int = 1) -> bool:
+        """Whether ``step`` is measured at all: gradients, parameters, the weight copy for a
+        parameter step among the next ``lookahead`` (see :meth:`copies_parameters`), activations
+        or histograms. One call on every step, so it is plain arithmetic."""
+        if step < self.early and (self.parameters or self.activations):
+            return True  # front-loaded parameter or activation statistics (and their copies)
+        if step % self.gradients == 0:
+            return True
+        parameters = self.parameters
+        if parameters and (step % parameters == 0
+                           or (step + lookahead) // parameters != step // parameters):
+            return True
+        return bool((self.activations and step % self.activations == 0)
+                    or (self.histograms and step % self.histograms == 0))

@@ -191,8 +191,11 @@ class GradientMonitor(MonitorResults, WatchControls):
             check_replay(replay)
         current = self._next_step if step is None else int(step)
         self._next_step = self._activations.upcoming = current + 1
+        measured = self.measures(current)
+        if not measured and self._deferral.pending is None:
+            return StepReport(current, False)  # nothing measured, nothing waiting to be read
         # kept steps are on the CPU, where a host read is deferred only when asked for
-        if (amp_scale is None and self.deferred_host_read is not True
+        if (measured and amp_scale is None and self.deferred_host_read is not True
                 and self._deferral.pending is None
                 and self._try_keep(current, optimizer, params, clip_norm)):
             report = StepReport(current, True)  # kept: judged with its block
@@ -203,7 +206,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         report = StepReport(current, False)
         deferred = self._deferring(replay)
         finish = earlier = None
-        if self.measures(current):
+        if measured:
             pack = self._activations.take(current)
             deferred = deferred and pack is None  # activation steps are read on the step
             earlier = self._judge_kept()  # steps kept before this one are judged before it
@@ -254,7 +257,7 @@ class GradientMonitor(MonitorResults, WatchControls):
     def measures(self, step: int) -> bool:
         """Whether :meth:`step` measures ``step`` (gradients, parameters, activations or a copy of
         the weights); adapters gather a step's inputs only then."""
-        return self.schedule.records(step) or self._updates.copies_on(step)
+        return self.schedule.records(step, self._updates.lookahead)
 
     def _deferring(self, replay: ReplayArgument = None) -> bool:
         """Whether this step's host read is deferred (see :attr:`deferred_host_read`)."""
