@@ -6,7 +6,7 @@ import numpy as np
 
 from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import StepSnapshot
-from graddiag.reporters.budget import TimeBudget
+from graddiag.reporters.budget import TimeBudget, first_figure_seconds
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
 
@@ -18,18 +18,21 @@ class Clock:
         return self.now
 
 
-def test_budget_postpones_to_a_later_multiple_until_the_share_is_met() -> None:
+def test_budget_runs_on_a_multiple_only_while_the_share_holds_with_the_next_run() -> None:
     clock = Clock()
-    budget = TimeBudget(10, share=0.01, clock=clock)
-    assert [s for s in range(25) if budget.due(s)] == [0, 10, 20]  # nothing spent yet
-    assert budget.due(10)
-    budget.spent(started=clock.now - 0.5)  # a figure that took 0.5 s, ending now (t = 0)
-    # 0.5 s may be 1 % of at most 50 s: the next one waits until 49.5 s after it ended
-    clock.now = 49.0
-    assert not budget.due(20) and not budget.due(30)
-    assert not budget.due(31)  # never off the interval
-    clock.now = 49.5
-    assert budget.due(40)
+    budget = TimeBudget(10, share=0.25, clock=clock)
+    assert not budget.due(0, first_cost=1.0)  # the clock starts: 1 s would be all of 0 s
+    clock.now = 3.9
+    assert not budget.due(10, first_cost=1.0)  # 1 s > 25 % of 3.9 s
+    clock.now = 4.0
+    assert not budget.due(11, first_cost=1.0)  # never off the interval
+    assert budget.due(20, first_cost=1.0)  # 1 s = 25 % of 4 s
+    clock.now = 6.0
+    budget.spent(started=4.0)  # it took 2 s: the next is assumed to take 2 s too
+    clock.now = 15.9
+    assert not budget.due(30, first_cost=1.0)  # 2 + 2 s > 25 % of 15.9 s
+    clock.now = 16.0
+    assert budget.due(40, first_cost=1.0)
 
 
 def test_explicit_interval_is_exact_and_zero_never_runs() -> None:
@@ -40,17 +43,17 @@ def test_explicit_interval_is_exact_and_zero_never_runs() -> None:
     assert not any(TimeBudget(0, clock=clock).due(s) for s in range(10))
 
 
-def test_reporter_default_draws_within_one_percent_of_wall_time() -> None:
-    images: list[int] = []
+def test_reporter_default_keeps_figures_within_a_quarter_percent_of_wall_time() -> None:
+    images: list[tuple[int, float]] = []
+    clock = Clock()
 
     class Writer:
         def add_image(self, tag: str, image: np.ndarray, step: int, **kwargs: object) -> None:
-            images.append(step)
+            images.append((step, clock.now))
 
         def __getattr__(self, name: str):  # noqa: ANN204 - every other writer call is a no-op
             return lambda *a, **k: None
 
-    clock = Clock()
     reporter = TensorBoardReporter(Writer(), save_png=False)  # figure_every_n_steps=None
     reporter._figure_budget.clock = clock
     real_figure = reporter._figure
@@ -61,14 +64,35 @@ def test_reporter_default_draws_within_one_percent_of_wall_time() -> None:
 
     reporter._figure = slow_figure  # type: ignore[method-assign]
     layers = ["a", "b"]
-    for step in range(30001):
+    for step in range(70001):
         clock.now += 0.05  # 50 ms steps: a figure every 500 steps would be 8 % of the time
         reporter.report(StepSnapshot(StepRecord(step, layers, np.array([1.0, 2.0]),
                                                 np.array([True, True]))))
-    assert images[0] == 500
-    assert all(s % 500 == 0 for s in images)
-    # after the first figure, figures take at most 0.25 % of the time: 1,500 s of steps allow
-    # 1.9 more (the second waits 2 s x (1 / 0.0025 - 1) = 798 s after the first ends)
-    assert 2 <= len(images) <= 1 + 0.0025 * clock.now / 2.0
+    steps = [step for step, _ in images]
+    # the first figure is assumed to take 0.05 s + 4 ms per layer = 0.058 s: 0.25 % of the
+    # 25 s up to step 500 admits it. It took 2 s, so figure k (0-based) waits until
+    # 2 s x (k + 1) fits into 0.25 % of the time since the first step.
+    assert steps[0] == 500 and all(s % 500 == 0 for s in steps)
+    start = 0.05
+    for k, (_, now) in enumerate(images[1:], start=1):
+        assert 2.0 * (k + 1) <= 0.0025 * (now - start)
+        assert 2.0 * (k + 1) > 0.0025 * (now - 500 * 0.05 - start)  # not one multiple later
+    # a fourth (8 s in all) fits at step 64,000 (3,206 s, the figures' own 6 s included); a fifth
+    # would need 4,000 s, and the run ends at 3,508 s
+    assert steps == [500, 32000, 48000, 64000]
     explicit = TensorBoardReporter(Writer(), save_png=False, figure_every_n_steps=500)
     assert explicit._figure_budget.share is None
+
+
+def test_a_costly_first_figure_waits_until_its_guessed_cost_fits() -> None:
+    layers = [f"l{i}" for i in range(200)]  # guessed at 0.05 s + 200 x 4 ms = 0.85 s
+    clock = Clock()
+    budget = TimeBudget(500, clock=clock)
+    first = None
+    for step in range(200000):
+        clock.now += 0.002  # 2 ms steps
+        if budget.due(step, first_figure_seconds(len(layers))):
+            first = step
+            break
+    # 0.85 s is 0.25 % of 340 s: 170,000 steps of 2 ms after the first step
+    assert first == 170000

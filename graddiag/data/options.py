@@ -237,8 +237,9 @@ class AdapterConfig(_Checked):
         "Scalar logging interval in optimizer steps; None uses the Trainer's log_every_n_steps.")
     figure_every_n_steps: int | None = option(
         None, Integer(0, optional=True),
-        "Gradient-flow image interval in TensorBoard; None: every 500 steps, postponed while "
-        "figures would take more than 0.25 % of the wall time; an integer: exactly that interval "
+        "Gradient-flow image interval in TensorBoard; None: on multiples of 500 steps while "
+        "figures, the next one included, stay within 0.25 % of the wall time since the first "
+        "step; an integer: exactly that interval "
         "(0: only the final image, also saved as gradient_flow.png in the log directory).")
     prefix: str = option("graddiag/", Text(), "Prefix of every logged key.", identity=True)
     progress_bar: bool = option(

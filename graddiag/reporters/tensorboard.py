@@ -16,7 +16,12 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import RunSnapshot, StepSnapshot
 from graddiag.data.tree import SiteMark
-from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY, FIGURE_TIME_SHARE, TimeBudget
+from graddiag.reporters.budget import (
+    DEFAULT_FIGURE_EVERY,
+    FIGURE_TIME_SHARE,
+    TimeBudget,
+    first_figure_seconds,
+)
 from graddiag.reporters.events import write_image, write_scalars
 from graddiag.reporters.figures import (
     figure_to_array,
@@ -89,8 +94,10 @@ class TensorBoardReporter:
         prefix: Prefix of every tag (default ``graddiag/``).
         scalars_every_n_steps: Scalar interval (the trainer's ``log_every_n_steps``).
         figure_every_n_steps: Gradient-flow image interval (0: only at the end). ``None``:
-            every 500 steps, postponed while figures would take more than 0.25 % of the wall
-            time (each costs tenths of a second to seconds of Matplotlib); an integer: exactly that interval.
+            on multiples of 500 steps while figures, the next one included, stay within 0.25 %
+            of the wall time since the first step (each costs tenths of a second to seconds of
+            Matplotlib; the first is assumed to cost 0.05 s + 4 ms per layer); an integer:
+            exactly that interval.
         save_png: Also save the final figure as ``gradient_flow.png`` in the writer's log dir.
     """
 
@@ -143,7 +150,8 @@ class TensorBoardReporter:
             if record.layers is not self._interval_layers and record.layers != self._interval_layers:
                 self._interval, self._interval_layers = [], record.layers
             self._interval.append((record.grad_norm, record.has_grad))
-            if len(self._interval) > 1 and self._figure_budget.due(step):
+            due = self._figure_budget.due(step, first_figure_seconds(len(record.layers)))
+            if due and len(self._interval) > 1:
                 started = self._figure_budget.clock()
                 self._figure(self._interval, record.layers, step, f"steps up to {step}")
                 self._figure_budget.spent(started)
