@@ -33,6 +33,7 @@ from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.history import History
 from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY, FIGURE_TIME_SHARE
 from graddiag.reporters.events import write_scalars
+from graddiag.reporters.figures import flow_profile
 from graddiag.reporters.scalars import scalar_metrics
 from graddiag.reporters.tensorboard import TensorBoardReporter
 from graddiag.rules.ruleset import RuleSet
@@ -190,7 +191,8 @@ def figure_cost(monitor: GradientMonitor | None) -> float:
         reporter = TensorBoardReporter(writer, save_png=False)
         for _ in range(2):
             start = time.perf_counter()
-            reporter._figure(rows, monitor.records[-1].layers, len(rows), "benchmark")
+            profile = flow_profile([r[0] for r in rows], [r[1] for r in rows])
+            reporter._figure(profile, monitor.records[-1].layers, len(rows), "benchmark")
             best = min(best, time.perf_counter() - start)
         writer.close()
     return best * 1e3

@@ -14,8 +14,10 @@ from PIL import Image
 from tensorboard.plugin_util import markdown_to_safe_html
 
 from graddiag import Finding
+from graddiag.reporters import figures
 from graddiag.reporters.figures import (
     ZERO_LABEL,
+    FlowRows,
     figure_to_array,
     flow_profile,
     gradient_flow_figure,
@@ -114,10 +116,16 @@ def test_long_hugging_face_names_are_abbreviated_distinct_and_the_plot_keeps_its
     assert Image.open(io.BytesIO(png.getvalue())).size[1] == round(fig.get_size_inches()[1] * fig.dpi)
 
 
+def _tight_layout_over_every_label(fig, ax, y, labels, bad) -> None:  # noqa: ANN001
+    figures._label_rows(ax, y, labels, bad)
+    fig.tight_layout()
+
+
 @pytest.mark.parametrize("blocks", [1, 12, 40])
-def test_the_layout_is_matplotlibs_tight_layout_over_every_row_label(blocks: int) -> None:
+def test_the_layout_is_matplotlibs_tight_layout_over_every_row_label(
+        blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
     names = _bert_names(blocks)
-    names[5] = "bert.encoder.layer.0.WWWWWWWW"  # short, but wide glyphs
+    names[6] = "bert.encoder.layer.0.WWWWWWWW"  # short, but wide glyphs (a labelled row)
     rng = np.random.default_rng(1)
     profile = flow_profile([10 ** rng.uniform(-8, 0, len(names))], [np.ones(len(names), bool)])
     fig = gradient_flow_figure(names, profile, flagged={names[3]})
@@ -129,10 +137,18 @@ def test_the_layout_is_matplotlibs_tight_layout_over_every_row_label(blocks: int
     title = ax.yaxis.label.get_window_extent(renderer)
     every = math.ceil(len(names) / 120)  # at most 120 rows labelled, and the flagged one
     assert len(ticks) == len(set(range(0, len(names), every)) | {3})
+    assert abbreviate(names[6]) in [t.get_text() for t in ax.get_yticklabels()]
     assert min(b.x0 for b in ticks) >= 0  # no row label cut off at the left edge
     assert title.x0 >= 0 and title.x1 <= min(b.x0 for b in ticks)  # beside them, not over them
-    fig.tight_layout()  # matplotlib's own layout, measuring every label (2 px apart at most)
-    assert ax.get_position().bounds == pytest.approx(placed, abs=2 / fig.bbox.width)
+    # the reference: matplotlib's tight layout over every row label, the title placed by it
+    monkeypatch.setattr(figures, "_fit_layout", _tight_layout_over_every_label)
+    reference = gradient_flow_figure(names, profile, flagged={names[3]})
+    width, height = fig.bbox.width, fig.bbox.height
+    wanted = reference.axes[0].get_position().bounds
+    for got, want, pixels in zip(placed, wanted, (width, height, width, height)):
+        assert abs(got - want) * pixels <= 2
+    reference.canvas.draw()
+    assert reference.axes[0].yaxis.label.get_window_extent().x1 == pytest.approx(title.x1, abs=2)
 
 
 def _finding(kind: str, layer: str, step: int, message: str, remedy: str = "do x") -> Finding:
@@ -188,3 +204,37 @@ def test_summary_text_has_short_columns_and_activation_sites_apart() -> None:
     assert len(re.findall(r"<th[\s>]", first)) == 5 and "net.1" not in first and "nan" not in html
     assert "<code>net.1</code>" in second and "dead_relu @ 1" in second
     assert "3 optimizer step(s) skipped" in html
+
+
+def test_interval_rows_keep_exact_extremes_and_a_bounded_evenly_spaced_sample() -> None:
+    rng = np.random.default_rng(3)
+    rows = [10 ** rng.uniform(-6, 0, 4) for _ in range(1000)]
+    has = [np.ones(4, bool) for _ in rows]
+    rows[5][1], rows[700][2], rows[900][3] = np.inf, np.nan, 0.0
+    has[5] = np.array([True, True, True, False])  # layer 3 missing on one step
+    for step in range(1000):  # layer 0 never gets a gradient
+        has[step] = has[step].copy()
+        has[step][0] = False
+    interval = FlowRows(capacity=64)
+    for norm, got in zip(rows, has):
+        interval.append(norm, got)
+    assert len(interval) == 1000
+    got_profile, every = interval.profile(), flow_profile(rows, has)
+    np.testing.assert_array_equal(got_profile.low, every.low)  # over all 1,000 steps
+    np.testing.assert_array_equal(got_profile.high, every.high)
+    np.testing.assert_array_equal(got_profile.no_grad, [True, False, False, False])
+    np.testing.assert_array_equal(got_profile.nonfinite_steps, [0, 1, 1, 0])
+    # the median: over every 16th step (1,000 steps into at most 64: stride 16, 63 steps)
+    sample = flow_profile(rows[::16], has[::16])
+    np.testing.assert_array_equal(got_profile.median, sample.median)
+    assert len(interval._sample) == len(range(0, 1000, 16)) <= 64
+    few = FlowRows(capacity=64)
+    for norm, got in zip(rows[:50], has[:50]):
+        few.append(norm, got)
+    np.testing.assert_array_equal(few.profile().median, flow_profile(rows[:50], has[:50]).median)
+
+
+def test_a_dollar_in_a_layer_name_is_drawn_as_written() -> None:
+    fig = gradient_flow_figure(["net.$a$", "head"], flow_profile([np.ones(2)], [np.ones(2, bool)]))
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [r"net.\$a\$", "head"]  # escaped: matplotlib shows the dollars, no math

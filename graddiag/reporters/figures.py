@@ -54,8 +54,10 @@ class FlowProfile:
             return self.median == 0
 
 
-def flow_profile(grad_norms: Sequence[np.ndarray], has_grad: Sequence[np.ndarray]) -> FlowProfile:
-    """Summarise per-step gradient norms ``(steps, layers)`` into a :class:`FlowProfile`."""
+def flow_profile(grad_norms: Sequence[np.ndarray], has_grad: Sequence[np.ndarray], *,
+                 with_median: bool = True) -> FlowProfile:
+    """Summarise per-step gradient norms ``(steps, layers)`` into a :class:`FlowProfile` (with
+    ``with_median=False`` its median is left NaN)."""
     norms = np.vstack(grad_norms).astype(np.float64)
     got = np.vstack(has_grad).astype(bool)
     finite = got & np.isfinite(norms)
@@ -65,11 +67,67 @@ def flow_profile(grad_norms: Sequence[np.ndarray], has_grad: Sequence[np.ndarray
     low, high = median.copy(), median.copy()
     if any_finite.any():
         columns = values[:, any_finite]
-        median[any_finite] = np.nanmedian(columns, axis=0)
+        if with_median:
+            median[any_finite] = np.nanmedian(columns, axis=0)
         low[any_finite] = np.nanmin(columns, axis=0)
         high[any_finite] = np.nanmax(columns, axis=0)
     no_grad = np.asarray(~got.any(axis=0), dtype=bool)
     return FlowProfile(median, low, high, no_grad, (got & ~np.isfinite(norms)).sum(axis=0))
+
+
+class FlowRows:
+    """The per-layer gradient norms of the recorded steps between two figures, in bounded memory.
+
+    Every step counts towards the extremes, the missing layers and the non-finite counts of
+    :meth:`profile`; the median is taken over an evenly spaced sample of at most ``capacity``
+    steps (every step while there are no more, then every 2nd, 4th, ...). Appending a step is a
+    list append; the steps are summarised ``capacity`` at a time.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # not yet summarised
+        self._sample: list[tuple[np.ndarray, np.ndarray]] = []
+        self._stride = 1  # the sample holds the steps whose index is a multiple of this
+        self._seen = 0
+        self._summary: FlowProfile | None = None  # extremes and counts of the summarised steps
+
+    def __len__(self) -> int:
+        return self._seen
+
+    def append(self, grad_norm: np.ndarray, has_grad: np.ndarray) -> None:
+        self._pending.append((grad_norm, has_grad))
+        self._seen += 1
+        if len(self._pending) >= self.capacity:
+            self._summarise()
+
+    def _summarise(self) -> None:
+        if not self._pending:
+            return
+        first = self._seen - len(self._pending)
+        part = flow_profile([r[0] for r in self._pending], [r[1] for r in self._pending],
+                            with_median=False)
+        self._summary = part if self._summary is None else _combine(self._summary, part)
+        self._sample += [row for i, row in enumerate(self._pending, first)
+                         if i % self._stride == 0]
+        while len(self._sample) > self.capacity:
+            self._sample, self._stride = self._sample[::2], self._stride * 2
+        self._pending = []
+
+    def profile(self) -> FlowProfile:
+        """The :class:`FlowProfile` of every step appended (the median over the sample)."""
+        self._summarise()
+        assert self._summary is not None, "no steps appended"
+        sampled = flow_profile([r[0] for r in self._sample], [r[1] for r in self._sample])
+        return FlowProfile(sampled.median, self._summary.low, self._summary.high,
+                           self._summary.no_grad, self._summary.nonfinite_steps)
+
+
+def _combine(a: FlowProfile, b: FlowProfile) -> FlowProfile:
+    """Extremes and counts of two runs of steps together (no median)."""
+    with np.errstate(invalid="ignore"):
+        return FlowProfile(a.median, np.fmin(a.low, b.low), np.fmax(a.high, b.high),
+                           a.no_grad & b.no_grad, a.nonfinite_steps + b.nonfinite_steps)
 
 
 def _floor_and_ceiling(*arrays: np.ndarray) -> tuple[float, float]:
@@ -108,7 +166,7 @@ def gradient_flow_figure(
         title: Figure title.
     """
     n = len(layers)
-    labels = abbreviate_all(layers)
+    labels = [label.replace("$", r"\$") for label in abbreviate_all(layers)]  # no math text
     row = 0.24 if n <= 60 else max(0.1, 60 * 0.24 / n)
     width = 7.0 + 0.055 * max((len(label) for label in labels), default=0)
     fig = Figure(figsize=(width, min(60.0, 2.2 + row * max(n, 6))), dpi=100)
@@ -189,9 +247,9 @@ def _fit_layout(fig: Figure, ax: Axes, y: np.ndarray, labels: list[str], bad: li
 
     The margins depend only on the widest row label and on the first and last rows, so the
     layout is computed with the :data:`LAYOUT_STAND_INS` widest labels (estimated from their
-    characters' widths) and the end rows, and the y-axis title is then pinned beside the widest one. Every row label
-    is laid out once, when drawn, instead of a dozen times (a figure of 100 layers costs a third
-    less).
+    characters' widths) and the end rows, and the y-axis title is then pinned beside the widest
+    one. Every row label is laid out when drawn only, instead of a dozen times in the layout
+    (a figure of 100 layers is drawn in about 15 % less time).
     """
     shown = _shown_rows(labels, bad)
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]

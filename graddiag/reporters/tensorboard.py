@@ -24,6 +24,8 @@ from graddiag.reporters.budget import (
 )
 from graddiag.reporters.events import write_image, write_scalars
 from graddiag.reporters.figures import (
+    FlowProfile,
+    FlowRows,
     figure_to_array,
     flow_profile,
     gradient_flow_figure,
@@ -121,7 +123,7 @@ class TensorBoardReporter:
         self._findings: tuple[Finding, ...] = ()
         self._marks: tuple[SiteMark, ...] = ()
         self._layout_written = False
-        self._interval: list[tuple[np.ndarray, np.ndarray]] = []
+        self._interval = FlowRows()
         self._interval_layers: list[str] = []
         self._last_step = 0
         self._warned_histogram = False
@@ -148,14 +150,14 @@ class TensorBoardReporter:
             w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings), step)
         if self.figure_every:
             if record.layers is not self._interval_layers and record.layers != self._interval_layers:
-                self._interval, self._interval_layers = [], record.layers
-            self._interval.append((record.grad_norm, record.has_grad))
+                self._interval, self._interval_layers = FlowRows(), record.layers
+            self._interval.append(record.grad_norm, record.has_grad)
             due = self._figure_budget.due(step, first_figure_seconds(len(record.layers)))
             if due and len(self._interval) > 1:
                 started = self._figure_budget.clock()
-                self._figure(self._interval, record.layers, step, f"steps up to {step}")
+                self._figure(self._interval.profile(), record.layers, step, f"steps up to {step}")
                 self._figure_budget.spent(started)
-                self._interval = []
+                self._interval = FlowRows()
 
     def _layer_order(self, record: StepRecord) -> None:
         """Write the layer order and activation sites (for the graddiag tab) when they change."""
@@ -208,9 +210,7 @@ class TensorBoardReporter:
                 bucket_counts=counts.tolist(), global_step=record.step,
             )
 
-    def _figure(self, rows: list[tuple[np.ndarray, np.ndarray]], layers: Sequence[str], step: int,
-                title: str) -> Any:
-        profile = flow_profile([r[0] for r in rows], [r[1] for r in rows])
+    def _figure(self, profile: FlowProfile, layers: Sequence[str], step: int, title: str) -> Any:
         marks = [(m.x, m.site, m.kind) for m in self._marks]
         fig = gradient_flow_figure(layers, profile, flagged={f.layer for f in self._findings},
                                    sites=marks, site_findings=_site_findings(self._findings),
@@ -223,8 +223,9 @@ class TensorBoardReporter:
         self._findings, self._marks = run.findings, run.marks
         if run.records:
             self._last_step = max(self._last_step, run.last_step)
-            fig = self._figure([(r.grad_norm, r.has_grad) for r in run.records], run.layers,
-                               self._last_step, "whole run")
+            whole = flow_profile([r.grad_norm for r in run.records],
+                                 [r.has_grad for r in run.records])
+            fig = self._figure(whole, run.layers, self._last_step, "whole run")
             logdir = _logdir(self.writer)
             if self.save_png and logdir is not None:
                 self._save_png(fig, Path(logdir) / FIGURE_FILE)
