@@ -134,8 +134,6 @@ def test_zero_gradient_on_the_first_step_alone_is_not_an_early_report() -> None:
 
 
 def test_schedule_front_loads_parameters_and_activations_then_keeps_the_cadence() -> None:
-    from graddiag.data.schedule import Schedule
-
     schedule = Schedule(gradients=5, parameters=50, activations=50, histograms=0, early=3)
     steps = range(0, 151)
     assert [s for s in steps if schedule.records_activations(s)] == [0, 1, 2, 50, 100, 150]

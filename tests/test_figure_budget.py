@@ -85,14 +85,16 @@ def test_reporter_default_keeps_figures_within_a_quarter_percent_of_wall_time() 
 
 
 def test_a_costly_first_figure_waits_until_its_guessed_cost_fits() -> None:
-    layers = [f"l{i}" for i in range(200)]  # guessed at 0.05 s + 200 x 4 ms = 0.85 s
+    layers = [f"l{i}" for i in range(100)]  # guessed at 0.05 s + 100 x 4 ms = 0.45 s
     clock = Clock()
     budget = TimeBudget(500, clock=clock)
     first = None
     for step in range(200000):
-        clock.now += 0.002  # 2 ms steps
+        clock.now += 0.0021  # 2.1 ms steps
         if budget.due(step, first_figure_seconds(len(layers))):
             first = step
             break
-    # 0.85 s is 0.25 % of 340 s: 170,000 steps of 2 ms after the first step
-    assert first == 170000
+    # 0.45 s is 0.25 % of 180 s, 85,715 steps of 2.1 ms after the first: the next multiple
+    assert first == 86000
+    # a very wide model is guessed as its 120 labelled rows: 0.05 s + 120 x 4 ms
+    assert first_figure_seconds(5000) == first_figure_seconds(120) == 0.05 + 120 * 0.004

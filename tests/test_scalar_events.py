@@ -129,3 +129,10 @@ def test_writers_other_than_torchs_get_add_image() -> None:
 
     write_image(Writer(), "t", np.zeros((4, 5, 3), np.uint8), 3)
     assert calls == [("t", (4, 5, 3), 3, "HWC")]
+
+
+@pytest.mark.parametrize("pixels", [np.zeros((4, 5, 3), np.float32), np.zeros((4, 5, 4), np.uint8),
+                                    np.zeros((4, 5), np.uint8)])
+def test_an_image_that_is_not_uint8_rgb_is_refused(pixels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"uint8 RGB pixels \(height, width, 3\), got"):
+        write_image(SummaryWriter, "t", pixels, 0)

@@ -5,20 +5,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from graddiag.reporters.figures import MAX_LABELLED_ROWS
+
 #: Default interval of the gradient-flow figure, in steps, when none is given.
 DEFAULT_FIGURE_EVERY = 500
 #: Without an explicit interval, figures take at most this share of the wall time (0.25 %).
 FIGURE_TIME_SHARE = 0.0025
 #: The cost assumed for the first figure, before one was drawn: a fixed part and a part per
-#: layer (one labelled row each). Drawn on a 2-core x86-64 CPU: 21 layers 0.08 s, 98 layers
-#: 0.35 s; the guess is above both, so the first figure comes late rather than over budget.
+#: labelled row (at most ``MAX_LABELLED_ROWS`` of them). Drawn on a 2-core x86-64 CPU: 21 layers
+#: 0.08 s, 98 layers 0.35 s; the guess is above both, so the first figure comes late rather
+#: than over budget.
 FIRST_FIGURE_SECONDS = 0.05
-FIRST_FIGURE_SECONDS_PER_LAYER = 0.004
+FIRST_FIGURE_SECONDS_PER_ROW = 0.004
 
 
 def first_figure_seconds(layers: int) -> float:
-    """The cost assumed for the first gradient-flow figure of ``layers`` layers."""
-    return FIRST_FIGURE_SECONDS + FIRST_FIGURE_SECONDS_PER_LAYER * layers
+    """The cost assumed for the first gradient-flow figure of ``layers`` layers (at most
+    0.05 s + 120 labelled rows x 4 ms = 0.53 s)."""
+    return FIRST_FIGURE_SECONDS + FIRST_FIGURE_SECONDS_PER_ROW * min(layers, MAX_LABELLED_ROWS)
 
 
 class TimeBudget:
@@ -29,8 +33,10 @@ class TimeBudget:
     The run about to start is assumed to cost what the last one did (before the first one, what
     the caller guesses). A figure costs tenths of a second to seconds of Matplotlib: every 500
     steps that is under 1 % of a 100 ms step, but several percent of a 5 ms one. The default
-    share keeps figures under 0.25 % of the wall time at every point of a run, on any hardware
-    (the graddiag tab in TensorBoard shows the gradient flow live; the image is a record).
+    share keeps figures within 0.25 % of the wall time throughout a run, on any hardware, as
+    long as each costs about what the one before did (the first about what was guessed); one
+    costlier than that overshoots once and delays the next (the graddiag tab in TensorBoard
+    shows the gradient flow live; the image is a record).
 
     Args:
         every_n_steps: The interval in steps (0: never).

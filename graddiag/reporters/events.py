@@ -41,6 +41,9 @@ def write_image(writer: Any, tag: str, pixels: np.ndarray, step: int) -> None:
     Encoded at zlib level :data:`PNG_COMPRESS_LEVEL` (torch's ``add_image`` uses PIL's default,
     6). Writers other than ``torch.utils.tensorboard.SummaryWriter`` get ``add_image``.
     """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"write_image needs uint8 RGB pixels (height, width, 3), got {pixels.dtype} "
+                         f"{tuple(pixels.shape)}")
     file_writer = _torch_file_writer(writer)
     if file_writer is None:
         writer.add_image(tag, pixels, step, dataformats="HWC")
@@ -49,10 +52,10 @@ def write_image(writer: Any, tag: str, pixels: np.ndarray, step: int) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     png = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(
+    Image.fromarray(np.ascontiguousarray(pixels)).save(
         png, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     height, width = pixels.shape[:2]
-    image = Summary.Image(height=height, width=width, colorspace=3,
+    image = Summary.Image(height=height, width=width, colorspace=3,  # RGB
                           encoded_image_string=png.getvalue())
     file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
