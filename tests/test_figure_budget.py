@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from graddiag import GradientMonitor
 from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import StepSnapshot
 from graddiag.reporters.budget import TimeBudget, first_figure_seconds
+from graddiag.reporters.figures import FlowProfile
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
 
@@ -98,3 +105,65 @@ def test_a_costly_first_figure_waits_until_its_guessed_cost_fits() -> None:
     assert first == 86000
     # a very wide model is guessed as its 120 labelled rows: 0.05 s + 120 x 4 ms
     assert first_figure_seconds(5000) == first_figure_seconds(120) == 0.05 + 120 * 0.004
+
+
+class Images:
+    """A writer that keeps the steps of its images and ignores every other call."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def add_image(self, tag: str, image: np.ndarray, step: int, **kwargs: object) -> None:
+        self.steps.append(step)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return lambda *a, **k: None
+
+
+def _snapshot(step: int) -> StepSnapshot:
+    return StepSnapshot(StepRecord(step, ["a", "b"], np.array([1.0, 2.0]), np.array([True, True])))
+
+
+@pytest.mark.parametrize(("every", "steps", "drawn"), [
+    (1, range(6), [1, 2, 3, 4, 5]),  # every step but the first, alone
+    (10, range(0, 50, 10), [10, 20, 30, 40]),  # one recorded step between two figures
+])
+def test_an_explicit_interval_draws_on_every_recorded_multiple(every: int, steps: range,
+                                                               drawn: list[int]) -> None:
+    writer = Images()
+    reporter = TensorBoardReporter(writer, save_png=False, figure_every_n_steps=every)
+    for step in steps:
+        reporter.report(_snapshot(step))
+    assert writer.steps == drawn
+
+
+def test_the_whole_run_figure_spans_every_step_not_the_thinned_history() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    reporter = TensorBoardReporter(Images(), save_png=False, figure_every_n_steps=0)
+    profiles: dict[str, FlowProfile] = {}
+    real_figure = reporter._figure
+
+    def keep(profile: FlowProfile, layers, step: int, title: str):  # noqa: ANN001, ANN202
+        profiles[title] = profile
+        return real_figure(profile, layers, step, title)
+
+    reporter._figure = keep  # type: ignore[method-assign]
+    norms: list[float] = []
+    monitor = GradientMonitor(model, reporters=[reporter], max_history_rows=40)
+    for step in range(300):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        if step in (17, 23):  # a rise and a dip too mild for a finding, thinned out later
+            for p in model[0].parameters():
+                p.grad.mul_(3.0 if step == 17 else 0.3)
+        norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum())
+                                   for p in model[0].parameters())))
+        monitor.step()
+        model.zero_grad()
+    assert not {17, 23} & set(monitor.history["step"])  # the history no longer holds them
+    assert monitor.findings == []
+    monitor.close()
+    whole = profiles["whole run"]
+    assert max(norms) == norms[17] and min(norms) == norms[23]
+    assert whole.high[0] == pytest.approx(norms[17], rel=1e-5)
+    assert whole.low[0] == pytest.approx(norms[23], rel=1e-5)

@@ -16,6 +16,7 @@ from tensorboard.plugin_util import markdown_to_safe_html
 from graddiag import Finding
 from graddiag.reporters import figures
 from graddiag.reporters.figures import (
+    NONFINITE_LABEL,
     ZERO_LABEL,
     FlowRows,
     figure_to_array,
@@ -64,6 +65,9 @@ def test_zero_missing_and_nonfinite_gradients_are_drawn_as_such() -> None:
     assert x[3] == pytest.approx(3.0)  # the median of the finite values 2 and 4
     labels = {t.get_text(): t.get_position()[0] for t in ax.get_xticklabels()}
     assert labels[ZERO_LABEL] == pytest.approx(floor)
+    # the inf/NaN marker sits on the right edge, labelled as such (not as a norm of 1e2):
+    # one decade above the largest finite norm, 4.0
+    assert labels[NONFINITE_LABEL] == pytest.approx(100.0) == nonfinite.get_xdata()[0]
     assert ax.get_xscale() == "log"
     assert ax.get_ylim()[0] > ax.get_ylim()[1]  # the input side (layer 0) at the top
     red = [t.get_text() for t in ax.get_yticklabels() if t.get_color() == "tab:red"]
@@ -232,9 +236,27 @@ def test_interval_rows_keep_exact_extremes_and_a_bounded_evenly_spaced_sample() 
     for norm, got in zip(rows[:50], has[:50]):
         few.append(norm, got)
     np.testing.assert_array_equal(few.profile().median, flow_profile(rows[:50], has[:50]).median)
+    # steps from before the first appended (a resumed run's history) count in full
+    later = FlowRows(capacity=64)
+    for norm, got in zip(rows[500:], has[500:]):
+        later.append(norm, got)
+    resumed, together = later.profile(list(zip(rows[:500], has[:500]))), flow_profile(rows, has)
+    np.testing.assert_array_equal(resumed.low, together.low)
+    np.testing.assert_array_equal(resumed.high, together.high)
+    np.testing.assert_array_equal(resumed.nonfinite_steps, together.nonfinite_steps)
 
 
 def test_a_dollar_in_a_layer_name_is_drawn_as_written() -> None:
     fig = gradient_flow_figure(["net.$a$", "head"], flow_profile([np.ones(2)], [np.ones(2, bool)]))
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == [r"net.\$a\$", "head"]  # escaped: matplotlib shows the dollars, no math
+
+
+def test_a_flagged_layer_with_only_nonfinite_gradients_is_ringed_at_the_right_edge() -> None:
+    rows = [np.array([1e-3, np.nan]), np.array([2e-3, np.inf])]
+    fig = gradient_flow_figure(["a", "b"], flow_profile(rows, [np.ones(2, bool)] * 2),
+                               flagged={"b"})
+    ring = _line(fig.axes[0], "flagged layer")
+    assert list(ring.get_ydata()) == [1] and ring.get_xdata()[0] == pytest.approx(0.1)
+    plain = gradient_flow_figure(["a"], flow_profile([np.array([1e-3])], [np.ones(1, bool)]))
+    assert NONFINITE_LABEL not in [t.get_text() for t in plain.axes[0].get_xticklabels()]

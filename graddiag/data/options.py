@@ -239,7 +239,7 @@ class AdapterConfig(_Checked):
         None, Integer(0, optional=True),
         "Gradient-flow image interval in TensorBoard; None: on multiples of 500 steps while "
         "figures, the next one included, stay within 0.25 % of the wall time since the first "
-        "step; an integer: exactly that interval "
+        "step; an integer: every recorded step divisible by it "
         "(0: only the final image, also saved as gradient_flow.png in the log directory).")
     prefix: str = option("graddiag/", Text(), "Prefix of every logged key.", identity=True)
     progress_bar: bool = option(

@@ -12,9 +12,9 @@ DEFAULT_FIGURE_EVERY = 500
 #: Without an explicit interval, figures take at most this share of the wall time (0.25 %).
 FIGURE_TIME_SHARE = 0.0025
 #: The cost assumed for the first figure, before one was drawn: a fixed part and a part per
-#: labelled row (at most ``MAX_LABELLED_ROWS`` of them). Drawn on a 2-core x86-64 CPU: 21 layers
-#: 0.08 s, 98 layers 0.35 s; the guess is above both, so the first figure comes late rather
-#: than over budget.
+#: labelled row (at most ``MAX_LABELLED_ROWS`` of them). Drawn on an idle 2-core x86-64 CPU:
+#: 21 layers 0.08 s, 98 layers 0.36 s, both under the guess; a busier or slower machine can
+#: take longer, and then the first figure overshoots the share once.
 FIRST_FIGURE_SECONDS = 0.05
 FIRST_FIGURE_SECONDS_PER_ROW = 0.004
 

@@ -26,6 +26,7 @@ SITE_COLOURS = {"sigmoid": "tab:purple", "tanh": "tab:blue", "relu": "tab:green"
 SITE_FINDING_COLOURS = {"dead_relu": "tab:orange", "saturated": "tab:purple"}
 SITE_FINDING_WORDS = {"dead_relu": "dead", "saturated": "saturated"}
 ZERO_LABEL = "0 / no grad"
+NONFINITE_LABEL = "inf / NaN"  # the right edge's tick, when a layer had inf/NaN gradients
 MAX_LABELLED_ROWS = 120  # more layers than this: label every k-th row (and every flagged one)
 LAYOUT_STAND_INS = 8  # the widest row labels that stand in for all of them in the layout
 
@@ -114,13 +115,22 @@ class FlowRows:
             self._sample, self._stride = self._sample[::2], self._stride * 2
         self._pending = []
 
-    def profile(self) -> FlowProfile:
-        """The :class:`FlowProfile` of every step appended (the median over the sample)."""
+    def profile(self, earlier: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> FlowProfile:
+        """The :class:`FlowProfile` of every step appended (the median over the sample), and of
+        ``earlier`` steps from before the first of them, ``(grad_norm, has_grad)`` rows counted
+        in full."""
         self._summarise()
-        assert self._summary is not None, "no steps appended"
-        sampled = flow_profile([r[0] for r in self._sample], [r[1] for r in self._sample])
-        return FlowProfile(sampled.median, self._summary.low, self._summary.high,
-                           self._summary.no_grad, self._summary.nonfinite_steps)
+        rows = list(earlier) + self._sample
+        assert rows, "no steps"
+        sampled = flow_profile([r[0] for r in rows], [r[1] for r in rows])
+        if self._summary is None:
+            return sampled
+        summary = self._summary
+        if earlier:
+            summary = _combine(summary, flow_profile([r[0] for r in earlier],
+                                                     [r[1] for r in earlier], with_median=False))
+        return FlowProfile(sampled.median, summary.low, summary.high, summary.no_grad,
+                           summary.nonfinite_steps)
 
 
 def _combine(a: FlowProfile, b: FlowProfile) -> FlowProfile:
@@ -195,6 +205,8 @@ def gradient_flow_figure(
     if bad:
         flagged_x = on_floor(profile.median[bad])
         flagged_x = np.where(np.isnan(flagged_x) & profile.no_grad[bad], floor, flagged_x)
+        only_nonfinite = np.isnan(flagged_x) & (profile.nonfinite_steps[bad] > 0)
+        flagged_x = np.where(only_nonfinite, ceiling, flagged_x)  # ringed at the right edge
         ax.plot(flagged_x, y[bad], "o", markerfacecolor="none", markeredgecolor="tab:red",
                 markeredgewidth=2, markersize=12, linestyle="none", label="flagged layer",
                 zorder=3)
@@ -202,7 +214,7 @@ def gradient_flow_figure(
     ax.set_xscale("log")
     ax.set_xlim(floor / 2.5, ceiling * 2.5)
     ax.set_ylim(max(n, 1) - 0.5, -0.5)  # input side at the top
-    _decade_ticks(ax, floor, ceiling)
+    _decade_ticks(ax, floor, ceiling, nonfinite=bool(nonfinite.size))
     ax.set_ylabel("layer (input side at the top)")
     ax.set_xlabel("gradient norm (log scale)")
     ax.set_title(title)
@@ -283,16 +295,25 @@ def _label_rows(ax: Axes, y: np.ndarray, labels: list[str], bad: list[int]) -> N
             tick.set_color("tab:red")
 
 
-def _decade_ticks(ax: Axes, floor: float, ceiling: float) -> None:
-    """Decade ticks from the floor up (at most ~9); the floor's tick reads ``0 / no grad``."""
+def _decade_ticks(ax: Axes, floor: float, ceiling: float, nonfinite: bool = False) -> None:
+    """Decade ticks from the floor up (at most ~9); the floor's tick reads ``0 / no grad`` and,
+    when ``nonfinite``, the ceiling's (the right edge, where inf/NaN markers sit) ``inf / NaN``."""
     first, last = round(math.log10(floor)), round(math.log10(ceiling))
     stride = max(1, math.ceil((last - first) / 8))
     exponents = list(range(first, last + 1, stride))
+    if nonfinite and exponents[-1] != last:
+        exponents[-1] = last  # the right edge gets its tick
     ax.xaxis.set_major_locator(FixedLocator([10.0**e for e in exponents]))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(
-        lambda value, _pos: ZERO_LABEL if math.isclose(value, floor, rel_tol=1e-9)
-        else f"1e{round(math.log10(value))}"))
+
+    def label(value: float, _position: int) -> str:
+        if math.isclose(value, floor, rel_tol=1e-9):
+            return ZERO_LABEL
+        if nonfinite and math.isclose(value, ceiling, rel_tol=1e-9):
+            return NONFINITE_LABEL
+        return f"1e{round(math.log10(value))}"
+
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

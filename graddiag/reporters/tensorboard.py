@@ -99,7 +99,7 @@ class TensorBoardReporter:
             on multiples of 500 steps while figures, the next one included, stay within 0.25 %
             of the wall time since the first step (each costs tenths of a second to seconds of
             Matplotlib; the first is assumed to cost 0.05 s + 4 ms per layer); an integer:
-            exactly that interval.
+            every recorded step divisible by it.
         save_png: Also save the final figure as ``gradient_flow.png`` in the writer's log dir.
     """
 
@@ -123,8 +123,11 @@ class TensorBoardReporter:
         self._findings: tuple[Finding, ...] = ()
         self._marks: tuple[SiteMark, ...] = ()
         self._layout_written = False
-        self._interval = FlowRows()
+        self._interval = FlowRows()  # the steps since the last figure
+        self._run = FlowRows()  # every step of this layout, for the whole-run figure
+        self._run_since: int | None = None  # the first step in it
         self._interval_layers: list[str] = []
+        self._figures = 0  # drawn during the run
         self._last_step = 0
         self._warned_histogram = False
         self.png_path: Path | None = None
@@ -148,16 +151,19 @@ class TensorBoardReporter:
         if findings:
             w.add_text(f"{p}findings", findings_markdown(list(self._findings)), step)
             w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings), step)
+        if record.layers is not self._interval_layers and record.layers != self._interval_layers:
+            self._interval, self._interval_layers = FlowRows(), record.layers
+            self._run, self._run_since = FlowRows(), step
+        self._run.append(record.grad_norm, record.has_grad)
         if self.figure_every:
-            if record.layers is not self._interval_layers and record.layers != self._interval_layers:
-                self._interval, self._interval_layers = FlowRows(), record.layers
             self._interval.append(record.grad_norm, record.has_grad)
             due = self._figure_budget.due(step, first_figure_seconds(len(record.layers)))
-            if due and len(self._interval) > 1:
+            if due and (len(self._interval) > 1 or self._figures):  # not on the first step alone
                 started = self._figure_budget.clock()
                 self._figure(self._interval.profile(), record.layers, step, f"steps up to {step}")
                 self._figure_budget.spent(started)
                 self._interval = FlowRows()
+                self._figures += 1
 
     def _layer_order(self, record: StepRecord) -> None:
         """Write the layer order and activation sites (for the graddiag tab) when they change."""
@@ -223,15 +229,23 @@ class TensorBoardReporter:
         self._findings, self._marks = run.findings, run.marks
         if run.records:
             self._last_step = max(self._last_step, run.last_step)
-            whole = flow_profile([r.grad_norm for r in run.records],
-                                 [r.has_grad for r in run.records])
-            fig = self._figure(whole, run.layers, self._last_step, "whole run")
+            fig = self._figure(self._whole_run(run), run.layers, self._last_step, "whole run")
             logdir = _logdir(self.writer)
             if self.save_png and logdir is not None:
                 self._save_png(fig, Path(logdir) / FIGURE_FILE)
             self.writer.add_text(f"{self.prefix}summary",
                                  summary_markdown(run.summary, skipped_steps=run.skipped_steps),
                                  self._last_step)
+
+    def _whole_run(self, run: RunSnapshot) -> FlowProfile:
+        """Every step this reporter saw of the final layout, and the kept records from before
+        the first of them (a resumed run's history, thinned to its bound)."""
+        if not len(self._run) or tuple(self._interval_layers) != tuple(run.layers):
+            return flow_profile([r.grad_norm for r in run.records],
+                                [r.has_grad for r in run.records])
+        since = self._run_since if self._run_since is not None else 0
+        earlier = [(r.grad_norm, r.has_grad) for r in run.records if r.step < since]
+        return self._run.profile(earlier)
 
     def _save_png(self, fig: Any, path: Path) -> None:
         try:
