@@ -161,3 +161,6 @@ def test_measured_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
                 or bool(histograms and step % histograms == 0))
 
     assert [schedule.records(s, lookahead) for s in range(400)] == [naive(s) for s in range(400)]
+    copies = [any(parameters and (s + a < early or (s + a) % parameters == 0)
+                  for a in range(1, lookahead + 1)) for s in range(400)]
+    assert [schedule.copies_parameters(s, lookahead) for s in range(400)] == copies

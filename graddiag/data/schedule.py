@@ -55,36 +55,34 @@ class Schedule:
         exactly one optimizer step. ``lookahead`` is the number of optimizers taking turns on the
         step counter (each one's previous step is at most that far back).
         """
-        return any(self.records_parameters(step + ahead) for ahead in range(1, lookahead + 1))
+        parameters = self.parameters
+        return bool(parameters) and (step + 1 < self.early
+                                     or (step + lookahead) // parameters != step // parameters)
 
     def records_histograms(self, step: int) -> bool:
         return self._due(self.histograms, step)
 
+    def _beyond_gradients(self, step: int, lookahead: int) -> bool:
+        """Whether ``step`` measures more than gradient norms: parameter statistics or the weight
+        copy for them (:meth:`copies_parameters`), activations or histograms (plain arithmetic:
+        :meth:`records` runs on every step)."""
+        early = step < self.early
+        parameters, activations, histograms = self.parameters, self.activations, self.histograms
+        return bool(
+            (parameters and (early or step % parameters == 0
+                             or (step + lookahead) // parameters != step // parameters))
+            or (activations and (early or step % activations == 0))
+            or (histograms and step % histograms == 0))
+
     def gradients_only(self, step: int, lookahead: int = 1) -> bool:
         """Whether ``step`` measures gradient norms and nothing else: no parameter statistics,
         weight copy, activations or histograms, and not one of the first steps (where
-        learning rates and optimizer coverage are read). One call on every step, so it is
-        plain arithmetic."""
-        if step < max(1, self.early) or step % self.gradients:
-            return False
-        parameters = self.parameters
-        if parameters and (step % parameters == 0
-                           or (step + lookahead) // parameters != step // parameters):
-            return False  # a parameter step, or the copy for one within ``lookahead``
-        return not ((self.activations and step % self.activations == 0)
-                    or (self.histograms and step % self.histograms == 0))
+        learning rates and optimizer coverage are read)."""
+        return (step >= max(1, self.early) and step % self.gradients == 0
+                and not self._beyond_gradients(step, lookahead))
 
     def records(self, step: int, lookahead: int = 1) -> bool:
         """Whether ``step`` is measured at all: gradients, parameters, the weight copy for a
         parameter step among the next ``lookahead`` (see :meth:`copies_parameters`), activations
-        or histograms. One call on every step, so it is plain arithmetic."""
-        if step < self.early and (self.parameters or self.activations):
-            return True  # front-loaded parameter or activation statistics (and their copies)
-        if step % self.gradients == 0:
-            return True
-        parameters = self.parameters
-        if parameters and (step % parameters == 0
-                           or (step + lookahead) // parameters != step // parameters):
-            return True
-        return bool((self.activations and step % self.activations == 0)
-                    or (self.histograms and step % self.histograms == 0))
+        or histograms."""
+        return step % self.gradients == 0 or self._beyond_gradients(step, lookahead)
