@@ -121,7 +121,7 @@ def test_long_hugging_face_names_are_abbreviated_distinct_and_the_plot_keeps_its
 
 
 def _tight_layout_over_every_label(fig, ax, y, labels, bad) -> None:  # noqa: ANN001
-    figures._label_rows(ax, y, labels, bad)
+    figures._label_rows(ax, y, labels, figures._shown_rows(labels, bad), bad)
     fig.tight_layout()
 
 

@@ -57,15 +57,14 @@ class TimeBudget:
     def due(self, step: int, first_cost: float = 0.0) -> bool:
         """Whether the task should run at ``step`` (call on every step: the first call starts
         the clock). ``first_cost``: the seconds assumed for the task before it ran once."""
-        now = self.clock()
         if self._started is None:
-            self._started = now
+            self._started = self.clock()
         if not self.every_n_steps or step % self.every_n_steps:
             return False
         if self.share is None:
             return True
         cost = first_cost if self._last is None else self._last
-        return self._spent + cost <= self.share * (now - self._started)
+        return self._spent + cost <= self.share * (self.clock() - self._started)
 
     def spent(self, started: float) -> None:
         """Note that the task ran from ``started`` (a :attr:`clock` time) until now."""

@@ -77,7 +77,8 @@ def flow_profile(grad_norms: Sequence[np.ndarray], has_grad: Sequence[np.ndarray
 
 
 class FlowRows:
-    """The per-layer gradient norms of the recorded steps between two figures, in bounded memory.
+    """Per-layer gradient norms of a run of recorded steps (between two figures, or a whole
+    run), in bounded memory.
 
     Every step counts towards the extremes, the missing layers and the non-finite counts of
     :meth:`profile`; the median is taken over an evenly spaced sample of at most ``capacity``
@@ -277,7 +278,7 @@ def _fit_layout(fig: Figure, ax: Axes, y: np.ndarray, labels: list[str], bad: li
     left = min([t.get_window_extent(renderer).x0 for t in ax.get_yticklabels()] + [box.x0])
     offset = left - ax.yaxis.labelpad * fig.dpi / 72  # where matplotlib puts the title
     ax.yaxis.set_label_coords((offset - box.x0) / box.width, 0.5)
-    _label_rows(ax, y, labels, bad)
+    _label_rows(ax, y, labels, shown, bad)
 
 
 def _shown_rows(labels: list[str], bad: list[int]) -> list[int]:
@@ -286,8 +287,8 @@ def _shown_rows(labels: list[str], bad: list[int]) -> list[int]:
     return sorted(set(range(0, len(labels), step)) | set(bad))
 
 
-def _label_rows(ax: Axes, y: np.ndarray, labels: list[str], bad: list[int]) -> None:
-    shown = _shown_rows(labels, bad)
+def _label_rows(ax: Axes, y: np.ndarray, labels: list[str], shown: list[int],
+                bad: list[int]) -> None:
     ax.set_yticks(y[shown])
     ax.set_yticklabels([labels[i] for i in shown], fontsize=7)
     for tick, i in zip(ax.get_yticklabels(), shown):

@@ -125,9 +125,8 @@ class TensorBoardReporter:
         self._layout_written = False
         self._interval = FlowRows()  # the steps since the last figure
         self._run = FlowRows()  # every step of this layout, for the whole-run figure
-        self._run_since: int | None = None  # the first step in it
-        self._interval_layers: list[str] = []
-        self._figures = 0  # drawn during the run
+        self._run_since = 0  # the first step in it
+        self._flow_layers: list[str] = []  # the layout of both
         self._last_step = 0
         self._warned_histogram = False
         self.png_path: Path | None = None
@@ -151,19 +150,18 @@ class TensorBoardReporter:
         if findings:
             w.add_text(f"{p}findings", findings_markdown(list(self._findings)), step)
             w.add_text(f"{p}{FINDINGS_TAG}", findings_json(self._findings), step)
-        if record.layers is not self._interval_layers and record.layers != self._interval_layers:
-            self._interval, self._interval_layers = FlowRows(), record.layers
+        if record.layers is not self._flow_layers and record.layers != self._flow_layers:
+            self._interval, self._flow_layers = FlowRows(), record.layers
             self._run, self._run_since = FlowRows(), step
         self._run.append(record.grad_norm, record.has_grad)
         if self.figure_every:
             self._interval.append(record.grad_norm, record.has_grad)
             due = self._figure_budget.due(step, first_figure_seconds(len(record.layers)))
-            if due and (len(self._interval) > 1 or self._figures):  # not on the first step alone
+            if due and len(self._run) > 1:  # not on the first step alone
                 started = self._figure_budget.clock()
                 self._figure(self._interval.profile(), record.layers, step, f"steps up to {step}")
                 self._figure_budget.spent(started)
                 self._interval = FlowRows()
-                self._figures += 1
 
     def _layer_order(self, record: StepRecord) -> None:
         """Write the layer order and activation sites (for the graddiag tab) when they change."""
@@ -240,11 +238,10 @@ class TensorBoardReporter:
     def _whole_run(self, run: RunSnapshot) -> FlowProfile:
         """Every step this reporter saw of the final layout, and the kept records from before
         the first of them (a resumed run's history, thinned to its bound)."""
-        if not len(self._run) or tuple(self._interval_layers) != tuple(run.layers):
+        if not len(self._run) or tuple(self._flow_layers) != tuple(run.layers):
             return flow_profile([r.grad_norm for r in run.records],
                                 [r.has_grad for r in run.records])
-        since = self._run_since if self._run_since is not None else 0
-        earlier = [(r.grad_norm, r.has_grad) for r in run.records if r.step < since]
+        earlier = [(r.grad_norm, r.has_grad) for r in run.records if r.step < self._run_since]
         return self._run.profile(earlier)
 
     def _save_png(self, fig: Any, path: Path) -> None:
