@@ -14,14 +14,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     AA,
     DEFAULTS,
     FLOOR,
     PLAIN,
-    measure_lightning,
-    mlp,
+    measure_variants,
     print_ratios,
     variant_arguments,
 )
@@ -32,18 +30,12 @@ VARIANTS = {
     "graddiag, activation and parameter statistics off": {"activation_every_n_steps": 0,
                                                           "param_every_n_steps": 0},
 }
-for _name, _options in VARIANTS.items():
-    harness.LIGHTNING_CONFIGS[_name] = harness._diagnostics(**_options)
-CONFIGS = [PLAIN, AA, FLOOR, DEFAULTS, *VARIANTS]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = variant_arguments(__doc__ or "", argv, steps=250)
-    steps, model = (6, lambda: mlp(depth=4, width=64)) if args.quick else (args.steps, mlp)
-    stats = measure_lightning(model, CONFIGS, steps, warmup=2 if args.quick else 10)
-    print(f"Lightning, TensorBoardLogger, log_every_n_steps=10, "
-          f"{'MLP 4x64' if args.quick else 'MLP 20x256'}, {steps} timed steps per configuration, "
-          f"taking turns every step (plain {stats[PLAIN]['mean'] * 1e3:.2f} ms)")
+    stats, ran = measure_variants(args, [PLAIN, AA, FLOOR, DEFAULTS], VARIANTS)
+    print(f"Lightning, TensorBoardLogger, log_every_n_steps=10, {ran}")
     print_ratios(stats, width=52)
     return 0
 

@@ -356,6 +356,20 @@ def variant_arguments(description: str, argv: list[str] | None,
     return args
 
 
+def measure_variants(args: argparse.Namespace, configs: list[str],
+                     variants: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, float]], str]:
+    """Measure ``configs`` and graddiag's callback with each variant's options (by name) inside
+    Lightning on the MLP 20x256 (``--quick``: an MLP 4x64, 6 steps). Returns the statistics and
+    a line saying what ran."""
+    for name, options in variants.items():
+        LIGHTNING_CONFIGS[name] = _diagnostics(**options)
+    steps, model, label = ((6, lambda: mlp(depth=4, width=64), "MLP 4x64") if args.quick
+                           else (args.steps, mlp, "MLP 20x256"))
+    stats = measure_lightning(model, [*configs, *variants], steps, warmup=2 if args.quick else 10)
+    return stats, (f"{label}, {steps} timed steps per configuration, taking turns every step "
+                   f"(plain {stats[PLAIN]['mean'] * 1e3:.2f} ms)")
+
+
 def print_ratios(stats: dict[str, dict[str, float]], width: int = 46) -> None:
     """One line per configuration: mean and median step time over plain training's."""
     print(f"  {'configuration':<{width}} {'mean ratio':>10} {'median ratio':>12}")

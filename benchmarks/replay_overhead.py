@@ -17,21 +17,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     AA,
     DEFAULTS,
     PLAIN,
-    measure_lightning,
-    mlp,
+    measure_variants,
     print_ratios,
     variant_arguments,
 )
 from graddiag.measure.replay import RngState  # noqa: E402
 
-REPLAY_OFF = "graddiag defaults, replay_nonfinite=False"
-harness.LIGHTNING_CONFIGS[REPLAY_OFF] = harness._diagnostics(replay_nonfinite=False)
-CONFIGS = [PLAIN, AA, DEFAULTS, REPLAY_OFF]
+REPLAY_OFF = {"graddiag defaults, replay_nonfinite=False": {"replay_nonfinite": False}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         best = min(timeit.repeat(stmt, globals={"torch": torch, "RngState": RngState},
                                  number=number, repeat=7)) / number
         print(f"{stmt:<28} {best * 1e6:6.2f} us per call (best of 7 x {number})")
-    steps, model = (6, lambda: mlp(depth=4, width=64)) if args.quick else (args.steps, mlp)
-    stats = measure_lightning(model, CONFIGS, steps, warmup=2 if args.quick else 10)
-    print(f"\nLightning, {'MLP 4x64' if args.quick else 'MLP 20x256'}, {steps} timed steps per "
-          f"configuration, taking turns every step (plain {stats[PLAIN]['mean'] * 1e3:.2f} ms)")
+    stats, ran = measure_variants(args, [PLAIN, AA, DEFAULTS], REPLAY_OFF)
+    print(f"\nLightning, {ran}")
     print_ratios(stats)
     return 0
 
