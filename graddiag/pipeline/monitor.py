@@ -194,8 +194,9 @@ class GradientMonitor(MonitorResults, WatchControls):
         measured = self.measures(current)
         if not measured and self._deferral.pending is None:
             return StepReport(current, False)  # nothing measured, nothing waiting to be read
+        # measured from here on (or a deferred read is pending, and then nothing is kept);
         # kept steps are on the CPU, where a host read is deferred only when asked for
-        if (measured and amp_scale is None and self.deferred_host_read is not True
+        if (amp_scale is None and self.deferred_host_read is not True
                 and self._deferral.pending is None
                 and self._try_keep(current, optimizer, params, clip_norm)):
             report = StepReport(current, True)  # kept: judged with its block
