@@ -428,7 +428,7 @@ def test_a_step_that_cannot_be_kept_is_not_retried_every_step(
     real = GradientProbe.read_row
     step_now = [0]
     monkeypatch.setattr(GradientProbe, "read_row",
-                        lambda self, row: tried.append(step_now[0]) or real(self, row))
+                        lambda self, views: tried.append(step_now[0]) or real(self, views))
 
     class WithSparse(Mixed):  # a sparse gradient goes the careful way, measured in full
         def __init__(self) -> None:

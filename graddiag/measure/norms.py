@@ -236,46 +236,51 @@ class GradientProbe:
         #: Layer and parameter name of each norm :meth:`read_row` writes, in its order.
         self.row_layers = np.array([lid for g in self._groups for lid in g.lids], dtype=np.int64)
         self.row_names = [name for g in self._groups for name in g.names]
+        self._row_starts = np.cumsum([0] + [len(g.params) for g in self._groups]).tolist()
         # where the present gradients' norms go, by (group's first row position, missing ones)
         self._places: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         #: Every group is plain tensors on the CPU, so :meth:`read_row` can write into a CPU row.
         self.reads_rows = all(
             g.params[0].device.type == "cpu" and not is_dtensor(g.params[0]) for g in self._groups)
 
-    def read_row(self, row: torch.Tensor) -> tuple[int, ...] | None:
-        """Write every monitored parameter's gradient p-norm into ``row``, a float32 CPU vector
-        of ``len(row_layers)`` (one fused kernel per group, nothing else on the host); a
+    def row_views(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """The parts of ``row`` (a float32 CPU vector of ``len(row_layers)``) that
+        :meth:`read_row` writes each group's norms into; made once per row and reused (a
+        view made on every step costs more than the read's host work after a backward pass)."""
+        starts = self._row_starts
+        if len(self._groups) == 1:
+            return [row]
+        return [row[start:end] for start, end in zip(starts[:-1], starts[1:])]
+
+    def read_row(self, views: list[torch.Tensor]) -> tuple[int, ...] | None:
+        """Write every monitored parameter's gradient p-norm into its row, given as the
+        :meth:`row_views` of it (one fused kernel per group, nothing else on the host); a
         parameter without a gradient gets 0.
 
-        Returns the positions in ``row`` of the parameters that got no gradient (usually none),
-        or ``None``, with ``row`` not to be used, when the step needs :meth:`read`: a sparse
-        gradient, or one of a kind that needs the careful path.
+        Returns the positions in the row of the parameters that got no gradient (usually
+        none), or ``None``, with the row not to be used, when the step needs :meth:`read`: a
+        sparse gradient, or one of a kind that needs the careful path.
         """
         if not self.reads_rows:
             return None
         absent: tuple[int, ...] = ()
-        start = 0
-        for group in self._groups:
+        for group, view, start in zip(self._groups, views, self._row_starts):
             if group.mixed:
                 return None
             grads = [p.grad for p in group.params]
-            end = start + len(grads)
             try:  # a missing gradient (None) makes the kernel raise a TypeError: checking
                 # for it first would cost every step more than the exception costs the rare one
                 first = grads[0]
                 if first is not None and first.layout == torch.strided:
-                    _norms(cast("list[torch.Tensor]", grads), self._aggregate.p,
-                           out=row[start:end])
-                    start = end
+                    _norms(cast("list[torch.Tensor]", grads), self._aggregate.p, out=view)
                     continue
             except MEASURE_ERRORS:
                 if all(g is not None for g in grads):  # a sparse gradient among dense ones, say
                     return None
-            missing = self._read_some(grads, row[start:end], start)
+            missing = self._read_some(grads, view, start)
             if missing is None:
                 return None
             absent += tuple(start + i for i in missing)
-            start = end
         return absent
 
     def _read_some(self, grads: list[torch.Tensor | None], row: torch.Tensor,

@@ -36,7 +36,8 @@ class NormRows:
         self.layers = layers
         self.norm_type = norm_type
         buffer = torch.zeros(capacity, len(probe.row_layers), dtype=torch.float32)
-        self._rows = list(buffer.unbind(0))  # views made once, written in turn
+        # each row as the parts the probe writes, views made once and written in turn
+        self._rows = [probe.row_views(row) for row in buffer.unbind(0)]
         self._values = buffer.numpy()  # the same memory, read by numpy
         # and row by row as plain floats: summing 40 of them this way is the cheapest check
         # for a NaN/Inf right after a training step (numpy's or torch's reductions cost more)
