@@ -236,6 +236,37 @@ def test_a_layout_change_judges_the_kept_steps_of_the_old_layout_first() -> None
             assert value == pytest.approx(references[record.step][name], rel=1e-5)
 
 
+@pytest.mark.parametrize("zeroing", ["set_to_none", "zeros", "never"])
+def test_a_layer_frozen_between_kept_steps_leaves_the_layers(zeroing: str) -> None:
+    """Kept steps read no trainable parameter's flag: a layer frozen at step 6 shows itself by
+    its gradient, missing (``set_to_none=True``) or all zero (``set_to_none=False``), and that
+    step is measured in full without it; a stale gradient never zeroed is noticed by the
+    periodic full check, within ``full_check_every`` (50) recorded steps."""
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=0,
+                              param_every_n_steps=0, early_steps=0, evaluate_every_n_records=8)
+    reports = []
+    for step in range(60):
+        if step == 6:
+            model.inp.requires_grad_(False)
+        if zeroing != "never" or step < 6:
+            opt.zero_grad(set_to_none=zeroing != "zeros")
+        x = torch.randn(32, 6)
+        torch.nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        reports.append(monitor.step())
+        opt.step()
+    monitor.close()
+    with_inp = [r.step for r in monitor.records if "inp" in r.layers]
+    if zeroing == "never":
+        assert 6 < len(with_inp) <= 6 + 50  # the stale gradient: up to the periodic check
+    else:
+        assert with_inp == list(range(6))
+        assert reports[6].record is not None  # the first step without it, measured in full
+    assert monitor.findings == []  # neither "no_gradient" nor "vanishing" for a frozen layer
+
+
 def test_kept_steps_copy_nothing_and_never_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
     copies: list[int] = []
     real = transfer._copy_to_host

@@ -7,6 +7,12 @@ parameters seen last time costs one attribute read per parameter; walking the mo
 added or replaced parameters happens every ``full_check_every`` calls, and on the next call after
 :meth:`check_modules_next` (asked for when parameters stop receiving gradients: they may belong
 to a module that was replaced).
+
+A caller that reads the trainable parameters' gradients on the step anyway (a kept plain step)
+asks with ``trainable=False``: then only the frozen parameters' flags are read, so the check
+costs nothing per trainable parameter. A trainable parameter frozen since shows up in that
+read, as a missing gradient (``zero_grad(set_to_none=True)``, the default) or an all-zero one
+(``set_to_none=False``), and the caller then asks again with every flag.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class LayoutWatcher:
         self._params: list[nn.Parameter] = []
         self._flags: list[bool] = []
         self._modules: list[nn.Module] = []
+        self._frozen: list[nn.Parameter] = []
         self._full_next = False
         self.reset()
 
@@ -34,13 +41,24 @@ class LayoutWatcher:
         self._modules = list(self.root.modules())
         self._params = list(self.root.parameters())
         self._flags = [p.requires_grad for p in self._params]
+        self._frozen = [p for p, trainable in zip(self._params, self._flags) if not trainable]
 
-    def changed(self) -> bool:
-        """Whether any parameter was (un)frozen, or modules/parameters added, removed or replaced."""
+    def changed(self, trainable: bool = True) -> bool:
+        """Whether any parameter was (un)frozen, or modules/parameters added, removed or replaced.
+
+        Args:
+            trainable: Also read the flags of the parameters that were trainable; ``False``
+                reads only the frozen ones' (the caller notices a trainable one frozen from its
+                gradient, see the module's docstring), except on the periodic full check.
+        """
         self._calls += 1
-        if [p.requires_grad for p in self._params] != self._flags:
+        full = self._full_next or self._calls % self.full_check_every == 0
+        if trainable or full:
+            if [p.requires_grad for p in self._params] != self._flags:
+                return True
+        elif any(p.requires_grad for p in self._frozen):
             return True
-        if self._full_next or self._calls % self.full_check_every == 0:
+        if full:
             self._full_next = False
             return not _same(list(self.root.modules()), self._modules) or not _same(
                 list(self.root.parameters()), self._params)

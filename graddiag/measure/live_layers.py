@@ -55,10 +55,13 @@ class LiveLayers:
         if record_order:
             self.arrival.watch(index.layers)  # the first backward pass gives the order
 
-    def update(self) -> bool:
+    def update(self, trainable: bool = True) -> bool:
         """Follow changes and settle the order before a measurement; ``True`` when the layers
-        (membership or order) differ from the last measurement's, so probes must be rebuilt."""
-        changed = self._follow()
+        (membership or order) differ from the last measurement's, so probes must be rebuilt.
+        ``trainable=False``: the caller reads every trainable parameter's gradient on this step
+        and calls :meth:`frozen_since` when one is missing or zero (see
+        :mod:`graddiag.measure.layout`)."""
+        changed = self._follow(trainable)
         arrival = self.arrival.layer_time if self.record_order else {}
         if not self._settled:
             self._settled = changed = True
@@ -74,8 +77,14 @@ class LiveLayers:
                 changed = True
         return changed
 
-    def _follow(self) -> bool:
-        if not self._watcher.changed():
+    def frozen_since(self) -> bool:
+        """Whether the flags changed since the last :meth:`update` (asked when a trainable
+        parameter's gradient is missing or zero: it may have been frozen); the layers are then
+        found again by the next :meth:`update`."""
+        return self._watcher.changed()
+
+    def _follow(self, trainable: bool = True) -> bool:
+        if not self._watcher.changed(trainable):
             return False
         self._watcher.reset()
         known = self.index.names

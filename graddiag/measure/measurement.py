@@ -64,8 +64,8 @@ class StepMeasurement:
         """The layer names in forward order (one list shared by every record of a layout)."""
         return self.live.names
 
-    def _settle(self) -> GradientProbe:
-        changed = self.live.update()
+    def _settle(self, trainable: bool = True) -> GradientProbe:
+        changed = self.live.update(trainable)
         if changed or self._grads is None:
             self._per_optimizer.clear()
             self._grads = GradientProbe(self.index, self.norm_type, warned=self._warned)
@@ -76,8 +76,9 @@ class StepMeasurement:
                 self._histograms = HistogramProbe(self.index, warned=self._warned)
         return self._grads
 
-    def _probe_for(self, optimizer: int, params: Iterable[torch.Tensor] | None) -> GradientProbe:
-        everything = self._settle()
+    def _probe_for(self, optimizer: int, params: Iterable[torch.Tensor] | None,
+                   trainable: bool = True) -> GradientProbe:
+        everything = self._settle(trainable)
         if params is None:
             return everything
         probe = self._per_optimizer.get(optimizer)
@@ -104,7 +105,8 @@ class StepMeasurement:
         """
         if step < self._next_keep:
             return False
-        probe = self._probe_for(optimizer, params)
+        # the flags of trainable parameters are not read: this step reads their gradients
+        probe = self._probe_for(optimizer, params, trainable=False)
         rows = self._rows
         if rows is None or rows.probe is not probe:  # another layout or optimizer's probe
             if rows is not None and len(rows):  # the kept steps are judged first
@@ -116,6 +118,9 @@ class StepMeasurement:
         if missing is None:
             self._failed_keeps = min(self._failed_keeps + 1, 6)
             self._next_keep = step + 2 ** self._failed_keeps
+            return False
+        if (missing or rows.last_has_zero()) and self.live.frozen_since():
+            rows.drop_last()  # a parameter was frozen: the layers change, measured in full
             return False
         self._failed_keeps = 0
         self.live.note_missing(missing)

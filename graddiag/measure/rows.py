@@ -79,6 +79,14 @@ class NormRows:
         self._kept.append((step, optimizer, clip_norm, absent))
         return self._without_gradient(absent)[1] if absent else {}
 
+    def last_has_zero(self) -> bool:
+        """Whether a gradient norm of the last kept step is exactly 0 (all-zero gradient)."""
+        return 0.0 in self._memory[len(self._kept) - 1]
+
+    def drop_last(self) -> None:
+        """Forget the last kept step (it is measured in full instead)."""
+        self._kept.pop()
+
     def _without_gradient(self, absent: tuple[int, ...]
                           ) -> tuple[np.ndarray, dict[int, list[str]]]:
         """Which layers got a gradient, and the missing parameters' names by layer, when the
