@@ -93,3 +93,37 @@ def test_the_fixture_catches_and_clears_leaked_global_state() -> None:
     assert len(problems) == 2
     assert "TorchFunctionMode" in problems[0] and "_global_forward_hooks" in problems[1]
     assert _left_behind(before) == []  # and cleared
+
+
+def _explained_remedy(kinds: list[str], families: list[str], dead: list[float],
+                      sites: list[str], position: list[float] | None = None) -> str:
+    """The remedy of a vanishing finding on layer "0" of a Sequential of five, with these
+    activation sites ("1" and "3" lie between layer "0" and the loss in module order;
+    ``position``: where they ran among the layers, measured)."""
+    tree = ModuleTree(("", "0", "1", "2", "3", "4"), "Sequential")
+    n = len(sites)
+    acts = ActivationRecord(sites=sites, kinds=kinds, families=families, saturated=np.zeros(n),
+                            dead=np.array(dead, dtype=float), gain=np.full(n, 0.5),
+                            calls=np.ones(n),
+                            position=None if position is None else np.array(position))
+    record = StepRecord(step=3, layers=["0", "2", "4"], grad_norm=np.array([1e-9, 1e-3, 1.0]),
+                        has_grad=np.ones(3, bool), activations=acts)
+    explainer = Explainer(tree)
+    explainer.observe(record)
+    finding = Finding("vanishing", "0", 3, 1e-9, 1e-4, "Vanishing gradient.")
+    return explainer.explain(finding, record).remedy
+
+
+def test_vanishing_remedies_fit_the_activations_between_layer_and_loss() -> None:
+    relu = _explained_remedy(["relu"] * 2, ["rectifier"] * 2, [0.1, 0.2], ["1", "3"])
+    assert relu.startswith("initialise the weights with Kaiming init")
+    dead = _explained_remedy(["relu"] * 2, ["rectifier"] * 2, [0.9, 0.2], ["1", "3"])
+    assert dead.startswith("lower the learning rate; initialise biases")
+    tanh = _explained_remedy(["tanh", "relu"], ["saturating", "rectifier"], [np.nan, 0.0],
+                             ["1", "3"])
+    assert tanh.startswith("replace the 1 sigmoid/tanh site(s) with ReLU-family activations")
+    # a site measured on the input side of layer "0" (position -0.5): none between it and the loss
+    none = _explained_remedy(["relu"], ["rectifier"], [0.0], ["1"], position=[-0.5])
+    assert none.startswith("check the initialisation scale")
+    # advice to swap sigmoid/tanh for ReLU only where a sigmoid/tanh site is in the way
+    assert all("sigmoid/tanh" not in r for r in (relu, dead, none))

@@ -99,8 +99,10 @@ class Explainer:
                 saturating = sum(1 for i in between if acts.families[i] == "saturating")
                 dead = [float(acts.dead[i]) for i in between if acts.families[i] == "rectifier"]
                 if dead and max(dead) > 0.5 and saturating == 0:
-                    ranked = remedies.DEAD_RELU + "; then " + remedies.VANISHING
-                elif saturating:
+                    ranked = remedies.DEAD_RELU + "; then add residual connections or reduce depth"
+                elif saturating == 0:
+                    ranked = remedies.VANISHING_BEHIND_RECTIFIERS
+                else:
                     ranked = (
                         f"replace the {saturating} sigmoid/tanh site(s) with ReLU-family "
                         "activations and use Kaiming init; or keep them with Xavier init plus "
@@ -112,8 +114,7 @@ class Explainer:
                     "No activation sits between this layer and the loss: the shrink comes from "
                     "the weights (initialisation scale too small) or the loss itself."
                 )
-                ranked = ("check the initialisation scale (Kaiming/Xavier); normalise inputs; "
-                          + remedies.VANISHING)
+                ranked = remedies.VANISHING_WITHOUT_ACTIVATIONS
         if not notes:
             return finding
         return dataclasses.replace(

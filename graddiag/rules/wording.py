@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+#: What helps a vanishing gradient whatever lies between the layer and the loss.
+VANISHING_STRUCTURE = "add normalisation (BatchNorm/LayerNorm) or residual connections; reduce depth"
+#: Vanishing gradients, when the activations between the layer and the loss are not known.
 VANISHING = (
     "use ReLU-family activations (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh in hidden "
-    "layers; initialise with Kaiming (ReLU) or Xavier (tanh) init; add normalisation "
-    "(BatchNorm/LayerNorm) or residual connections; reduce depth"
+    "layers; initialise with Kaiming (ReLU) or Xavier (tanh) init; " + VANISHING_STRUCTURE
+)
+#: ... behind rectifiers only, few of them dead: the shrink beyond theirs is the weights' scale.
+VANISHING_BEHIND_RECTIFIERS = (
+    "initialise the weights with Kaiming init (the shrink beyond the activations' comes from "
+    "the weights' scale); " + VANISHING_STRUCTURE
+)
+#: ... with no activation between the layer and the loss.
+VANISHING_WITHOUT_ACTIVATIONS = (
+    "check the initialisation scale (Kaiming/Xavier); normalise inputs; " + VANISHING_STRUCTURE
 )
 EXPLODING = (
     "lower the learning rate; clip gradients (Trainer(gradient_clip_val=1.0)); check the "
