@@ -96,21 +96,24 @@ def test_the_fixture_catches_and_clears_leaked_global_state() -> None:
 
 
 def _explained_remedy(kinds: list[str], families: list[str], dead: list[float],
-                      sites: list[str], position: list[float] | None = None) -> str:
+                      sites: list[str], position: list[float] | None = None,
+                      gain: float = 0.5, ratio: float | None = None) -> str:
     """The remedy of a vanishing finding on layer "0" of a Sequential of five, with these
     activation sites ("1" and "3" lie between layer "0" and the loss in module order;
-    ``position``: where they ran among the layers, measured)."""
+    ``position``: where they ran among the layers, measured; ``ratio``: the layer's norm over
+    the largest layer's, as the vanishing rule reports it)."""
     tree = ModuleTree(("", "0", "1", "2", "3", "4"), "Sequential")
     n = len(sites)
     acts = ActivationRecord(sites=sites, kinds=kinds, families=families, saturated=np.zeros(n),
-                            dead=np.array(dead, dtype=float), gain=np.full(n, 0.5),
+                            dead=np.array(dead, dtype=float), gain=np.full(n, gain),
                             calls=np.ones(n),
                             position=None if position is None else np.array(position))
     record = StepRecord(step=3, layers=["0", "2", "4"], grad_norm=np.array([1e-9, 1e-3, 1.0]),
                         has_grad=np.ones(3, bool), activations=acts)
     explainer = Explainer(tree)
     explainer.observe(record)
-    finding = Finding("vanishing", "0", 3, 1e-9, 1e-4, "Vanishing gradient.")
+    details = {} if ratio is None else {"ratio_to_largest": ratio}
+    finding = Finding("vanishing", "0", 3, 1e-9, 1e-4, "Vanishing gradient.", details=details)
     return explainer.explain(finding, record).remedy
 
 
@@ -127,3 +130,10 @@ def test_vanishing_remedies_fit_the_activations_between_layer_and_loss() -> None
     assert none.startswith("check the initialisation scale")
     # advice to swap sigmoid/tanh for ReLU only where a sigmoid/tanh site is in the way
     assert all("sigmoid/tanh" not in r for r in (relu, dead, none))
+    # one tanh of gain 0.9 in front of a 1e-6 shrink: log 0.9 / log 1e-6 = 0.8 % of it
+    pooler = _explained_remedy(["tanh"], ["saturating"], [np.nan], ["3"], gain=0.9, ratio=1e-6)
+    assert pooler.startswith("check the weights' initialisation scale")
+    # two sites of gain 0.1 in front of a 1e-3 shrink: log 0.01 / log 1e-3 = 2/3 of it
+    deep = _explained_remedy(["tanh"] * 2, ["saturating"] * 2, [np.nan] * 2, ["1", "3"],
+                             gain=0.1, ratio=1e-3)
+    assert deep.startswith("replace the 2 sigmoid/tanh site(s)")

@@ -14,6 +14,11 @@ VANISHING_BEHIND_RECTIFIERS = (
     "initialise the weights with Kaiming init (the shrink beyond the activations' comes from "
     "the weights' scale); " + VANISHING_STRUCTURE
 )
+#: ... behind sigmoid/tanh sites that account for little of the shrink.
+VANISHING_FROM_WEIGHTS = (
+    "check the weights' initialisation scale (Xavier for sigmoid/tanh, Kaiming for ReLU-family "
+    "activations): the activations account for little of the shrink; " + VANISHING_STRUCTURE
+)
 #: ... with no activation between the layer and the loss.
 VANISHING_WITHOUT_ACTIVATIONS = (
     "check the initialisation scale (Kaiming/Xavier); normalise inputs; " + VANISHING_STRUCTURE
