@@ -16,7 +16,6 @@ from graddiag.data.records import ActivationRecord, StepRecord
 from graddiag.data.tree import ModuleTree
 from graddiag.rules import wording as remedies
 
-
 #: Below this share of the shrink (in orders of magnitude) the activations between a vanishing
 #: layer and the loss are not what to change first: a single tanh of gain 0.9 in front of a
 #: 1e-6 shrink (a Hugging Face pooler) explains under 1 % of it.
