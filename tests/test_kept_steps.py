@@ -260,11 +260,67 @@ def test_a_layer_frozen_between_kept_steps_leaves_the_layers(zeroing: str) -> No
     monitor.close()
     with_inp = [r.step for r in monitor.records if "inp" in r.layers]
     if zeroing == "never":
-        assert 6 < len(with_inp) <= 6 + 50  # the stale gradient: up to the periodic check
+        assert len(with_inp) <= 6 + 50  # the stale gradient: by the periodic check at the latest
     else:
         assert with_inp == list(range(6))
         assert reports[6].record is not None  # the first step without it, measured in full
     assert monitor.findings == []  # neither "no_gradient" nor "vanishing" for a frozen layer
+
+
+def test_the_layout_check_without_every_flag_reads_the_frozen_ones_and_the_periodic_check() -> None:
+    from graddiag.measure.layout import LayoutWatcher
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    watcher = LayoutWatcher(model, full_check_every=5)
+    assert not watcher.changed(all_flags=False)  # call 1
+    model[0].requires_grad_(False)  # a trainable parameter frozen: its flag is not read ...
+    assert not watcher.changed(all_flags=False)  # call 2
+    assert watcher.flags_changed()  # ... unless asked for (and that is no call)
+    assert not watcher.changed(all_flags=False) and not watcher.changed(all_flags=False)  # 3, 4
+    assert watcher.changed(all_flags=False)  # call 5: the periodic check reads every flag
+    watcher.reset()
+    model[1].requires_grad_(True)  # a frozen parameter unfrozen: read on every call
+    assert watcher.changed(all_flags=False)
+
+
+def test_a_gradient_missing_every_step_leaves_the_module_walk_to_its_cadence(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module that never gets a gradient makes every kept step compare the flags again,
+    without counting as a layout check: the module walk keeps its cadence (every 50 checks) and
+    a module added at step 26 is found by the next walk."""
+    from graddiag.measure import layout
+
+    walks: list[int] = []
+    real = layout._same
+    step_now = [0]
+    monkeypatch.setattr(layout, "_same", lambda a, b: walks.append(step_now[0]) or real(a, b))
+
+    class WithUnused(Mixed):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(3, 3)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=0,
+                              param_every_n_steps=0, early_steps=0, evaluate_every_n_records=8,
+                              no_gradient_patience=1000)
+    for step in range(100):
+        step_now[0] = step
+        if step == 26:
+            model.extra = nn.Linear(6, 6)  # added; it gets gradients from the next forward
+        x = torch.randn(32, 6)
+        out = model(x) + (model.extra(x).sum() * 0 if step >= 26 else 0)
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(out, (x[:, 0] > 0).long()).backward()
+        monitor.step()
+    monitor.close()
+    # step 1: the walk asked for after step 0 found a module without gradient; then the 50th
+    # and 100th checks (one per step: a kept step's flag comparisons do not count)
+    assert sorted(set(walks)) == [1, 49, 99]
+    with_extra = [r.step for r in monitor.records if "extra" in r.layers]
+    assert with_extra == list(range(49, 100))  # found by the walk at step 49
 
 
 def test_kept_steps_copy_nothing_and_never_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,11 +8,12 @@ added or replaced parameters happens every ``full_check_every`` calls, and on th
 :meth:`check_modules_next` (asked for when parameters stop receiving gradients: they may belong
 to a module that was replaced).
 
-A caller that reads the trainable parameters' gradients on the step anyway (a kept plain step)
-asks with ``trainable=False``: then only the frozen parameters' flags are read, so the check
-costs nothing per trainable parameter. A trainable parameter frozen since shows up in that
-read, as a missing gradient (``zero_grad(set_to_none=True)``, the default) or an all-zero one
-(``set_to_none=False``), and the caller then asks again with every flag.
+A caller that reads the monitored parameters' gradients on the step anyway (a kept plain step)
+asks with ``all_flags=False``: then only the frozen parameters' flags are read (except on the
+periodic full check), so the check costs nothing per trainable parameter. A parameter frozen
+since shows up in that read, as a missing gradient (``zero_grad(set_to_none=True)``, the
+default) or an all-zero one (``set_to_none=False``), and the caller then compares every flag
+(:meth:`LayoutWatcher.flags_changed`).
 """
 
 from __future__ import annotations
@@ -43,18 +44,19 @@ class LayoutWatcher:
         self._flags = [p.requires_grad for p in self._params]
         self._frozen = [p for p, trainable in zip(self._params, self._flags) if not trainable]
 
-    def changed(self, trainable: bool = True) -> bool:
-        """Whether any parameter was (un)frozen, or modules/parameters added, removed or replaced.
+    def changed(self, all_flags: bool = True) -> bool:
+        """Whether any parameter was (un)frozen, or modules/parameters added, removed or replaced,
+        since the last :meth:`reset`; every ``full_check_every``-th call also walks the modules.
 
         Args:
-            trainable: Also read the flags of the parameters that were trainable; ``False``
-                reads only the frozen ones' (the caller notices a trainable one frozen from its
-                gradient, see the module's docstring), except on the periodic full check.
+            all_flags: Read every parameter's flag; ``False`` reads only those of the parameters
+                frozen at the last reset (see the module's docstring), except on the periodic
+                full check.
         """
         self._calls += 1
         full = self._full_next or self._calls % self.full_check_every == 0
-        if trainable or full:
-            if [p.requires_grad for p in self._params] != self._flags:
+        if all_flags or full:
+            if self.flags_changed():
                 return True
         elif any(p.requires_grad for p in self._frozen):
             return True
@@ -63,6 +65,11 @@ class LayoutWatcher:
             return not _same(list(self.root.modules()), self._modules) or not _same(
                 list(self.root.parameters()), self._params)
         return False
+
+    def flags_changed(self) -> bool:
+        """Whether any parameter's ``requires_grad`` differs from the last :meth:`reset` (only
+        the flags: no module walk, and it does not count as a call of :meth:`changed`)."""
+        return [p.requires_grad for p in self._params] != self._flags
 
     def check_modules_next(self) -> None:
         """Walk the module tree on the next :meth:`changed` call."""

@@ -55,13 +55,13 @@ class LiveLayers:
         if record_order:
             self.arrival.watch(index.layers)  # the first backward pass gives the order
 
-    def update(self, trainable: bool = True) -> bool:
+    def update(self, all_flags: bool = True) -> bool:
         """Follow changes and settle the order before a measurement; ``True`` when the layers
         (membership or order) differ from the last measurement's, so probes must be rebuilt.
-        ``trainable=False``: the caller reads every trainable parameter's gradient on this step
-        and calls :meth:`frozen_since` when one is missing or zero (see
-        :mod:`graddiag.measure.layout`)."""
-        changed = self._follow(trainable)
+        ``all_flags=False``: read only the frozen parameters' ``requires_grad`` flags; the
+        caller reads every monitored gradient on this step and asks :meth:`flags_changed` when
+        one is missing or zero (see :mod:`graddiag.measure.layout`)."""
+        changed = self._follow(all_flags)
         arrival = self.arrival.layer_time if self.record_order else {}
         if not self._settled:
             self._settled = changed = True
@@ -77,14 +77,14 @@ class LiveLayers:
                 changed = True
         return changed
 
-    def frozen_since(self) -> bool:
-        """Whether the flags changed since the last :meth:`update` (asked when a trainable
-        parameter's gradient is missing or zero: it may have been frozen); the layers are then
-        found again by the next :meth:`update`."""
-        return self._watcher.changed()
+    def flags_changed(self) -> bool:
+        """Whether a parameter was frozen or unfrozen since the layers were last found (asked
+        when a monitored gradient is missing or zero: its parameter may have been frozen); the
+        next :meth:`update` then finds the layers again."""
+        return self._watcher.flags_changed()
 
-    def _follow(self, trainable: bool = True) -> bool:
-        if not self._watcher.changed(trainable):
+    def _follow(self, all_flags: bool = True) -> bool:
+        if not self._watcher.changed(all_flags):
             return False
         self._watcher.reset()
         known = self.index.names

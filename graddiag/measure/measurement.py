@@ -64,8 +64,8 @@ class StepMeasurement:
         """The layer names in forward order (one list shared by every record of a layout)."""
         return self.live.names
 
-    def _settle(self, trainable: bool = True) -> GradientProbe:
-        changed = self.live.update(trainable)
+    def _settle(self, all_flags: bool = True) -> GradientProbe:
+        changed = self.live.update(all_flags)
         if changed or self._grads is None:
             self._per_optimizer.clear()
             self._grads = GradientProbe(self.index, self.norm_type, warned=self._warned)
@@ -77,8 +77,8 @@ class StepMeasurement:
         return self._grads
 
     def _probe_for(self, optimizer: int, params: Iterable[torch.Tensor] | None,
-                   trainable: bool = True) -> GradientProbe:
-        everything = self._settle(trainable)
+                   all_flags: bool = True) -> GradientProbe:
+        everything = self._settle(all_flags)
         if params is None:
             return everything
         probe = self._per_optimizer.get(optimizer)
@@ -99,14 +99,15 @@ class StepMeasurement:
 
         Returns ``False`` when the step must be measured with :meth:`start` instead: the step
         is not plain (a gradient sparse, non-finite or not on the CPU, or one optimizer reading
-        only some layers), or the layers changed while steps are kept (take those first).
-        After such a step the next try waits 2, 4, ... up to 64 steps. ``capacity``: how many
-        steps the rows hold (:meth:`take_kept` when full).
+        only some layers; the next try then waits 2, 4, ... up to 64 steps), the layers
+        changed while steps are kept (take those first), or a parameter was frozen or unfrozen
+        (seen when a gradient is missing or all zero; its row is dropped). ``capacity``: how
+        many steps the rows hold (:meth:`take_kept` when full).
         """
         if step < self._next_keep:
             return False
-        # the flags of trainable parameters are not read: this step reads their gradients
-        probe = self._probe_for(optimizer, params, trainable=False)
+        # only the frozen parameters' flags: a parameter frozen since shows in its gradient
+        probe = self._probe_for(optimizer, params, all_flags=False)
         rows = self._rows
         if rows is None or rows.probe is not probe:  # another layout or optimizer's probe
             if rows is not None and len(rows):  # the kept steps are judged first
@@ -119,7 +120,7 @@ class StepMeasurement:
             self._failed_keeps = min(self._failed_keeps + 1, 6)
             self._next_keep = step + 2 ** self._failed_keeps
             return False
-        if (missing or rows.last_has_zero()) and self.live.frozen_since():
+        if (missing or rows.last_has_zero()) and self.live.flags_changed():
             rows.drop_last()  # a parameter was frozen: the layers change, measured in full
             return False
         self._failed_keeps = 0
