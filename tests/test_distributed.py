@@ -28,7 +28,7 @@ def _free_port() -> str:
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "MASTER_PORT": _free_port(),
-           "FSDP_PORT": _free_port(), "MASTER_ADDR": "127.0.0.1"}
+           "MASTER_ADDR": "127.0.0.1"}
     return subprocess.run([sys.executable, str(HERE / "distributed" / script), *args],
                           capture_output=True, text=True, timeout=300, env=env,
                           cwd=HERE.parent)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 
 import torch
@@ -37,8 +36,10 @@ def layer_norms(model: nn.Module, x: torch.Tensor, norm_type: float) -> dict[str
 
 
 def worker(rank: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FSDP_PORT", "29533"))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # rendezvous through a file, not a TCP store that rank 0 hosts: no port to race for, and
+    # rank 0 leaving first takes no store from under rank 1's teardown
+    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank,
+                            world_size=2)
     from torch.distributed.fsdp import fully_shard
 
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
