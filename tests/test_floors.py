@@ -97,7 +97,7 @@ def test_the_fixture_catches_and_clears_leaked_global_state() -> None:
 
 def _explained_remedy(kinds: list[str], families: list[str], dead: list[float],
                       sites: list[str], position: list[float] | None = None,
-                      gain: float = 0.5, ratio: float | None = None) -> str:
+                      gain: float | list[float] = 0.5, ratio: float | None = None) -> str:
     """The remedy of a vanishing finding on layer "0" of a Sequential of five, with these
     activation sites ("1" and "3" lie between layer "0" and the loss in module order;
     ``position``: where they ran among the layers, measured; ``ratio``: the layer's norm over
@@ -105,7 +105,8 @@ def _explained_remedy(kinds: list[str], families: list[str], dead: list[float],
     tree = ModuleTree(("", "0", "1", "2", "3", "4"), "Sequential")
     n = len(sites)
     acts = ActivationRecord(sites=sites, kinds=kinds, families=families, saturated=np.zeros(n),
-                            dead=np.array(dead, dtype=float), gain=np.full(n, gain),
+                            dead=np.array(dead, dtype=float),
+                            gain=np.broadcast_to(np.asarray(gain, dtype=float), (n,)).copy(),
                             calls=np.ones(n),
                             position=None if position is None else np.array(position))
     record = StepRecord(step=3, layers=["0", "2", "4"], grad_norm=np.array([1e-9, 1e-3, 1.0]),
@@ -137,3 +138,9 @@ def test_vanishing_remedies_fit_the_activations_between_layer_and_loss() -> None
     deep = _explained_remedy(["tanh"] * 2, ["saturating"] * 2, [np.nan] * 2, ["1", "3"],
                              gain=0.1, ratio=1e-3)
     assert deep.startswith("replace the 2 sigmoid/tanh site(s)")
+    # a tanh of gain 0.9 behind two ReLUs of gain 0.1, in front of a 1e-3 shrink: the ReLUs
+    # explain 2/3 of it, the tanh log 0.9 / log 1e-3 = 1.5 %: not the tanh to replace
+    mixed = _explained_remedy(["relu", "relu", "tanh"], ["rectifier", "rectifier", "saturating"],
+                              [0.1, 0.1, np.nan], ["1", "3", "3:tanh"], gain=[0.1, 0.1, 0.9],
+                              ratio=1e-3)
+    assert mixed.startswith("check the weights' initialisation scale")

@@ -16,9 +16,9 @@ from graddiag.data.records import ActivationRecord, StepRecord
 from graddiag.data.tree import ModuleTree
 from graddiag.rules import wording as remedies
 
-#: Below this share of the shrink (in orders of magnitude) the activations between a vanishing
-#: layer and the loss are not what to change first: a single tanh of gain 0.9 in front of a
-#: 1e-6 shrink (a Hugging Face pooler) explains under 1 % of it.
+#: Below this share of the shrink (in orders of magnitude) the sigmoid/tanh sites between a
+#: vanishing layer and the loss are not what to change first: a single tanh of gain 0.9 in front
+#: of a 1e-6 shrink (a Hugging Face pooler) explains under 1 % of it.
 ACTIVATIONS_EXPLAIN = 0.25
 
 
@@ -116,7 +116,9 @@ class Explainer:
                     ranked = remedies.DEAD_RELU + "; then add residual connections or reduce depth"
                 elif saturating == 0:
                     ranked = remedies.VANISHING_BEHIND_RECTIFIERS
-                elif _share_of_shrink(expected, measured) < ACTIVATIONS_EXPLAIN:
+                elif _share_of_shrink(math.prod(gains[k] for k, i in enumerate(between)
+                                                if acts.families[i] == "saturating"),
+                                      measured) < ACTIVATIONS_EXPLAIN:
                     ranked = remedies.VANISHING_FROM_WEIGHTS
                 else:
                     ranked = (

@@ -17,7 +17,8 @@ VANISHING_BEHIND_RECTIFIERS = (
 #: ... behind sigmoid/tanh sites that account for little of the shrink.
 VANISHING_FROM_WEIGHTS = (
     "check the weights' initialisation scale (Xavier for sigmoid/tanh, Kaiming for ReLU-family "
-    "activations): the activations account for little of the shrink; " + VANISHING_STRUCTURE
+    "activations): the sigmoid/tanh sites account for little of the shrink; "
+    + VANISHING_STRUCTURE
 )
 #: ... with no activation between the layer and the loss.
 VANISHING_WITHOUT_ACTIVATIONS = (
