@@ -22,6 +22,20 @@ from graddiag.rules import wording as remedies
 ACTIVATIONS_EXPLAIN = 0.25
 
 
+def _remedy_behind(acts: ActivationRecord, between: list[int], measured: float) -> str:
+    """The ranked remedies for a layer whose gradient shrank by ``measured`` (its ratio to the
+    largest layer) behind the activation sites ``between`` it and the loss."""
+    saturating = [float(acts.gain[i]) for i in between if acts.families[i] == "saturating"]
+    if not saturating:
+        dead = [float(acts.dead[i]) for i in between if acts.families[i] == "rectifier"]
+        if dead and max(dead) > 0.5:
+            return remedies.DEAD_RELU + "; then " + remedies.DEEPER
+        return remedies.VANISHING_BEHIND_RECTIFIERS
+    if _share_of_shrink(math.prod(saturating), measured) < ACTIVATIONS_EXPLAIN:
+        return remedies.VANISHING_FROM_WEIGHTS
+    return remedies.replace_saturating(len(saturating))
+
+
 def _share_of_shrink(expected: float, measured: float) -> float:
     """The part of the measured shrink (ratio to the largest layer) that the activations'
     expected shrink accounts for, in orders of magnitude: log(expected) / log(measured); 1 where
@@ -90,9 +104,9 @@ class Explainer:
             )
         acts = self.activations
         layer_pos = self.tree.position(finding.layer)
-        measured = self.sites_after(finding.layer)
-        if acts is not None and (layer_pos is not None or measured is not None) and len(acts.sites):
-            between = measured if measured is not None else [
+        after = self.sites_after(finding.layer)
+        if acts is not None and (layer_pos is not None or after is not None) and len(acts.sites):
+            between = after if after is not None else [
                 i for i, s in enumerate(acts.sites)
                 if layer_pos is not None and self.tree.site_position(s) > layer_pos]
             if between:
@@ -100,7 +114,7 @@ class Explainer:
                 gains = [float(acts.gain[i]) for i in between]
                 expected = math.prod(gains)
                 mean_gain = sum(gains) / len(gains)
-                measured = details.get("ratio_to_largest", float("nan"))
+                measured = float(details.get("ratio_to_largest", float("nan")))
                 kinds_text = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
                 notes.append(
                     f"Between this layer and the loss: {kinds_text} site(s), mean derivative "
@@ -110,23 +124,7 @@ class Explainer:
                 )
                 details.update(sites_between=len(between), mean_gain=mean_gain,
                                expected_shrink=expected, activation_kinds=dict(kinds))
-                saturating = sum(1 for i in between if acts.families[i] == "saturating")
-                dead = [float(acts.dead[i]) for i in between if acts.families[i] == "rectifier"]
-                if dead and max(dead) > 0.5 and saturating == 0:
-                    ranked = remedies.DEAD_RELU + "; then add residual connections or reduce depth"
-                elif saturating == 0:
-                    ranked = remedies.VANISHING_BEHIND_RECTIFIERS
-                elif _share_of_shrink(math.prod(gains[k] for k, i in enumerate(between)
-                                                if acts.families[i] == "saturating"),
-                                      measured) < ACTIVATIONS_EXPLAIN:
-                    ranked = remedies.VANISHING_FROM_WEIGHTS
-                else:
-                    ranked = (
-                        f"replace the {saturating} sigmoid/tanh site(s) with ReLU-family "
-                        "activations and use Kaiming init; or keep them with Xavier init plus "
-                        "normalisation (BatchNorm/LayerNorm) or residual connections; lower the "
-                        "learning rate if the units are saturated"
-                    )
+                ranked = _remedy_behind(acts, between, measured)
             else:
                 notes.append(
                     "No activation sits between this layer and the loss: the shrink comes from "
