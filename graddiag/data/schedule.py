@@ -69,8 +69,8 @@ class Schedule:
         early = step < self.early
         parameters, activations, histograms = self.parameters, self.activations, self.histograms
         return bool(
-            (parameters and (early or step % parameters == 0
-                             or (step + lookahead) // parameters != step // parameters))
+            (parameters and (early or step % parameters == 0))
+            or self.copies_parameters(step, lookahead)
             or (activations and (early or step % activations == 0))
             or (histograms and step % histograms == 0))
 

@@ -127,6 +127,7 @@ class TensorBoardReporter:
         self._run = FlowRows()  # every step of this layout, for the whole-run figure
         self._run_since = 0  # the first step in it
         self._flow_layers: list[str] = []  # the layout of both
+        self._first_figure_cost = 0.0  # seconds assumed for a figure of it before one is drawn
         self._last_step = 0
         self._warned_histogram = False
         self.png_path: Path | None = None
@@ -153,10 +154,11 @@ class TensorBoardReporter:
         if record.layers is not self._flow_layers and record.layers != self._flow_layers:
             self._interval, self._flow_layers = FlowRows(), record.layers
             self._run, self._run_since = FlowRows(), step
+            self._first_figure_cost = first_figure_seconds(len(record.layers))
         self._run.append(record.grad_norm, record.has_grad)
         if self.figure_every:
             self._interval.append(record.grad_norm, record.has_grad)
-            due = self._figure_budget.due(step, first_figure_seconds(len(record.layers)))
+            due = self._figure_budget.due(step, self._first_figure_cost)
             if due and len(self._run) > 1:  # not on the first step alone
                 started = self._figure_budget.clock()
                 self._figure(self._interval.profile(), record.layers, step, f"steps up to {step}")
