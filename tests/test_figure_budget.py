@@ -12,8 +12,8 @@ from torch import nn
 from graddiag import GradientMonitor
 from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import StepSnapshot
-from graddiag.reporters.budget import TimeBudget, first_figure_seconds
-from graddiag.reporters.figures import FlowProfile
+from graddiag.reporters.budget import TimeBudget
+from graddiag.reporters.figures import FlowProfile, first_figure_seconds
 from graddiag.reporters.tensorboard import TensorBoardReporter
 
 
@@ -28,18 +28,19 @@ class Clock:
 def test_budget_runs_on_a_multiple_only_while_the_share_holds_with_the_next_run() -> None:
     clock = Clock()
     budget = TimeBudget(10, share=0.25, clock=clock)
-    assert not budget.due(0, first_cost=1.0)  # the clock starts: 1 s would be all of 0 s
+    budget.first_cost = 1.0
+    assert not budget.due(0)  # the clock starts: 1 s would be all of 0 s
     clock.now = 3.9
-    assert not budget.due(10, first_cost=1.0)  # 1 s > 25 % of 3.9 s
+    assert not budget.due(10)  # 1 s > 25 % of 3.9 s
     clock.now = 4.0
-    assert not budget.due(11, first_cost=1.0)  # never off the interval
-    assert budget.due(20, first_cost=1.0)  # 1 s = 25 % of 4 s
+    assert not budget.due(11)  # never off the interval
+    assert budget.due(20)  # 1 s = 25 % of 4 s
     clock.now = 6.0
     budget.spent(started=4.0)  # it took 2 s: the next is assumed to take 2 s too
     clock.now = 15.9
-    assert not budget.due(30, first_cost=1.0)  # 2 + 2 s > 25 % of 15.9 s
+    assert not budget.due(30)  # 2 + 2 s > 25 % of 15.9 s
     clock.now = 16.0
-    assert budget.due(40, first_cost=1.0)
+    assert budget.due(40)
 
 
 def test_explicit_interval_is_exact_and_zero_never_runs() -> None:
@@ -95,10 +96,11 @@ def test_a_costly_first_figure_waits_until_its_guessed_cost_fits() -> None:
     layers = [f"l{i}" for i in range(100)]  # guessed at 0.05 s + 100 x 4 ms = 0.45 s
     clock = Clock()
     budget = TimeBudget(500, clock=clock)
+    budget.first_cost = first_figure_seconds(len(layers))
     first = None
     for step in range(200000):
         clock.now += 0.0021  # 2.1 ms steps
-        if budget.due(step, first_figure_seconds(len(layers))):
+        if budget.due(step):
             first = step
             break
     # 0.45 s is 0.25 % of 180 s, 85,715 steps of 2.1 ms after the first: the next multiple

@@ -16,17 +16,13 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import RunSnapshot, StepSnapshot
 from graddiag.data.tree import SiteMark
-from graddiag.reporters.budget import (
-    DEFAULT_FIGURE_EVERY,
-    FIGURE_TIME_SHARE,
-    TimeBudget,
-    first_figure_seconds,
-)
+from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY, FIGURE_TIME_SHARE, TimeBudget
 from graddiag.reporters.events import write_image, write_scalars
 from graddiag.reporters.figures import (
     FlowProfile,
     FlowRows,
     figure_to_array,
+    first_figure_seconds,
     flow_profile,
     gradient_flow_figure,
     save_figure_atomically,
@@ -98,7 +94,8 @@ class TensorBoardReporter:
         figure_every_n_steps: Gradient-flow image interval (0: only at the end). ``None``:
             on multiples of 500 steps while figures, the next one included, stay within 0.25 %
             of the wall time since the first step (each costs tenths of a second to seconds of
-            Matplotlib; the first is assumed to cost 0.05 s + 4 ms per layer); an integer:
+            Matplotlib; the first is assumed to cost 0.05 s + 4 ms per layer, at most 120); an
+            integer:
             every recorded step divisible by it.
         save_png: Also save the final figure as ``gradient_flow.png`` in the writer's log dir.
     """
@@ -127,7 +124,6 @@ class TensorBoardReporter:
         self._run = FlowRows()  # every step of this layout, for the whole-run figure
         self._run_since = 0  # the first step in it
         self._flow_layers: list[str] = []  # the layout of both
-        self._first_figure_cost = 0.0  # seconds assumed for a figure of it before one is drawn
         self._last_step = 0
         self._warned_histogram = False
         self.png_path: Path | None = None
@@ -154,11 +150,11 @@ class TensorBoardReporter:
         if record.layers is not self._flow_layers and record.layers != self._flow_layers:
             self._interval, self._flow_layers = FlowRows(), record.layers
             self._run, self._run_since = FlowRows(), step
-            self._first_figure_cost = first_figure_seconds(len(record.layers))
+            self._figure_budget.first_cost = first_figure_seconds(len(record.layers))
         self._run.append(record.grad_norm, record.has_grad)
         if self.figure_every:
             self._interval.append(record.grad_norm, record.has_grad)
-            due = self._figure_budget.due(step, self._first_figure_cost)
+            due = self._figure_budget.due(step)
             if due and len(self._run) > 1:  # not on the first step alone
                 started = self._figure_budget.clock()
                 self._figure(self._interval.profile(), record.layers, step, f"steps up to {step}")
