@@ -259,8 +259,8 @@ def test_a_layer_frozen_between_kept_steps_leaves_the_layers(zeroing: str) -> No
         opt.step()
     monitor.close()
     with_inp = [r.step for r in monitor.records if "inp" in r.layers]
-    if zeroing == "never":
-        assert len(with_inp) <= 6 + 50  # the stale gradient: by the periodic check at the latest
+    if zeroing == "never":  # the stale gradient: noticed by the periodic check at the latest
+        assert with_inp == list(range(len(with_inp))) and 6 <= len(with_inp) <= 6 + 50
     else:
         assert with_inp == list(range(6))
         assert reports[6].record is not None  # the first step without it, measured in full
@@ -286,15 +286,20 @@ def test_the_layout_check_without_every_flag_reads_the_frozen_ones_and_the_perio
 
 def test_a_gradient_missing_every_step_leaves_the_module_walk_to_its_cadence(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A module that never gets a gradient makes every kept step compare the flags again,
-    without counting as a layout check: the module walk keeps its cadence (every 50 checks) and
-    a module added at step 26 is found by the next walk."""
+    """A module that never gets a gradient has the flags compared when the set of missing or
+    zero gradients changes, not on every kept step, and without counting as a layout check: the
+    module walk keeps its cadence (every 50 checks) and a module added at step 26 is found by
+    the next walk."""
     from graddiag.measure import layout
 
     walks: list[int] = []
     real = layout._same
     step_now = [0]
     monkeypatch.setattr(layout, "_same", lambda a, b: walks.append(step_now[0]) or real(a, b))
+    compared: list[int] = []
+    flags = layout.LayoutWatcher.flags_changed
+    monkeypatch.setattr(layout.LayoutWatcher, "flags_changed",
+                        lambda self: compared.append(step_now[0]) or flags(self))
 
     class WithUnused(Mixed):
         def __init__(self) -> None:
@@ -321,6 +326,11 @@ def test_a_gradient_missing_every_step_leaves_the_module_walk_to_its_cadence(
     assert sorted(set(walks)) == [1, 49, 99]
     with_extra = [r.step for r in monitor.records if "extra" in r.layers]
     assert with_extra == list(range(49, 100))  # found by the walk at step 49
+    # every flag is compared on step 0 (measured in full), step 1 (the first kept step sees the
+    # unused module's gradient missing), step 49 (the 50th check, and the added layer's
+    # all-zero gradient) and step 99 (the 100th check): not on the ~95 kept steps whose missing
+    # and zero gradients are those of the step before
+    assert sorted(set(compared)) == [0, 1, 49, 99]
 
 
 def test_kept_steps_copy_nothing_and_never_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:

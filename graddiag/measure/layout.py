@@ -13,7 +13,8 @@ asks with ``all_flags=False``: then only the frozen parameters' flags are read (
 periodic full check), so the check costs nothing per trainable parameter. A parameter frozen
 since shows up in that read, as a missing gradient (``zero_grad(set_to_none=True)``, the
 default) or an all-zero one (``set_to_none=False``), and the caller then compares every flag
-(:meth:`LayoutWatcher.flags_changed`).
+(:meth:`LayoutWatcher.flags_changed`) when the set of such parameters differs from its last
+kept step's.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ module changes.
 Order: on the first recorded step (and after the layers changed) the layers are sorted by the
 order their gradients arrived in the backward pass (:mod:`graddiag.measure.order`), forward
 order filling in where no gradient arrived. Membership: before each measurement the
-``requires_grad`` flags are compared with the last ones (:mod:`graddiag.measure.layout`); when
+``requires_grad`` flags are compared with the last ones (on a kept plain step only the frozen
+parameters' flags, see :mod:`graddiag.measure.layout`); when
 they or the modules changed, the layers are discovered again, known layers keep their order and
 new ones take their forward-order place until the next watched backward pass sorts them.
 """

@@ -58,6 +58,9 @@ class StepMeasurement:
         # waits 2, 4, ... 64 steps: a model that can never be kept costs no retries
         self._failed_keeps = 0
         self._next_keep = 0
+        # the parameters a kept step last saw without a gradient or with an all-zero one: the
+        # flags are compared again only when these change
+        self._without: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
     @property
     def layers(self) -> list[str]:
@@ -101,7 +104,8 @@ class StepMeasurement:
         is not plain (a gradient sparse, non-finite or not on the CPU, or one optimizer reading
         only some layers; the next try then waits 2, 4, ... up to 64 steps), the layers
         changed while steps are kept (take those first), or a parameter was frozen or unfrozen
-        (seen when a gradient is missing or all zero; its row is dropped). ``capacity``: how
+        (looked for when the parameters with a missing or all-zero gradient change; its row is
+        dropped). ``capacity``: how
         many steps the rows hold (:meth:`take_kept` when full).
         """
         if step < self._next_keep:
@@ -120,9 +124,12 @@ class StepMeasurement:
             self._failed_keeps = min(self._failed_keeps + 1, 6)
             self._next_keep = step + 2 ** self._failed_keeps
             return False
-        if (missing or rows.last_has_zero()) and self.live.flags_changed():
-            rows.drop_last()  # a parameter was frozen: the layers change, measured in full
-            return False
+        without = rows.last_without_gradient()
+        if without != self._without and any(without):  # a parameter may have been frozen
+            if self.live.flags_changed():
+                rows.drop_last()  # it was: the layers change, and this step is measured in full
+                return False
+        self._without = without
         self._failed_keeps = 0
         self.live.note_missing(missing)
         self._finish_step(step)

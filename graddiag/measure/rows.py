@@ -3,8 +3,9 @@ turned into per-layer norms and step records together, a block at a time.
 
 A plain step is one that measures gradient norms only, and whose monitored gradients are
 dense, on the CPU and finite (some may be missing: a module unused on this step). Keeping such a
-step costs one fused norm kernel written straight into a preallocated row and a finiteness
-check of that row; the per-layer norms, the clipping flag and the
+step costs one fused norm kernel written straight into a preallocated row, a finiteness check
+of that row and a scan for all-zero gradients (a parameter frozen since may show as one); the
+per-layer norms, the clipping flag and the
 :class:`~graddiag.data.records.StepRecord` of every kept step are made later, all at once,
 while the caches are warm.
 """
@@ -79,9 +80,14 @@ class NormRows:
         self._kept.append((step, optimizer, clip_norm, absent))
         return self._without_gradient(absent)[1] if absent else {}
 
-    def last_has_zero(self) -> bool:
-        """Whether a gradient norm of the last kept step is exactly 0 (all-zero gradient)."""
-        return 0.0 in self._memory[len(self._kept) - 1]
+    def last_without_gradient(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Row positions of the last kept step's parameters without a gradient, and of those
+        whose gradient is all zero (both usually empty)."""
+        row = len(self._kept) - 1
+        zeros: tuple[int, ...] = ()
+        if 0.0 in self._memory[row]:  # a scan of plain floats; positions only when there is one
+            zeros = tuple(np.flatnonzero(self._values[row] == 0.0).tolist())
+        return self._kept[row][3], zeros
 
     def drop_last(self) -> None:
         """Forget the last kept step (it is measured in full instead)."""
