@@ -120,6 +120,23 @@ def test_long_hugging_face_names_are_abbreviated_distinct_and_the_plot_keeps_its
     assert Image.open(io.BytesIO(png.getvalue())).size[1] == round(fig.get_size_inches()[1] * fig.dpi)
 
 
+def test_sibling_layers_are_abbreviated_alike() -> None:
+    """Layers of one parent module get the same abbreviated parent path, even where one
+    sibling's name would fit with less cut (``self.key`` is shorter than ``self.query``)."""
+    prefix = "bert.bert.encoder.layer.0.attention.self."
+    names = [prefix + "query", prefix + "key", prefix + "value",
+             "bert.bert.encoder.layer.0.attention.output.dense", "classifier"]
+    assert abbreviate(prefix + "key") == "b.b.e.l.0.attention.self.key"  # 28 characters: fits
+    assert abbreviate_all(names) == ["b.b.e.l.0.a.self.query", "b.b.e.l.0.a.self.key",
+                                     "b.b.e.l.0.a.self.value", "b.b.e.l.0.a.output.dense",
+                                     "classifier"]
+    labels = abbreviate_all(_bert_names(12))
+    parents: dict[str, set[str]] = {}
+    for name, label in zip(_bert_names(12), labels):
+        parents.setdefault(name.rpartition(".")[0], set()).add(label.rpartition(".")[0])
+    assert all(len(prefixes) == 1 for prefixes in parents.values())
+
+
 def _tight_layout_over_every_label(fig, ax, y, labels, bad) -> None:  # noqa: ANN001
     figures._label_rows(ax, y, labels, figures._shown_rows(labels, bad), bad)
     fig.tight_layout()
