@@ -263,10 +263,16 @@ def test_interval_rows_keep_exact_extremes_and_a_bounded_evenly_spaced_sample() 
     np.testing.assert_array_equal(resumed.nonfinite_steps, together.nonfinite_steps)
 
 
-def test_a_dollar_in_a_layer_name_is_drawn_as_written() -> None:
-    fig = gradient_flow_figure(["net.$a$", "head"], flow_profile([np.ones(2)], [np.ones(2, bool)]))
-    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert labels == [r"net.\$a\$", "head"]  # escaped: matplotlib shows the dollars, no math
+def test_a_dollar_in_a_layer_or_site_name_is_drawn_as_written() -> None:
+    fig = gradient_flow_figure(["net.$a$", "head"], flow_profile([np.ones(2)], [np.ones(2, bool)]),
+                               sites=[(0.5, "act.$b$", "relu")],
+                               site_findings={"act.$b$": ("dead_relu", 0.9)})
+    ax = fig.axes[0]
+    ticks = ax.get_yticklabels()
+    assert [t.get_text() for t in ticks] == ["net.$a$", "head"]
+    bands = [t for t in ax.texts if t.get_text().startswith("act.")]
+    assert [t.get_text() for t in bands] == ["act.$b$: dead 90%"]
+    assert not any(t.get_parse_math() for t in [*ticks, *bands])  # dollars shown, no math text
 
 
 def test_a_flagged_layer_with_only_nonfinite_gradients_is_ringed_at_the_right_edge() -> None:

@@ -189,7 +189,7 @@ def gradient_flow_figure(
         title: Figure title.
     """
     n = len(layers)
-    labels = [label.replace("$", r"\$") for label in abbreviate_all(layers)]  # no math text
+    labels = abbreviate_all(layers)
     row = 0.24 if n <= 60 else max(0.1, 60 * 0.24 / n)
     width = 7.0 + 0.055 * max((len(label) for label in labels), default=0)
     fig = Figure(figsize=(width, min(60.0, 2.2 + row * max(n, 6))), dpi=100)
@@ -258,6 +258,7 @@ def _draw_sites(
         word = SITE_FINDING_WORDS.get(finding_kind, finding_kind)
         ax.text(ceiling * 1.8, position, f"{abbreviate(site)}: {word} {value:.0%}",
                 color=colour, fontsize=7, ha="right", va="center", fontweight="bold",
+                parse_math=False,
                 bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1.0})
         findings_seen.add(finding_kind)
     for kind in sorted(kinds_seen):
@@ -284,7 +285,7 @@ def _fit_layout(fig: Figure, ax: Axes, y: np.ndarray, labels: list[str], bad: li
     widest = sorted(shown, key=lambda i: sum(glyph[c] for c in labels[i]))[-LAYOUT_STAND_INS:]
     stand_ins = sorted(set(widest) | {shown[0], shown[-1]}) if shown else []
     ax.set_yticks(y[stand_ins])
-    ax.set_yticklabels([labels[i] for i in stand_ins], fontproperties=font)
+    ax.set_yticklabels([labels[i] for i in stand_ins], fontproperties=font, parse_math=False)
     fig.tight_layout()
     box = ax.get_window_extent(renderer)
     left = min([t.get_window_extent(renderer).x0 for t in ax.get_yticklabels()] + [box.x0])
@@ -302,7 +303,7 @@ def _shown_rows(labels: list[str], bad: list[int]) -> list[int]:
 def _label_rows(ax: Axes, y: np.ndarray, labels: list[str], shown: list[int],
                 bad: list[int]) -> None:
     ax.set_yticks(y[shown])
-    ax.set_yticklabels([labels[i] for i in shown], fontsize=7)
+    ax.set_yticklabels([labels[i] for i in shown], fontsize=7, parse_math=False)  # "$" as is
     for tick, i in zip(ax.get_yticklabels(), shown):
         if i in bad:
             tick.set_color("tab:red")
