@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -169,3 +170,22 @@ def test_the_whole_run_figure_spans_every_step_not_the_thinned_history() -> None
     assert max(norms) == norms[17] and min(norms) == norms[23]
     assert whole.high[0] == pytest.approx(norms[17], rel=1e-5)
     assert whole.low[0] == pytest.approx(norms[23], rel=1e-5)
+
+
+def test_the_whole_run_figure_adds_the_history_from_before_a_resume() -> None:
+    """After a resume the reporter has seen only the steps since; the kept records from before
+    (restored history) still count towards the whole-run figure's extremes."""
+    from graddiag.data.snapshots import RunSnapshot
+
+    reporter = TensorBoardReporter(Images(), save_png=False, figure_every_n_steps=0)
+    profiles: list[FlowProfile] = []
+    real_figure = reporter._figure
+    reporter._figure = lambda profile, *a: profiles.append(profile) or real_figure(profile, *a)  # type: ignore[method-assign]
+    for step in range(10, 20):
+        reporter.report(_snapshot(step))  # norms 1 and 2 on every step it saw
+    before = StepRecord(3, ["a", "b"], np.array([100.0, 0.01]), np.array([True, True]))
+    seen = [_snapshot(step).record for step in range(10, 20)]
+    reporter.finish(RunSnapshot(records=(before, *seen), layers=("a", "b"), findings=(),
+                                summary=pd.DataFrame(), last_step=19))
+    whole = profiles[-1]
+    assert (whole.high.tolist(), whole.low.tolist()) == ([100.0, 2.0], [1.0, 0.01])
