@@ -64,8 +64,8 @@ class Schedule:
 
     def _beyond_gradients(self, step: int, lookahead: int) -> bool:
         """Whether ``step`` measures more than gradient norms: parameter statistics or the weight
-        copy for them (:meth:`copies_parameters`), activations or histograms (plain arithmetic:
-        :meth:`records` runs on every step)."""
+        copy for them (:meth:`copies_parameters`), activations or histograms (written out rather
+        than calling the ``records_*`` methods: :meth:`records` runs on every step)."""
         early = step < self.early
         parameters, activations, histograms = self.parameters, self.activations, self.histograms
         return bool(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 #: What helps a vanishing gradient whatever lies between the layer and the loss.
-DEEPER = "add residual connections or reduce depth"
 VANISHING_STRUCTURE = "add normalisation (BatchNorm/LayerNorm) or residual connections; reduce depth"
+#: ... what is left of it when dead units are treated first.
+DEEPER = "add residual connections or reduce depth"
 #: Vanishing gradients, when the activations between the layer and the loss are not known.
 VANISHING = (
     "use ReLU-family activations (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh in hidden "
@@ -21,13 +22,6 @@ VANISHING_FROM_WEIGHTS = (
     "activations): the sigmoid/tanh sites account for little of the shrink; "
     + VANISHING_STRUCTURE
 )
-def replace_saturating(sites: int) -> str:
-    """Vanishing gradients behind ``sites`` sigmoid/tanh sites that account for much of it."""
-    return (f"replace the {sites} sigmoid/tanh site(s) with ReLU-family activations and use "
-            "Kaiming init; or keep them with Xavier init plus normalisation (BatchNorm/LayerNorm) "
-            "or residual connections; lower the learning rate if the units are saturated")
-
-
 #: ... with no activation between the layer and the loss.
 VANISHING_WITHOUT_ACTIVATIONS = (
     "check the initialisation scale (Kaiming/Xavier); normalise inputs; " + VANISHING_STRUCTURE
@@ -84,3 +78,10 @@ NOT_IN_OPTIMIZER = (
     "optimizer.add_param_group({'params': module.parameters()}); if they should not train, "
     "freeze them (requires_grad_(False))"
 )
+
+
+def replace_saturating(sites: int) -> str:
+    """Vanishing gradients behind ``sites`` sigmoid/tanh sites that account for much of it."""
+    return (f"replace the {sites} sigmoid/tanh site(s) with ReLU-family activations and use "
+            "Kaiming init; or keep them with Xavier init plus normalisation (BatchNorm/LayerNorm) "
+            "or residual connections; lower the learning rate if the units are saturated")
