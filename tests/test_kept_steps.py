@@ -209,8 +209,9 @@ def test_steps_that_decide_or_measure_more_are_never_kept() -> None:
     monitor, reports, _ = _run(12, activation_every_n_steps=5, param_every_n_steps=5,
                                early_steps=2, evaluate_every_n_records=8)
     full = [r.step for r in reports if r.record is not None]
-    # early steps 0-1, parameter and activation steps 5 and 10, the weight copies before them
-    assert full == [0, 1, 4, 5, 9, 10]
+    # early steps 0-1, parameter and activation steps 5 and 10; the weight copies before them
+    # (steps 4 and 9) are kept: the copy is made on the device, nothing else is read
+    assert full == [0, 1, 5, 10]
     records = {r.step: r for r in monitor.records}
     assert records[5].activations is not None and records[5].param_norm is not None
     assert records[7].activations is None and records[7].param_norm is None
@@ -369,21 +370,32 @@ def test_the_block_size_is_checked() -> None:
 
 @pytest.mark.parametrize("cadences", [(1, 50, 50, 0, 5, 1), (2, 7, 3, 4, 0, 2), (1, 0, 0, 0, 0, 1),
                                       (3, 10, 0, 6, 12, 3)])
-def test_gradients_only_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
+def test_kept_and_copy_only_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
     from graddiag.data.schedule import Schedule
 
     gradients, parameters, activations, histograms, early, lookahead = cadences
     schedule = Schedule(gradients, parameters, activations, histograms, early)
 
-    def naive(step: int) -> bool:
-        parameter_steps = {s for s in range(step, step + lookahead + 1)
-                           if parameters and (s < early or s % parameters == 0)}
-        return (step % gradients == 0 and step >= max(1, early) and not parameter_steps
-                and not (activations and step % activations == 0)
-                and not (histograms and step % histograms == 0))
+    def parameter_step(s: int) -> bool:
+        return bool(parameters) and (s < early or s % parameters == 0)
 
-    assert [schedule.gradients_only(s, lookahead) for s in range(400)] == \
-        [naive(s) for s in range(400)]
+    def reads_more(step: int) -> bool:  # on the host: parameters, activations, histograms
+        return (parameter_step(step) or bool(activations and (step < early or step % activations == 0))
+                or bool(histograms and step % histograms == 0))
+
+    def copies(step: int) -> bool:
+        return any(parameter_step(s) for s in range(step + 1, step + lookahead + 1))
+
+    def kept(step: int) -> bool:
+        return step % gradients == 0 and step >= max(1, early) and not reads_more(step)
+
+    def copy_only(step: int) -> bool:
+        return step % gradients != 0 and not reads_more(step) and copies(step)
+
+    assert [schedule.keeps(s) for s in range(400)] == [kept(s) for s in range(400)]
+    assert [schedule.copies_only(s, lookahead) for s in range(400)] == \
+        [copy_only(s) for s in range(400)]
+    assert any(kept(s) and copies(s) for s in range(400)) == bool(parameters and gradients < parameters)
 
 
 def test_nothing_to_keep_when_nothing_is_trainable() -> None:

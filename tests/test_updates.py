@@ -61,12 +61,47 @@ def test_update_ratio_spans_exactly_one_optimizer_step_on_a_front_loaded_schedul
                               early_steps=3, activation_every_n_steps=0)
     h = monitor.history
     # gradient steps 0, 5, 10; parameter steps 0, 1, 2 (early) and 4, 8, 12; weight copies on
-    # the steps before parameter steps: 0, 1, 3, 7, 11
-    assert sorted(h.step.unique()) == [0, 1, 2, 3, 4, 5, 7, 8, 10, 11, 12]
+    # the steps before parameter steps: 0, 1, 3, 7, 11, where 3, 7 and 11 copy and record nothing
+    assert sorted(h.step.unique()) == [0, 1, 2, 4, 5, 8, 10, 12]
     with_ratio = sorted(h[h.update_ratio.notna()].step.unique())
     assert with_ratio == [1, 2, 4, 8, 12]  # step 0 has nothing before it
     assert sorted(h[h.param_norm.notna()].step.unique()) == [0, 1, 2, 4, 8, 12]
     for step in with_ratio:
+        for layer in ("0", "2", "4"):
+            row = h[(h.step == step) & (h.layer == layer)].iloc[0]
+            assert row.update_ratio == pytest.approx(_expected_ratio(weights, step, layer), rel=1e-4)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_update_ratio_is_exact_when_the_copy_step_is_kept_or_copies_only(
+    digits, every: int  # noqa: ANN001
+) -> None:
+    """Every step: the copy step before a parameter step is kept for its block. Every third
+    step: steps 3, 7 and 11 copy the weights and record nothing."""
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=32, init="kaiming")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = digits
+    weights, reports = [], []
+    with GradientMonitor(model, reporters=[], every_n_steps=every, param_every_n_steps=4,
+                         early_steps=0, activation_every_n_steps=0,
+                         evaluate_every_n_records=16) as monitor:
+        for step in range(13):
+            opt.zero_grad()
+            F.cross_entropy(model(x[32 * step:32 * step + 32]), y[32 * step:32 * step + 32]).backward()
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            reports.append(monitor.step())
+            opt.step()
+    h = monitor.history
+    copy_steps = [3, 7, 11]
+    if every == 1:  # kept: no record on the step itself, every step in the history
+        assert [r.step for r in reports if r.record is not None] == [0, 4, 8, 12]
+        assert sorted(h.step.unique()) == list(range(13))
+    else:  # gradient steps 0, 3, 6, 9, 12 and parameter steps 4, 8: step 3 both
+        assert not any(reports[s].recorded for s in (7, 11))
+        assert sorted(h.step.unique()) == [0, 3, 4, 6, 8, 9, 12]
+    assert sorted(h[h.update_ratio.notna()].step.unique()) == [s + 1 for s in copy_steps]
+    for step in (4, 8, 12):
         for layer in ("0", "2", "4"):
             row = h[(h.step == step) & (h.layer == layer)].iloc[0]
             assert row.update_ratio == pytest.approx(_expected_ratio(weights, step, layer), rel=1e-4)

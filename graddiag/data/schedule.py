@@ -62,27 +62,34 @@ class Schedule:
     def records_histograms(self, step: int) -> bool:
         return self._due(self.histograms, step)
 
-    def _beyond_gradients(self, step: int, lookahead: int) -> bool:
-        """Whether ``step`` measures more than gradient norms: parameter statistics or the weight
-        copy for them (:meth:`copies_parameters`), activations or histograms (written out rather
-        than calling the ``records_*`` methods: :meth:`records` runs on every step)."""
+    def _reads_beyond_gradients(self, step: int) -> bool:
+        """Whether ``step`` reads more than gradient norms on the host: parameter statistics,
+        activations or histograms (written out rather than calling the ``records_*`` methods:
+        :meth:`records` runs on every step)."""
         early = step < self.early
         parameters, activations, histograms = self.parameters, self.activations, self.histograms
         return bool(
             (parameters and (early or step % parameters == 0))
-            or self.copies_parameters(step, lookahead)
             or (activations and (early or step % activations == 0))
             or (histograms and step % histograms == 0))
 
-    def gradients_only(self, step: int, lookahead: int = 1) -> bool:
-        """Whether ``step`` measures gradient norms and nothing else: no parameter statistics,
-        weight copy, activations or histograms, and not one of the first steps (where
+    def keeps(self, step: int) -> bool:
+        """Whether ``step`` may be kept for its block: gradient norms due and nothing else read
+        on the host (no parameter statistics, activations or histograms; a weight copy for the
+        next parameter step is taken on the device), and not one of the first steps (where
         learning rates and optimizer coverage are read)."""
         return (step >= max(1, self.early) and step % self.gradients == 0
-                and not self._beyond_gradients(step, lookahead))
+                and not self._reads_beyond_gradients(step))
+
+    def copies_only(self, step: int, lookahead: int = 1) -> bool:
+        """Whether all ``step`` measures is the weight copy for a parameter step among the next
+        ``lookahead`` (see :meth:`copies_parameters`): no gradient norms are due on it."""
+        return (step % self.gradients != 0 and not self._reads_beyond_gradients(step)
+                and self.copies_parameters(step, lookahead))
 
     def records(self, step: int, lookahead: int = 1) -> bool:
         """Whether ``step`` is measured at all: gradients, parameters, the weight copy for a
         parameter step among the next ``lookahead`` (see :meth:`copies_parameters`), activations
         or histograms."""
-        return step % self.gradients == 0 or self._beyond_gradients(step, lookahead)
+        return (step % self.gradients == 0 or self._reads_beyond_gradients(step)
+                or self.copies_parameters(step, lookahead))

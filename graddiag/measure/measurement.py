@@ -132,8 +132,19 @@ class StepMeasurement:
         self._without = without
         self._failed_keeps = 0
         self.live.note_missing(missing)
+        if self._updates is not None:  # a kept step's optimizer step is applied: copy is valid
+            self._updates.copy(step, optimizer, probe.measured)
         self._finish_step(step)
         return True
+
+    def copy_weights(self, step: int, *, optimizer: int = 0,
+                     params: Iterable[torch.Tensor] | None = None) -> None:
+        """A step whose only measurement is the weight copy for the next parameter step: the
+        layers are followed (a copy belongs to one layout), nothing is read on the host."""
+        probe = self._probe_for(optimizer, params)
+        if self._updates is not None:
+            self._updates.copy(step, optimizer, probe.measured)
+        self._finish_step(step)
 
     def _finish_step(self, step: int) -> None:
         """After a step's measurement: forget its gradient timing, and watch the next backward

@@ -170,14 +170,20 @@ class UpdateTracker:
                         and 0 < step - copied <= self.lookahead:
                     out["update_norm"] = state.probe.update_norms()
                     view.copy_step = copied
-            if self.copies_on(step):
-                state.probe.snapshot()
-                state.copy_step = step
+            self.copy(step, optimizer, measured)
         rates, orphaned = self.optimizer_view(step)
         if rates is not None or orphaned is not None:
             view = view or UpdateView(np.ones(len(self.index), dtype=bool))
             view.learning_rate, view.orphaned = rates, orphaned
         return out, view
+
+    def copy(self, step: int, optimizer: int, measured: np.ndarray) -> None:
+        """Copy the weights (on their device) if a parameter step among the next ``lookahead``
+        needs them; ``measured``: the layers this optimizer's reads cover."""
+        if self.copies_on(step):
+            state = self._state(optimizer, measured)
+            state.probe.snapshot()
+            state.copy_step = step
 
     def discard_copy(self, step: int, optimizer: int) -> None:
         """The optimizer step at ``step`` is not applied (AMP overflow, skip): a copy taken on it

@@ -192,6 +192,10 @@ class GradientMonitor(MonitorResults, WatchControls):
         current = self._next_step if step is None else int(step)
         self._next_step = self._activations.upcoming = current + 1
         measured = self.measures(current)
+        if (measured and amp_scale is None  # under a GradScaler the copy waits for the verdict
+                and self.schedule.copies_only(current, self._updates.lookahead)):
+            self._measurement.copy_weights(current, optimizer=optimizer, params=params)
+            measured = False  # nothing read on the host: the step has no record
         if not measured and self._deferral.pending is None:
             return StepReport(current, False)  # nothing measured, nothing waiting to be read
         # measured from here on (or a deferred read is pending, and then nothing is kept);
@@ -235,7 +239,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         of plain steps (see the option ``evaluate_every_n_records``) if it is one: gradient
         norms only, nothing to decide on its own. ``False``: measure it in full."""
         if (not self._blocks or self._action != "continue"
-                or not self.schedule.gradients_only(step, self._updates.lookahead)):
+                or not self.schedule.keeps(step)):
             return False
         kept = self._measurement.keep(step, self.config.evaluate_every_n_records,
                                       optimizer=optimizer, params=params, clip_norm=clip_norm)
