@@ -25,10 +25,11 @@ def apply_action(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: 
     """Apply ``report``'s action (agreed over ranks): ``skip`` clears the gradients, ``stop``
     also ends the fit, ``raise`` raises :class:`~graddiag.data.errors.GradientAlarm`. Skips are
     logged on the first three and then at 10, 100, 1000, ... (all are counted)."""
+    # with only "warn" actions no rank ever skips or stops (nothing to agree on, nothing to do)
+    if config.on_nonfinite == "warn" and config.on_exploding == "warn":
+        return
     action = report.action
-    # every rank takes the same decision; with only "warn" actions none ever skips or stops
-    may_act = config.on_nonfinite != "warn" or config.on_exploding != "warn"
-    if trainer.world_size > 1 and may_act:
+    if trainer.world_size > 1:  # every rank takes the same decision
         action = agree_on_action(trainer.strategy, action)
     if action == "continue":
         return

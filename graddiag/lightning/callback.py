@@ -198,8 +198,8 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
         self._apply(trainer, optimizer, report)
         # Under trainer.fit(torch.compile(module)) Lightning's log runs under dynamo, and a log
         # call from this hook would make it recompile: no progress-bar entry then.
-        compiled = getattr(pl_module, "_compiler_ctx", None) is not None
-        if self.progress_bar and report.recorded and not compiled:
+        if (self.progress_bar and report.recorded
+                and getattr(pl_module, "_compiler_ctx", None) is None):
             self._progress.update(trainer, pl_module, self.monitor.active_conditions())
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

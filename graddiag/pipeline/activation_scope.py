@@ -46,9 +46,10 @@ class ActivationScope:
             self.entry = watch_entry(model, watch, self._open)
 
     def _open(self) -> AbstractContextManager[None] | None:
-        if self.steps is None or self.upcoming is None:
-            return None
-        return self.steps.watching(self.upcoming, self._running)
+        steps, step = self.steps, self.upcoming
+        if steps is None or step is None or not steps.enabled or not steps.due(step):
+            return None  # not an activation step: the call runs unwrapped
+        return steps.watching(step, self._running)
 
     def watching(self, step: int | None = None) -> AbstractContextManager[None]:
         """The watch for forward passes of ``step`` (default: the upcoming one)."""

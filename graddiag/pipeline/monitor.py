@@ -131,6 +131,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)
         self._next_step = 0
+        self._asked = (-1, 0, False)  # the last measures() question: step, lookahead, answer
         self.skipped_steps = 0  # optimizer steps skipped on graddiag's request ("skip" actions)
         self._closed = False
         #: Defer each recorded step's host read by one step (``None``: automatically, on CUDA
@@ -261,8 +262,15 @@ class GradientMonitor(MonitorResults, WatchControls):
 
     def measures(self, step: int) -> bool:
         """Whether :meth:`step` measures ``step`` (gradients, parameters, activations or a copy of
-        the weights); adapters gather a step's inputs only then."""
-        return self.schedule.records(step, self._updates.lookahead)
+        the weights); adapters gather a step's inputs only then. Asked up to three times per
+        step in Lightning: the last answer is kept."""
+        lookahead = self._updates.lookahead
+        asked = self._asked
+        if asked[0] == step and asked[1] == lookahead:
+            return asked[2]
+        measured = self.schedule.records(step, lookahead)
+        self._asked = (step, lookahead, measured)
+        return measured
 
     def _deferring(self, replay: ReplayArgument = None) -> bool:
         """Whether this step's host read is deferred (see :attr:`deferred_host_read`)."""
