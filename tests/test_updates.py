@@ -6,6 +6,7 @@ Every expected value is recomputed here from copies of the weights in float64.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from torch import nn
 from graddiag import GradientMonitor
 from graddiag.data.records import StepRecord
 from graddiag.demos.models import build_mlp
+from graddiag.lightning import actions
+from graddiag.pipeline import monitor as monitor_module
 from graddiag.rules.updates import NotInOptimizerRule, StalledRule, UnstableUpdateRule
 
 
@@ -74,10 +77,11 @@ def test_update_ratio_spans_exactly_one_optimizer_step_on_a_front_loaded_schedul
 
 @pytest.mark.parametrize("every", [1, 3])
 def test_update_ratio_is_exact_when_the_copy_step_is_kept_or_copies_only(
-    digits, every: int  # noqa: ANN001
+    digits, every: int, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
 ) -> None:
     """Every step: the copy step before a parameter step is kept for its block. Every third
-    step: steps 3, 7 and 11 copy the weights and record nothing."""
+    step: step 3 is kept, steps 7 and 11 copy the weights and record nothing."""
+    monkeypatch.setattr(monitor_module, "MAX_BLOCK_SECONDS", 1e9)  # blocks judged when full only
     torch.manual_seed(0)
     model = build_mlp(64, 10, depth=2, width=32, init="kaiming")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -98,6 +102,7 @@ def test_update_ratio_is_exact_when_the_copy_step_is_kept_or_copies_only(
         assert [r.step for r in reports if r.record is not None] == [0, 4, 8, 12]
         assert sorted(h.step.unique()) == list(range(13))
     else:  # gradient steps 0, 3, 6, 9, 12 and parameter steps 4, 8: step 3 both
+        assert reports[3].recorded and reports[3].record is None  # kept, with its copy
         assert not any(reports[s].recorded for s in (7, 11))
         assert sorted(h.step.unique()) == [0, 3, 4, 6, 8, 9, 12]
     assert sorted(h[h.update_ratio.notna()].step.unique()) == [s + 1 for s in copy_steps]
@@ -105,6 +110,59 @@ def test_update_ratio_is_exact_when_the_copy_step_is_kept_or_copies_only(
         for layer in ("0", "2", "4"):
             row = h[(h.step == step) & (h.layer == layer)].iloc[0]
             assert row.update_ratio == pytest.approx(_expected_ratio(weights, step, layer), rel=1e-4)
+
+
+def test_a_skip_another_rank_asked_for_voids_this_ranks_kept_copy(
+    digits, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """Several processes: this rank's copy step is finite and kept, another rank asks to skip
+    it; the agreed skip applies nothing here either, so the next parameter step has no ratio
+    rather than a false 0."""
+    step_now = [0]
+    monkeypatch.setattr(actions, "agree_on_action",
+                        lambda strategy, action: "skip" if step_now[0] == 3 else action)
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleNamespace(world_size=2, strategy=None, optimizers=[opt], is_global_zero=True,
+                              should_stop=False)
+    x, y = digits
+    reports = []
+    with GradientMonitor(model, reporters=[], param_every_n_steps=4, early_steps=0,
+                         activation_every_n_steps=0, on_nonfinite="skip") as monitor:
+        for step in range(9):
+            step_now[0] = step
+            opt.zero_grad()
+            F.cross_entropy(model(x[:32]), y[:32]).backward()
+            reports.append(monitor.step())
+            actions.apply_action(trainer, opt, reports[-1], monitor, monitor.config)
+            opt.step()  # after the agreed skip every gradient is None: SGD applies nothing
+    h = monitor.history
+    assert reports[3].recorded and reports[3].record is None  # kept here: finite
+    assert monitor.skipped_steps == 1
+    assert len(h[h.step == 4]) and h[h.step == 4].update_ratio.isna().all()
+    assert (h[h.step == 8].update_ratio > 0).all()
+
+
+def test_forgetting_the_waiting_steps_drops_the_weight_copy(digits) -> None:  # noqa: ANN001
+    """Loading a state forgets the steps after it, and the copy taken on one of them: the
+    weights are about to be replaced, so the next parameter step has no ratio."""
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = digits
+    with GradientMonitor(model, reporters=[], param_every_n_steps=4, early_steps=0,
+                         activation_every_n_steps=0) as monitor:
+        for step in range(9):
+            opt.zero_grad()
+            F.cross_entropy(model(x[:32]), y[:32]).backward()
+            monitor.step()
+            if step == 3:
+                monitor.forget_waiting()
+            opt.step()
+    h = monitor.history
+    assert len(h[h.step == 4]) and h[h.step == 4].update_ratio.isna().all()
+    assert (h[h.step == 8].update_ratio > 0).all()
 
 
 def test_a_skipped_optimizer_step_gives_no_ratio_rather_than_zero(digits) -> None:  # noqa: ANN001
@@ -371,16 +429,18 @@ def test_unstable_rule_waits_for_weights_that_start_near_zero_but_not_for_ordina
     assert found == [("l1", 2)]
 
 
-@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize(("deferred", "every"), [(False, 1), (True, 1), (False, 5)])
 def test_an_amp_overflow_on_the_copy_step_gives_no_ratio_also_with_a_deferred_read(
-    digits, deferred: bool  # noqa: ANN001
+    digits, deferred: bool, every: int  # noqa: ANN001
 ) -> None:
+    """``every=5``: no gradient norms are due on the copy step 3, but under a GradScaler it is
+    still measured, so that its overflow voids the copy."""
     torch.manual_seed(0)
     model = build_mlp(64, 10, depth=2, width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = digits
     with GradientMonitor(model, reporters=[], param_every_n_steps=4, early_steps=0,
-                         activation_every_n_steps=0) as monitor:
+                         activation_every_n_steps=0, every_n_steps=every) as monitor:
         monitor.deferred_host_read = deferred  # the CUDA path: each record is read a step later
         for step in range(10):
             opt.zero_grad()
@@ -392,6 +452,6 @@ def test_an_amp_overflow_on_the_copy_step_gives_no_ratio_also_with_a_deferred_re
                 opt.step()
         monitor.flush()
     h = monitor.history
-    assert bool(h[h.step == 3].amp_overflow.all())
-    assert h[h.step == 4].update_ratio.isna().all()  # w_4 == w_3: no update, so no ratio
+    assert len(h[h.step == 3]) and bool(h[h.step == 3].amp_overflow.all())
+    assert len(h[h.step == 4]) and h[h.step == 4].update_ratio.isna().all()  # w_4 == w_3
     assert (h[h.step == 8].update_ratio > 0).all()

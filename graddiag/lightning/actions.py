@@ -11,6 +11,7 @@ import torch
 from graddiag.data.errors import GradientAlarm
 from graddiag.data.options import MonitorConfig
 from graddiag.data.policy import ALARM_KINDS, StepReport
+from graddiag.lightning.step_inputs import optimizer_index
 from graddiag.lightning.strategy import agree_on_action
 from graddiag.pipeline.monitor import GradientMonitor
 
@@ -33,8 +34,10 @@ def apply_action(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: 
         action = agree_on_action(trainer.strategy, action)
     if action == "continue":
         return
-    if action == "skip" and report.action != "skip" and monitor is not None:
-        monitor.note_skipped()  # another rank asked for it
+    if report.action == "continue" and monitor is not None:  # another rank asked for it
+        monitor.discard_update(report.step, optimizer_index(trainer, optimizer))
+        if action == "skip":
+            monitor.note_skipped()
     for group in optimizer.param_groups:  # nothing is applied: no gradient, no update
         for param in group["params"]:
             param.grad = None

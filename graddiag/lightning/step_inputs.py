@@ -21,7 +21,7 @@ def step_inputs(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> dict[s
     clip = (trainer.gradient_clip_val
             if (trainer.gradient_clip_algorithm or "norm") == "norm" else None)
     return {
-        "optimizer": _optimizer_index(trainer, optimizer),
+        "optimizer": optimizer_index(trainer, optimizer),
         "params": (p for group in inner.param_groups for p in group["params"]),
         "amp_scale": amp_scale,  # a device tensor: no host sync
         "grads_scaled": amp_scale is not None and _optimizer_unscales_itself(optimizer),
@@ -34,7 +34,9 @@ def _optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def _optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
+def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
+    """The position of ``optimizer`` (or the one a ``LightningOptimizer`` wraps) in
+    ``trainer.optimizers``; 0 when it is not there."""
     inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the real one
     for i, candidate in enumerate(trainer.optimizers):
         if candidate is inner or candidate is optimizer:

@@ -185,6 +185,11 @@ class UpdateTracker:
             state.probe.snapshot()
             state.copy_step = step
 
+    def discard_copies(self) -> None:
+        """Forget every weight copy (the weights are replaced, e.g. by loading a checkpoint)."""
+        for state in self._states.values():
+            state.copy_step = None
+
     def discard_copy(self, step: int, optimizer: int) -> None:
         """The optimizer step at ``step`` is not applied (AMP overflow, skip): a copy taken on it
         is void, and so is an update already measured against it (a deferred host read)."""

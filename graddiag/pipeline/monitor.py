@@ -141,6 +141,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._action: str = "continue"  # the last judged step's action
         # plain steps may wait for a block: nothing decides on them (exploding only warns)
         self._blocks = c.evaluate_every_n_records > 1 and c.on_exploding == "warn"
+        self._warn_only = c.on_nonfinite == "warn" and c.on_exploding == "warn"
         self._block_started = 0.0  # when the first of the kept plain steps was kept
         # a monitor never closed still judges its waiting steps: when it is dropped
         # (``__del__``), or when the interpreter exits while it is still alive (in this
@@ -193,7 +194,9 @@ class GradientMonitor(MonitorResults, WatchControls):
         current = self._next_step if step is None else int(step)
         self._next_step = self._activations.upcoming = current + 1
         measured = self.measures(current)
-        if (measured and amp_scale is None  # under a GradScaler the copy waits for the verdict
+        # a copy and nothing else, unless the step may decide (an action other than "warn"),
+        # or a GradScaler may skip it (then the host read says so, and the copy is void)
+        if (measured and amp_scale is None and self._warn_only
                 and self.schedule.copies_only(current, self._updates.lookahead)):
             self._measurement.copy_weights(current, optimizer=optimizer, params=params)
             measured = False  # nothing read on the host: the step has no record
@@ -279,6 +282,7 @@ class GradientMonitor(MonitorResults, WatchControls):
     def forget_waiting(self) -> None:
         """Drop the kept steps and a pending deferred read unjudged (before loading a state)."""
         self._measurement.discard_kept()
+        self._updates.discard_copies()  # the weights are about to change under them
         self._deferral.take()
         self._action = "continue"
 
@@ -305,6 +309,12 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._reporting.report(record, findings, self._findings, self.rules.active_count(),
                                self.skipped_steps)
         return StepReport(record.step, True, findings, action, record)
+
+    def discard_update(self, step: int, optimizer: int = 0) -> None:
+        """Optimizer ``optimizer``'s step ``step`` applies nothing, although this monitor did not
+        ask to skip it (another rank did): a weight copy taken on it is void, so the next
+        parameter step reports no update ratio rather than a false 0."""
+        self._updates.discard_copy(step, optimizer)
 
     def note_skipped(self) -> int:
         """Count one optimizer step that applies nothing; returns the count so far.
