@@ -147,20 +147,58 @@ def test_schedule_front_loads_parameters_and_activations_then_keeps_the_cadence(
     assert [s for s in steps if Schedule(1, 0, 0, 0, early=3).records_parameters(s)] == []  # off
 
 
-@pytest.mark.parametrize("cadences", [(1, 50, 50, 0, 5, 1), (10, 50, 50, 0, 5, 1), (10, 50, 0, 0, 0, 3),
-                                      (7, 0, 3, 4, 2, 1), (10, 0, 0, 0, 0, 1), (4, 6, 0, 9, 0, 2)])
+class NaiveSchedule:
+    """The schedule's definitions, step by step (the oracle for :class:`Schedule`)."""
+
+    def __init__(self, gradients: int, parameters: int, activations: int, histograms: int,
+                 early: int, lookahead: int) -> None:
+        self.gradients, self.parameters, self.activations = gradients, parameters, activations
+        self.histograms, self.early, self.lookahead = histograms, early, lookahead
+
+    def parameter_step(self, step: int) -> bool:
+        return bool(self.parameters) and (step < self.early or step % self.parameters == 0)
+
+    def reads_more(self, step: int) -> bool:
+        """Parameter statistics, activations or histograms read on the host."""
+        return (self.parameter_step(step)
+                or bool(self.activations and (step < self.early or step % self.activations == 0))
+                or bool(self.histograms and step % self.histograms == 0))
+
+    def copies(self, step: int) -> bool:
+        """A parameter step among the next ``lookahead`` needs the weights of this one."""
+        return any(self.parameter_step(s) for s in range(step + 1, step + self.lookahead + 1))
+
+    def records(self, step: int) -> bool:
+        return step % self.gradients == 0 or self.reads_more(step) or self.copies(step)
+
+    def keeps(self, step: int) -> bool:
+        return (step % self.gradients == 0 and step >= max(1, self.early)
+                and not self.reads_more(step))
+
+    def copies_only(self, step: int) -> bool:
+        return step % self.gradients != 0 and not self.reads_more(step) and self.copies(step)
+
+
+CADENCES = [(1, 50, 50, 0, 5, 1), (10, 50, 50, 0, 5, 1), (10, 50, 0, 0, 0, 3), (7, 0, 3, 4, 2, 1),
+            (10, 0, 0, 0, 0, 1), (4, 6, 0, 9, 0, 2), (2, 7, 3, 4, 0, 2), (3, 10, 0, 6, 12, 3)]
+
+
+@pytest.mark.parametrize("cadences", CADENCES)
 def test_measured_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
-    gradients, parameters, activations, histograms, early, lookahead = cadences
-    schedule = Schedule(gradients, parameters, activations, histograms, early)
+    schedule, naive = Schedule(*cadences[:5]), NaiveSchedule(*cadences)
+    lookahead, steps = cadences[5], range(400)
+    assert [schedule.records(s, lookahead) for s in steps] == [naive.records(s) for s in steps]
+    assert [schedule.copies_parameters(s, lookahead) for s in steps] == \
+        [naive.copies(s) for s in steps]
 
-    def naive(step: int) -> bool:  # a parameter step, or the copy for one within the lookahead
-        parameter_steps = [s for s in range(step, step + lookahead + 1)
-                           if parameters and (s < early or s % parameters == 0)]
-        return (step % gradients == 0 or bool(parameter_steps)
-                or bool(activations and (step < early or step % activations == 0))
-                or bool(histograms and step % histograms == 0))
 
-    assert [schedule.records(s, lookahead) for s in range(400)] == [naive(s) for s in range(400)]
-    copies = [any(parameters and (s + a < early or (s + a) % parameters == 0)
-                  for a in range(1, lookahead + 1)) for s in range(400)]
-    assert [schedule.copies_parameters(s, lookahead) for s in range(400)] == copies
+@pytest.mark.parametrize("cadences", CADENCES)
+def test_kept_and_copy_only_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
+    schedule, naive = Schedule(*cadences[:5]), NaiveSchedule(*cadences)
+    lookahead, steps = cadences[5], range(400)
+    assert [schedule.keeps(s) for s in steps] == [naive.keeps(s) for s in steps]
+    assert [schedule.copies_only(s, lookahead) for s in steps] == \
+        [naive.copies_only(s) for s in steps]
+    # where parameters are on, some copy step is kept or copies only (not measured in full)
+    if cadences[1]:
+        assert any(naive.copies(s) and (naive.keeps(s) or naive.copies_only(s)) for s in steps)

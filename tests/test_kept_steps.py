@@ -368,36 +368,6 @@ def test_the_block_size_is_checked() -> None:
         GradientMonitor(Mixed(), evaluate_every_n_records=0)
 
 
-@pytest.mark.parametrize("cadences", [(1, 50, 50, 0, 5, 1), (2, 7, 3, 4, 0, 2), (1, 0, 0, 0, 0, 1),
-                                      (3, 10, 0, 6, 12, 3)])
-def test_kept_and_copy_only_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
-    from graddiag.data.schedule import Schedule
-
-    gradients, parameters, activations, histograms, early, lookahead = cadences
-    schedule = Schedule(gradients, parameters, activations, histograms, early)
-
-    def parameter_step(s: int) -> bool:
-        return bool(parameters) and (s < early or s % parameters == 0)
-
-    def reads_more(step: int) -> bool:  # on the host: parameters, activations, histograms
-        return (parameter_step(step) or bool(activations and (step < early or step % activations == 0))
-                or bool(histograms and step % histograms == 0))
-
-    def copies(step: int) -> bool:
-        return any(parameter_step(s) for s in range(step + 1, step + lookahead + 1))
-
-    def kept(step: int) -> bool:
-        return step % gradients == 0 and step >= max(1, early) and not reads_more(step)
-
-    def copy_only(step: int) -> bool:
-        return step % gradients != 0 and not reads_more(step) and copies(step)
-
-    assert [schedule.keeps(s) for s in range(400)] == [kept(s) for s in range(400)]
-    assert [schedule.copies_only(s, lookahead) for s in range(400)] == \
-        [copy_only(s) for s in range(400)]
-    assert any(kept(s) and copies(s) for s in range(400)) == bool(parameters and gradients < parameters)
-
-
 def test_nothing_to_keep_when_nothing_is_trainable() -> None:
     torch.manual_seed(0)
     backbone, head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 2)

@@ -118,3 +118,15 @@ def test_state_key_comes_from_identity_settings_only() -> None:
             == GradientDiagnostics(norm_type=math.inf).state_key)
     assert (GradientDiagnostics(include=("a", "b")).state_key
             == GradientDiagnostics(include=["a", "b"]).state_key)
+
+
+def test_readme_package_layout_is_the_generated_one() -> None:
+    """The README's one line per file is what ``benchmarks/layout.py`` prints from the package's
+    own docstrings (a new file, or a changed first sentence, shows up here)."""
+    import subprocess
+    import sys
+
+    generated = subprocess.run([sys.executable, "benchmarks/layout.py"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout
+    assert "graddiag/pipeline/monitor.py" in generated
+    assert generated.strip() in (ROOT / "README.md").read_text()
