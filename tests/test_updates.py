@@ -455,3 +455,51 @@ def test_an_amp_overflow_on_the_copy_step_gives_no_ratio_also_with_a_deferred_re
     assert len(h[h.step == 3]) and bool(h[h.step == 3].amp_overflow.all())
     assert len(h[h.step == 4]) and h[h.step == 4].update_ratio.isna().all()  # w_4 == w_3
     assert (h[h.step == 8].update_ratio > 0).all()
+
+
+@pytest.mark.parametrize("critic_steps", [1, 5])
+def test_optimizers_taking_turns_each_get_exact_update_ratios(critic_steps: int) -> None:
+    """A GAN in a plain loop numbering every optimizer step (as Lightning's manual optimization
+    does): the critic steps ``critic_steps`` times, then the generator once. Each gets update
+    ratios on its first step in every parameter window, equal to a float64 recomputation from
+    its own previous step's weights."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    critic = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    model = nn.ModuleDict({"G": gen, "D": critic})
+    opt_g = torch.optim.Adam(gen.parameters(), lr=2e-3)
+    opt_d = torch.optim.Adam(critic.parameters(), lr=2e-3)
+    bce = nn.BCEWithLogitsLoss()
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    owner: dict[int, str] = {}
+    with GradientMonitor(model, reporters=[], optimizers=[opt_d, opt_g], param_every_n_steps=20,
+                         early_steps=0, activation_every_n_steps=0) as monitor:
+        step = 0
+        while step < 240:
+            for who, opt, net in [("D", opt_d, critic)] * critic_steps + [("G", opt_g, gen)]:
+                real, fake = torch.randn(32, 2) + 2, gen(torch.randn(32, 4))
+                if who == "D":
+                    loss = bce(critic(real), torch.ones(32, 1)) + bce(critic(fake.detach()),
+                                                                    torch.zeros(32, 1))
+                else:
+                    loss = bce(critic(fake), torch.ones(32, 1))
+                opt.zero_grad()
+                loss.backward()
+                weights[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+                owner[step] = who
+                monitor.step(optimizer=0 if who == "D" else 1, params=net.parameters())
+                opt.step()
+                step += 1
+    h = monitor.history.dropna(subset=["update_ratio"])
+    h = h[h.step >= 20]
+    for who in ("D", "G"):
+        mine = h[h.layer.str.startswith(who)]
+        assert sorted(set(mine.step // 20)) == list(range(1, 12))  # every window, both of them
+        for _, row in mine.iterrows():
+            t = int(row.step)
+            assert owner[t] == who and t % 20 < 2 * critic_steps + 2
+            before = max(s for s in owner if s < t and owner[s] == who)  # its own last step
+            names = [n for n in weights[t] if n.rsplit(".", 1)[0] == row.layer]
+            expected = _layer_ratios([weights[before][n] for n in names],
+                                     [weights[t][n] for n in names])
+            assert row.update_ratio == pytest.approx(expected, rel=1e-4)

@@ -124,7 +124,8 @@ class MonitorConfig(_Checked):
         50, Integer(0),
         "Parameter norms, one-step update ratios and learning rates on steps divisible by this "
         "(0: off, and with them stalled/unstable_update); the weights are copied on the step "
-        "before, into one kept copy.")
+        "before, into one kept copy. Optimizers taking turns on the step counter each read "
+        "theirs on their first step from there.")
     activation_every_n_steps: int = option(
         50, Integer(0),
         "Activation statistics (saturated and dead units) on steps divisible by this (0: off); "

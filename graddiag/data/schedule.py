@@ -42,8 +42,13 @@ class Schedule:
     def _front_loaded(self, every: int, step: int) -> bool:
         return bool(every) and (step < self.early or step % every == 0)
 
-    def records_parameters(self, step: int) -> bool:
-        return self._front_loaded(self.parameters, step)
+    def records_parameters(self, step: int, lookahead: int = 1) -> bool:
+        """Whether ``step`` may read parameter statistics: every step below ``early``, then the
+        first ``lookahead`` steps from each multiple of the cadence (optimizers taking turns on
+        the step counter each read theirs on their first step there; see
+        :meth:`copies_parameters`)."""
+        parameters = self.parameters
+        return bool(parameters) and (step < self.early or step % parameters < lookahead)
 
     def records_activations(self, step: int) -> bool:
         return self._front_loaded(self.activations, step)
@@ -52,8 +57,10 @@ class Schedule:
         """Whether ``step`` copies the weights for a parameter step among the next ``lookahead``.
 
         The copy taken on the step before a parameter step makes the update measured there
-        exactly one optimizer step. ``lookahead`` is the number of optimizers taking turns on the
-        step counter (each one's previous step is at most that far back).
+        exactly one optimizer step. ``lookahead`` is how many steps optimizers taking turns on
+        the step counter may be apart (manual optimization counts each optimizer's step): each
+        one copies on its steps in the ``lookahead`` steps before a multiple of the cadence and
+        reads on its first step in the ``lookahead`` steps from it, one of its own steps later.
         """
         parameters = self.parameters
         return bool(parameters) and (step + 1 < self.early
@@ -62,34 +69,34 @@ class Schedule:
     def records_histograms(self, step: int) -> bool:
         return self._due(self.histograms, step)
 
-    def _reads_beyond_gradients(self, step: int) -> bool:
+    def _reads_beyond_gradients(self, step: int, lookahead: int) -> bool:
         """Whether ``step`` reads more than gradient norms on the host: parameter statistics,
         activations or histograms (written out rather than calling the ``records_*`` methods:
         :meth:`records` runs on every step)."""
         early = step < self.early
         parameters, activations, histograms = self.parameters, self.activations, self.histograms
         return bool(
-            (parameters and (early or step % parameters == 0))
+            (parameters and (early or step % parameters < lookahead))
             or (activations and (early or step % activations == 0))
             or (histograms and step % histograms == 0))
 
-    def keeps(self, step: int) -> bool:
+    def keeps(self, step: int, lookahead: int = 1) -> bool:
         """Whether ``step`` may be kept for its block: gradient norms due and nothing else read
         on the host (no parameter statistics, activations or histograms; a weight copy for the
         next parameter step is taken on the device), and not one of the first steps (where
         learning rates and optimizer coverage are read)."""
         return (step >= max(1, self.early) and step % self.gradients == 0
-                and not self._reads_beyond_gradients(step))
+                and not self._reads_beyond_gradients(step, lookahead))
 
     def copies_only(self, step: int, lookahead: int = 1) -> bool:
         """Whether all ``step`` measures is the weight copy for a parameter step among the next
         ``lookahead`` (see :meth:`copies_parameters`): no gradient norms are due on it."""
-        return (step % self.gradients != 0 and not self._reads_beyond_gradients(step)
+        return (step % self.gradients != 0 and not self._reads_beyond_gradients(step, lookahead)
                 and self.copies_parameters(step, lookahead))
 
     def records(self, step: int, lookahead: int = 1) -> bool:
         """Whether ``step`` is measured at all: gradients, parameters, the weight copy for a
         parameter step among the next ``lookahead`` (see :meth:`copies_parameters`), activations
         or histograms."""
-        return (step % self.gradients == 0 or self._reads_beyond_gradients(step)
+        return (step % self.gradients == 0 or self._reads_beyond_gradients(step, lookahead)
                 or self.copies_parameters(step, lookahead))

@@ -27,6 +27,10 @@ from graddiag.measure.parameters import ParameterProbe
 
 log = logging.getLogger("graddiag")
 
+#: The widest gap between one optimizer's steps that widens the parameter steps' window (a
+#: WGAN's generator steps once per six steps with five critic steps); wider ones are ignored.
+MAX_TURN = 16
+
 
 @dataclass
 class UpdateView:
@@ -67,6 +71,7 @@ class _OptimizerState:
     measured: np.ndarray  # layers this optimizer's parameter reads cover
     copy_step: int | None = None  # step whose weights the probe's copy holds
     void: set[int] = field(default_factory=set)  # recent steps whose update was not applied
+    read_window: int | None = None  # the cadence window (step // cadence) last read in
 
 
 def as_optimizers(optimizers: object) -> list[torch.optim.Optimizer]:
@@ -98,9 +103,12 @@ class UpdateTracker:
         self._frozen_said: set[str] = set()
         self._unheld_said = False
         self._warned: set[str] = set()
-        #: Optimizers taking turns on the step counter (manual optimization counts each):
-        #: how far back a parameter step's weight copy may be.
+        #: How many steps apart optimizers taking turns on the step counter step (manual
+        #: optimization counts each optimizer's step): how far back a parameter step's weight
+        #: copy may be, and how wide the window of steps that read parameters is.
         self.lookahead = 1
+        self._last_steps: dict[int, int] = {}  # each optimizer's last measured step
+        self._widest_turn = 1  # the widest gap seen between one optimizer's steps
 
     def reset(self, warned: set[str]) -> None:
         """The layers changed: parameter probes are rebuilt, weight copies are dropped.
@@ -119,11 +127,28 @@ class UpdateTracker:
 
     # ----------------------------------------------------------------- cadence
     def _count_optimizers(self) -> None:
-        self.lookahead = max(1, len(self._optimizers), len(self._states))
+        self.lookahead = max(1, len(self._optimizers), len(self._states), self._widest_turn)
 
-    def is_param_step(self, step: int) -> bool:
-        """Whether ``step`` reads parameter norms and update ratios."""
-        return self.schedule.records_parameters(step)
+    def _note_turn(self, step: int, optimizer: int) -> None:
+        """Learn how far apart one optimizer's steps are when several take turns (a WGAN's
+        generator steps once per ``n_critic + 1`` steps)."""
+        last = self._last_steps.get(optimizer)
+        self._last_steps[optimizer] = step
+        if (last is not None and len(self._last_steps) > 1
+                and self._widest_turn < step - last <= MAX_TURN):
+            self._widest_turn = step - last
+            self._count_optimizers()
+
+    def is_param_step(self, step: int, optimizer: int | None = None) -> bool:
+        """Whether ``step`` reads parameter norms and update ratios; for ``optimizer``, only on
+        its first step in the window of :meth:`Schedule.records_parameters` (each optimizer
+        taking turns reads its own layers once per window)."""
+        if not self.schedule.records_parameters(step, self.lookahead):
+            return False
+        if optimizer is None or step < self.schedule.early:
+            return True
+        state = self._states.get(optimizer)
+        return state is None or state.read_window != step // self.schedule.parameters
 
     def copies_on(self, step: int) -> bool:
         """Whether ``step`` copies the weights for the next parameter step."""
@@ -159,10 +184,12 @@ class UpdateTracker:
         them. Learning rates and coverage are read now, before ``optimizer.step()``."""
         out: dict[str, torch.Tensor] = {}
         view = None
+        self._note_turn(step, optimizer)
         if self.schedule.parameters and self.needs_record(step):
             state = self._state(optimizer, measured)
             view = UpdateView(state.measured, void=state.void)
-            if self.is_param_step(step):
+            if self.is_param_step(step, optimizer):
+                state.read_window = step // self.schedule.parameters
                 out["param_norm"] = state.probe.norms()
                 view.counts = state.probe.counts
                 copied = state.copy_step
@@ -180,6 +207,7 @@ class UpdateTracker:
     def copy(self, step: int, optimizer: int, measured: np.ndarray) -> None:
         """Copy the weights (on their device) if a parameter step among the next ``lookahead``
         needs them; ``measured``: the layers this optimizer's reads cover."""
+        self._note_turn(step, optimizer)
         if self.copies_on(step):
             state = self._state(optimizer, measured)
             state.probe.snapshot()

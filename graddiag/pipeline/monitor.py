@@ -243,7 +243,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         of plain steps (see the option ``evaluate_every_n_records``) if it is one: gradient
         norms only, nothing to decide on its own. ``False``: measure it in full."""
         if (not self._blocks or self._action != "continue"
-                or not self.schedule.keeps(step)):
+                or not self.schedule.keeps(step, self._updates.lookahead)):
             return False
         kept = self._measurement.keep(step, self.config.evaluate_every_n_records,
                                       optimizer=optimizer, params=params, clip_norm=clip_norm)
