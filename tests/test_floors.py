@@ -118,6 +118,31 @@ def _explained_remedy(kinds: list[str], families: list[str], dead: list[float],
     return explainer.explain(finding, record).remedy
 
 
+def test_a_vanishing_layer_whose_weights_still_move_is_not_said_to_stall() -> None:
+    """Adam moves a layer with tiny gradients: at an update ratio of 0.012 against a median of
+    (0.012 + 0.015) / 2 = 0.0135, above 0.1 x the median, the finding does not claim the layer
+    barely learns; at 1e-7 against (1e-7 + 0.015) / 2, below 0.1 x it, the claim stays."""
+    from graddiag.rules import wording
+
+    explainer = Explainer(ModuleTree(("", "0", "1", "2"), "Sequential"))
+    norms = dict(grad_norm=np.array([1e-9, 1.0]), has_grad=np.ones(2, bool))
+    finding = Finding("vanishing", "0", 9, 1e-9, 1e-4,
+                      "Vanishing gradient: 10 recorded steps" + wording.BARELY_LEARNS)
+    record = StepRecord(step=9, layers=["0", "2"], **norms)
+    assert "barely learns" in explainer.explain(finding, record).message  # nothing known yet
+    explainer.observe(StepRecord(step=4, layers=["0", "2"], update_ratio=np.array([0.012, 0.015]),
+                                 **norms))
+    moving = explainer.explain(finding, record)
+    assert "barely learns" not in moving.message
+    assert "Its weights still move, though: at step 4" in moving.message
+    assert moving.details["update_ratio"] == 0.012
+    assert moving.details["median_update_ratio"] == pytest.approx(0.0135)
+    explainer.observe(StepRecord(step=14, layers=["0", "2"], update_ratio=np.array([1e-7, 0.015]),
+                                 **norms))
+    still = explainer.explain(finding, record)
+    assert "barely learns" in still.message and "still move" not in still.message
+
+
 def test_vanishing_remedies_fit_the_activations_between_layer_and_loss() -> None:
     relu = _explained_remedy(["relu"] * 2, ["rectifier"] * 2, [0.1, 0.2], ["1", "3"])
     assert relu.startswith("initialise the weights with Kaiming init")

@@ -503,3 +503,20 @@ def test_optimizers_taking_turns_each_get_exact_update_ratios(critic_steps: int)
             expected = _layer_ratios([weights[before][n] for n in names],
                                      [weights[t][n] for n in names])
             assert row.update_ratio == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_learning_rate_too_small_for_the_weights_is_named_when_every_layer_has_it() -> None:
+    """Every layer at lr 1e-10 (a typo): the one that reads an exact 0 is stalled, and the
+    cause named is the learning rate against the weights' size, lr / RMS = 1e-10 / 0.1 = 1e-9
+    of their norm per step, not an optimizer scaling its update down."""
+    rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    found = []
+    for step in range(3):
+        record = _record(step, [0.0, 1.8e-10], lr=[1e-10, 1e-10], param_norm=[1.0, 1.0])
+        record.param_count = np.array([100, 100])  # RMS 1.0 / sqrt(100) = 0.1
+        found += rule.update(record)
+    assert [(f.layer, f.step) for f in found] == [("l0", 2)]
+    assert "too small for weights of this size (RMS 0.1)" in found[0].message
+    assert "~1e-09 of their norm" in found[0].message
+    assert "scales its update down" not in found[0].message
+    assert found[0].remedy.startswith("raise the learning rate (check its exponent")

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from collections import Counter
 
+import numpy as np
+
 from graddiag.data.findings import Finding
 from graddiag.data.records import ActivationRecord, StepRecord
 from graddiag.data.tree import ModuleTree
@@ -20,6 +22,9 @@ from graddiag.rules import wording as remedies
 #: vanishing layer and the loss are not what to change first: a single tanh of gain 0.9 in front
 #: of a 1e-6 shrink (a Hugging Face pooler) explains under 1 % of it.
 ACTIVATIONS_EXPLAIN = 0.25
+#: A vanishing layer whose last update ratio is at least this share of the median layer's still
+#: learns: an optimizer that scales each weight's step to its gradient's size (Adam) moves it.
+STILL_MOVING_SHARE = 0.1
 
 
 def _remedy_behind(acts: ActivationRecord, between: list[int], measured: float) -> str:
@@ -57,9 +62,13 @@ class Explainer:
         self.activations: ActivationRecord | None = None
         self.activation_layers: list[str] = []  # the layers of the record that carried them
         self.cut_ops: dict[str, list[str]] = {}
+        #: the last parameter step's update ratios: its step, layers and ratios
+        self.updates: tuple[int, list[str], np.ndarray] | None = None
 
     def observe(self, record: StepRecord) -> None:
-        """Remember the latest activation statistics and cut operations."""
+        """Remember the latest activation statistics, cut operations and update ratios."""
+        if record.update_ratio is not None:
+            self.updates = (record.step, record.layers, record.update_ratio)
         if record.activations is not None:
             self.activations = record.activations
             self.activation_layers = record.layers
@@ -76,6 +85,19 @@ class Explainer:
             return None
         k = self.activation_layers.index(layer)
         return [i for i, p in enumerate(acts.position) if p > k]
+
+    def still_moving(self, layer: str) -> tuple[int, float, float] | None:
+        """``(step, update ratio, median layer's ratio)`` of the last parameter step when
+        ``layer``'s weights moved by at least :data:`STILL_MOVING_SHARE` of the median layer's
+        ratio there; ``None`` otherwise, or when that is not known."""
+        if self.updates is None or layer not in self.updates[1]:
+            return None
+        step, layers, ratios = self.updates
+        moving = ratios[np.isfinite(ratios) & (ratios > 0)]
+        mine = float(ratios[layers.index(layer)])
+        if moving.size < 2 or not mine >= STILL_MOVING_SHARE * float(np.median(moving)):
+            return None
+        return step, mine, float(np.median(moving))
 
     def explain(self, finding: Finding, record: StepRecord) -> Finding:
         if finding.kind == "vanishing":
@@ -131,8 +153,20 @@ class Explainer:
                     "the weights (initialisation scale too small) or the loss itself."
                 )
                 ranked = remedies.VANISHING_WITHOUT_ACTIVATIONS
+        message = finding.message
+        moving = self.still_moving(finding.layer)
+        if moving is not None:
+            step, ratio, median = moving
+            message = message.replace(remedies.BARELY_LEARNS, ".")
+            notes.append(
+                f"Its weights still move, though: at step {step} one optimizer step changed them "
+                f"by {ratio:.2g} of their norm (the median layer: {median:.2g}); an optimizer "
+                "that scales each weight's step to its gradient's size (Adam, RMSprop) keeps "
+                "such a layer learning, so this is a warning sign rather than a stall yet."
+            )
+            details.update(update_ratio=ratio, median_update_ratio=median)
         if not notes:
             return finding
         return dataclasses.replace(
-            finding, message=f"{finding.message} {' '.join(notes)}", remedy=ranked, details=details
+            finding, message=f"{message} {' '.join(notes)}", remedy=ranked, details=details
         )

@@ -96,7 +96,7 @@ class VanishingRule(OnsetRule):
             value=value,
             threshold=self.abs_floor if below_abs else rel_threshold,
             message=(f"Vanishing gradient: {evidence} for {steps or self.onsets.patience} "
-                     "recorded steps; this layer barely learns."
+                     f"recorded steps{remedies.BARELY_LEARNS}"
                      + ("" if steps is None else
                         f" Reported early: below {_fmt(self.early_rel)} x the largest layer's, "
                         "the evidence is overwhelming.")),

@@ -46,6 +46,14 @@ def _lr_text(record: StepRecord, i: int) -> tuple[str, float]:
     )
 
 
+def _rms(record: StepRecord, i: int) -> float:
+    """Layer ``i``'s root-mean-square weight, or NaN when the record does not say."""
+    norm, count = record.param_norm, record.param_count
+    if norm is None or count is None or not count[i] or not np.isfinite(norm[i]):
+        return float("nan")
+    return float(norm[i]) / float(np.sqrt(count[i]))
+
+
 class StalledRule(OnsetRule):
     """A layer with gradients whose weights barely move, while the rest of the model moves."""
 
@@ -82,10 +90,16 @@ class StalledRule(OnsetRule):
         grads = np.where(record.has_grad & np.isfinite(record.grad_norm), record.grad_norm, -np.inf)
         top_grad = float(grads.max())
         grad_ratio = float(record.grad_norm[i]) / top_grad if top_grad > 0 else float("nan")
+        rms = _rms(record, i)
         if lr_text and lr < LR_GAP * largest_lr:
             cause = (f"{lr_text[1:-1]}, against {_fmt(largest_lr)} for other layers: too small a "
                      "learning rate for this layer.")
             remedy = wording.STALLED_LR
+        elif lr_text and rms > 0 and lr / rms < self.ratio_floor:
+            cause = (f"{lr_text[1:-1]}: too small for weights of this size (RMS {_fmt(rms)}); "
+                     "even an optimizer that moves every weight by about the learning rate (Adam) "
+                     f"changes them by ~{_fmt(lr / rms)} of their norm per step.")
+            remedy = wording.STALLED_TINY_LR
         elif grad_ratio < self.vanishing_rel or record.grad_norm[i] == 0.0:
             cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
                      "has vanished before it reaches these weights.")

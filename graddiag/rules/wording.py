@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+#: How the vanishing rule ends its claim; the explainer drops it where the weights still move.
+BARELY_LEARNS = "; this layer barely learns."
 #: What helps a vanishing gradient whatever lies between the layer and the loss.
 VANISHING_STRUCTURE = "add normalisation (BatchNorm/LayerNorm) or residual connections; reduce depth"
 #: ... what is left of it when dead units are treated first.
@@ -64,6 +66,12 @@ STALLED_LR = (
     "raise this param group's learning rate towards the others' (check per-group lr settings "
     "and any per-layer lr decay); if the layer should not train, freeze it "
     "(requires_grad_(False)) instead"
+)
+#: ... when the learning rate is too small for the weights everywhere, not only in this group.
+STALLED_TINY_LR = (
+    "raise the learning rate (check its exponent for a typo, and a schedule stuck at or near "
+    "its start: warm-up, a scheduler stepped per epoch instead of per step); Adam commonly "
+    "uses 1e-4 to 1e-3"
 )
 UNSTABLE_UPDATE = (
     "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; clip "
