@@ -3,6 +3,7 @@ step policy and the module tree are plain data; the test fixture catches leaked 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -141,6 +142,21 @@ def test_a_vanishing_layer_whose_weights_still_move_is_not_said_to_stall() -> No
                                  **norms))
     still = explainer.explain(finding, record)
     assert "barely learns" in still.message and "still move" not in still.message
+    # a ratio measured while the gradient was 1e-3 (above 10 x 1e-9: before it vanished), or an
+    # exactly zero gradient (momentum alone moves the weights), says nothing of the weights now
+    for before, value in ((1e-3, 1e-9), (1e-9, 0.0)):
+        fresh = Explainer(ModuleTree(("", "0", "1", "2"), "Sequential"))
+        fresh.observe(StepRecord(step=4, layers=["0", "2"], update_ratio=np.array([0.012, 0.015]),
+                                 grad_norm=np.array([before, 1.0]), has_grad=np.ones(2, bool)))
+        zero = dataclasses.replace(finding, value=value)
+        assert "barely learns" in fresh.explain(zero, record).message
+    # several optimizers read in turns: each layer keeps its own last ratio
+    turns = Explainer(ModuleTree(("", "0", "1", "2"), "Sequential"))
+    turns.observe(StepRecord(step=20, layers=["0", "2"], update_ratio=np.array([0.012, np.nan]),
+                             **norms))
+    turns.observe(StepRecord(step=21, layers=["0", "2"], update_ratio=np.array([np.nan, 0.015]),
+                             **norms))
+    assert turns.explain(finding, record).details["median_update_ratio"] == pytest.approx(0.0135)
 
 
 def test_vanishing_remedies_fit_the_activations_between_layer_and_loss() -> None:

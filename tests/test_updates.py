@@ -495,14 +495,40 @@ def test_optimizers_taking_turns_each_get_exact_update_ratios(critic_steps: int)
     for who in ("D", "G"):
         mine = h[h.layer.str.startswith(who)]
         assert sorted(set(mine.step // 20)) == list(range(1, 12))  # every window, both of them
+        assert (mine.groupby(mine.step // 20).step.nunique() == 1).all()  # once per window
         for _, row in mine.iterrows():
             t = int(row.step)
-            assert owner[t] == who and t % 20 < 2 * critic_steps + 2
+            # its first step at or after the window's multiple of 20
+            assert t == min(s for s in owner if s >= t // 20 * 20 and owner[s] == who)
             before = max(s for s in owner if s < t and owner[s] == who)  # its own last step
             names = [n for n in weights[t] if n.rsplit(".", 1)[0] == row.layer]
             expected = _layer_ratios([weights[before][n] for n in names],
                                      [weights[t][n] for n in names])
             assert row.update_ratio == pytest.approx(expected, rel=1e-4)
+
+
+def test_turns_are_not_learned_from_the_gaps_of_a_sparser_cadence() -> None:
+    """A generator and a critic one to one with ``every_n_steps=5``: the measured steps are five
+    apart because of the cadence, not the turns. The window stays two steps wide: around the
+    multiple 40, step 35 (gradients), 40 (gradients and the critic's parameters) and 41 (the
+    generator's parameters) are recorded, 38 and 39 only copy, and 42-44 are not measured."""
+    torch.manual_seed(0)
+    gen, critic = nn.Linear(4, 4), nn.Linear(4, 1)
+    model = nn.ModuleDict({"G": gen, "D": critic})
+    opts = [torch.optim.SGD(critic.parameters(), lr=0.1), torch.optim.SGD(gen.parameters(), lr=0.1)]
+    with GradientMonitor(model, reporters=[], optimizers=opts, every_n_steps=5,
+                         param_every_n_steps=20, early_steps=0, activation_every_n_steps=0) as monitor:
+        for step in range(60):
+            which = step % 2
+            opts[which].zero_grad()
+            critic(gen(torch.randn(8, 4))).pow(2).mean().backward()
+            monitor.step(optimizer=which, params=[critic, gen][which].parameters())
+            opts[which].step()
+    h = monitor.history
+    assert sorted(s for s in h.step.unique() if 35 <= s < 45) == [35, 40, 41]
+    ratios = h.dropna(subset=["update_ratio"])
+    assert sorted(ratios[ratios.layer == "D"].step.unique()) == [20, 40]
+    assert sorted(ratios[ratios.layer == "G"].step.unique()) == [21, 41]
 
 
 def test_a_learning_rate_too_small_for_the_weights_is_named_when_every_layer_has_it() -> None:

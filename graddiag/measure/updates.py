@@ -131,7 +131,11 @@ class UpdateTracker:
 
     def _note_turn(self, step: int, optimizer: int) -> None:
         """Learn how far apart one optimizer's steps are when several take turns (a WGAN's
-        generator steps once per ``n_critic + 1`` steps)."""
+        generator steps once per ``n_critic + 1`` steps). Only where every step is measured
+        (``every_n_steps=1``): elsewhere the gaps between measured steps are the cadence's, not
+        the turns'."""
+        if self.schedule.gradients != 1:
+            return
         last = self._last_steps.get(optimizer)
         self._last_steps[optimizer] = step
         if (last is not None and len(self._last_steps) > 1
@@ -216,7 +220,7 @@ class UpdateTracker:
     def discard_copies(self) -> None:
         """Forget every weight copy (the weights are replaced, e.g. by loading a checkpoint)."""
         for state in self._states.values():
-            state.copy_step = None
+            state.copy_step = state.read_window = None
 
     def discard_copy(self, step: int, optimizer: int) -> None:
         """The optimizer step at ``step`` is not applied (AMP overflow, skip): a copy taken on it

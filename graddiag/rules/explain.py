@@ -23,8 +23,15 @@ from graddiag.rules import wording as remedies
 #: of a 1e-6 shrink (a Hugging Face pooler) explains under 1 % of it.
 ACTIVATIONS_EXPLAIN = 0.25
 #: A vanishing layer whose last update ratio is at least this share of the median layer's still
-#: learns: an optimizer that scales each weight's step to its gradient's size (Adam) moves it.
+#: learns: an optimizer that normalises each weight's step by its gradient's running size (Adam)
+#: moves it ...
 STILL_MOVING_SHARE = 0.1
+#: ... when that ratio is at least this (below it a step changes the weights by nothing that
+#: matters: the ``stalled_ratio`` default) ...
+MOVING_FLOOR = 1e-6
+#: ... and the layer's gradient then was at most this many times its vanishing value now (the
+#: ratio was measured in the same small-gradient regime, not before the gradient died).
+SAME_REGIME = 10.0
 
 
 def _remedy_behind(acts: ActivationRecord, between: list[int], measured: float) -> str:
@@ -62,13 +69,16 @@ class Explainer:
         self.activations: ActivationRecord | None = None
         self.activation_layers: list[str] = []  # the layers of the record that carried them
         self.cut_ops: dict[str, list[str]] = {}
-        #: the last parameter step's update ratios: its step, layers and ratios
-        self.updates: tuple[int, list[str], np.ndarray] | None = None
+        #: each layer's last finite update ratio: (step, ratio, its gradient norm on that step)
+        self.updates: dict[str, tuple[int, float, float]] = {}
 
     def observe(self, record: StepRecord) -> None:
         """Remember the latest activation statistics, cut operations and update ratios."""
-        if record.update_ratio is not None:
-            self.updates = (record.step, record.layers, record.update_ratio)
+        if record.update_ratio is not None:  # per layer: several optimizers read in turns
+            finite = np.isfinite(record.update_ratio) & record.has_grad
+            for i in np.flatnonzero(finite).tolist():
+                self.updates[record.layers[i]] = (record.step, float(record.update_ratio[i]),
+                                                  float(record.grad_norm[i]))
         if record.activations is not None:
             self.activations = record.activations
             self.activation_layers = record.layers
@@ -86,18 +96,21 @@ class Explainer:
         k = self.activation_layers.index(layer)
         return [i for i, p in enumerate(acts.position) if p > k]
 
-    def still_moving(self, layer: str) -> tuple[int, float, float] | None:
-        """``(step, update ratio, median layer's ratio)`` of the last parameter step when
-        ``layer``'s weights moved by at least :data:`STILL_MOVING_SHARE` of the median layer's
-        ratio there; ``None`` otherwise, or when that is not known."""
-        if self.updates is None or layer not in self.updates[1]:
+    def still_moving(self, layer: str, norm: float) -> tuple[int, float, float] | None:
+        """``(step, update ratio, median layer's ratio)`` when ``layer``'s last update ratio
+        says its weights still move although its gradient norm is ``norm``: at least
+        :data:`MOVING_FLOOR` and :data:`STILL_MOVING_SHARE` x the median of every layer's last
+        ratio, measured while its gradient was already at most :data:`SAME_REGIME` x ``norm``;
+        ``None`` otherwise, or when that is not known."""
+        last = self.updates.get(layer)
+        if last is None or not norm > 0.0 or len(self.updates) < 2:
             return None
-        step, layers, ratios = self.updates
-        moving = ratios[np.isfinite(ratios) & (ratios > 0)]
-        mine = float(ratios[layers.index(layer)])
-        if moving.size < 2 or not mine >= STILL_MOVING_SHARE * float(np.median(moving)):
+        step, mine, grad = last
+        median = float(np.median([ratio for _, ratio, _ in self.updates.values()]))
+        if not (MOVING_FLOOR <= mine < math.inf and mine >= STILL_MOVING_SHARE * median
+                and grad <= SAME_REGIME * norm):
             return None
-        return step, mine, float(np.median(moving))
+        return step, mine, median
 
     def explain(self, finding: Finding, record: StepRecord) -> Finding:
         if finding.kind == "vanishing":
@@ -154,15 +167,16 @@ class Explainer:
                 )
                 ranked = remedies.VANISHING_WITHOUT_ACTIVATIONS
         message = finding.message
-        moving = self.still_moving(finding.layer)
+        moving = self.still_moving(finding.layer, finding.value)
         if moving is not None:
             step, ratio, median = moving
             message = message.replace(remedies.BARELY_LEARNS, ".")
             notes.append(
                 f"Its weights still move, though: at step {step} one optimizer step changed them "
-                f"by {ratio:.2g} of their norm (the median layer: {median:.2g}); an optimizer "
-                "that scales each weight's step to its gradient's size (Adam, RMSprop) keeps "
-                "such a layer learning, so this is a warning sign rather than a stall yet."
+                f"by {ratio:.2g} of their norm (the median layer: {median:.2g}), with a gradient "
+                "already this small; an optimizer that normalises each weight's step by its "
+                "gradient's running size (Adam, RMSprop) keeps such a layer learning, so this is "
+                "a warning sign rather than a stall yet."
             )
             details.update(update_ratio=ratio, median_update_ratio=median)
         if not notes:
