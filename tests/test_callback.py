@@ -238,3 +238,28 @@ def test_unmeasured_steps_gather_no_step_inputs_and_keep_no_batch(
     assert [(f.kind, f.step) for f in cb.findings] == [("nonfinite", 5)]
     assert "replay of step 5" in cb.findings[0].message  # the replay named the operation
     assert "torch.tensor" in cb.findings[0].message
+
+
+def test_a_second_fit_with_a_new_trainer_says_its_steps_repeat(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same callback in two Trainers: the second counts from 0 again, below the first
+    fit's last recorded step 4, and a warning says so; continuing one Trainer does not warn."""
+    cb = GradientDiagnostics(activation_every_n_steps=0, print_summary=False)
+    model = DeepMLP(depth=2, width=16)
+    with caplog.at_level(logging.WARNING, logger="graddiag"):
+        _fit(model, cb, 5)
+        assert not [r for r in caplog.records if "starts at step" in r.getMessage()]
+        _fit(model, cb, 3)
+    warned = [r.getMessage() for r in caplog.records if "starts at step" in r.getMessage()]
+    assert len(warned) == 1 and "starts at step 0, at or before step 4" in warned[0]
+    assert sorted(cb.history.step.unique()) == list(range(5))  # steps 0-2 twice, 3-4 once
+    caplog.clear()
+    continued = GradientDiagnostics(activation_every_n_steps=0, print_summary=False)
+    trainer = quiet_trainer(max_steps=3, callbacks=[continued])
+    with caplog.at_level(logging.WARNING, logger="graddiag"):
+        trainer.fit(model, DigitsDataModule(batch_size=32))
+        trainer.fit_loop.epoch_loop.max_steps = 6
+        trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert not [r for r in caplog.records if "starts at step" in r.getMessage()]
+    assert sorted(continued.history.step.unique()) == list(range(6))

@@ -215,6 +215,7 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
         self._summary.reset()
         if self.monitor is not None:  # learning rates and not_in_optimizer on parameter steps
             self.monitor.watch_optimizers(list(trainer.optimizers))
+            _warn_if_steps_restart(self.monitor, trainer.global_step)
 
     def _apply(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, report: StepReport) -> None:
         apply_action(trainer, optimizer, report, self.monitor, self.config)
@@ -255,6 +256,19 @@ class GradientDiagnostics(*CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         """Say so when the checkpoint holds graddiag state, but none under this ``state_key``."""
         warn_if_state_elsewhere(trainer, checkpoint, type(self).__qualname__, self.state_key)
+
+
+def _warn_if_steps_restart(monitor: GradientMonitor, first_step: int) -> None:
+    """A fit that starts at or below a step an earlier fit with this callback recorded (a new
+    Trainer restarts ``global_step`` at 0) would repeat step numbers in the history: say so."""
+    records = monitor.records
+    if records and first_step <= records[-1].step:
+        log.warning(
+            "graddiag: this fit starts at step %d, at or before step %d that an earlier fit with "
+            "this callback recorded (a new Trainer starts counting at 0); the history will hold "
+            "both fits' records under repeated step numbers. Use a new GradientDiagnostics per "
+            "Trainer, or continue the same Trainer (or ckpt_path=) to keep one step count.",
+            first_step, records[-1].step)
 
 
 GradientDiagnostics.__doc__ = f"{GradientDiagnostics.__doc__}\n" + docstring_section(
