@@ -76,27 +76,27 @@ def test_bad_config_values_are_rejected_before_training(override: list[str], nam
     assert named in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("override", "line"),
-    [
-        (["--diagnostics.every_n_steps", "0"],
-         "--diagnostics.every_n_steps must be an integer >= 1, got 0"),
-        (["--diagnostics.vanishing_rel", "5"],
-         "--diagnostics.vanishing_rel must be a number in [0.0, 1.0], got 5.0"),
-        (["--diagnostics.ignore", "[vanish]"],
-         "--diagnostics.ignore must be a list of finding kinds from ['vanishing', 'exploding', "
-         "'nonfinite', 'no_gradient', 'saturated', 'dead_relu', 'stalled', 'unstable_update', "
-         "'not_in_optimizer'], got vanish"),
-        (["--diagnostics.every_n_steps", "ten"],
-         "--diagnostics.every_n_steps must be an integer >= 1, got ten"),
-        (["--diagnostics.on_nonfinite", "panic"],
-         "--diagnostics.on_nonfinite must be one of ['warn', 'raise', 'stop', 'skip'], got panic"),
-        (["--diagnostics.log_every_n_steps", "x"],
-         "--diagnostics.log_every_n_steps must be an integer >= 1 or None, got x"),
-        (["--diagnostics.figure_every_n_steps", "-1"],
-         "--diagnostics.figure_every_n_steps must be an integer >= 0 or None, got -1"),
-    ],
-)
+BAD_VALUES = [
+    (["--diagnostics.every_n_steps", "0"],
+     "--diagnostics.every_n_steps must be an integer >= 1, got 0"),
+    (["--diagnostics.vanishing_rel", "5"],
+     "--diagnostics.vanishing_rel must be a number in [0.0, 1.0], got 5.0"),
+    (["--diagnostics.ignore", "[vanish]"],
+     "--diagnostics.ignore must be a list of finding kinds from ['vanishing', 'exploding', "
+     "'nonfinite', 'no_gradient', 'saturated', 'dead_relu', 'stalled', 'unstable_update', "
+     "'not_in_optimizer'], got vanish"),
+    (["--diagnostics.every_n_steps", "ten"],
+     "--diagnostics.every_n_steps must be an integer >= 1, got ten"),
+    (["--diagnostics.on_nonfinite", "panic"],
+     "--diagnostics.on_nonfinite must be one of ['warn', 'raise', 'stop', 'skip'], got panic"),
+    (["--diagnostics.log_every_n_steps", "x"],
+     "--diagnostics.log_every_n_steps must be an integer >= 1 or None, got x"),
+    (["--diagnostics.figure_every_n_steps", "-1"],
+     "--diagnostics.figure_every_n_steps must be an integer >= 0 or None, got -1"),
+]
+
+
+@pytest.mark.parametrize(("override", "line"), BAD_VALUES)
 def test_a_bad_diagnostics_value_is_one_line_and_exit_status_2(
     override: list[str], line: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -246,3 +246,12 @@ def test_bundled_data_modules_split_deterministically() -> None:
         SyntheticDataModule(task="rank")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="val_fraction must be in \\[0, 1\\), got 1.5"):
         DigitsDataModule(val_fraction=1.5)
+
+
+def test_the_readme_error_samples_are_the_messages_given() -> None:
+    """Each ``graddiag fit: error:`` line the README shows is one the test above checks."""
+    shown = [line.split("graddiag fit: error: ", 1)[1]
+             for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("graddiag fit: error: ")]
+    assert len(shown) >= 2
+    assert set(shown) <= {line for _, line in BAD_VALUES}
