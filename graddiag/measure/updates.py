@@ -201,7 +201,7 @@ class UpdateTracker:
                         and 0 < step - copied <= self.lookahead:
                     out["update_norm"] = state.probe.update_norms()
                     view.copy_step = copied
-            self.copy(step, optimizer, measured)
+            self._copy_if_due(step, optimizer, measured)
         rates, orphaned = self.optimizer_view(step)
         if rates is not None or orphaned is not None:
             view = view or UpdateView(np.ones(len(self.index), dtype=bool))
@@ -212,6 +212,9 @@ class UpdateTracker:
         """Copy the weights (on their device) if a parameter step among the next ``lookahead``
         needs them; ``measured``: the layers this optimizer's reads cover."""
         self._note_turn(step, optimizer)
+        self._copy_if_due(step, optimizer, measured)
+
+    def _copy_if_due(self, step: int, optimizer: int, measured: np.ndarray) -> None:
         if self.copies_on(step):
             state = self._state(optimizer, measured)
             state.probe.snapshot()

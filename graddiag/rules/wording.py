@@ -1,4 +1,5 @@
-"""What to try for each finding kind, most promising first."""
+"""What to try for each finding kind, most promising first, and the phrases finding messages
+share between the rules and the explainer."""
 
 from __future__ import annotations
 
