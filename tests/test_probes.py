@@ -13,6 +13,7 @@ import graddiag.measure.transfer as transfer
 from graddiag import GradientMonitor
 from graddiag.measure.layers import clean_name, discover_layers
 from graddiag.measure.norms import GradientProbe, LayerNormAggregator
+from graddiag.measure.parameters import ParameterProbe
 from tests.helpers import SyncCounter
 
 
@@ -60,6 +61,48 @@ def test_fp16_gradients_above_fp16_max_do_not_read_as_inf() -> None:
     norms = GradientProbe(discover_layers(layer), 2.0).read().layer_norms
     assert norms.dtype == torch.float32
     assert norms.item() == pytest.approx(math.sqrt(2) * 6.0e4, rel=1e-3)
+
+
+def _float64_pair(small: float, large: float) -> nn.Sequential:
+    """Two float64 layers whose every gradient element is ``small`` and ``large``: norms beyond
+    float32's range (below 1.2e-38, above 3.4e38) on either side."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    for module, value in ((model[0], small), (model[1], large)):
+        for param in module.parameters():
+            param.grad = torch.full_like(param, value)
+    return model
+
+
+def test_float64_norms_keep_float64_range() -> None:
+    model = _float64_pair(1e-60, 1e100)
+    norms = GradientProbe(discover_layers(model), 2.0).read().layer_norms
+    # 12 + 4 elements of 1e-60, and 8 + 2 of 1e100
+    assert norms.tolist() == pytest.approx([4e-60, math.sqrt(10) * 1e100], rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("every", [1, 3])  # kept rows judged in blocks, and steps read in full
+def test_float64_gradients_beyond_float32_range_are_recorded_as_they_are(every: int) -> None:
+    """A deep float64 network's first layers can sit at 1e-60: they must not read as 0, nor a
+    finite 1e100 as inf (a false ``nonfinite``)."""
+    model = _float64_pair(1e-60, 1e100)
+    with GradientMonitor(model, reporters=[], every_n_steps=every, early_steps=0) as monitor:
+        for step in range(12):
+            monitor.step(step)
+    history = monitor.history
+    assert sorted(history.step.unique()) == list(range(0, 12, every))
+    norms = history.pivot(index="step", columns="layer", values="grad_norm")
+    assert len(norms) == 12 // every
+    assert norms["0"].tolist() == pytest.approx([4e-60] * len(norms), rel=1e-12, abs=0)
+    assert norms["1"].tolist() == pytest.approx([math.sqrt(10) * 1e100] * len(norms), rel=1e-12, abs=0)
+    assert "nonfinite" not in {f.kind for f in monitor.findings}
+
+
+def test_float64_parameter_norms_keep_float64_range() -> None:
+    model = nn.Sequential(nn.Linear(3, 4, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.fill_(1e-60)
+    norms = ParameterProbe(discover_layers(model)).norms()
+    assert norms.tolist() == pytest.approx([math.sqrt(12) * 1e-60], rel=1e-12, abs=0)
 
 
 def test_grad_scale_divides_on_device() -> None:

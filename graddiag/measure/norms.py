@@ -1,7 +1,8 @@
 """Probes read numbers off the model on recorded steps: per-layer gradient and parameter norms.
 
 Norms are computed with one fused ``torch._foreach_norm`` per (device, dtype) group,
-accumulated in float32, and aggregated per layer on the device. Nothing here copies to the
+accumulated in float32 (float64 gradients in float64, so that their tiny and huge norms do not
+read as 0 or inf), and aggregated per layer on the device. Nothing here copies to the
 host: the monitor gathers every probe's tensors into one transfer (:mod:`graddiag.measure.transfer`).
 """
 
@@ -25,7 +26,9 @@ log = logging.getLogger("graddiag")
 class GradientReading:
     """Device-side result of one gradient read, plus what is known on the host already."""
 
-    layer_norms: torch.Tensor  # (L,) float32 on device; 0 for layers without gradients
+    # (L,) on device, float32, or float64 when some gradient is float64; 0 for layers
+    # without gradients
+    layer_norms: torch.Tensor
     has_grad: np.ndarray  # (L,) bool per layer: at least one parameter has a gradient
     missing: dict[int, list[str]] = field(default_factory=dict)  # layer -> params without grad
     # per group read: the per-tensor norms on device, and whose they are (layer ids, parameter
@@ -60,20 +63,27 @@ def _group_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 _ACCUMULATE_IN_FLOAT32 = (torch.float16, torch.bfloat16)
 
 
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-tensor norms of ``dtype`` tensors are kept in: float64 for float64 (and
+    complex128) tensors, whose norms can lie beyond float32's range (a vanishing gradient of
+    1e-50 in a deep float64 network), float32 for every other kind."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
 def _norms(tensors: list[torch.Tensor], p: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-tensor p-norms as one float32 vector on the tensors' device (written into ``out``,
-    a float32 vector of their number, when given).
+    """Per-tensor p-norms as one vector on the tensors' device, in :func:`norm_dtype` (written
+    into ``out``, a float32 or float64 vector of their number, when given).
 
     float16/bfloat16 are accumulated in float32 (values above 65504 do not read as inf);
     float64 is normed in its own precision and complex tensors by the magnitude of their
-    elements (a real norm), then both are cast to float32.
+    elements (a real norm).
     """
     dtype = tensors[0].dtype
     if dtype == torch.float32:  # already float32: the plain kernel is the fastest
         return torch.stack(torch._foreach_norm(tensors, p), out=out)
     if dtype in _ACCUMULATE_IN_FLOAT32:
         return torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32), out=out)
-    norms = torch.stack(torch._foreach_norm(tensors, p)).float()
+    norms = torch.stack(torch._foreach_norm(tensors, p)).to(norm_dtype(dtype))
     return norms if out is None else out.copy_(norms)
 
 
@@ -120,7 +130,7 @@ class LayerNormAggregator:
         norms = _norms(local, p)
         if norms_out is not None:
             norms_out.append(norms)
-        contrib = torch.zeros(self.n_layers, dtype=torch.float32, device=norms.device)
+        contrib = torch.zeros(self.n_layers, dtype=norms.dtype, device=norms.device)
         if math.isinf(p):
             contrib.scatter_reduce_(0, index, norms, "amax", include_self=True)
         else:
@@ -130,20 +140,25 @@ class LayerNormAggregator:
         return contrib
 
     def combine(self, contributions: list[torch.Tensor]) -> torch.Tensor:
-        """Per-layer norms from group contributions, on the first contribution's device."""
+        """Per-layer norms from group contributions, on the first contribution's device (in
+        float64 when some contribution is)."""
         if not contributions:
             return torch.zeros(self.n_layers, dtype=torch.float32)
         p = self.p
         total = contributions[0]
         for contrib in contributions[1:]:
             contrib = contrib.to(total.device, non_blocking=True)
+            if contrib.dtype != total.dtype:  # combined in the wider of the two
+                wider = torch.promote_types(contrib.dtype, total.dtype)
+                total, contrib = total.to(wider), contrib.to(wider)
             total = torch.maximum(total, contrib) if math.isinf(p) else total + contrib
         if math.isinf(p) or p == 1.0:
             return total
         return total.pow(1.0 / p)
 
     def __call__(self, tensors: list[torch.Tensor], layer_ids: list[int]) -> torch.Tensor:
-        """Per-layer norms, a float32 ``(n_layers,)`` tensor on the first tensor's device."""
+        """Per-layer norms, a float32 (float64 if some tensor is float64) ``(n_layers,)``
+        tensor on the first tensor's device."""
         groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[int]]] = {}
         for tensor, lid in zip(tensors, layer_ids):
             entry = groups.setdefault(_group_key(tensor), ([], []))
@@ -237,6 +252,9 @@ class GradientProbe:
         self.row_layers = np.array([lid for g in self._groups for lid in g.lids], dtype=np.int64)
         self.row_names = [name for g in self._groups for name in g.names]
         self._row_starts = np.cumsum([0] + [len(g.params) for g in self._groups]).tolist()
+        #: The dtype of a row :meth:`read_row` writes: float64 when some group's norms are.
+        self.row_dtype = max((norm_dtype(g.params[0].dtype) for g in self._groups),
+                             key=lambda d: torch.finfo(d).bits, default=torch.float32)
         # where the present gradients' norms go, by (group's first row position, missing ones)
         self._places: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         #: Every group is plain tensors on the CPU, so :meth:`read_row` can write into a CPU row.
@@ -244,7 +262,7 @@ class GradientProbe:
             g.params[0].device.type == "cpu" and not is_dtensor(g.params[0]) for g in self._groups)
 
     def row_views(self, row: torch.Tensor) -> list[torch.Tensor]:
-        """The parts of ``row`` (a float32 CPU vector of ``len(row_layers)``) that
+        """The parts of ``row`` (a CPU vector of ``len(row_layers)`` in :attr:`row_dtype`) that
         :meth:`read_row` writes each group's norms into; made once per row and reused (a
         view made on every step costs more than the read's host work after a backward pass)."""
         starts = self._row_starts
@@ -301,7 +319,7 @@ class GradientProbe:
             places = self._places[group, missing] = torch.tensor(
                 [i for i, g in enumerate(grads) if g is not None], dtype=torch.long)
         try:
-            row[places] = _norms(present, self._aggregate.p)
+            row[places] = _norms(present, self._aggregate.p).to(row.dtype)
         except MEASURE_ERRORS:
             return None
         return missing
@@ -369,7 +387,7 @@ class GradientProbe:
                                           tensor_keys))
         norms = self._aggregate.combine(contributions)
         if grad_scale is not None:
-            norms = norms / grad_scale.to(norms.device, torch.float32)
+            norms = norms / grad_scale.to(norms.device, norms.dtype)
         if slow is None:
             has_grad = self.all_read
         else:

@@ -46,7 +46,8 @@ class ParameterProbe:
         self.has_copy = False
 
     def norms(self) -> torch.Tensor:
-        """Per-layer parameter 2-norms, a float32 device tensor (0 for layers not read)."""
+        """Per-layer parameter 2-norms, a float32 device tensor (float64 when some weight is;
+        0 for layers not read)."""
         with torch.no_grad():
             return self._aggregate([p.detach() for p in self._params], self._lids)
 

@@ -36,7 +36,7 @@ class NormRows:
         self.probe = probe
         self.layers = layers
         self.norm_type = norm_type
-        buffer = torch.zeros(capacity, len(probe.row_layers), dtype=torch.float32)
+        buffer = torch.zeros(capacity, len(probe.row_layers), dtype=probe.row_dtype)
         # each row as the parts the probe writes, views made once and written in turn
         self._rows = [probe.row_views(row) for row in buffer.unbind(0)]
         self._values = buffer.numpy()  # the same memory, read by numpy
@@ -113,8 +113,9 @@ class NormRows:
         return known
 
     def layer_norms(self) -> np.ndarray:
-        """``(kept steps, layers)`` per-layer p-norms of the kept rows, combined in float32 as
-        on a fully measured step (so the same norms overflow to inf), returned in float64."""
+        """``(kept steps, layers)`` per-layer p-norms of the kept rows, combined in the rows'
+        dtype as on a fully measured step (so the same norms overflow to inf, or underflow to
+        0), returned in float64."""
         values = self._values[:len(self._kept), self._order]
         p = self.norm_type
         if math.isinf(p):
@@ -122,9 +123,10 @@ class NormRows:
         elif p == 1.0:
             per_layer = np.add.reduceat(values, self._starts, axis=1)
         else:
-            with np.errstate(over="ignore"):  # p-th powers beyond float32 read as inf
-                per_layer = np.add.reduceat(values ** np.float32(p), self._starts, axis=1)
-                per_layer **= np.float32(1.0 / p)
+            power = values.dtype.type
+            with np.errstate(over="ignore", under="ignore"):  # as the device's kernels do
+                per_layer = np.add.reduceat(values ** power(p), self._starts, axis=1)
+                per_layer **= power(1.0 / p)
         norms = np.zeros((len(self._kept), self._n_layers))
         norms[:, self._present] = per_layer
         return norms

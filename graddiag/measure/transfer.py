@@ -73,10 +73,13 @@ class HostCopy:
 
 
 def _flatten(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks as one vector on the first one's device: float32, or float64 when some chunk
+    is (the norms of float64 gradients keep their range)."""
     home = chunks[0].device
     if len(chunks) == 1:
         return chunks[0].detach().reshape(-1)
-    return torch.cat([c.detach().reshape(-1).to(home, torch.float32) for c in chunks])
+    dtype = torch.float64 if any(c.dtype == torch.float64 for c in chunks) else torch.float32
+    return torch.cat([c.detach().reshape(-1).to(home, dtype) for c in chunks])
 
 
 def _start_copy_to_host(flat: torch.Tensor) -> torch.Tensor:
