@@ -20,6 +20,7 @@ from graddiag.data.records import StepRecord
 from graddiag.demos.models import build_mlp
 from graddiag.lightning import actions
 from graddiag.pipeline import monitor as monitor_module
+from graddiag.rules import wording
 from graddiag.rules.updates import NotInOptimizerRule, StalledRule, UnstableUpdateRule
 
 
@@ -368,6 +369,73 @@ def test_stalled_rule_table(ratios: list[list[float]], lr: list[float] | None,
     assert found == expected
 
 
+@pytest.mark.parametrize(
+    ("ratios", "lrs", "expected"),
+    [
+        ([1e-9] * 4, [1e-10] * 4, [("l0", 3), ("l1", 3)]),  # a typo: every layer alike
+        ([1e-9] * 3, [1e-10] * 3, []),  # patience 3 from the second record on
+        ([1e-9] * 4, [1e-10, 2e-10, 3e-10, 4e-10], []),  # rising: a warm-up under way
+        ([1e-9] * 4, [1e-10, 1e-10, 2e-10, 2e-10], []),  # rose once: the streak restarts
+        ([1e-3] + [1e-9] * 4, [1e-3] + [1e-10] * 4, []),  # fallen from 1e-3: a schedule's end
+        ([1e-9] * 4, [1e-10, 1e-10, 0.9e-10, 0.8e-10], [("l0", 3), ("l1", 3)]),  # slow decay
+        ([2e-6] * 4, [1e-10] * 4, []),  # the weights move anyway (SGD, huge gradients)
+        ([1e-9] * 4, [1e-6] * 4, []),  # lr / RMS = 1e-5: not too small for the weights
+        ([1e-9] * 4, None, []),  # learning rates unknown: slow alike says nothing
+    ],
+    ids=["typo", "short", "warm-up", "rose", "decayed", "slow-decay", "moving", "enough", "no-lr"],
+)
+def test_a_tiny_learning_rate_is_stalled_on_its_own(ratios: list[float], lrs: list[float] | None,
+                                                    expected: list[tuple[str, int]]) -> None:
+    """Both layers at the same learning rate and ratio, weights of RMS 0.1 (norm 1, 100
+    elements): lr 1e-10 is 1e-9 of the RMS, below ``stalled_ratio`` 1e-6."""
+    rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    found = []
+    for step, ratio in enumerate(ratios):
+        lr = None if lrs is None else [lrs[step]] * 2
+        record = _record(step, [ratio] * 2, lr=lr, param_norm=[1.0, 1.0])
+        record.param_count = np.array([100, 100])
+        found += [(f.layer, f.step) for f in rule.update(record)]
+    assert found == expected
+
+
+def test_the_learning_rates_a_stalled_rule_has_seen_survive_a_restart() -> None:
+    """A schedule's end stays one after ``state_dict``/``load_state_dict`` (resume)."""
+    before = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    records = [_record(s, [r] * 2, lr=[lr] * 2, param_norm=[1.0, 1.0])
+               for s, (r, lr) in enumerate([(1e-3, 1e-3)] + [(1e-9, 1e-10)] * 4)]
+    for record in records:
+        record.param_count = np.array([100, 100])
+    before.update(records[0])
+    after = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    after.load_state_dict(before.state_dict())
+    assert [f for record in records[1:] for f in after.update(record)] == []
+    fresh = StalledRule(1e-6, 1e-3, 3, 1e-4)  # without the state the decay is not known
+    assert [f.step for record in records[1:] for f in fresh.update(record)] == [4, 4]
+
+
+def test_adam_at_a_mistyped_learning_rate_everywhere_is_stalled(digits) -> None:  # noqa: ANN001
+    """lr 1e-9 for every layer (1e-3 with the exponent mistyped): each layer is stalled, with
+    the learning rate named against its weights' size; the evidence recomputed from the
+    weights: lr / RMS and the one-step ratios below 1e-6 on steps 2, 3 and 4."""
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=3, width=32, init="kaiming")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-9)
+    monitor, weights = _train(model, opt, digits, 8, optimizers=opt)
+    stalled = {f.layer: f for f in monitor.findings if f.kind == "stalled"}
+    layers = ["0", "2", "4", "6"]
+    assert sorted(stalled) == layers
+    for layer, finding in stalled.items():
+        w = torch.cat([weights[4][n].flatten().double() for n in weights[4]
+                       if n.rsplit(".", 1)[0] == layer])
+        rms = float(w.pow(2).mean().sqrt())
+        assert 1e-9 / rms < 1e-6
+        assert all(_expected_ratio(weights, step, layer) < 1e-6 for step in (2, 3, 4))
+        assert finding.step == 4  # ratios from step 1; lr not rising shown from step 2
+        assert finding.value == pytest.approx(_expected_ratio(weights, 4, layer), rel=1e-3)
+        assert "too small for weights of this size" in finding.message
+        assert finding.remedy == wording.STALLED_TINY_LR
+
+
 def test_unstable_rule_skips_layers_that_start_from_zero_until_they_settle() -> None:
     rule = UnstableUpdateRule(0.1, 2)
     rule.update(_record(0, [np.nan, np.nan], param_norm=[1.0, 0.0]))  # l1 starts at zero
@@ -532,16 +600,19 @@ def test_turns_are_not_learned_from_the_gaps_of_a_sparser_cadence() -> None:
 
 
 def test_a_learning_rate_too_small_for_the_weights_is_named_when_every_layer_has_it() -> None:
-    """Every layer at lr 1e-10 (a typo): the one that reads an exact 0 is stalled, and the
-    cause named is the learning rate against the weights' size, lr / RMS = 1e-10 / 0.1 = 1e-9
-    of their norm per step, not an optimizer scaling its update down."""
+    """Every layer at lr 1e-10 (a typo): both are stalled, the one that reads an exact 0 as
+    lagging the other (from the first record), the other on its own learning rate (from the
+    second: the first has no earlier one to show it is not rising), and the cause named is the
+    learning rate against the weights' size, lr / RMS = 1e-10 / 0.1 = 1e-9 of their norm per
+    step, not an optimizer scaling its update down."""
     rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
     found = []
-    for step in range(3):
+    for step in range(4):
         record = _record(step, [0.0, 1.8e-10], lr=[1e-10, 1e-10], param_norm=[1.0, 1.0])
         record.param_count = np.array([100, 100])  # RMS 1.0 / sqrt(100) = 0.1
         found += rule.update(record)
-    assert [(f.layer, f.step) for f in found] == [("l0", 2)]
+    assert [(f.layer, f.step) for f in found] == [("l0", 2), ("l1", 3)]
+    assert "~1e-09 of their norm" in found[1].message
     assert "too small for weights of this size (RMS 0.1)" in found[0].message
     assert "~1e-09 of their norm" in found[0].message
     assert "scales its update down" not in found[0].message

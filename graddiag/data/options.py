@@ -177,7 +177,8 @@ class MonitorConfig(_Checked):
         1e-6, Number(0.0),
         "A layer with gradients whose weights change by less than this fraction of their norm "
         "in one optimizer step (||w_t - w_(t-1)|| / ||w_t||, ~1e-3 is usual) is stalled, if "
-        "it also lags the fastest-moving layer (stalled_rel).")
+        "it also lags the fastest-moving layer (stalled_rel), or if its learning rate, neither "
+        "rising nor decayed, is below this fraction of its weights' RMS.")
     stalled_rel: float = option(
         1e-3, Number(0.0, 1.0),
         "Fraction of the fastest-moving layer's update ratio a stalled layer must also be "

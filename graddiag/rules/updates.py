@@ -20,6 +20,9 @@ from graddiag.rules.onsets import OnsetRule, Rule, _fmt
 
 #: A layer's learning rate this far below the largest counts as "too small for this layer".
 LR_GAP = 1e-2
+#: A learning rate below this fraction of the largest the layer has had is a schedule's decay
+#: (cosine to 0, step decay), not a mistake: a tiny one is then not reported on its own.
+LR_DECAYED = 0.5
 #: Weights whose RMS starts below this start from (near) zero: below any standard
 #: initialisation (Kaiming/Xavier give ~1/sqrt(fan_in), 2e-3 even for a fan-in of 250,000), as in
 #: LayerScale (1e-6..1e-4), ReZero gates, zero-initialised heads and LoRA ``B`` matrices.
@@ -55,7 +58,16 @@ def _rms(record: StepRecord, i: int) -> float:
 
 
 class StalledRule(OnsetRule):
-    """A layer with gradients whose weights barely move, while the rest of the model moves."""
+    """A layer with gradients whose weights barely move, while the rest of the model moves, or
+    whose learning rate is too small to move weights of their size at all.
+
+    The second case needs the learning rate (``optimizers=`` in a plain loop; the callback reads
+    it): ``lr / RMS(w)`` below ``ratio_floor`` means even Adam, which moves every weight by about
+    the learning rate, changes the weights by less than that fraction per step. It is judged on
+    its own, whatever the other layers do (a mistyped exponent slows every layer alike), but
+    not while the layer's learning rate is rising (a warm-up under way) or after it has fallen
+    below :data:`LR_DECAYED` of its largest (a schedule's end).
+    """
 
     kind = "stalled"
 
@@ -65,20 +77,45 @@ class StalledRule(OnsetRule):
         self.ratio_floor = ratio_floor
         self.rel_floor = rel_floor
         self.vanishing_rel = vanishing_rel
+        # per layer: the learning rate of its last parameter step, and the largest one so far
+        self.last_lr: dict[str, float] = {}
+        self.peak_lr: dict[str, float] = {}
 
     def update(self, record: StepRecord) -> list[Finding]:
         ratio = record.update_ratio
         if ratio is None or record.amp_overflow:
             return []
+        tiny_lr = self._tiny_learning_rates(record)
         judged = _judged(record, ratio)
         if not judged.any():
             return []
         top_pos = int(np.argmax(np.where(judged, ratio, -np.inf)))
         top = float(ratio[top_pos])
-        condition = judged & (ratio < self.ratio_floor) & (ratio < self.rel_floor * top)
+        condition = judged & (ratio < self.ratio_floor) & ((ratio < self.rel_floor * top)
+                                                           | tiny_lr)
         onsets = self.onsets.observe_all(record.layers, condition, judged)
         self._active = self.onsets.any_confirmed()
         return [self._finding(record, int(i), top_pos) for i in onsets]
+
+    def _tiny_learning_rates(self, record: StepRecord) -> np.ndarray:
+        """Per layer: a learning rate too small for the weights' size (``lr / RMS(w)`` below
+        ``ratio_floor``), neither rising since the last parameter step nor decayed; notes each
+        layer's learning rate for the next call."""
+        tiny = np.zeros(len(record.layers), dtype=bool)
+        lrs, norms, counts = record.learning_rate, record.param_norm, record.param_count
+        if lrs is None or norms is None or counts is None:
+            return tiny
+        for i, name in enumerate(record.layers):
+            lr = float(lrs[i])
+            if not np.isfinite(lr):
+                continue
+            last = self.last_lr.get(name)
+            peak = max(self.peak_lr.get(name, lr), lr)
+            self.last_lr[name], self.peak_lr[name] = lr, peak
+            rms = _rms(record, i)
+            tiny[i] = (last is not None and 0.0 < lr <= last and lr >= LR_DECAYED * peak
+                       and rms > 0 and lr / rms < self.ratio_floor)
+        return tiny
 
     def _finding(self, record: StepRecord, i: int, top_pos: int) -> Finding:
         assert record.update_ratio is not None
@@ -129,6 +166,16 @@ class StalledRule(OnsetRule):
                      "learning_rate": lr, "largest_learning_rate": largest_lr,
                      "grad_ratio_to_largest": grad_ratio},
         )
+
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_lr": dict(self.last_lr),
+                "peak_lr": dict(self.peak_lr)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.last_lr = dict(state.get("last_lr", {}))
+        self.peak_lr = dict(state.get("peak_lr", {}))
 
 
 class UnstableUpdateRule(OnsetRule):
