@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -694,6 +695,49 @@ print("trained")
     assert "trained" in result.stdout
     # steps 3 and 4 vanish (below 1e-8 of the largest: 2 steps); step 4 waits in its block
     assert "graddiag [vanishing] step 4, layer '0'" in result.stderr
+
+
+def test_a_script_that_never_closes_its_monitor_or_writer_leaves_complete_logs(
+        tmp_path: Path) -> None:
+    """Neither the monitor nor the ``SummaryWriter`` closed: at exit the monitor is closed for
+    its user, so the waiting steps' scalars, the whole-run figure and the summary reach the
+    event file (the writer's own thread would otherwise drop what is still queued)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from graddiag import GradientMonitor
+from graddiag.reporters.tensorboard import TensorBoardReporter
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+writer = SummaryWriter({str(tmp_path)!r}, flush_secs=600)
+monitor = GradientMonitor(model, reporters=[TensorBoardReporter(writer, scalars_every_n_steps=1)],
+                          early_steps=0, activation_every_n_steps=0)
+for step in range(6):
+    model.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    monitor.step()
+print("trained")
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained" in result.stdout
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0,
+                                                              ea.IMAGES: 0})
+    acc.Reload()
+    steps = [event.step for event in acc.Scalars("graddiag/grad_norm/0")]
+    assert steps == list(range(6))  # steps 1-5 waited for their block until the exit
+    assert "graddiag/summary/text_summary" in acc.Tags()["tensors"]
+    assert [image.step for image in acc.Images("graddiag/gradient_flow")] == [5]
+    assert (tmp_path / "gradient_flow.png").exists()
 
 
 def test_a_forked_child_does_not_judge_its_parents_waiting_steps() -> None:
