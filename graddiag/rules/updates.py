@@ -77,9 +77,11 @@ class StalledRule(OnsetRule):
         self.ratio_floor = ratio_floor
         self.rel_floor = rel_floor
         self.vanishing_rel = vanishing_rel
-        # per layer: the learning rate of its last parameter step, and the largest one so far
-        self.last_lr: dict[str, float] = {}
-        self.peak_lr: dict[str, float] = {}
+        # per layer of ``_lr_layers``: the learning rate of its last parameter step, and the
+        # largest one so far (NaN: not known yet)
+        self._lr_layers: list[str] = []
+        self._last_lr = np.zeros(0)
+        self._peak_lr = np.zeros(0)
 
     def update(self, record: StepRecord) -> list[Finding]:
         ratio = record.update_ratio
@@ -101,21 +103,38 @@ class StalledRule(OnsetRule):
         """Per layer: a learning rate too small for the weights' size (``lr / RMS(w)`` below
         ``ratio_floor``), neither rising since the last parameter step nor decayed; notes each
         layer's learning rate for the next call."""
-        tiny = np.zeros(len(record.layers), dtype=bool)
         lrs, norms, counts = record.learning_rate, record.param_norm, record.param_count
         if lrs is None or norms is None or counts is None:
-            return tiny
-        for i, name in enumerate(record.layers):
-            lr = float(lrs[i])
-            if not np.isfinite(lr):
-                continue
-            last = self.last_lr.get(name)
-            peak = max(self.peak_lr.get(name, lr), lr)
-            self.last_lr[name], self.peak_lr[name] = lr, peak
-            rms = _rms(record, i)
-            tiny[i] = (last is not None and 0.0 < lr <= last and lr >= LR_DECAYED * peak
-                       and rms > 0 and lr / rms < self.ratio_floor)
+            return np.zeros(len(record.layers), dtype=bool)
+        self._follow(record.layers)
+        lr = np.asarray(lrs, dtype=float)
+        known = np.isfinite(lr)
+        last = self._last_lr
+        peak = np.where(known, np.fmax(self._peak_lr, lr), self._peak_lr)
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN compares False: not tiny
+            rms = np.asarray(norms, dtype=float) / np.sqrt(np.asarray(counts, dtype=float))
+            tiny = ((lr > 0.0) & (lr <= last) & (lr >= LR_DECAYED * peak) & (rms > 0.0)
+                    & (lr / rms < self.ratio_floor))
+        self._last_lr = np.where(known, lr, last)
+        self._peak_lr = peak
         return tiny
+
+    def _follow(self, layers: list[str]) -> None:
+        """Align the remembered learning rates with ``layers`` (a new layout keeps each known
+        layer's, by name)."""
+        if layers is self._lr_layers or layers == self._lr_layers:
+            self._lr_layers = layers
+            return
+        last, peak = self.learning_rates_seen()
+        self._lr_layers = layers
+        self._last_lr = np.array([last.get(name, np.nan) for name in layers], dtype=float)
+        self._peak_lr = np.array([peak.get(name, np.nan) for name in layers], dtype=float)
+
+    def learning_rates_seen(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Per layer name: the learning rate of its last parameter step, and its largest."""
+        last = {n: float(v) for n, v in zip(self._lr_layers, self._last_lr) if np.isfinite(v)}
+        peak = {n: float(v) for n, v in zip(self._lr_layers, self._peak_lr) if np.isfinite(v)}
+        return last, peak
 
     def _finding(self, record: StepRecord, i: int, top_pos: int) -> Finding:
         assert record.update_ratio is not None
@@ -169,13 +188,15 @@ class StalledRule(OnsetRule):
 
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_lr": dict(self.last_lr),
-                "peak_lr": dict(self.peak_lr)}
+        last, peak = self.learning_rates_seen()
+        return {**super().state_dict(), "last_lr": last, "peak_lr": peak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.last_lr = dict(state.get("last_lr", {}))
-        self.peak_lr = dict(state.get("peak_lr", {}))
+        last, peak = state.get("last_lr", {}), state.get("peak_lr", {})
+        self._lr_layers = sorted(set(last) | set(peak))
+        self._last_lr = np.array([last.get(n, np.nan) for n in self._lr_layers], dtype=float)
+        self._peak_lr = np.array([peak.get(n, np.nan) for n in self._lr_layers], dtype=float)
 
 
 class UnstableUpdateRule(OnsetRule):
