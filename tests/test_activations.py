@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,128 @@ def test_functional_calls_are_attributed_to_the_calling_module() -> None:
         monitor.step()
     assert list(monitor.activation_history.site) == ["0:sigmoid", "0:sigmoid#2", "1:sigmoid",
                                                      "1:sigmoid#2"]
+
+
+class UnrolledRNN(nn.Module):
+    """A tanh RNN cell unrolled by hand over time steps: one ``torch.tanh`` call site, the same
+    weights on every call."""
+
+    def __init__(self, steps: int, activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh
+                 ) -> None:
+        super().__init__()
+        self.steps = steps
+        self.activation = activation
+        self.ih = nn.Linear(4, 8)
+        self.hh = nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 8)
+        self.states = []
+        for t in range(self.steps):
+            h = self.activation(self.ih(x[:, t]) + self.hh(h))
+            self.states.append(h.detach())
+        return self.head(h)
+
+
+class LoopedMLP(nn.Module):
+    """``for layer in self.layers: x = torch.tanh(layer(x))``: one call site, other weights on
+    every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.states = []
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+            self.states.append(x.detach())
+        return x
+
+
+def _saturation(outputs: list[torch.Tensor]) -> float:
+    """The fraction of tanh outputs with 1 - y^2 below the floor, counted directly."""
+    y = torch.cat([o.double().flatten() for o in outputs])
+    return float(((1 - y * y) < FLOOR).double().mean())
+
+
+def test_a_cell_unrolled_over_time_is_one_site_and_a_loop_over_layers_is_one_per_layer() -> None:
+    torch.manual_seed(0)
+    rnn = UnrolledRNN(steps=30)
+    with torch.no_grad():
+        rnn.hh.weight.mul_(6.0)  # saturates part of the units
+    with GradientMonitor(rnn, reporters=[], activation_every_n_steps=1) as monitor:
+        rnn(torch.randn(16, 30, 4)).sum().backward()
+        monitor.step()
+    table = monitor.activation_history
+    assert list(table.site) == ["UnrolledRNN:tanh"]  # not 30 sites, one per time step
+    expected = _saturation(rnn.states)
+    assert 0.05 < expected < 0.95
+    assert float(table.saturated_fraction.iloc[0]) == pytest.approx(expected, rel=1e-6)
+
+    relu = UnrolledRNN(steps=30, activation=torch.relu)
+    with torch.no_grad():
+        relu.ih.bias[:3] = -50.0  # units 0-2 never fire; the others fire on some step
+    with GradientMonitor(relu, reporters=[], activation_every_n_steps=1) as monitor:
+        relu(torch.randn(16, 30, 4)).sum().backward()
+        monitor.step()
+    table = monitor.activation_history
+    assert list(table.site) == ["UnrolledRNN:relu"]
+    fired = torch.stack(relu.states).gt(0).any(dim=0).any(dim=0)  # per unit, over steps and samples
+    assert fired.tolist() == [False] * 3 + [True] * 5
+    assert float(table.dead_fraction.iloc[0]) == pytest.approx(3 / 8)  # units, not unit-steps
+
+    mlp = LoopedMLP()
+    with torch.no_grad():
+        mlp.layers[2].weight.mul_(40.0)  # saturates the third layer's units only
+    with GradientMonitor(mlp, reporters=[], activation_every_n_steps=1) as monitor:
+        mlp(torch.randn(16, 8)).sum().backward()
+        monitor.step()
+    table = monitor.activation_history
+    assert list(table.site) == ["LoopedMLP:tanh", "LoopedMLP:tanh#2", "LoopedMLP:tanh#3",
+                                "LoopedMLP:tanh#4"]
+    expected_per_layer = [_saturation([state]) for state in mlp.states]
+    assert expected_per_layer[2] > 2 * max(expected_per_layer[:2])
+    np.testing.assert_allclose(table.saturated_fraction.to_numpy(dtype=float),
+                               expected_per_layer, rtol=1e-6)
+
+
+def test_gates_of_a_hand_written_lstm_cell_stay_apart_over_time() -> None:
+    """Three sigmoid gates cut from one linear layer's output, unrolled over 12 steps: three
+    sites (one per place in the code), each over all 12 steps."""
+
+    class Cell(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gates = nn.Linear(4 + 6, 4 * 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = c = torch.zeros(x.shape[0], 6)
+            self.states: dict[str, list[torch.Tensor]] = {"i": [], "f": [], "o": []}
+            for t in range(x.shape[1]):
+                z = self.gates(torch.cat([x[:, t], h], dim=1))
+                i = torch.sigmoid(z[:, :6])
+                f = torch.sigmoid(z[:, 6:12])
+                o = torch.sigmoid(z[:, 12:18])
+                c = f * c + i * torch.tanh(z[:, 18:])
+                h = o * torch.tanh(c)
+                for key, value in (("i", i), ("f", f), ("o", o)):
+                    self.states[key].append(value.detach())
+            return h
+
+    torch.manual_seed(0)
+    cell = Cell()
+    with GradientMonitor(cell, reporters=[], activation_every_n_steps=1) as monitor:
+        cell(torch.randn(8, 12, 4) * 3).sum().backward()
+        monitor.step()
+    table = monitor.activation_history.set_index("site")
+    assert list(table.index) == ["Cell:sigmoid", "Cell:sigmoid#2", "Cell:sigmoid#3",
+                                 "Cell:tanh", "Cell:tanh#2"]
+    for site, key in (("Cell:sigmoid", "i"), ("Cell:sigmoid#2", "f"), ("Cell:sigmoid#3", "o")):
+        y = torch.cat([v.double().flatten() for v in cell.states[key]])
+        expected = float((y * (1 - y) < FLOOR).double().mean())
+        assert float(table.loc[site, "saturated_fraction"]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_functional_off_sees_only_modules() -> None:

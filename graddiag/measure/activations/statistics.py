@@ -9,7 +9,9 @@ the way), 4-D/5-D tensors use dimension 1 and others the last one.
 
 A site called several times in one forward pass (torchvision's reused ``self.relu``) has
 different units on each call, even of the same width: each call position keeps its own units,
-and the same call position of another forward pass (another micro-batch) adds its samples.
+and the same call position of another forward pass (another micro-batch) adds its samples. A
+recurrent cell unrolled over time steps (one functional call site fed by the same weights) has
+the same units on every call: a unit is dead only if it is dead on every one.
 """
 
 from __future__ import annotations
@@ -102,8 +104,14 @@ class _Site:
         return total
 
     def add(self, x: torch.Tensor | None, y: torch.Tensor, params: dict[str, float],
-            floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None) -> None:
-        """Add one call's statistics (``forward_pass`` numbers the outermost forward calls)."""
+            floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None,
+            same_units: bool = False) -> None:
+        """Add one call's statistics (``forward_pass`` numbers the outermost forward calls).
+
+        ``same_units``: every call of this site has the same units (a recurrent cell's, one
+        call per time step), so a unit is dead only if it is dead on every call; otherwise each
+        call position within a forward pass keeps units of its own.
+        """
         if in_backward():  # re-run by activation checkpointing: the forward already counted
             return
         if not y.is_floating_point():
@@ -137,7 +145,7 @@ class _Site:
             dead = below
         if forward_pass != self._pass:
             self._pass, self._ordinal = forward_pass, 0
-        key = (self._ordinal, int(dead.numel()))
+        key = (0 if same_units else self._ordinal, int(dead.numel()))
         self._ordinal += 1
         previous = self._slots.get(key)
         self._slots[key] = dead if previous is None else previous & dead

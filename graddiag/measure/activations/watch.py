@@ -10,8 +10,11 @@ inside stay on the device until :meth:`ActivationWatch.take`.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from types import FrameType
 from typing import Any
 
 import torch
@@ -35,6 +38,42 @@ from graddiag.measure.compat import (
 from graddiag.measure.order import GradientArrival
 
 log = logging.getLogger("graddiag")
+
+#: torch's own source files: a functional activation's call site is the first frame outside them.
+_TORCH_SOURCES = os.path.dirname(torch.__file__) + os.sep
+#: Autograd nodes searched for the trainable tensor nearest an activation's output.
+_MAX_NODES = 32
+
+
+def call_site(depth: int) -> tuple[Any, int] | None:
+    """Where the code ``depth`` frames above the caller called into torch: ``(code object,
+    instruction offset)`` of the first frame outside torch's sources (``F.relu`` and torch's
+    dispatch frames skipped); two calls on one line stay apart."""
+    frame: FrameType | None = sys._getframe(depth + 1)
+    while frame is not None and frame.f_code.co_filename.startswith(_TORCH_SOURCES):
+        frame = frame.f_back
+    return None if frame is None else (frame.f_code, frame.f_lasti)
+
+
+def nearest_trainable(tensor: torch.Tensor) -> int | None:
+    """``id`` of the trainable leaf (a parameter) nearest ``tensor`` in its autograd graph, by a
+    breadth-first search over at most :data:`_MAX_NODES` nodes; ``None`` if none is found.
+
+    It tells a loop over time (the same cell's weights on every call) from a loop over depth
+    (``for layer in self.layers: x = torch.tanh(layer(x))``, other weights on every call).
+    """
+    node = tensor.grad_fn
+    if node is None:
+        return None
+    queue, seen = [node], 0
+    while queue and seen < _MAX_NODES:
+        node = queue.pop(0)
+        seen += 1
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            return id(variable)
+        queue.extend(n for n, _ in node.next_functions if n is not None)
+    return None
 
 
 class _Interceptor(TorchFunctionMode):
@@ -102,7 +141,9 @@ class ActivationWatch:
         self._live: ExitStack | None = None
         self._mode: _Interceptor | None = None
         self._installed = False
-        self._stack: list[tuple[nn.Module, dict[str, int]]] = []
+        # the running modules, each with its functional call sites: kind -> how many sites,
+        # (kind, call site, nearest trainable) -> the site's number
+        self._stack: list[tuple[nn.Module, dict[Any, int]]] = []
         self._busy = False
         self.arrival: GradientArrival | None = None  # times the gradient through each site
         self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
@@ -202,8 +243,9 @@ class ActivationWatch:
     def inside_activation_module(self) -> bool:
         return bool(self._stack) and self.registry.for_module(self._stack[-1][0]) is not None
 
-    def _caller(self) -> tuple[str, dict[str, int]] | None:
-        """The running module of the watched tree and its call counts; ``None`` in another model."""
+    def _caller(self) -> tuple[str, dict[Any, int]] | None:
+        """The running module of the watched tree and its functional call sites; ``None`` in
+        another model."""
         if not self._stack:
             return self.root_name, {}
         module, counts = self._stack[-1]
@@ -224,15 +266,27 @@ class ActivationWatch:
 
     def record_function(self, spec: ActivationSpec, params: dict[str, float],
                         x: torch.Tensor | None, y: torch.Tensor) -> None:
+        """Add a functional activation's call to its site: ``{module}:{kind}``, numbered
+        ``#2``, ``#3``, ... by first call within the running module's call. Calls from one
+        place in the code on the output of the same weights (a recurrent cell unrolled over
+        time steps) are one site with one set of units; other calls, from another place or
+        after other weights (a loop over layers), are sites of their own."""
         caller = self._caller()
         if caller is None:
             return
-        name, counts = caller
-        counts[spec.kind] = n = counts.get(spec.kind, 0) + 1
-        self._add(f"{name}:{spec.kind}" + (f"#{n}" if n > 1 else ""), spec, params, x, y)
+        name, sites = caller
+        leaf = nearest_trainable(y)
+        key = None if leaf is None else (spec.kind, call_site(2), leaf)
+        n = sites.get(key) if key is not None else None
+        if n is None:
+            sites[spec.kind] = n = sites.get(spec.kind, 0) + 1
+            if key is not None:
+                sites[key] = n
+        self._add(f"{name}:{spec.kind}" + (f"#{n}" if n > 1 else ""), spec, params, x, y,
+                  same_units=key is not None)
 
     def _add(self, name: str, spec: ActivationSpec, params: dict[str, float],
-             x: torch.Tensor | None, y: torch.Tensor) -> None:
+             x: torch.Tensor | None, y: torch.Tensor, *, same_units: bool = False) -> None:
         if self._busy:
             return
         self._busy = True
@@ -245,7 +299,7 @@ class ActivationWatch:
                 if site is None:
                     site = self.sites[name] = _Site(name, spec)
                 site.add(x, y, params, self.floor, forward_pass=self.forward_passes,
-                         skipped=self.skipped)
+                         skipped=self.skipped, same_units=same_units)
         finally:
             self._busy = False
 
