@@ -6,6 +6,7 @@ Every expected value is recomputed here from copies of the weights in float64.
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -617,3 +618,97 @@ def test_a_learning_rate_too_small_for_the_weights_is_named_when_every_layer_has
     assert "~1e-09 of their norm" in found[0].message
     assert "scales its update down" not in found[0].message
     assert found[0].remedy.startswith("raise the learning rate (check its exponent")
+
+
+# ----------------------------------------------------------------------------- next to an explosion
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 2)
+
+
+def _explode_a(model: _TwoLayers, clip: float | None, steps: int = 6
+               ) -> tuple[GradientMonitor, list[dict[str, torch.Tensor]]]:
+    """SGD on hand-set gradients: ``a``'s elements 1e6 (norm ~8.5e6, above ``exploding_abs``
+    1e4), ``fc``'s 0.5; clipped by the global norm to ``clip`` when given."""
+    torch.manual_seed(0)
+    model = model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = []
+    with GradientMonitor(model, reporters=[], optimizers=opt, param_every_n_steps=1) as monitor:
+        for _ in range(steps):
+            for name, p in model.named_parameters():
+                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 0.5)
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            monitor.step(clip_norm=clip)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+    return monitor, weights
+
+
+def test_a_layer_small_or_stalled_only_next_to_an_explosion_under_clipping_says_so() -> None:
+    monitor, weights = _explode_a(_TwoLayers(), clip=1.0)
+    found = {(f.kind, f.layer): f for f in monitor.findings}
+    exploding = found[("exploding", "a")]
+    assert exploding.step == 0
+    assert exploding.remedy == wording.EXPLODING_WHILE_CLIPPING
+    assert "Trainer(gradient_clip_val" not in exploding.remedy  # clipping is already on
+    # fc's gradient norm (2.12) is 2.5e-7 x a's: above vanishing_early_rel (1e-8), so vanishing
+    # would take vanishing_patience (10) steps; within 6 steps fc is stalled
+    total = math.sqrt(72 * 1e12 + 18 * 0.25)
+    for step in (1, 2, 3):  # fc moves by lr x 0.5 x (1 / total) per element: ~1e-8 of its norm
+        assert _expected_ratio(weights, step, "fc") < 1e-6
+    stalled = found[("stalled", "fc")]
+    assert stalled.step == 3
+    assert f"total gradient norm is {total:.3g}" in stalled.message
+    assert "exploding layer 'a'" in stalled.message
+    assert "gradient has vanished" not in stalled.message
+    assert stalled.remedy.startswith(wording.BEHIND_AN_EXPLOSION + " ('a')")
+
+
+def test_without_clipping_the_exploding_remedy_suggests_it() -> None:
+    monitor, _ = _explode_a(_TwoLayers(), clip=None, steps=2)
+    exploding = [f for f in monitor.findings if f.kind == "exploding"]
+    assert [(f.layer, f.step) for f in exploding] == [("a", 0)]
+    assert exploding[0].remedy == wording.EXPLODING
+
+
+def test_a_layer_vanishing_only_next_to_an_exploding_one_says_so() -> None:
+    """``fc``'s gradient (elements 1e-3) is 5e-10 x the exploding ``a``'s: early vanishing, told
+    to treat the explosion first rather than the usual vanishing remedies."""
+    model = _TwoLayers()
+    with GradientMonitor(model, reporters=[]) as monitor:
+        for _ in range(3):
+            for name, p in model.named_parameters():
+                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 1e-3)
+            monitor.step()
+    found = {(f.kind, f.layer): f for f in monitor.findings}
+    assert set(found) == {("exploding", "a"), ("vanishing", "fc")}
+    vanishing = found[("vanishing", "fc")]
+    assert "The largest layer, 'a', is itself exploding" in vanishing.message
+    assert vanishing.remedy == wording.BEHIND_AN_EXPLOSION + " ('a')"
+
+
+def test_adam_on_an_exploded_gradient_stalls_and_the_finding_names_the_explosion() -> None:
+    """Elements of 1e30: Adam's second moment (g^2 = 1e60) is inf in float32, so ``a``'s update
+    is exactly 0 (checked on the weights); the stalled finding blames the explosion, not an
+    optimizer scaling an ordinary gradient down."""
+    torch.manual_seed(0)
+    model = _TwoLayers()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    weights = []
+    with GradientMonitor(model, reporters=[], optimizers=opt) as monitor:
+        for _ in range(5):
+            for name, p in model.named_parameters():
+                p.grad = torch.full_like(p, 1e30 if name.startswith("a.") else 0.5)
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            monitor.step()
+            opt.step()
+    assert all(_expected_ratio(weights, step, "a") == 0.0 for step in (2, 3))
+    stalled = [f for f in monitor.findings if f.kind == "stalled"]
+    assert [f.layer for f in stalled] == ["a"]
+    assert "Its own gradient has exploded" in stalled[0].message
+    assert "scales its update down" not in stalled[0].message
+    assert stalled[0].remedy == wording.EXPLODING

@@ -295,7 +295,10 @@ class GradientMonitor(MonitorResults, WatchControls):
 
     def _evaluate(self, record: StepRecord, replay: ReplayArgument = None) -> StepReport:
         self._explainer.observe(record)
-        findings = [self._explainer.explain(f, record) for f in self.rules.update(record)]
+        findings = self.rules.update(record)
+        if findings:
+            self._explainer.exploding = self.rules.reported("exploding")
+            findings = [self._explainer.explain(f, record) for f in findings]
         findings = self._replay.annotate(findings, record.step, replay)  # op and line of a NaN
         self._history.append(record)
         if findings:

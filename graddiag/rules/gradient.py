@@ -227,7 +227,8 @@ class ExplodingRule(OnsetRule):
             value=value,
             threshold=threshold,
             message=f"Exploding gradient: {evidence}; updates this large destabilise training.",
-            remedy=remedies.EXPLODING,
+            remedy=(remedies.EXPLODING if record.clipped is None
+                    else remedies.EXPLODING_WHILE_CLIPPING),
             details={"recent_level": level},
         )
 

@@ -144,7 +144,8 @@ class StalledRule(OnsetRule):
         lrs = record.learning_rate
         largest_lr = float(np.nanmax(lrs)) if lrs is not None and np.isfinite(lrs).any() else float("nan")
         grads = np.where(record.has_grad & np.isfinite(record.grad_norm), record.grad_norm, -np.inf)
-        top_grad = float(grads.max())
+        top_grad_pos = int(np.argmax(grads))
+        top_grad = float(grads[top_grad_pos])
         grad_ratio = float(record.grad_norm[i]) / top_grad if top_grad > 0 else float("nan")
         rms = _rms(record, i)
         if lr_text and lr < LR_GAP * largest_lr:
@@ -183,7 +184,9 @@ class StalledRule(OnsetRule):
             remedy=remedy,
             details={"fastest_layer": record.layers[top_pos], "fastest_ratio": top,
                      "learning_rate": lr, "largest_learning_rate": largest_lr,
-                     "grad_ratio_to_largest": grad_ratio},
+                     "grad_ratio_to_largest": grad_ratio, "cause": cause,
+                     "largest_grad_layer": (record.layers[top_grad_pos] if top_grad > 0
+                                            else None)},
         )
 
 

@@ -34,6 +34,18 @@ EXPLODING = (
     "initialisation scale (Kaiming/Xavier instead of large weights); add normalisation layers; "
     "check for unnormalised inputs or targets"
 )
+#: Exploding while gradient clipping is on: clipping bounds the step, not the gradient.
+EXPLODING_WHILE_CLIPPING = (
+    "lower the learning rate; check the initialisation scale (Kaiming/Xavier instead of large "
+    "weights; for recurrent weights, an orthogonal init); add normalisation layers; check for "
+    "unnormalised inputs or targets; clipping by the global norm is already on and shrinks every "
+    "layer's update by the same factor, so the exploding layer also starves the others"
+)
+#: A layer small, or stalled, only next to another layer whose gradient exploded.
+BEHIND_AN_EXPLOSION = (
+    "treat the exploding layer first (its finding says how): this layer's own gradient is "
+    "ordinary"
+)
 NONFINITE = (
     "look for log(0), division by zero, sqrt of 0 or of negatives and exp overflow near the "
     "origin layer; lower the learning rate; clip gradients; use a numerically stable loss "
