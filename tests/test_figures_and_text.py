@@ -227,6 +227,21 @@ def test_summary_text_has_short_columns_and_activation_sites_apart() -> None:
     assert "3 optimizer step(s) skipped" in html
 
 
+def test_summary_keeps_inf_norms_and_ignores_steps_without_a_gradient() -> None:
+    """A layer whose norm was inf on every step (beyond float32's range) reads inf, not NaN; a
+    step without a gradient (NaN) is left out."""
+    import pandas as pd
+
+    inf, nan = float("inf"), float("nan")
+    history = pd.DataFrame({"step": [0, 0, 1, 1, 2, 2], "layer": ["a", "b"] * 3,
+                            "position": [0, 1] * 3, "grad_norm": [inf, 0.5, inf, nan, inf, 0.25]})
+    summary = summarize(history, []).set_index("layer")
+    assert summary.loc["a", ["grad_norm_median", "grad_norm_min", "grad_norm_max"]].tolist() == [
+        inf, inf, inf]
+    assert summary.loc["b", ["grad_norm_median", "grad_norm_min", "grad_norm_max"]].tolist() == [
+        0.375, 0.25, 0.5]
+
+
 def test_interval_rows_keep_exact_extremes_and_a_bounded_evenly_spaced_sample() -> None:
     rng = np.random.default_rng(3)
     rows = [10 ** rng.uniform(-6, 0, 4) for _ in range(1000)]

@@ -14,20 +14,22 @@ SUMMARY_COLUMNS = ["layer", "position", "records", "grad_norm_median", "grad_nor
 def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
     """One row per layer (forward order), then one per activation site named by a finding.
 
-    ``grad_norm_*`` ignore non-finite values; ``findings`` counts the onsets in that layer.
+    ``grad_norm_*`` ignore steps without a gradient (NaN) and keep inf (a norm beyond float32's
+    range, or an overflow): a layer that was inf on every step reads inf, not NaN;
+    ``findings`` counts the onsets in that layer.
     ``activation_site`` is True for the rows of activation sites (they have no gradient norms).
     """
     rows = []
     if len(history):
         for layer, group in history.groupby("layer", sort=False):
-            finite = group["grad_norm"][group["grad_norm"].abs() < float("inf")]
+            measured = group["grad_norm"].dropna()  # inf stays: it is a measurement
             rows.append({
                 "layer": layer,
                 "position": int(group["position"].iloc[-1]),
                 "records": int(len(group)),
-                "grad_norm_median": float(finite.median()) if len(finite) else float("nan"),
-                "grad_norm_min": float(finite.min()) if len(finite) else float("nan"),
-                "grad_norm_max": float(finite.max()) if len(finite) else float("nan"),
+                "grad_norm_median": float(measured.median()) if len(measured) else float("nan"),
+                "grad_norm_min": float(measured.min()) if len(measured) else float("nan"),
+                "grad_norm_max": float(measured.max()) if len(measured) else float("nan"),
                 "last_grad_norm": float(group["grad_norm"].iloc[-1]),
             })
     layers = {r["layer"] for r in rows}
