@@ -97,6 +97,24 @@ def test_float64_gradients_beyond_float32_range_are_recorded_as_they_are(every: 
     assert "nonfinite" not in {f.kind for f in monitor.findings}
 
 
+def test_float64_histograms_bin_finite_values_beyond_float32_range_as_finite() -> None:
+    """1e100 lands in the last finite bin (above the top edge), not the NaN/Inf bin, with its
+    sum and sum of squares; 1e-60 in the first."""
+    from graddiag.data.bins import HISTOGRAM_BINS
+
+    model = _float64_pair(1e-60, 1e100)
+    with GradientMonitor(model, reporters=[], histogram_every_n_steps=1) as monitor:
+        monitor.step()
+    rows = monitor.records[0].grad_histograms
+    assert rows is not None
+    counts, sums, squares = rows[:, :HISTOGRAM_BINS], rows[:, -2], rows[:, -1]
+    tiny, huge = np.zeros(HISTOGRAM_BINS), np.zeros(HISTOGRAM_BINS)
+    tiny[0], huge[HISTOGRAM_BINS - 2] = 16, 10  # 12 + 4 and 8 + 2 elements
+    np.testing.assert_array_equal(counts, [tiny, huge])
+    assert sums.tolist() == pytest.approx([16e-60, 10e100], rel=1e-12, abs=0)
+    assert squares.tolist() == pytest.approx([16e-120, 10e200], rel=1e-12, abs=0)
+
+
 def test_float64_parameter_norms_keep_float64_range() -> None:
     model = nn.Sequential(nn.Linear(3, 4, bias=False)).double()
     with torch.no_grad():

@@ -379,11 +379,13 @@ def test_stalled_rule_table(ratios: list[list[float]], lr: list[float] | None,
         ([1e-9] * 4, [1e-10, 1e-10, 2e-10, 2e-10], []),  # rose once: the streak restarts
         ([1e-3] + [1e-9] * 4, [1e-3] + [1e-10] * 4, []),  # fallen from 1e-3: a schedule's end
         ([1e-9] * 4, [1e-10, 1e-10, 0.9e-10, 0.8e-10], [("l0", 3), ("l1", 3)]),  # slow decay
+        ([1e-9] * 4, [2e-10, 2e-10, 1e-10, 1e-10], []),  # a first halving (StepLR gamma 0.5)
         ([2e-6] * 4, [1e-10] * 4, []),  # the weights move anyway (SGD, huge gradients)
         ([1e-9] * 4, [1e-6] * 4, []),  # lr / RMS = 1e-5: not too small for the weights
         ([1e-9] * 4, None, []),  # learning rates unknown: slow alike says nothing
     ],
-    ids=["typo", "short", "warm-up", "rose", "decayed", "slow-decay", "moving", "enough", "no-lr"],
+    ids=["typo", "short", "warm-up", "rose", "decayed", "slow-decay", "halved", "moving", "enough",
+         "no-lr"],
 )
 def test_a_tiny_learning_rate_is_stalled_on_its_own(ratios: list[float], lrs: list[float] | None,
                                                     expected: list[tuple[str, int]]) -> None:
@@ -712,3 +714,15 @@ def test_adam_on_an_exploded_gradient_stalls_and_the_finding_names_the_explosion
     assert "Its own gradient has exploded" in stalled[0].message
     assert "scales its update down" not in stalled[0].message
     assert stalled[0].remedy == wording.EXPLODING
+
+
+def test_a_learning_rate_small_for_one_layers_weights_while_others_move_is_not_stalled() -> None:
+    """A LayerNorm's weights of 1 at a fine-tuning rate of 5e-7 (lr / RMS = 5e-7, ratio 3e-7)
+    next to layers that move by 3e-5: not a mistake, and not reported."""
+    rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    found = []
+    for step in range(6):
+        record = _record(step, [3e-5, 3e-7, 3e-5], lr=[5e-7] * 3, param_norm=[1.0, 1.0, 1.0])
+        record.param_count = np.array([10_000, 1, 10_000])  # RMS 0.01, 1, 0.01
+        found += rule.update(record)
+    assert found == []

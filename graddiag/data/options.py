@@ -182,7 +182,8 @@ class MonitorConfig(_Checked):
     stalled_rel: float = option(
         1e-3, Number(0.0, 1.0),
         "Fraction of the fastest-moving layer's update ratio a stalled layer must also be "
-        "below (a warm-up that slows every layer alike is not a finding).")
+        "below, unless no layer moves by stalled_ratio and its learning rate is too small for "
+        "its weights (a warm-up that slows every layer alike is not a finding).")
     unstable_ratio: float = option(
         0.1, Number(0.0, low_open=True),
         "A layer whose weights change by more than this fraction of their norm in one "

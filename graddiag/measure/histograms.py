@@ -7,7 +7,13 @@ import torch
 
 from graddiag.data.bins import HISTOGRAM_BINS, HISTOGRAM_EDGES
 from graddiag.measure.layers import LayerIndex, is_dtensor
-from graddiag.measure.norms import MEASURE_ERRORS, _local, _reduce_sharded, warn_unmeasurable
+from graddiag.measure.norms import (
+    MEASURE_ERRORS,
+    _local,
+    _reduce_sharded,
+    norm_dtype,
+    warn_unmeasurable,
+)
 
 
 class HistogramProbe:
@@ -21,11 +27,12 @@ class HistogramProbe:
     def __init__(self, index: LayerIndex, warned: set[str] | None = None) -> None:
         self._layers = [layer.params for layer in index.layers]
         self._names = [layer.param_names for layer in index.layers]
-        self._log_edges: torch.Tensor | None = None
+        self._log_edges: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._warned = set() if warned is None else warned
 
     def read(self) -> torch.Tensor:
-        """``(layers, HISTOGRAM_BINS + 2)`` float32: counts, then sum and sum of squares."""
+        """``(layers, HISTOGRAM_BINS + 2)``: counts, then sum and sum of squares (float32, or
+        float64 when some gradient is float64: its magnitudes are binned in their own range)."""
         rows = []
         for params, names in zip(self._layers, self._names):
             try:
@@ -43,17 +50,20 @@ class HistogramProbe:
         if not grads:
             device = params[0].device if params else torch.device("cpu")
             return torch.zeros(HISTOGRAM_BINS + 2, device=device)
-        # complex gradients: the magnitudes of their elements; any other dtype upcast alone
-        values = torch.cat([(g.abs() if g.is_complex() else g).float() for g in grads])
+        # complex gradients: the magnitudes of their elements; float64 stays float64 (a finite
+        # 1e100 is not an inf), any other dtype is upcast to float32 alone
+        dtype = max((norm_dtype(g.dtype) for g in grads), key=lambda d: torch.finfo(d).bits)
+        values = torch.cat([(g.abs() if g.is_complex() else g).to(dtype) for g in grads])
         device = values.device
-        if self._log_edges is None or self._log_edges.device != device:
-            self._log_edges = torch.tensor(np.log10(HISTOGRAM_EDGES), dtype=torch.float32,
-                                           device=device)
+        edges = self._log_edges.get((device, dtype))
+        if edges is None:
+            edges = self._log_edges[device, dtype] = torch.tensor(
+                np.log10(HISTOGRAM_EDGES), dtype=dtype, device=device)
         magnitude = values.abs()
         finite = torch.isfinite(magnitude)
-        bucket = torch.bucketize(torch.log10(magnitude), self._log_edges, right=True)
+        bucket = torch.bucketize(torch.log10(magnitude), edges, right=True)
         bucket = torch.where(finite, bucket, HISTOGRAM_BINS - 1)
-        counts = torch.zeros(HISTOGRAM_BINS, device=device)
+        counts = torch.zeros(HISTOGRAM_BINS, dtype=dtype, device=device)
         counts.index_add_(0, bucket, torch.ones_like(magnitude))
         safe = torch.where(finite, values, 0.0)
         row = torch.cat([counts, safe.sum().reshape(1), (safe * safe).sum().reshape(1)])

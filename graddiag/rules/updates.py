@@ -20,8 +20,9 @@ from graddiag.rules.onsets import OnsetRule, Rule, _fmt
 
 #: A layer's learning rate this far below the largest counts as "too small for this layer".
 LR_GAP = 1e-2
-#: A learning rate below this fraction of the largest the layer has had is a schedule's decay
-#: (cosine to 0, step decay), not a mistake: a tiny one is then not reported on its own.
+#: A learning rate at or below this fraction of the largest the layer has had is a schedule's
+#: decay (cosine to 0, step decay, a first halving), not a mistake: a tiny one is then not
+#: reported on its own.
 LR_DECAYED = 0.5
 #: Weights whose RMS starts below this start from (near) zero: below any standard
 #: initialisation (Kaiming/Xavier give ~1/sqrt(fan_in), 2e-3 even for a fan-in of 250,000), as in
@@ -63,10 +64,13 @@ class StalledRule(OnsetRule):
 
     The second case needs the learning rate (``optimizers=`` in a plain loop; the callback reads
     it): ``lr / RMS(w)`` below ``ratio_floor`` means even Adam, which moves every weight by about
-    the learning rate, changes the weights by less than that fraction per step. It is judged on
-    its own, whatever the other layers do (a mistyped exponent slows every layer alike), but
-    not while the layer's learning rate is rising (a warm-up under way) or after it has fallen
-    below :data:`LR_DECAYED` of its largest (a schedule's end).
+    the learning rate, changes the weights by less than that fraction per step. It is judged
+    where no layer moves by ``ratio_floor`` (a mistyped exponent slows every layer alike, while
+    a LayerNorm's weights of 1 at a fine-tuning rate of 5e-7 sit below it next to layers that
+    move), and not while the layer's learning rate is rising (a warm-up under way) or once it
+    is at most :data:`LR_DECAYED` of its largest (a schedule's end). The learning rate of a
+    record is the one its step will apply, its ratio the update of the step before: under a
+    schedule they differ by one step's change.
     """
 
     kind = "stalled"
@@ -93,8 +97,10 @@ class StalledRule(OnsetRule):
             return []
         top_pos = int(np.argmax(np.where(judged, ratio, -np.inf)))
         top = float(ratio[top_pos])
-        condition = judged & (ratio < self.ratio_floor) & ((ratio < self.rel_floor * top)
-                                                           | tiny_lr)
+        lagging = ratio < self.rel_floor * top
+        if top < self.ratio_floor:  # nothing moves: a learning rate too small is one cause
+            lagging |= tiny_lr
+        condition = judged & (ratio < self.ratio_floor) & lagging
         onsets = self.onsets.observe_all(record.layers, condition, judged)
         self._active = self.onsets.any_confirmed()
         return [self._finding(record, int(i), top_pos) for i in onsets]
@@ -113,7 +119,7 @@ class StalledRule(OnsetRule):
         peak = np.where(known, np.fmax(self._peak_lr, lr), self._peak_lr)
         with np.errstate(invalid="ignore", divide="ignore"):  # NaN compares False: not tiny
             rms = np.asarray(norms, dtype=float) / np.sqrt(np.asarray(counts, dtype=float))
-            tiny = ((lr > 0.0) & (lr <= last) & (lr >= LR_DECAYED * peak) & (rms > 0.0)
+            tiny = ((lr > 0.0) & (lr <= last) & (lr > LR_DECAYED * peak) & (rms > 0.0)
                     & (lr / rms < self.ratio_floor))
         self._last_lr = np.where(known, lr, last)
         self._peak_lr = peak
@@ -188,7 +194,6 @@ class StalledRule(OnsetRule):
                      "largest_grad_layer": (record.layers[top_grad_pos] if top_grad > 0
                                             else None)},
         )
-
 
     def state_dict(self) -> dict[str, Any]:
         last, peak = self.learning_rates_seen()
