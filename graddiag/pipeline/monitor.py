@@ -143,13 +143,13 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._blocks = c.evaluate_every_n_records > 1 and c.on_exploding == "warn"
         self._warn_only = c.on_nonfinite == "warn" and c.on_exploding == "warn"
         self._block_started = 0.0  # when the first of the kept plain steps was kept
-        # a monitor never closed is closed for its user (its waiting steps judged, its
-        # reporters finished and closed): when it is dropped (``__del__``), or when the
-        # interpreter exits while it is still alive (in this process: a forked child does not
-        # judge its parent's steps nor write to its parent's reporters)
+        # a monitor never closed still judges its waiting steps and has its reporters flush
+        # them: when it is dropped (``__del__``), or when the interpreter exits while it is
+        # still alive (in this process: a forked child does not judge its parent's steps nor
+        # write to its parent's reporters); reporters are finished and closed only by close()
         self._pid = os.getpid()
-        self._close_at_exit = partial(_close_if_open, weakref.ref(self))
-        atexit.register(self._close_at_exit)
+        self._judge_at_exit = partial(_judge_if_open, weakref.ref(self))
+        atexit.register(self._judge_at_exit)
 
     # ----------------------------------------------------------------- one step
     def step(self, step: int | None = None, *, optimizer: int = 0,
@@ -340,21 +340,21 @@ class GradientMonitor(MonitorResults, WatchControls):
             return
         self.flush()
         self._closed = True
-        atexit.unregister(self._close_at_exit)
+        atexit.unregister(self._judge_at_exit)
         self._release()
         self._activations.close()
         self._reporting.close(self._history.records, self._measurement.layers, self._findings,
                               self.summary, self.skipped_steps)
 
     def __del__(self) -> None:
-        """Dropped without :meth:`close`: closed now, so that the steps still waiting are
-        judged, their findings reach the reporters, and the reporters finish and close (a
-        ``SummaryWriter`` is flushed)."""
-        handler = getattr(self, "_close_at_exit", None)
+        """Dropped without :meth:`close`: the steps still waiting are judged, so that their
+        findings reach the reporters, and the reporters flush them (a ``SummaryWriter``'s
+        queue is written out); hooks go with the ``weakref`` finalizer."""
+        handler = getattr(self, "_judge_at_exit", None)
         if handler is None or self._closed or sys.is_finalizing():
             return
         atexit.unregister(handler)
-        _close_unclosed(self)
+        _judge_waiting(self)
 
     def __enter__(self) -> GradientMonitor:
         return self
@@ -372,25 +372,26 @@ class GradientMonitor(MonitorResults, WatchControls):
         restore_monitor(self, state)
 
 
-def _close_if_open(monitor: weakref.ReferenceType[GradientMonitor]) -> None:
-    """At interpreter exit: close a monitor still alive and never closed."""
+def _judge_if_open(monitor: weakref.ReferenceType[GradientMonitor]) -> None:
+    """At interpreter exit: judge the waiting steps of a monitor still alive and never closed."""
     alive = monitor()
     if alive is not None and not alive.closed:
-        _close_unclosed(alive)
+        _judge_waiting(alive)
 
 
-def _close_unclosed(monitor: GradientMonitor) -> None:
-    """Close a never-closed monitor (judge its waiting steps, finish and close its reporters),
-    in the process that created it only; a failure is logged, never raised (this runs from
-    garbage collection or at exit)."""
+def _judge_waiting(monitor: GradientMonitor) -> None:
+    """Judge a never-closed monitor's waiting steps and have its reporters flush them, in the
+    process that kept them; a failure is logged, never raised (this runs from garbage
+    collection or at exit). Reporters are not finished (no whole-run figure or summary: the
+    run may go on with another monitor) nor closed (they may be shared)."""
     if monitor._pid != os.getpid():
         return
     try:
-        monitor.close()
+        monitor.flush()
+        monitor._reporting.flush()
     except Exception as error:  # noqa: BLE001 - nothing may escape a finalizer
-        log.warning("graddiag: a monitor that was never closed could not be closed for you "
-                    "(%s: %s); close() it (or use it as a context manager) to have its last "
-                    "steps judged and its reporters closed in training.",
+        log.warning("graddiag: the steps still waiting for their block could not be judged "
+                    "(%s: %s); close() the monitor to have them judged in training.",
                     type(error).__name__, error)
 
 

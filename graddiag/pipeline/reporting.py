@@ -43,6 +43,11 @@ class Reporting:
         for reporter in self.reporters:
             reporter.report(snapshot)
 
+    def flush(self) -> None:
+        """Have every reporter write out what it buffers (those with ``flush``)."""
+        for reporter in self.reporters:
+            reporter.flush()
+
     def close(self, records: list[StepRecord], layers: list[str], findings: list[Finding],
               summary: Callable[[], pd.DataFrame], skipped_steps: int = 0) -> None:
         """Hand the run to the reporters that want it (``finish``), then close them all."""

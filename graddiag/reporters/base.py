@@ -7,7 +7,9 @@ A reporter receives immutable data only, never the monitor or the trainer:
   hold, where the activation sites sit);
 * ``finish(run)`` (optional) once at the end, with a :class:`~graddiag.data.snapshots.RunSnapshot`
   (the kept records, the final layers, every finding, the per-layer summary);
-* ``close()`` (optional) last.
+* ``close()`` (optional) last;
+* ``flush()`` (optional): write out what is buffered; called instead of ``finish``/``close``
+  for a monitor that was never closed, when it is dropped or the interpreter exits.
 
 Reporters written for the earlier interface, ``report(record, findings)``, keep working: they get
 the record and the findings that began on it.
@@ -93,3 +95,8 @@ class SafeReporter:
         close = getattr(self.inner, "close", None)
         if callable(close):
             self._guard("close", close)
+
+    def flush(self) -> None:
+        flush = getattr(self.inner, "flush", None)
+        if callable(flush):
+            self._guard("flush", flush)

@@ -250,6 +250,10 @@ class TensorBoardReporter:
                         "Images tab.", path, error)
 
     def close(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Write out the writer's queued events (a closed torch ``SummaryWriter`` stays closed)."""
         self.writer.flush()
 
 
