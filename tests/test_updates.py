@@ -630,13 +630,14 @@ class _TwoLayers(nn.Module):
         self.fc = nn.Linear(8, 2)
 
 
-def _explode_a(model: _TwoLayers, clip: float | None, steps: int = 6
+def _explode_a(model: _TwoLayers, clip: float | None, steps: int = 6, fc_lr: float = 0.1
                ) -> tuple[GradientMonitor, list[dict[str, torch.Tensor]]]:
     """SGD on hand-set gradients: ``a``'s elements 1e6 (norm ~8.5e6, above ``exploding_abs``
-    1e4), ``fc``'s 0.5; clipped by the global norm to ``clip`` when given."""
+    1e4), ``fc``'s 0.5 (learning rate ``fc_lr``); clipped by the global norm to ``clip`` when
+    given."""
     torch.manual_seed(0)
-    model = model
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD([{"params": model.a.parameters()},
+                           {"params": model.fc.parameters(), "lr": fc_lr}], lr=0.1)
     weights = []
     with GradientMonitor(model, reporters=[], optimizers=opt, param_every_n_steps=1) as monitor:
         for _ in range(steps):
@@ -726,3 +727,29 @@ def test_a_learning_rate_small_for_one_layers_weights_while_others_move_is_not_s
         record.param_count = np.array([10_000, 1, 10_000])  # RMS 0.01, 1, 0.01
         found += rule.update(record)
     assert found == []
+
+
+def test_a_learning_rate_gap_stays_the_cause_next_to_an_explosion() -> None:
+    """``fc`` at lr 1e-12 against 0.1 for ``a``: stalled for its learning rate, also while ``a``
+    explodes under clipping."""
+    monitor, _ = _explode_a(_TwoLayers(), clip=1.0, fc_lr=1e-12)
+    stalled = [f for f in monitor.findings if f.kind == "stalled"]
+    assert [f.layer for f in stalled] == ["fc"]
+    assert "against 0.1 for other layers" in stalled[0].message
+    assert "clipping by the global norm" not in stalled[0].message.lower()
+    assert stalled[0].remedy == wording.STALLED_LR
+
+
+def test_a_gradient_vanished_on_its_own_is_not_blamed_on_an_explosion_elsewhere() -> None:
+    """``fc``'s elements at 1e-14 (norm 4.2e-14, below ``vanishing_abs`` 1e-12 on its own) next
+    to an exploding ``a``: the usual vanishing explanation, no "treat that explosion first"."""
+    model = _TwoLayers()
+    with GradientMonitor(model, reporters=[]) as monitor:
+        for _ in range(3):
+            for name, p in model.named_parameters():
+                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 1e-14)
+            monitor.step()
+    vanishing = [f for f in monitor.findings if f.kind == "vanishing"]
+    assert [f.layer for f in vanishing] == ["fc"]
+    assert "is itself exploding" not in vanishing[0].message
+    assert not vanishing[0].remedy.startswith(wording.BEHIND_AN_EXPLOSION)

@@ -132,8 +132,9 @@ class Explainer:
         """A stalled layer next to an explosion: its own gradient exploded (the optimizer's state
         overflows), or global-norm clipping shrank its update because another layer's did."""
         cause = finding.details.get("cause")
-        if not isinstance(cause, str) or cause not in finding.message:
-            return finding
+        if not isinstance(cause, str) or cause not in finding.message \
+                or finding.details.get("cause_kind") == "learning_rate":
+            return finding  # a learning rate too small is the cause, explosion or not
         i = record.layers.index(finding.layer) if finding.layer in record.layers else None
         own = float(record.grad_norm[i]) if i is not None else float("nan")
         largest = finding.details.get("largest_grad_layer")
@@ -159,7 +160,8 @@ class Explainer:
         details = dict(finding.details)
         ranked = remedies.VANISHING
         largest = details.get("largest_layer")
-        if largest in self.exploding and largest != finding.layer:
+        if largest in self.exploding and largest != finding.layer and finding.value > 0.0 \
+                and not details.get("below_abs"):  # small on its own too: vanished for real
             notes.append(
                 f"The largest layer, '{largest}', is itself exploding: this layer is small only "
                 "next to it; treat that explosion first."

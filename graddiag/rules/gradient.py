@@ -102,7 +102,8 @@ class VanishingRule(OnsetRule):
                         "the evidence is overwhelming.")),
             remedy=remedies.VANISHING,
             details={"ratio_to_largest": ratio, "largest_layer": record.layers[top_pos],
-                     "largest_norm": top, "early": steps is not None},
+                     "largest_norm": top, "early": steps is not None,
+                     "below_abs": value < self.abs_floor},
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -154,6 +154,7 @@ class StalledRule(OnsetRule):
         top_grad = float(grads[top_grad_pos])
         grad_ratio = float(record.grad_norm[i]) / top_grad if top_grad > 0 else float("nan")
         rms = _rms(record, i)
+        cause_kind = "learning_rate"  # what the evidence points to (the explainer reads it)
         if lr_text and lr < LR_GAP * largest_lr:
             cause = (f"{lr_text[1:-1]}, against {_fmt(largest_lr)} for other layers: too small a "
                      "learning rate for this layer.")
@@ -164,15 +165,18 @@ class StalledRule(OnsetRule):
                      f"changes them by ~{_fmt(lr / rms)} of their norm per step.")
             remedy = wording.STALLED_TINY_LR
         elif grad_ratio < self.vanishing_rel or record.grad_norm[i] == 0.0:
+            cause_kind = "gradient"
             cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
                      "has vanished before it reaches these weights.")
             remedy = wording.VANISHING
         elif lr_text:
+            cause_kind = "optimizer"
             cause = (f"{lr_text[1:]} Its gradient is not small ({_fmt(grad_ratio)} x the largest "
                      "layer's), so the optimizer scales its update down (e.g. Adam's eps, "
                      "weight decay cancelling it, a custom optimizer).")
             remedy = wording.STALLED
         else:
+            cause_kind = "unknown"
             cause = ("Causes: too small a learning rate for this layer's param group, a vanished "
                      "gradient, or an optimizer that does not hold the parameter (pass "
                      "optimizers= to GradientMonitor to have graddiag check these).")
@@ -191,6 +195,7 @@ class StalledRule(OnsetRule):
             details={"fastest_layer": record.layers[top_pos], "fastest_ratio": top,
                      "learning_rate": lr, "largest_learning_rate": largest_lr,
                      "grad_ratio_to_largest": grad_ratio, "cause": cause,
+                     "cause_kind": cause_kind,
                      "largest_grad_layer": (record.layers[top_grad_pos] if top_grad > 0
                                             else None)},
         )

@@ -38,8 +38,9 @@ EXPLODING = (
 EXPLODING_WHILE_CLIPPING = (
     "lower the learning rate; check the initialisation scale (Kaiming/Xavier instead of large "
     "weights; for recurrent weights, an orthogonal init); add normalisation layers; check for "
-    "unnormalised inputs or targets; clipping by the global norm is already on and shrinks every "
-    "layer's update by the same factor, so the exploding layer also starves the others"
+    "unnormalised inputs or targets; clipping by the global norm is already on, and when it "
+    "acts it shrinks every layer's update by the same factor, so the exploding layer also "
+    "starves the others"
 )
 #: A layer small, or stalled, only next to another layer whose gradient exploded.
 BEHIND_AN_EXPLOSION = (
