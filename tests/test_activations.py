@@ -220,6 +220,90 @@ def test_a_cell_unrolled_over_time_is_one_site_and_a_loop_over_layers_is_one_per
                                expected_per_layer, rtol=1e-6)
 
 
+class SharedScaleMLP(nn.Module):
+    """A loop over layers with tensors every layer shares (a learnable scale, a LayerNorm) and
+    a frozen middle: still one site per layer."""
+
+    def __init__(self, frozen: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.scale = nn.Parameter(torch.ones(8))
+        self.norm = nn.LayerNorm(8)
+        if frozen:
+            for layer in self.layers[1:]:
+                layer.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.states = []
+        for layer in self.layers:
+            x = torch.relu(self.norm(self.scale * layer(x)))
+            self.states.append(x.detach())
+        return x
+
+
+class LearnedStateRNN(nn.Module):
+    """A bias-free tanh cell unrolled over 10 steps from a learned initial state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h0 = nn.Parameter(torch.zeros(1, 8))
+        self.ih = nn.Linear(4, 8, bias=False)
+        self.hh = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.h0.expand(x.shape[0], -1)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.hh(h) + self.ih(x[:, t]))
+        return h
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["shared-tensors", "frozen-middle"])
+def test_layers_sharing_tensors_or_frozen_stay_one_site_each(frozen: bool) -> None:
+    torch.manual_seed(3)
+    model = SharedScaleMLP(frozen)
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(torch.randn(16, 8)).sum().backward()
+        monitor.step()
+    table = monitor.activation_history
+    assert list(table.site) == ["SharedScaleMLP:relu"] + [f"SharedScaleMLP:relu#{i}"
+                                                          for i in (2, 3, 4)]
+    dead = [float((state <= 0).all(dim=0).double().mean()) for state in model.states]
+    assert max(dead) > 0  # some layer has dead units, seen only if layers stay apart
+    np.testing.assert_allclose(table.dead_fraction.to_numpy(dtype=float), dead)
+
+
+def test_a_learned_initial_state_does_not_split_the_first_time_step() -> None:
+    torch.manual_seed(0)
+    model = LearnedStateRNN()
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(torch.randn(4, 10, 4)).sum().backward()
+        monitor.step()
+    assert list(monitor.activation_history.site) == ["LearnedStateRNN:tanh"]
+
+
+def test_a_cell_under_reentrant_checkpointing_is_one_site() -> None:
+    """``checkpoint(..., use_reentrant=True)`` runs each step without an autograd graph: the
+    modules that ran still tell the time steps of one cell from layers."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(UnrolledRNN):
+        def cell(self, x_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.ih(x_t) + self.hh(h))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.zeros(x.shape[0], 8)
+            for t in range(self.steps):
+                h = checkpoint(self.cell, x[:, t], h, use_reentrant=True)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Checkpointed(steps=12)
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(torch.randn(4, 12, 4).requires_grad_()).sum().backward()
+        monitor.step()
+    assert list(monitor.activation_history.site) == ["Checkpointed:tanh"]
+
+
 def test_gates_of_a_hand_written_lstm_cell_stay_apart_over_time() -> None:
     """Three sigmoid gates cut from one linear layer's output, unrolled over 12 steps: three
     sites (one per place in the code), each over all 12 steps."""

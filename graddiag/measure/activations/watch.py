@@ -10,11 +10,8 @@ inside stay on the device until :meth:`ActivationWatch.take`.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from types import FrameType
 from typing import Any
 
 import torch
@@ -22,6 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from graddiag.data.names import clean_name
+from graddiag.measure.activations.call_sites import CallSites, call_site
 from graddiag.measure.activations.registry import (
     _ATTRIBUTE_ACCESS,
     ZERO_GRADIENT_OPS,
@@ -38,43 +36,6 @@ from graddiag.measure.compat import (
 from graddiag.measure.order import GradientArrival
 
 log = logging.getLogger("graddiag")
-
-#: torch's own source files: a functional activation's call site is the first frame outside them.
-_TORCH_SOURCES = os.path.dirname(torch.__file__) + os.sep
-#: Autograd nodes searched for the trainable tensor nearest an activation's output.
-_MAX_NODES = 32
-
-
-def call_site(depth: int) -> tuple[Any, int] | None:
-    """Where the code ``depth`` frames above the caller called into torch: ``(code object,
-    instruction offset)`` of the first frame outside torch's sources (``F.relu`` and torch's
-    dispatch frames skipped); two calls on one line stay apart."""
-    frame: FrameType | None = sys._getframe(depth + 1)
-    while frame is not None and frame.f_code.co_filename.startswith(_TORCH_SOURCES):
-        frame = frame.f_back
-    return None if frame is None else (frame.f_code, frame.f_lasti)
-
-
-def nearest_trainable(tensor: torch.Tensor) -> int | None:
-    """``id`` of the trainable leaf (a parameter) nearest ``tensor`` in its autograd graph, by a
-    breadth-first search over at most :data:`_MAX_NODES` nodes; ``None`` if none is found.
-
-    It tells a loop over time (the same cell's weights on every call) from a loop over depth
-    (``for layer in self.layers: x = torch.tanh(layer(x))``, other weights on every call).
-    """
-    node = tensor.grad_fn
-    if node is None:
-        return None
-    queue, seen = [node], 0
-    while queue and seen < _MAX_NODES:
-        node = queue.pop(0)
-        seen += 1
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
-        if variable is not None:
-            return id(variable)
-        queue.extend(n for n, _ in node.next_functions if n is not None)
-    return None
-
 
 class _Interceptor(TorchFunctionMode):
     """Sees functional activations and graph-cutting operations during a watched forward."""
@@ -141,9 +102,10 @@ class ActivationWatch:
         self._live: ExitStack | None = None
         self._mode: _Interceptor | None = None
         self._installed = False
-        # the running modules, each with its functional call sites: kind -> how many sites,
-        # (kind, call site, nearest trainable) -> the site's number
-        self._stack: list[tuple[nn.Module, dict[Any, int]]] = []
+        # the running modules, each with the functional activation sites of its call, and the
+        # modules whose forward began in the watched pass (what fed each call, for its site)
+        self._stack: list[tuple[nn.Module, CallSites]] = []
+        self._modules_run: list[int] = []
         self._busy = False
         self.arrival: GradientArrival | None = None  # times the gradient through each site
         self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
@@ -170,13 +132,14 @@ class ActivationWatch:
         self.forward_passes += 1
         try:
             if running is not None:
-                self._stack.append((running, {}))
+                self._stack.append((running, CallSites(self._modules_run)))
             self._install(self._live)
             yield
         finally:
             live, self._live = self._live, None
             self.paused = False
             self._stack.clear()
+            self._modules_run.clear()
             live.close()
 
     def _install(self, stack: ExitStack) -> None:
@@ -234,7 +197,8 @@ class ActivationWatch:
         self.cut_ops = {}
 
     def _push(self, module: nn.Module, args: Any) -> None:
-        self._stack.append((module, {}))
+        self._modules_run.append(id(module))
+        self._stack.append((module, CallSites(self._modules_run)))
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack and self._stack[-1][0] is module:
@@ -243,11 +207,11 @@ class ActivationWatch:
     def inside_activation_module(self) -> bool:
         return bool(self._stack) and self.registry.for_module(self._stack[-1][0]) is not None
 
-    def _caller(self) -> tuple[str, dict[Any, int]] | None:
+    def _caller(self) -> tuple[str, CallSites] | None:
         """The running module of the watched tree and its functional call sites; ``None`` in
         another model."""
         if not self._stack:
-            return self.root_name, {}
+            return self.root_name, CallSites()
         module, counts = self._stack[-1]
         name = self.names.get(module)
         if name is None:
@@ -267,23 +231,16 @@ class ActivationWatch:
     def record_function(self, spec: ActivationSpec, params: dict[str, float],
                         x: torch.Tensor | None, y: torch.Tensor) -> None:
         """Add a functional activation's call to its site: ``{module}:{kind}``, numbered
-        ``#2``, ``#3``, ... by first call within the running module's call. Calls from one
-        place in the code on the output of the same weights (a recurrent cell unrolled over
-        time steps) are one site with one set of units; other calls, from another place or
-        after other weights (a loop over layers), are sites of their own."""
+        ``#2``, ``#3``, ... by first call within the running module's call; calls over time
+        steps of one recurrent cell are one site (see
+        :mod:`graddiag.measure.activations.call_sites`)."""
         caller = self._caller()
         if caller is None:
             return
         name, sites = caller
-        leaf = nearest_trainable(y)
-        key = None if leaf is None else (spec.kind, call_site(2), leaf)
-        n = sites.get(key) if key is not None else None
-        if n is None:
-            sites[spec.kind] = n = sites.get(spec.kind, 0) + 1
-            if key is not None:
-                sites[key] = n
+        n, joined = sites.number(spec.kind, call_site(2), y)
         self._add(f"{name}:{spec.kind}" + (f"#{n}" if n > 1 else ""), spec, params, x, y,
-                  same_units=key is not None)
+                  same_units=joined)
 
     def _add(self, name: str, spec: ActivationSpec, params: dict[str, float],
              x: torch.Tensor | None, y: torch.Tensor, *, same_units: bool = False) -> None:

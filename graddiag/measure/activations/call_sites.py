@@ -1,0 +1,109 @@
+"""Which site a functional activation call belongs to: its place in the code and what fed it.
+
+A ``torch.tanh`` inside a loop is called many times from one place in the code. Over time steps
+(a recurrent cell unrolled by hand) those calls act on the same units and are one site; over
+layers (``for layer in self.layers: x = torch.tanh(layer(x))``) each call acts on another
+layer's units and is a site of its own. What tells them apart is what fed the call since the
+previous call from the same place (or since the running module's call began): the modules that
+ran, and the trainable tensors the autograd graph reaches from the output back to earlier
+outputs of the same place (a recurrent state) within a few dozen nodes. A call whose set
+contains, or is contained in, an earlier call's joins that call's site (the first time step
+also sees a learned initial state, or the modules that ran before the loop). Shared modules
+and tensors (a common scale, a shared LayerNorm, a position term) do not merge layers, since
+each layer adds its own; a call fed by nothing (no module ran and no trainable tensor is in
+reach) is a site of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+
+#: torch's own source files: a functional activation's place is the first frame outside them.
+_TORCH_SOURCES = os.path.dirname(torch.__file__) + os.sep
+#: Autograd nodes searched for the trainable tensors feeding an activation's input.
+MAX_NODES = 32
+
+
+def call_site(depth: int) -> tuple[Any, int] | None:
+    """Where the code ``depth`` frames above the caller called into torch: ``(code object,
+    instruction offset)`` of the first frame outside torch's sources (``F.relu`` and torch's
+    dispatch frames skipped); two calls on one line stay apart."""
+    frame: FrameType | None = sys._getframe(depth + 1)
+    while frame is not None and frame.f_code.co_filename.startswith(_TORCH_SOURCES):
+        frame = frame.f_back
+    return None if frame is None else (frame.f_code, frame.f_lasti)
+
+
+def trainable_leaves(tensor: torch.Tensor, stop: set[Any]) -> frozenset[int]:
+    """``id``s of the trainable leaves (parameters) that feed ``tensor``: a breadth-first search
+    of its autograd graph over at most :data:`MAX_NODES` nodes that does not go past the nodes
+    in ``stop`` (the outputs of earlier calls from the same place)."""
+    node = tensor.grad_fn
+    if node is None:
+        return frozenset()
+    found: set[int] = set()
+    queue, seen, visited = deque([node]), {node}, 0
+    while queue and visited < MAX_NODES:
+        node = queue.popleft()
+        visited += 1
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            found.add(id(variable))
+            continue
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen and parent not in stop:
+                seen.add(parent)
+                queue.append(parent)
+    return frozenset(found)
+
+
+@dataclass
+class _Place:
+    """One place in the code: its sites (trainable tensors seen, number) and earlier outputs."""
+
+    sites: list[tuple[set[Any], int]] = field(default_factory=list)
+    outputs: set[Any] = field(default_factory=set)
+    mark: int | None = None  # the length of the modules' log at the previous call
+
+
+class CallSites:
+    """The functional activation sites of one call of one module, numbered per kind in the order
+    they first run (1, 2, ...).
+
+    Args:
+        modules_run: The ``id`` of every module whose ``forward`` began in the watched pass, in
+            order (a log the watch appends to; read, never changed, here).
+    """
+
+    def __init__(self, modules_run: list[int] | None = None) -> None:
+        self._log = [] if modules_run is None else modules_run
+        self._start = len(self._log)
+        self._count: dict[str, int] = {}
+        self._places: dict[tuple[str, Any], _Place] = {}
+
+    def number(self, kind: str, where: Any, output: torch.Tensor) -> tuple[int, bool]:
+        """The site number of a ``kind`` activation called at ``where`` that gave ``output``,
+        and whether it joined an earlier call's site (then it shares that site's units)."""
+        place = self._places.setdefault((kind, where), _Place())
+        since = self._start if place.mark is None else place.mark
+        fed = {("module", m) for m in self._log[since:]}
+        fed.update(("tensor", t) for t in trainable_leaves(output, place.outputs))
+        place.mark = len(self._log)
+        if output.grad_fn is not None:
+            place.outputs.add(output.grad_fn)
+        if fed:
+            for seen, n in place.sites:
+                if fed <= seen or seen <= fed:
+                    seen |= fed
+                    return n, True
+        self._count[kind] = n = self._count.get(kind, 0) + 1
+        if fed:
+            place.sites.append((fed, n))
+        return n, False
