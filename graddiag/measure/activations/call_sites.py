@@ -28,7 +28,7 @@ import torch
 #: torch's own source files: a functional activation's place is the first frame outside them.
 _TORCH_SOURCES = os.path.dirname(torch.__file__) + os.sep
 #: Autograd nodes searched for the trainable tensors feeding an activation's input.
-MAX_NODES = 32
+MAX_NODES = 12
 
 
 def call_site(depth: int) -> tuple[Any, int] | None:
