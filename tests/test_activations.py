@@ -221,15 +221,16 @@ def test_a_cell_unrolled_over_time_is_one_site_and_a_loop_over_layers_is_one_per
 
 
 class SharedScaleMLP(nn.Module):
-    """A loop over layers with tensors every layer shares (a learnable scale, a LayerNorm) and
-    a frozen middle: still one site per layer."""
+    """A loop over layers with tensors every layer shares (a learnable scale, a LayerNorm), or
+    with the layers after the first frozen and nothing shared: still one site per layer."""
 
     def __init__(self, frozen: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
-        self.scale = nn.Parameter(torch.ones(8))
+        self.scale = nn.Parameter(torch.ones(8), requires_grad=not frozen)
         self.norm = nn.LayerNorm(8)
         if frozen:
+            self.norm.requires_grad_(False)
             for layer in self.layers[1:]:
                 layer.requires_grad_(False)
 
@@ -302,6 +303,57 @@ def test_a_cell_under_reentrant_checkpointing_is_one_site() -> None:
         model(torch.randn(4, 12, 4).requires_grad_()).sum().backward()
         monitor.step()
     assert list(monitor.activation_history.site) == ["Checkpointed:tanh"]
+
+
+def test_a_decoder_loop_with_an_encoder_before_and_a_head_after_each_step_is_one_site() -> None:
+    """Modules that run before the loop (an input projection) and after each step (a head)
+    do not split the cell's time steps."""
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 4)
+            self.ih, self.hh = nn.Linear(4, 8), nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.inp(x)
+            h, outputs = torch.zeros(x.shape[0], 8), []
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.ih(x[:, t]) + self.hh(h))
+                outputs.append(self.head(h))
+            return torch.stack(outputs, 1)
+
+    torch.manual_seed(0)
+    model = Decoder()
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(torch.randn(4, 7, 4)).sum().backward()
+        monitor.step()
+    assert list(monitor.activation_history.site) == ["Decoder:tanh"]
+
+
+def test_calls_outside_any_module_forward_are_told_apart_too() -> None:
+    """Functional activations called directly in the watched code (as in a ``training_step``),
+    in a loop over layers: one site per layer, each equal to a direct count."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+    with torch.no_grad():
+        layers[2].bias.fill_(-50.0)  # the third layer's units never fire
+    monitor = GradientMonitor(layers, reporters=[], activation_every_n_steps=1, watch=None)
+    outputs = []
+    with monitor.watch_activations(0):
+        x = torch.randn(16, 8)
+        for layer in layers:
+            x = torch.relu(layer(x))
+            outputs.append(x.detach())
+    x.sum().backward()
+    monitor.step(0)
+    monitor.close()
+    table = monitor.activation_history
+    assert list(table.site) == ["ModuleList:relu", "ModuleList:relu#2", "ModuleList:relu#3"]
+    dead = [float((o <= 0).all(dim=0).double().mean()) for o in outputs]
+    assert dead[2] == 1.0
+    np.testing.assert_allclose(table.dead_fraction.to_numpy(dtype=float), dead)
 
 
 def test_gates_of_a_hand_written_lstm_cell_stay_apart_over_time() -> None:

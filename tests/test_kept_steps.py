@@ -741,6 +741,35 @@ print("trained")
     assert not (tmp_path / "gradient_flow.png").exists()
 
 
+def test_a_monitor_dropped_after_its_writer_was_closed_does_not_reopen_it(tmp_path: Path) -> None:
+    """The writer closed first, the monitor never: dropping the monitor judges its waiting
+    steps but writes nothing to the closed writer (torch would silently open a second event
+    file)."""
+    import gc
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from graddiag.reporters.tensorboard import TensorBoardReporter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    writer = SummaryWriter(str(tmp_path))
+    recorder = _Recorder()
+    reporter = TensorBoardReporter(writer, scalars_every_n_steps=1)  # every judged step writes
+    monitor = GradientMonitor(model, reporters=[reporter, recorder],
+                              early_steps=0, activation_every_n_steps=0)
+    for _ in range(6):
+        model.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        monitor.step()
+    writer.close()
+    del monitor
+    gc.collect()
+    assert [step for step, _ in recorder.seen] == list(range(6))  # judged all the same
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    assert writer.file_writer is None  # still closed
+
+
 def test_a_forked_child_does_not_judge_its_parents_waiting_steps() -> None:
     import subprocess
     import sys

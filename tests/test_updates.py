@@ -753,3 +753,21 @@ def test_a_gradient_vanished_on_its_own_is_not_blamed_on_an_explosion_elsewhere(
     assert [f.layer for f in vanishing] == ["fc"]
     assert "is itself exploding" not in vanishing[0].message
     assert not vanishing[0].remedy.startswith(wording.BEHIND_AN_EXPLOSION)
+
+
+def test_a_stalled_layer_whose_gradient_vanished_on_its_own_is_not_blamed_on_clipping() -> None:
+    """``fc``'s gradient is exactly 0 next to an exploding ``a`` under clipping: it is stalled
+    because its gradient vanished, not because clipping scaled an ordinary gradient down."""
+    model = _TwoLayers()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, reporters=[], optimizers=opt, param_every_n_steps=1) as monitor:
+        for _ in range(6):
+            for name, p in model.named_parameters():
+                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 0.0)
+            monitor.step(clip_norm=1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    stalled = [f for f in monitor.findings if f.kind == "stalled"]
+    assert [f.layer for f in stalled] == ["fc"]
+    assert "clipping by the global norm" not in stalled[0].message.lower()
+    assert "gradient has vanished" in stalled[0].message

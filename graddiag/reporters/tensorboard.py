@@ -130,8 +130,22 @@ class TensorBoardReporter:
         self._layers_seen: list[str] | None = None
         self._sites_seen: list[tuple[float, str, str, str]] = []
         self._layers_key: tuple[Any, ...] | None = None
+        self._said_closed = False
+
+    def _closed(self) -> bool:
+        """Whether the user closed a torch ``SummaryWriter`` (writing to it would silently open
+        a second event file); said once at INFO."""
+        if getattr(self.writer, "file_writer", True) is not None:
+            return False
+        if not self._said_closed:
+            self._said_closed = True
+            log.info("graddiag: the SummaryWriter was closed; graddiag writes nothing more to it "
+                     "(close the monitor before the writer to have its last steps written).")
+        return True
 
     def report(self, snapshot: StepSnapshot) -> None:
+        if self._closed():
+            return
         record, findings = snapshot.record, snapshot.new_findings
         self._findings, self._marks = snapshot.findings, snapshot.marks
         w, p, step = self.writer, self.prefix, record.step
@@ -222,6 +236,8 @@ class TensorBoardReporter:
 
     def finish(self, run: RunSnapshot) -> None:
         """The whole-run figure (also saved as ``gradient_flow.png``) and the summary table."""
+        if self._closed():
+            return
         self._findings, self._marks = run.findings, run.marks
         if run.records:
             self._last_step = max(self._last_step, run.last_step)

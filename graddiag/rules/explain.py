@@ -143,7 +143,8 @@ class Explainer:
                    "this large overflows the optimizer's state (Adam's running second moment "
                    "turns inf and its step becomes 0) or is clipped to nothing.")
             remedy = remedies.EXPLODING
-        elif largest in self.exploding and record.clipped:
+        elif largest in self.exploding and record.clipped \
+                and not finding.details.get("grad_below_abs"):  # not one that vanished alone
             total = float(np.sqrt(np.nansum(np.where(record.has_grad, record.grad_norm, 0.0) ** 2)))
             new = (f"Gradient clipping by the global norm clipped this step: the total gradient "
                    f"norm is {total:.3g}, nearly all of it from the exploding layer '{largest}', "

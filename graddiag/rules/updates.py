@@ -76,11 +76,12 @@ class StalledRule(OnsetRule):
     kind = "stalled"
 
     def __init__(self, ratio_floor: float, rel_floor: float, patience: int,
-                 vanishing_rel: float) -> None:
+                 vanishing_rel: float, vanishing_abs: float = 0.0) -> None:
         super().__init__(patience)
         self.ratio_floor = ratio_floor
         self.rel_floor = rel_floor
         self.vanishing_rel = vanishing_rel
+        self.vanishing_abs = vanishing_abs
         # per layer of ``_lr_layers``: the learning rate of its last parameter step, and the
         # largest one so far (NaN: not known yet)
         self._lr_layers: list[str] = []
@@ -196,6 +197,8 @@ class StalledRule(OnsetRule):
                      "learning_rate": lr, "largest_learning_rate": largest_lr,
                      "grad_ratio_to_largest": grad_ratio, "cause": cause,
                      "cause_kind": cause_kind,
+                     # vanished on its own: 0, or below the vanishing rule's absolute floor
+                     "grad_below_abs": bool(record.grad_norm[i] <= self.vanishing_abs),
                      "largest_grad_layer": (record.layers[top_grad_pos] if top_grad > 0
                                             else None)},
         )
@@ -328,7 +331,7 @@ def update_rules(config: MonitorConfig) -> list[Rule]:
     """The update rules with the thresholds of ``config``."""
     return [
         StalledRule(config.stalled_ratio, config.stalled_rel, config.update_patience,
-                    config.vanishing_rel),
+                    config.vanishing_rel, config.vanishing_abs),
         UnstableUpdateRule(config.unstable_ratio, config.update_patience),
         NotInOptimizerRule(),
     ]

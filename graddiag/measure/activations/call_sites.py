@@ -3,15 +3,15 @@
 A ``torch.tanh`` inside a loop is called many times from one place in the code. Over time steps
 (a recurrent cell unrolled by hand) those calls act on the same units and are one site; over
 layers (``for layer in self.layers: x = torch.tanh(layer(x))``) each call acts on another
-layer's units and is a site of its own. What tells them apart is what fed the call since the
-previous call from the same place (or since the running module's call began): the modules that
-ran, and the trainable tensors the autograd graph reaches from the output back to earlier
-outputs of the same place (a recurrent state) within a few dozen nodes. A call whose set
-contains, or is contained in, an earlier call's joins that call's site (the first time step
-also sees a learned initial state, or the modules that ran before the loop). Shared modules
-and tensors (a common scale, a shared LayerNorm, a position term) do not merge layers, since
-each layer adds its own; a call fed by nothing (no module ran and no trainable tensor is in
-reach) is a site of its own.
+layer's units and is a site of its own. What tells them apart is what fed the call: the
+trainable tensors the autograd graph reaches from its output back to earlier outputs of the
+same place (a recurrent state), within a dozen nodes; where none is in reach (frozen layers, a
+graph cut by reentrant checkpointing), the modules that ran since the previous call from that
+place. A call whose set contains, or is contained in, an earlier call's joins that call's site
+(the first time step also reaches a learned initial state or an encoder's output). Shared
+tensors (a common scale, a shared LayerNorm, a position term) do not merge layers, since each
+layer adds its own weights; layers whose own weights are all frozen but that share a trainable
+tensor are merged, and a call fed by nothing is a site of its own.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def trainable_leaves(tensor: torch.Tensor, stop: set[Any]) -> frozenset[int]:
 class _Place:
     """One place in the code: its sites (trainable tensors seen, number) and earlier outputs."""
 
-    sites: list[tuple[set[Any], int]] = field(default_factory=list)
+    # per site: the trainable tensors and the modules seen feeding its calls, and its number
+    sites: list[tuple[set[int], set[int], int]] = field(default_factory=list)
     outputs: set[Any] = field(default_factory=set)
     mark: int | None = None  # the length of the modules' log at the previous call
 
@@ -93,17 +94,21 @@ class CallSites:
         and whether it joined an earlier call's site (then it shares that site's units)."""
         place = self._places.setdefault((kind, where), _Place())
         since = self._start if place.mark is None else place.mark
-        fed = {("module", m) for m in self._log[since:]}
-        fed.update(("tensor", t) for t in trainable_leaves(output, place.outputs))
+        tensors = set(trainable_leaves(output, place.outputs))
+        modules = set(self._log[since:])
         place.mark = len(self._log)
         if output.grad_fn is not None:
             place.outputs.add(output.grad_fn)
+        # the trainable tensors decide; where none is in reach, the modules that ran
+        fed = tensors or modules
         if fed:
-            for seen, n in place.sites:
-                if fed <= seen or seen <= fed:
-                    seen |= fed
+            for seen_tensors, seen_modules, n in place.sites:
+                seen = seen_tensors if tensors else seen_modules
+                if seen and (fed <= seen or seen <= fed):
+                    seen_tensors.update(tensors)
+                    seen_modules.update(modules)
                     return n, True
         self._count[kind] = n = self._count.get(kind, 0) + 1
         if fed:
-            place.sites.append((fed, n))
+            place.sites.append((tensors, modules, n))
         return n, False

@@ -106,6 +106,7 @@ class ActivationWatch:
         # modules whose forward began in the watched pass (what fed each call, for its site)
         self._stack: list[tuple[nn.Module, CallSites]] = []
         self._modules_run: list[int] = []
+        self._root_sites: CallSites | None = None  # calls outside any module's forward
         self._busy = False
         self.arrival: GradientArrival | None = None  # times the gradient through each site
         self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
@@ -140,6 +141,7 @@ class ActivationWatch:
             self.paused = False
             self._stack.clear()
             self._modules_run.clear()
+            self._root_sites = None
             live.close()
 
     def _install(self, stack: ExitStack) -> None:
@@ -210,8 +212,10 @@ class ActivationWatch:
     def _caller(self) -> tuple[str, CallSites] | None:
         """The running module of the watched tree and its functional call sites; ``None`` in
         another model."""
-        if not self._stack:
-            return self.root_name, CallSites()
+        if not self._stack:  # called directly in the watched method (``training_step``)
+            if self._root_sites is None:
+                self._root_sites = CallSites(self._modules_run)
+            return self.root_name, self._root_sites
         module, counts = self._stack[-1]
         name = self.names.get(module)
         if name is None:
