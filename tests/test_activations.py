@@ -273,6 +273,38 @@ def test_layers_sharing_tensors_or_frozen_stay_one_site_each(frozen: bool) -> No
     np.testing.assert_allclose(table.dead_fraction.to_numpy(dtype=float), dead)
 
 
+def test_layers_whose_own_weights_are_out_of_reach_behind_a_shared_gain_stay_apart() -> None:
+    """Eight element-wise operations between each layer and its activation put the layer's own
+    weights beyond the graph search, and a gain every layer shares within it: the layer each
+    call ran still keeps the sites apart."""
+
+    class LongChain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+            self.gain = nn.Parameter(torch.ones(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.states = []
+            for layer in self.layers:
+                h = layer(x)
+                for _ in range(8):
+                    h = h * 1.01 + 0.01
+                x = torch.tanh(h * self.gain * 3.0)
+                self.states.append(x.detach())
+            return x
+
+    torch.manual_seed(0)
+    model = LongChain()
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(torch.randn(16, 8)).sum().backward()
+        monitor.step()
+    table = monitor.activation_history
+    assert len(table) == 4
+    np.testing.assert_allclose(table.saturated_fraction.to_numpy(dtype=float),
+                               [_saturation([state]) for state in model.states], rtol=1e-6)
+
+
 def test_a_learned_initial_state_does_not_split_the_first_time_step() -> None:
     torch.manual_seed(0)
     model = LearnedStateRNN()

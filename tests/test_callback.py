@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -263,3 +264,42 @@ def test_a_second_fit_with_a_new_trainer_says_its_steps_repeat(
         trainer.fit(model, DigitsDataModule(batch_size=32))
     assert not [r for r in caplog.records if "starts at step" in r.getMessage()]
     assert sorted(continued.history.step.unique()) == list(range(6))
+
+
+def test_a_tensorboard_logger_reused_for_a_second_fit_gets_its_diagnostics(
+        tmp_path: Path) -> None:
+    """Lightning closes the logger's writer at the end of a fit; the second fit's diagnostics
+    are still written (the writer reopens, as for Lightning's own metrics), also before
+    Lightning itself logs anything (``log_every_n_steps`` beyond the run)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    class Regressor(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = torch.nn.Linear(4, 16), torch.nn.Linear(16, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = F.mse_loss(self.fc(torch.relu(self.a(x))), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(256, 4), torch.randn(256, 1))
+    logger = TensorBoardLogger(str(tmp_path))
+    model = Regressor()
+    for steps in (12, 24):
+        trainer = quiet_trainer(max_steps=steps, logger=logger, log_every_n_steps=50,
+                                callbacks=[GradientDiagnostics(print_summary=False)])
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+    summaries = []
+    for events in sorted(tmp_path.glob("**/events.out.tfevents.*")):
+        acc = ea.EventAccumulator(str(events), size_guidance={ea.TENSORS: 0})
+        acc.Reload()
+        if "graddiag/summary/text_summary" in acc.Tags()["tensors"]:
+            summaries += [e.step for e in acc.Tensors("graddiag/summary/text_summary")]
+    assert summaries == [11, 23]  # each fit's summary at its last step

@@ -387,6 +387,7 @@ def _judge_waiting(monitor: GradientMonitor) -> None:
     if monitor._pid != os.getpid():
         return
     try:
+        monitor._reporting.unattended()
         monitor.flush()
         monitor._reporting.flush()
     except Exception as error:  # noqa: BLE001 - nothing may escape a finalizer

@@ -48,6 +48,11 @@ class Reporting:
         for reporter in self.reporters:
             reporter.flush()
 
+    def unattended(self) -> None:
+        """The monitor was never closed and judges its last steps (dropped, or at exit)."""
+        for reporter in self.reporters:
+            reporter.unattended()
+
     def close(self, records: list[StepRecord], layers: list[str], findings: list[Finding],
               summary: Callable[[], pd.DataFrame], skipped_steps: int = 0) -> None:
         """Hand the run to the reporters that want it (``finish``), then close them all."""

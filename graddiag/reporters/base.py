@@ -100,3 +100,9 @@ class SafeReporter:
         flush = getattr(self.inner, "flush", None)
         if callable(flush):
             self._guard("flush", flush)
+
+    def unattended(self) -> None:
+        """Tell the reporter its monitor was never closed and is judging its last steps (a
+        reporter with an ``unattended`` attribute, such as the TensorBoard one, gets it set)."""
+        if hasattr(self.inner, "unattended"):
+            self._guard("unattended", setattr, self.inner, "unattended", True)

@@ -131,11 +131,15 @@ class TensorBoardReporter:
         self._sites_seen: list[tuple[float, str, str, str]] = []
         self._layers_key: tuple[Any, ...] | None = None
         self._said_closed = False
+        #: Set when a monitor that was never closed judges its last steps (dropped, or at exit).
+        self.unattended = False
 
     def _closed(self) -> bool:
-        """Whether the user closed a torch ``SummaryWriter`` (writing to it would silently open
-        a second event file); said once at INFO."""
-        if getattr(self.writer, "file_writer", True) is not None:
+        """Whether this reporter's monitor was dropped without ``close()`` (or is judged at
+        exit) after the user closed its torch ``SummaryWriter``: writing then would silently
+        open a second event file. While training goes on, a closed writer is written to as
+        torch does (Lightning reopens its logger's writer for a second fit). Said once at INFO."""
+        if not self.unattended or getattr(self.writer, "file_writer", True) is not None:
             return False
         if not self._said_closed:
             self._said_closed = True

@@ -5,13 +5,17 @@ A ``torch.tanh`` inside a loop is called many times from one place in the code. 
 layers (``for layer in self.layers: x = torch.tanh(layer(x))``) each call acts on another
 layer's units and is a site of its own. What tells them apart is what fed the call: the
 trainable tensors the autograd graph reaches from its output back to earlier outputs of the
-same place (a recurrent state), within a dozen nodes; where none is in reach (frozen layers, a
-graph cut by reentrant checkpointing), the modules that ran since the previous call from that
-place. A call whose set contains, or is contained in, an earlier call's joins that call's site
-(the first time step also reaches a learned initial state or an encoder's output). Shared
-tensors (a common scale, a shared LayerNorm, a position term) do not merge layers, since each
-layer adds its own weights; layers whose own weights are all frozen but that share a trainable
-tensor are merged, and a call fed by nothing is a site of its own.
+same place (a recurrent state), within a dozen nodes, and the modules with parameters that ran
+since the previous call from that place. A call joins an earlier call's site when it ran some
+of the same modules (a loop over layers runs another layer each time; a cell unrolled over
+time runs its own again, whatever ran before the loop or after each step) and its tensors
+contain, or are contained in, the site's (the first time step also reaches a learned initial
+state or an encoder's output); where no trainable tensor is in reach (frozen layers, a graph
+cut by reentrant checkpointing), the modules alone decide, the same way. Shared tensors and
+modules (a common scale, a shared LayerNorm, a position term) therefore do not merge layers;
+layers without modules of their own whose own weights are frozen, or out of reach behind a
+long chain of operations, and that share a trainable tensor, are one site; a call fed by
+nothing is a site of its own.
 """
 
 from __future__ import annotations
@@ -79,8 +83,9 @@ class CallSites:
     they first run (1, 2, ...).
 
     Args:
-        modules_run: The ``id`` of every module whose ``forward`` began in the watched pass, in
-            order (a log the watch appends to; read, never changed, here).
+        modules_run: The ``id`` of every module with parameters of its own whose ``forward``
+            began in the watched pass, in order (a log the watch appends to; read, never
+            changed, here).
     """
 
     def __init__(self, modules_run: list[int] | None = None) -> None:
@@ -99,10 +104,13 @@ class CallSites:
         place.mark = len(self._log)
         if output.grad_fn is not None:
             place.outputs.add(output.grad_fn)
-        # the trainable tensors decide; where none is in reach, the modules that ran
+        # the trainable tensors decide; where none is in reach, the modules that ran; and a
+        # call that ran none of a site's modules (another layer) never joins it
         fed = tensors or modules
         if fed:
             for seen_tensors, seen_modules, n in place.sites:
+                if modules and seen_modules and modules.isdisjoint(seen_modules):
+                    continue
                 seen = seen_tensors if tensors else seen_modules
                 if seen and (fed <= seen or seen <= fed):
                     seen_tensors.update(tensors)

@@ -199,7 +199,8 @@ class ActivationWatch:
         self.cut_ops = {}
 
     def _push(self, module: nn.Module, args: Any) -> None:
-        self._modules_run.append(id(module))
+        if module._parameters:  # a layer (or a norm, an embedding): tells call sites apart
+            self._modules_run.append(id(module))
         self._stack.append((module, CallSites(self._modules_run)))
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
