@@ -225,6 +225,6 @@ def test_the_state_format_covers_every_record_field() -> None:
     assert [f.name for f in dataclasses.fields(StepRecord)] == [
         "step", "layers", "grad_norm", "has_grad", "missing", "nonfinite", "param_norm",
         "update_ratio", "activations", "grad_histograms", "optimizer", "measured", "amp_overflow",
-        "amp_scale", "clipped", "param_count", "learning_rate", "orphaned"]
+        "amp_scale", "clipped", "param_count", "learning_rate", "orphaned", "base_learning_rate"]
     assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
         "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops", "position"]

@@ -771,3 +771,49 @@ def test_a_stalled_layer_whose_gradient_vanished_on_its_own_is_not_blamed_on_cli
     assert [f.layer for f in stalled] == ["fc"]
     assert "clipping by the global norm" not in stalled[0].message.lower()
     assert "gradient has vanished" in stalled[0].message
+
+
+@pytest.mark.parametrize(
+    ("lrs", "base", "expected"),
+    [
+        ([3e-8] * 5, 3e-4, []),  # a warm-up stepped per epoch: far below its starting rate
+        ([1e-8] * 5, 1e-6, []),  # decayed before the monitor started: below the starting rate
+        ([0.6e-10, 0.8e-10, 1e-10, 1e-10, 1e-10], 1e-10, [("l0", 2), ("l1", 2)]),  # a typo's
+        # warm-up, past half its starting rate: judged at once, rising or not
+        ([1e-10] * 5, float("nan"), [("l0", 3), ("l1", 3)]),  # no scheduler: as before
+    ],
+    ids=["per-epoch-warm-up", "decayed-before", "typo-warming-up", "no-scheduler"],
+)
+def test_a_schedulers_starting_rate_tells_a_warm_up_or_decay_from_a_mistake(
+        lrs: list[float], base: float, expected: list[tuple[str, int]]) -> None:
+    """Weights of RMS 0.1 (norm 1, 100 elements); ``base`` is the param groups' ``initial_lr``."""
+    rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    found = []
+    for step, lr in enumerate(lrs):
+        record = _record(step, [1e-9] * 2, lr=[lr] * 2, param_norm=[1.0, 1.0])
+        record.param_count = np.array([100, 100])
+        record.base_learning_rate = np.array([base] * 2)
+        found += [(f.layer, f.step) for f in rule.update(record)]
+    assert found == expected
+
+
+def test_adam_under_a_warm_up_stepped_per_epoch_is_not_stalled_within_the_epoch(
+        digits) -> None:  # noqa: ANN001
+    """Adam at 3e-4 with ``LinearLR(start_factor=1e-4)`` not stepped within the epoch: lr 3e-8
+    on every step (lr / RMS < 1e-6, checked on the weights), and no finding: the scheduler's
+    starting rate shows it is a warm-up. The same rate with no scheduler is a mistake."""
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=3, width=32, init="kaiming")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-4, total_iters=10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-8)
+    monitor, weights = _train(model, opt, digits, 8, optimizers=opt)
+    rms = min(float(w.double().pow(2).mean().sqrt()) for n, w in weights[4].items()
+              if n.endswith("weight"))
+    assert 3e-8 / rms < 1e-6
+    assert [f for f in monitor.findings if f.kind == "stalled"] == []
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=3, width=32, init="kaiming")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-8)
+    monitor, _ = _train(model, opt, digits, 8, optimizers=opt)
+    assert {f.layer for f in monitor.findings if f.kind == "stalled"} == {"0", "2", "4", "6"}

@@ -72,6 +72,9 @@ class StepRecord:
             optimizers are unknown or on steps without parameter statistics.
         orphaned: ``{module name: [parameter names]}`` of trainable parameters that no
             optimizer holds, or ``None`` when not checked on this step.
+        base_learning_rate: Per-layer rate a learning-rate scheduler started from (its param
+            groups' ``initial_lr``; NaN where no scheduler set one), read with
+            ``learning_rate``; a rate below half of it is a warm-up or a decay, not a choice.
     """
 
     step: int
@@ -92,6 +95,7 @@ class StepRecord:
     param_count: np.ndarray | None = None
     learning_rate: np.ndarray | None = None
     orphaned: dict[str, list[str]] | None = None
+    base_learning_rate: np.ndarray | None = None
 
     @cached_property
     def healthy_range(self) -> tuple[float, float] | None:

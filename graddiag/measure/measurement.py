@@ -274,6 +274,7 @@ class StepMeasurement:
             clipped=clipped,
             param_count=param_count,
             learning_rate=learning_rate,
+            base_learning_rate=None if view is None else view.base_learning_rate,
             orphaned=orphaned,
         )
 

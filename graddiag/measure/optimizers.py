@@ -22,6 +22,9 @@ class Coverage:
         learning_rate: ``{id(parameter): lr}`` for every parameter some optimizer holds (the
             largest lr if several param groups hold it; NaN when the lr is a device tensor,
             which is not read to avoid a host sync).
+        base_rate: ``{id(parameter): initial_lr}`` where a learning-rate scheduler set its
+            param group's ``initial_lr`` (the rate the schedule starts from and scales; the
+            largest if several groups hold it).
         orphaned: ``{module name: [parameter names]}``: trainable parameters of the model
             (``requires_grad=True``) that no optimizer holds.
         held_any: Whether the optimizers hold any of the model's trainable parameters at all.
@@ -31,6 +34,7 @@ class Coverage:
 
     learning_rate: dict[int, float] = field(default_factory=dict)
     orphaned: dict[str, list[str]] = field(default_factory=dict)
+    base_rate: dict[int, float] = field(default_factory=dict)
     held_any: bool = False
 
 
@@ -43,12 +47,16 @@ def _as_float(lr: Any) -> float:
         return math.nan
 
 
-def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> dict[int, float]:
-    """``{id(parameter): learning rate}`` over every param group of every optimizer."""
+def learning_rates(optimizers: Sequence[torch.optim.Optimizer],
+                   key: str = "lr") -> dict[int, float]:
+    """``{id(parameter): learning rate}`` over every param group of every optimizer (``key``
+    ``"initial_lr"``: the schedulers' starting rates, for the groups that have one)."""
     rates: dict[int, float] = {}
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            lr = _as_float(group.get("lr", math.nan))
+            if key not in group and key != "lr":
+                continue
+            lr = _as_float(group.get(key, math.nan))
             for param in group["params"]:
                 known = rates.get(id(param))
                 if known is None or math.isnan(known) or lr > known:
@@ -82,4 +90,5 @@ def coverage(
             elif (include is None or any(fnmatch.fnmatchcase(name, p) for p in include)) \
                     and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
                 orphaned.setdefault(name, []).append(pname)
-    return Coverage(rates, orphaned if held_any else {}, held_any)
+    return Coverage(rates, orphaned if held_any else {}, held_any=held_any,
+                    base_rate=learning_rates(optimizers, "initial_lr"))

@@ -40,12 +40,14 @@ class UpdateView:
         measured: Layers the optimizer's parameter reads cover (others read NaN).
         counts: Elements per layer behind the norms, or ``None`` off parameter steps.
         learning_rate: Per-layer learning rate, or ``None`` when not read.
+        base_learning_rate: Per-layer rate a scheduler started from (NaN without one).
         orphaned: Trainable parameters no optimizer holds, or ``None`` when not checked.
     """
 
     measured: np.ndarray
     counts: np.ndarray | None = None
     learning_rate: np.ndarray | None = None
+    base_learning_rate: np.ndarray | None = None
     orphaned: dict[str, list[str]] | None = None
     copy_step: int | None = None  # the step whose copy the update was measured against
     void: set[int] = field(default_factory=set)  # steps whose optimizer step was not applied
@@ -202,10 +204,10 @@ class UpdateTracker:
                     out["update_norm"] = state.probe.update_norms()
                     view.copy_step = copied
             self._copy_if_due(step, optimizer, measured)
-        rates, orphaned = self.optimizer_view(step)
+        rates, bases, orphaned = self.optimizer_view(step)
         if rates is not None or orphaned is not None:
             view = view or UpdateView(np.ones(len(self.index), dtype=bool))
-            view.learning_rate, view.orphaned = rates, orphaned
+            view.learning_rate, view.base_learning_rate, view.orphaned = rates, bases, orphaned
         return out, view
 
     def copy(self, step: int, optimizer: int, measured: np.ndarray) -> None:
@@ -238,10 +240,12 @@ class UpdateTracker:
             state.void.discard(old)
 
     # ----------------------------------------------------------------- optimizers
-    def optimizer_view(self, step: int) -> tuple[np.ndarray | None, dict[str, list[str]] | None]:
-        """Per-layer learning rates and the parameters no optimizer holds (``None``: not read)."""
+    def optimizer_view(self, step: int) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                  dict[str, list[str]] | None]:
+        """Per-layer learning rates, the rates schedulers started from (NaN without one), and
+        the parameters no optimizer holds (``None``: not read)."""
         if not self.checks_optimizers_on(step):
-            return None, None
+            return None, None, None
         c = self.config
         seen = coverage(self.model, self._optimizers, c.include, c.exclude)
         if not seen.held_any:
@@ -250,8 +254,9 @@ class UpdateTracker:
                 log.info("graddiag: the optimizers hold none of the model's trainable parameters "
                          "(wrapped or flattened by a strategy?); learning rates and "
                          "not_in_optimizer are not checked.")
-            return None, None
+            return None, None, None
         rates = np.full(len(self.index), np.nan)
+        bases = np.full(len(self.index), np.nan)
         for lid, layer in enumerate(self.index.layers):
             known = [seen.learning_rate[id(p)] for p in layer.params
                      if p.requires_grad and id(p) in seen.learning_rate]
@@ -260,9 +265,13 @@ class UpdateTracker:
                 rates[lid] = max(known)
             elif not any(p.requires_grad for p in layer.params):
                 rates[lid] = 0.0  # frozen since the monitor started
+            started = [seen.base_rate[id(p)] for p in layer.params if id(p) in seen.base_rate]
+            started = [r for r in started if not np.isnan(r)]
+            if started:
+                bases[lid] = max(started)
         frozen = [n for n, r in zip(self.index.names, rates) if r == 0.0 and n not in self._frozen_said]
         if frozen:
             self._frozen_said.update(frozen)
             log.info("graddiag: layer(s) %s have learning rate 0 or requires_grad=False (frozen, "
                      "or a schedule at zero): not judged as stalled while that lasts.", frozen)
-        return rates, seen.orphaned
+        return rates, bases, seen.orphaned

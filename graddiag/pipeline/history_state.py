@@ -19,8 +19,9 @@ from graddiag.data.records import ActivationRecord, StepRecord
 
 FORMAT = "graddiag.history.columns/1"
 _ARRAYS = ("grad_norm", "has_grad", "param_norm", "update_ratio", "measured", "grad_histograms",
-           "param_count", "learning_rate")
-_OPTIONAL = ("param_count", "learning_rate")  # absent from states saved before they existed
+           "param_count", "learning_rate", "base_learning_rate")
+# absent from states saved before they existed
+_OPTIONAL = ("param_count", "learning_rate", "base_learning_rate")
 _ACTIVATION_ARRAYS = ("saturated", "dead", "gain", "calls", "position")
 
 
@@ -110,6 +111,7 @@ def encode(records: list[StepRecord]) -> dict[str, Any]:
     state["grad_histograms"] = _ragged([r.grad_histograms for r in records])
     state["param_count"] = _ragged([r.param_count for r in records])
     state["learning_rate"] = _ragged([r.learning_rate for r in records])
+    state["base_learning_rate"] = _ragged([r.base_learning_rate for r in records])
     state["orphaned"] = [[i, {k: list(v) for k, v in r.orphaned.items()}]
                          for i, r in enumerate(records) if r.orphaned is not None]
     state["histogram_width"] = _tensor(
@@ -195,6 +197,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
             amp_scale=None if scale is None else float(scale[0]),
             clipped=None if clipped[i] < 0 else bool(clipped[i]),
             param_count=arrays["param_count"][i], learning_rate=arrays["learning_rate"][i],
+            base_learning_rate=arrays["base_learning_rate"][i],
             orphaned=orphaned[i],
         ))
     return records
