@@ -778,8 +778,9 @@ def test_a_stalled_layer_whose_gradient_vanished_on_its_own_is_not_blamed_on_cli
     [
         ([3e-8] * 5, 3e-4, []),  # a warm-up stepped per epoch: far below its starting rate
         ([1e-8] * 5, 1e-6, []),  # decayed before the monitor started: below the starting rate
-        ([0.6e-10, 0.8e-10, 1e-10, 1e-10, 1e-10], 1e-10, [("l0", 2), ("l1", 2)]),  # a typo's
-        # warm-up, past half its starting rate: judged at once, rising or not
+        ([0.6e-10, 0.8e-10, 1e-10, 1e-10, 1e-10, 1e-10], 1e-10, [("l0", 5), ("l1", 5)]),  # a
+        # typo's warm-up: judged once the rate stops rising, on steps 3-5 (OneCycle starts at
+        # its initial_lr, so above it alone says nothing)
         ([1e-10] * 5, float("nan"), [("l0", 3), ("l1", 3)]),  # no scheduler: as before
     ],
     ids=["per-epoch-warm-up", "decayed-before", "typo-warming-up", "no-scheduler"],

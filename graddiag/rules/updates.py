@@ -67,10 +67,10 @@ class StalledRule(OnsetRule):
     the learning rate, changes the weights by less than that fraction per step. It is judged
     where no layer moves by ``ratio_floor`` (a mistyped exponent slows every layer alike, while
     a LayerNorm's weights of 1 at a fine-tuning rate of 5e-7 sit below it next to layers that
-    move), and not while the layer's learning rate is at most :data:`LR_DECAYED` of the rate
-    its scheduler started from (``initial_lr``: a warm-up under way, also one stepped per
-    epoch, or a decay, also one that happened before the monitor started) or of the largest it
-    has had (a schedule's end); without a scheduler, not while it rises. The learning rate of a
+    move), and not while the layer's learning rate rises (a warm-up under way) or is at most
+    :data:`LR_DECAYED` of the largest it has had or of the rate its scheduler started from
+    (``initial_lr``: a warm-up stepped per epoch, a decay, also one from before the monitor
+    started). A rate set by hand far below a scheduler's ``initial_lr`` reads as a decay. The learning rate of a
     record is the one its step will apply, its ratio the update of the step before: under a
     schedule they differ by one step's change.
     """
@@ -121,14 +121,12 @@ class StalledRule(OnsetRule):
         last = self._last_lr
         peak = np.where(known, np.fmax(self._peak_lr, lr), self._peak_lr)
         base = record.base_learning_rate
-        scheduled = np.zeros(len(lr), dtype=bool) if base is None else np.isfinite(base)
+        # a scheduler's starting rate also shows a warm-up stepped per epoch, or a decay from
+        # before the monitor started, as a rate at most half of it
         reference = peak if base is None else np.fmax(peak, base)
         with np.errstate(invalid="ignore", divide="ignore"):  # NaN compares False: not tiny
-            # a scheduler's starting rate shows a warm-up as a rate below half of it; without
-            # one, a rate that rose since the last parameter step is one
-            settled = scheduled | (lr <= last)
             rms = np.asarray(norms, dtype=float) / np.sqrt(np.asarray(counts, dtype=float))
-            tiny = ((lr > 0.0) & settled & (lr > LR_DECAYED * reference) & (rms > 0.0)
+            tiny = ((lr > 0.0) & (lr <= last) & (lr > LR_DECAYED * reference) & (rms > 0.0)
                     & (lr / rms < self.ratio_floor))
         self._last_lr = np.where(known, lr, last)
         self._peak_lr = peak
