@@ -782,8 +782,9 @@ def test_a_stalled_layer_whose_gradient_vanished_on_its_own_is_not_blamed_on_cli
         # typo's warm-up: judged once the rate stops rising, on steps 3-5 (OneCycle starts at
         # its initial_lr, so above it alone says nothing)
         ([1e-10] * 5, float("nan"), [("l0", 3), ("l1", 3)]),  # no scheduler: as before
+        ([4e-10, 5e-10, 6e-10, 7e-10, 8e-10], 4e-10, []),  # OneCycleLR rising from its start
     ],
-    ids=["per-epoch-warm-up", "decayed-before", "typo-warming-up", "no-scheduler"],
+    ids=["per-epoch-warm-up", "decayed-before", "typo-warming-up", "no-scheduler", "one-cycle"],
 )
 def test_a_schedulers_starting_rate_tells_a_warm_up_or_decay_from_a_mistake(
         lrs: list[float], base: float, expected: list[tuple[str, int]]) -> None:
