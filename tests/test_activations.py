@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,14 @@ def test_functional_calls_are_attributed_to_the_calling_module() -> None:
                                                      "1:sigmoid#2"]
 
 
+def _one_activation_step(model: nn.Module, x: torch.Tensor) -> pd.DataFrame:
+    """The activation table of one monitored step of ``model`` on ``x`` (loss: the output's sum)."""
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
+        model(x).sum().backward()
+        monitor.step()
+    return monitor.activation_history
+
+
 class UnrolledRNN(nn.Module):
     """A tanh RNN cell unrolled by hand over time steps: one ``torch.tanh`` call site, the same
     weights on every call."""
@@ -184,10 +193,7 @@ def test_a_cell_unrolled_over_time_is_one_site_and_a_loop_over_layers_is_one_per
     rnn = UnrolledRNN(steps=30)
     with torch.no_grad():
         rnn.hh.weight.mul_(6.0)  # saturates part of the units
-    with GradientMonitor(rnn, reporters=[], activation_every_n_steps=1) as monitor:
-        rnn(torch.randn(16, 30, 4)).sum().backward()
-        monitor.step()
-    table = monitor.activation_history
+    table = _one_activation_step(rnn, torch.randn(16, 30, 4))
     assert list(table.site) == ["UnrolledRNN:tanh"]  # not 30 sites, one per time step
     expected = _saturation(rnn.states)
     assert 0.05 < expected < 0.95
@@ -196,10 +202,7 @@ def test_a_cell_unrolled_over_time_is_one_site_and_a_loop_over_layers_is_one_per
     relu = UnrolledRNN(steps=30, activation=torch.relu)
     with torch.no_grad():
         relu.ih.bias[:3] = -50.0  # units 0-2 never fire; the others fire on some step
-    with GradientMonitor(relu, reporters=[], activation_every_n_steps=1) as monitor:
-        relu(torch.randn(16, 30, 4)).sum().backward()
-        monitor.step()
-    table = monitor.activation_history
+    table = _one_activation_step(relu, torch.randn(16, 30, 4))
     assert list(table.site) == ["UnrolledRNN:relu"]
     fired = torch.stack(relu.states).gt(0).any(dim=0).any(dim=0)  # per unit, over steps and samples
     assert fired.tolist() == [False] * 3 + [True] * 5
@@ -208,10 +211,7 @@ def test_a_cell_unrolled_over_time_is_one_site_and_a_loop_over_layers_is_one_per
     mlp = LoopedMLP()
     with torch.no_grad():
         mlp.layers[2].weight.mul_(40.0)  # saturates the third layer's units only
-    with GradientMonitor(mlp, reporters=[], activation_every_n_steps=1) as monitor:
-        mlp(torch.randn(16, 8)).sum().backward()
-        monitor.step()
-    table = monitor.activation_history
+    table = _one_activation_step(mlp, torch.randn(16, 8))
     assert list(table.site) == ["LoopedMLP:tanh", "LoopedMLP:tanh#2", "LoopedMLP:tanh#3",
                                 "LoopedMLP:tanh#4"]
     expected_per_layer = [_saturation([state]) for state in mlp.states]
@@ -262,10 +262,7 @@ class LearnedStateRNN(nn.Module):
 def test_layers_sharing_tensors_or_frozen_stay_one_site_each(frozen: bool) -> None:
     torch.manual_seed(3)
     model = SharedScaleMLP(frozen)
-    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
-        model(torch.randn(16, 8)).sum().backward()
-        monitor.step()
-    table = monitor.activation_history
+    table = _one_activation_step(model, torch.randn(16, 8))
     assert list(table.site) == ["SharedScaleMLP:relu"] + [f"SharedScaleMLP:relu#{i}"
                                                           for i in (2, 3, 4)]
     dead = [float((state <= 0).all(dim=0).double().mean()) for state in model.states]
@@ -296,10 +293,7 @@ def test_layers_whose_own_weights_are_out_of_reach_behind_a_shared_gain_stay_apa
 
     torch.manual_seed(0)
     model = LongChain()
-    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
-        model(torch.randn(16, 8)).sum().backward()
-        monitor.step()
-    table = monitor.activation_history
+    table = _one_activation_step(model, torch.randn(16, 8))
     assert len(table) == 4
     np.testing.assert_allclose(table.saturated_fraction.to_numpy(dtype=float),
                                [_saturation([state]) for state in model.states], rtol=1e-6)
@@ -308,10 +302,8 @@ def test_layers_whose_own_weights_are_out_of_reach_behind_a_shared_gain_stay_apa
 def test_a_learned_initial_state_does_not_split_the_first_time_step() -> None:
     torch.manual_seed(0)
     model = LearnedStateRNN()
-    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
-        model(torch.randn(4, 10, 4)).sum().backward()
-        monitor.step()
-    assert list(monitor.activation_history.site) == ["LearnedStateRNN:tanh"]
+    table = _one_activation_step(model, torch.randn(4, 10, 4))
+    assert list(table.site) == ["LearnedStateRNN:tanh"]
 
 
 def test_a_cell_under_reentrant_checkpointing_is_one_site() -> None:
@@ -331,10 +323,8 @@ def test_a_cell_under_reentrant_checkpointing_is_one_site() -> None:
 
     torch.manual_seed(0)
     model = Checkpointed(steps=12)
-    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
-        model(torch.randn(4, 12, 4).requires_grad_()).sum().backward()
-        monitor.step()
-    assert list(monitor.activation_history.site) == ["Checkpointed:tanh"]
+    table = _one_activation_step(model, torch.randn(4, 12, 4).requires_grad_())
+    assert list(table.site) == ["Checkpointed:tanh"]
 
 
 def test_a_decoder_loop_with_an_encoder_before_and_a_head_after_each_step_is_one_site() -> None:
@@ -358,10 +348,7 @@ def test_a_decoder_loop_with_an_encoder_before_and_a_head_after_each_step_is_one
 
     torch.manual_seed(0)
     model = Decoder()
-    with GradientMonitor(model, reporters=[], activation_every_n_steps=1) as monitor:
-        model(torch.randn(4, 7, 4)).sum().backward()
-        monitor.step()
-    assert list(monitor.activation_history.site) == ["Decoder:tanh"]
+    assert list(_one_activation_step(model, torch.randn(4, 7, 4)).site) == ["Decoder:tanh"]
 
 
 def test_calls_outside_any_module_forward_are_told_apart_too() -> None:
@@ -413,10 +400,7 @@ def test_gates_of_a_hand_written_lstm_cell_stay_apart_over_time() -> None:
 
     torch.manual_seed(0)
     cell = Cell()
-    with GradientMonitor(cell, reporters=[], activation_every_n_steps=1) as monitor:
-        cell(torch.randn(8, 12, 4) * 3).sum().backward()
-        monitor.step()
-    table = monitor.activation_history.set_index("site")
+    table = _one_activation_step(cell, torch.randn(8, 12, 4) * 3).set_index("site")
     assert list(table.index) == ["Cell:sigmoid", "Cell:sigmoid#2", "Cell:sigmoid#3",
                                  "Cell:tanh", "Cell:tanh#2"]
     for site, key in (("Cell:sigmoid", "i"), ("Cell:sigmoid#2", "f"), ("Cell:sigmoid#3", "o")):

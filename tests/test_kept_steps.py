@@ -5,6 +5,8 @@ does; nothing is copied or synchronised on a kept step."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -666,11 +668,16 @@ def test_a_monitor_dropped_without_close_still_reports_its_waiting_steps() -> No
     assert installed() == before
 
 
-def test_a_script_that_never_closes_its_monitor_still_prints_the_last_findings() -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
+def _run_script(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter with this checkout on the path; it must exit 0."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
+
+def test_a_script_that_never_closes_its_monitor_still_prints_the_last_findings() -> None:
     script = """
 import torch
 from torch import nn
@@ -688,10 +695,7 @@ for step in range(6):
     monitor.step()
 print("trained")
 """
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run_script(script)
     assert "trained" in result.stdout
     # steps 3 and 4 vanish (below 1e-8 of the largest: 2 steps); step 4 waits in its block
     assert "graddiag [vanishing] step 4, layer '0'" in result.stderr
@@ -703,9 +707,6 @@ def test_a_script_that_never_closes_its_monitor_or_writer_still_logs_every_step(
     judged and the reporter flushes them, so every step's scalars reach the event file (the
     writer's own thread would otherwise drop what is still queued). The run is not finished
     for the user: no whole-run figure or summary, which only ``close()`` writes."""
-    import subprocess
-    import sys
-
     script = f"""
 import torch
 from torch import nn
@@ -724,10 +725,7 @@ for step in range(6):
     monitor.step()
 print("trained")
 """
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run_script(script)
     assert "trained" in result.stdout
     from tensorboard.backend.event_processing import event_accumulator as ea
 
@@ -771,10 +769,6 @@ def test_a_monitor_dropped_after_its_writer_was_closed_does_not_reopen_it(tmp_pa
 
 
 def test_a_forked_child_does_not_judge_its_parents_waiting_steps() -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = """
 import os, sys
 import torch
@@ -798,10 +792,7 @@ if child == 0:
 os.waitpid(child, 0)
 print("parent", os.getpid(), flush=True)
 """
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run_script(script)
     lines = result.stdout.split()
     parent = lines[lines.index("parent") + 1]
     reported = [(pid, int(step)) for pid, step in zip(lines[::2], lines[1::2])
@@ -813,7 +804,6 @@ print("parent", os.getpid(), flush=True)
 def test_a_monitor_that_failed_to_start_is_dropped_quietly(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import gc
-    import sys
 
     def fail(*args: object) -> None:
         raise RuntimeError("no")

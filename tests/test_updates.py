@@ -630,6 +630,12 @@ class _TwoLayers(nn.Module):
         self.fc = nn.Linear(8, 2)
 
 
+def _set_grads(model: _TwoLayers, a: float, fc: float) -> None:
+    """Every gradient element of ``a`` set to ``a``, of ``fc`` to ``fc``."""
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, a if name.startswith("a.") else fc)
+
+
 def _explode_a(model: _TwoLayers, clip: float | None, steps: int = 6, fc_lr: float = 0.1
                ) -> tuple[GradientMonitor, list[dict[str, torch.Tensor]]]:
     """SGD on hand-set gradients: ``a``'s elements 1e6 (norm ~8.5e6, above ``exploding_abs``
@@ -641,8 +647,7 @@ def _explode_a(model: _TwoLayers, clip: float | None, steps: int = 6, fc_lr: flo
     weights = []
     with GradientMonitor(model, reporters=[], optimizers=opt, param_every_n_steps=1) as monitor:
         for _ in range(steps):
-            for name, p in model.named_parameters():
-                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 0.5)
+            _set_grads(model, 1e6, 0.5)
             weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
             monitor.step(clip_norm=clip)
             if clip is not None:
@@ -684,8 +689,7 @@ def test_a_layer_vanishing_only_next_to_an_exploding_one_says_so() -> None:
     model = _TwoLayers()
     with GradientMonitor(model, reporters=[]) as monitor:
         for _ in range(3):
-            for name, p in model.named_parameters():
-                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 1e-3)
+            _set_grads(model, 1e6, 1e-3)
             monitor.step()
     found = {(f.kind, f.layer): f for f in monitor.findings}
     assert set(found) == {("exploding", "a"), ("vanishing", "fc")}
@@ -704,8 +708,7 @@ def test_adam_on_an_exploded_gradient_stalls_and_the_finding_names_the_explosion
     weights = []
     with GradientMonitor(model, reporters=[], optimizers=opt) as monitor:
         for _ in range(5):
-            for name, p in model.named_parameters():
-                p.grad = torch.full_like(p, 1e30 if name.startswith("a.") else 0.5)
+            _set_grads(model, 1e30, 0.5)
             weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
             monitor.step()
             opt.step()
@@ -746,8 +749,7 @@ def test_a_gradient_vanished_on_its_own_is_not_blamed_on_an_explosion_elsewhere(
     model = _TwoLayers()
     with GradientMonitor(model, reporters=[]) as monitor:
         for _ in range(3):
-            for name, p in model.named_parameters():
-                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 1e-14)
+            _set_grads(model, 1e6, 1e-14)
             monitor.step()
     vanishing = [f for f in monitor.findings if f.kind == "vanishing"]
     assert [f.layer for f in vanishing] == ["fc"]
@@ -762,8 +764,7 @@ def test_a_stalled_layer_whose_gradient_vanished_on_its_own_is_not_blamed_on_cli
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with GradientMonitor(model, reporters=[], optimizers=opt, param_every_n_steps=1) as monitor:
         for _ in range(6):
-            for name, p in model.named_parameters():
-                p.grad = torch.full_like(p, 1e6 if name.startswith("a.") else 0.0)
+            _set_grads(model, 1e6, 0.0)
             monitor.step(clip_norm=1.0)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -819,3 +820,4 @@ def test_adam_under_a_warm_up_stepped_per_epoch_is_not_stalled_within_the_epoch(
     opt = torch.optim.Adam(model.parameters(), lr=3e-8)
     monitor, _ = _train(model, opt, digits, 8, optimizers=opt)
     assert {f.layer for f in monitor.findings if f.kind == "stalled"} == {"0", "2", "4", "6"}
+

@@ -297,8 +297,8 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._explainer.observe(record)
         findings = self.rules.update(record)
         if findings:
-            self._explainer.exploding = self.rules.reported("exploding")
-            findings = [self._explainer.explain(f, record) for f in findings]
+            exploding = self.rules.reported("exploding")
+            findings = [self._explainer.explain(f, record, exploding) for f in findings]
         findings = self._replay.annotate(findings, record.step, replay)  # op and line of a NaN
         self._history.append(record)
         if findings:

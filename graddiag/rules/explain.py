@@ -71,8 +71,6 @@ class Explainer:
         self.cut_ops: dict[str, list[str]] = {}
         #: each layer's last finite update ratio: (step, ratio, its gradient norm on that step)
         self.updates: dict[str, tuple[int, float, float]] = {}
-        #: layers whose exploding gradient was reported and still holds (set before explaining)
-        self.exploding: set[str] = set()
 
     def observe(self, record: StepRecord) -> None:
         """Remember the latest activation statistics, cut operations and update ratios."""
@@ -114,11 +112,14 @@ class Explainer:
             return None
         return step, mine, median
 
-    def explain(self, finding: Finding, record: StepRecord) -> Finding:
+    def explain(self, finding: Finding, record: StepRecord,
+                exploding: frozenset[str] = frozenset()) -> Finding:
+        """``finding`` with its cause and ranked remedies; ``exploding``: the layers whose
+        exploding gradient was reported and still holds (findings next to them say so)."""
         if finding.kind == "vanishing":
-            return self._vanishing(finding, record)
+            return self._vanishing(finding, record, exploding)
         if finding.kind == "stalled":
-            return self._stalled(finding, record)
+            return self._stalled(finding, record, exploding)
         if finding.kind == "no_gradient" and self.cut_ops:
             seen = "; ".join(f"'{m}' called {', '.join(ops)}" for m, ops in self.cut_ops.items())
             return dataclasses.replace(
@@ -128,7 +129,8 @@ class Explainer:
             )
         return finding
 
-    def _stalled(self, finding: Finding, record: StepRecord) -> Finding:
+    def _stalled(self, finding: Finding, record: StepRecord,
+                 exploding: frozenset[str]) -> Finding:
         """A stalled layer next to an explosion: its own gradient exploded (the optimizer's state
         overflows), or global-norm clipping shrank its update because another layer's did."""
         cause = finding.details.get("cause")
@@ -138,12 +140,12 @@ class Explainer:
         i = record.layers.index(finding.layer) if finding.layer in record.layers else None
         own = float(record.grad_norm[i]) if i is not None else float("nan")
         largest = finding.details.get("largest_grad_layer")
-        if finding.layer in self.exploding or own == math.inf:
+        if finding.layer in exploding or own == math.inf:
             new = (f"Its own gradient has exploded (norm {own:.3g}): an update from a gradient "
                    "this large overflows the optimizer's state (Adam's running second moment "
                    "turns inf and its step becomes 0) or is clipped to nothing.")
             remedy = remedies.EXPLODING
-        elif largest in self.exploding and record.clipped \
+        elif largest in exploding and record.clipped \
                 and not finding.details.get("grad_below_abs"):  # not one that vanished alone
             total = float(np.sqrt(np.nansum(np.where(record.has_grad, record.grad_norm, 0.0) ** 2)))
             new = (f"Gradient clipping by the global norm clipped this step: the total gradient "
@@ -156,19 +158,19 @@ class Explainer:
         return dataclasses.replace(finding, message=finding.message.replace(cause, new),
                                    remedy=remedy, details={**finding.details, "cause": new})
 
-    def _vanishing(self, finding: Finding, record: StepRecord) -> Finding:
+    def _vanishing(self, finding: Finding, record: StepRecord,
+                   exploding: frozenset[str]) -> Finding:
         notes: list[str] = []
         details = dict(finding.details)
         ranked = remedies.VANISHING
         largest = details.get("largest_layer")
-        if largest in self.exploding and largest != finding.layer and finding.value > 0.0 \
+        if largest in exploding and largest != finding.layer and finding.value > 0.0 \
                 and not details.get("below_abs"):  # small on its own too: vanished for real
-            notes.append(
-                f"The largest layer, '{largest}', is itself exploding: this layer is small only "
-                "next to it; treat that explosion first."
-            )
             return dataclasses.replace(
-                finding, message=f"{finding.message} {' '.join(notes)}",
+                finding,
+                message=(f"{finding.message} The largest layer, '{largest}', is itself "
+                         "exploding: this layer is small only next to it; treat that explosion "
+                         "first."),
                 remedy=f"{remedies.BEHIND_AN_EXPLOSION} ('{largest}')",
                 details={**details, "largest_exploding": True})
         if finding.value == 0.0:

@@ -45,10 +45,10 @@ class RuleSet:
         """Whether a condition of ``kind`` holds on the latest record (after its patience)."""
         return any(rule.active for rule in self.rules if rule.kind == kind)
 
-    def reported(self, kind: str) -> set[str]:
+    def reported(self, kind: str) -> frozenset[str]:
         """The keys (layers) whose condition of ``kind`` was reported and still holds."""
-        return {key for rule in self.rules if rule.kind == kind
-                for key in rule.onsets.reported}  # type: ignore[attr-defined]
+        return frozenset(key for rule in self.rules if rule.kind == kind
+                         for key in rule.onsets.reported)  # type: ignore[attr-defined]
 
     def active_count(self) -> int:
         """Reported conditions that still hold, over all rules."""

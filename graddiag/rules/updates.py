@@ -50,12 +50,15 @@ def _lr_text(record: StepRecord, i: int) -> tuple[str, float]:
     )
 
 
-def _rms(record: StepRecord, i: int) -> float:
-    """Layer ``i``'s root-mean-square weight, or NaN when the record does not say."""
+def _rms(record: StepRecord) -> np.ndarray | None:
+    """Each layer's root-mean-square weight (NaN where a layer has no counted elements), or
+    ``None`` when the record carries no parameter statistics."""
     norm, count = record.param_norm, record.param_count
-    if norm is None or count is None or not count[i] or not np.isfinite(norm[i]):
-        return float("nan")
-    return float(norm[i]) / float(np.sqrt(count[i]))
+    if norm is None or count is None:
+        return None
+    norm, count = np.asarray(norm, dtype=float), np.asarray(count, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((count > 0) & np.isfinite(norm), norm / np.sqrt(count), np.nan)
 
 
 class StalledRule(OnsetRule):
@@ -70,9 +73,9 @@ class StalledRule(OnsetRule):
     move), and not while the layer's learning rate rises (a warm-up under way) or is at most
     :data:`LR_DECAYED` of the largest it has had or of the rate its scheduler started from
     (``initial_lr``: a warm-up stepped per epoch, a decay, also one from before the monitor
-    started). A rate set by hand far below a scheduler's ``initial_lr`` reads as a decay. The learning rate of a
-    record is the one its step will apply, its ratio the update of the step before: under a
-    schedule they differ by one step's change.
+    started). A rate set by hand far below a scheduler's ``initial_lr`` reads as a decay. The
+    learning rate of a record is the one its step will apply, its ratio the update of the step
+    before: under a schedule they differ by one step's change.
     """
 
     kind = "stalled"
@@ -112,8 +115,8 @@ class StalledRule(OnsetRule):
         """Per layer: a learning rate too small for the weights' size (``lr / RMS(w)`` below
         ``ratio_floor``), neither rising since the last parameter step nor decayed; notes each
         layer's learning rate for the next call."""
-        lrs, norms, counts = record.learning_rate, record.param_norm, record.param_count
-        if lrs is None or norms is None or counts is None:
+        lrs, rms = record.learning_rate, _rms(record)
+        if lrs is None or rms is None:
             return np.zeros(len(record.layers), dtype=bool)
         self._follow(record.layers)
         lr = np.asarray(lrs, dtype=float)
@@ -125,7 +128,6 @@ class StalledRule(OnsetRule):
         # before the monitor started, as a rate at most half of it
         reference = peak if base is None else np.fmax(peak, base)
         with np.errstate(invalid="ignore", divide="ignore"):  # NaN compares False: not tiny
-            rms = np.asarray(norms, dtype=float) / np.sqrt(np.asarray(counts, dtype=float))
             tiny = ((lr > 0.0) & (lr <= last) & (lr > LR_DECAYED * reference) & (rms > 0.0)
                     & (lr / rms < self.ratio_floor))
         self._last_lr = np.where(known, lr, last)
@@ -155,12 +157,14 @@ class StalledRule(OnsetRule):
         top = float(record.update_ratio[top_pos])
         lr_text, lr = _lr_text(record, i)
         lrs = record.learning_rate
-        largest_lr = float(np.nanmax(lrs)) if lrs is not None and np.isfinite(lrs).any() else float("nan")
+        largest_lr = (float(np.nanmax(lrs)) if lrs is not None and np.isfinite(lrs).any()
+                      else float("nan"))
         grads = np.where(record.has_grad & np.isfinite(record.grad_norm), record.grad_norm, -np.inf)
         top_grad_pos = int(np.argmax(grads))
         top_grad = float(grads[top_grad_pos])
         grad_ratio = float(record.grad_norm[i]) / top_grad if top_grad > 0 else float("nan")
-        rms = _rms(record, i)
+        rms_all = _rms(record)
+        rms = float("nan") if rms_all is None else float(rms_all[i])
         cause_kind = "learning_rate"  # what the evidence points to (the explainer reads it)
         if lr_text and lr < LR_GAP * largest_lr:
             cause = (f"{lr_text[1:-1]}, against {_fmt(largest_lr)} for other layers: too small a "

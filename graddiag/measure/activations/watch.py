@@ -37,6 +37,7 @@ from graddiag.measure.order import GradientArrival
 
 log = logging.getLogger("graddiag")
 
+
 class _Interceptor(TorchFunctionMode):
     """Sees functional activations and graph-cutting operations during a watched forward."""
 
