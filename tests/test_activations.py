@@ -524,3 +524,47 @@ def test_relu6_statistics_count_the_band_where_the_derivative_is_one() -> None:
     assert site.below is not None and site.gain is not None
     assert (site.below.item(), site.gain.item()) == (4.0, 2.0)
     assert site.alive is not None and site.alive.tolist() == [False, True]
+
+
+def test_a_user_spec_with_boolean_passes_counts_like_the_built_in_relu() -> None:
+    from graddiag.measure.activations.specs import RELU
+    from graddiag.measure.activations.statistics import _Site
+
+    y = torch.tensor([[1.0, -1.0, float("nan"), 0.0], [2.0, 0.0, float("nan"), -2.0],
+                      [0.5, -3.0, 4.0, 0.0]])
+    boolean = ActivationSpec("relu", "rectifier", RELU.derivative, passes=lambda t, p: t > 0)
+    for spec in (RELU, boolean):
+        site = _Site("r", spec)
+        with torch.no_grad():
+            site.add(None, y, {}, 0.01)
+        assert site.below is not None and site.gain is not None and site.alive is not None
+        # positive (|f'| = 1): 1, 2, 0.5, 4; the other eight pass no gradient
+        assert (site.below.item(), site.gain.item()) == (8.0, 4.0)
+        assert site.alive.tolist() == [True, False, True, False]
+
+
+def test_derivative_statistics_count_values_at_the_floor_nan_and_inf_as_passing() -> None:
+    from graddiag.measure.activations.statistics import _Site
+
+    identity = ActivationSpec("ident", "saturating", lambda x, y, p: y)  # |f'| = y
+    y = torch.tensor([[0.2, 0.4, float("nan"), float("inf"), 0.5],
+                      [0.3, 0.1, 0.3, 0.2, 0.5]])
+    site = _Site("i", identity)
+    with torch.no_grad():
+        site.add(None, y, {}, 0.5)
+    # below 0.5: 0.2, 0.4, 0.3, 0.1, 0.3, 0.2; not NaN, inf or 0.5 itself
+    assert site.below is not None and site.below.item() == 6.0
+    # a unit is dead when every sample is below: units 0 and 1 only
+    assert site.alive is not None and site.alive.tolist() == [False, False, True, True, True]
+
+
+def test_an_empty_batch_adds_no_elements() -> None:
+    from graddiag.measure.activations.specs import RELU, TANH
+    from graddiag.measure.activations.statistics import _Site
+
+    for spec in (RELU, TANH):
+        site = _Site("e", spec)
+        with torch.no_grad():
+            site.add(None, torch.zeros(0, 3), {}, 0.01)
+        assert site.below is not None and site.gain is not None
+        assert (site.below.item(), site.gain.item(), site.elements) == (0.0, 0.0, 0)

@@ -86,11 +86,12 @@ class CallSites:
         modules_run: The ``id`` of every module with parameters of its own whose ``forward``
             began in the watched pass, in order (a log the watch appends to; read, never
             changed, here).
+        start: Where in that log the module's call began (default: its length now).
     """
 
-    def __init__(self, modules_run: list[int] | None = None) -> None:
+    def __init__(self, modules_run: list[int] | None = None, start: int | None = None) -> None:
         self._log = [] if modules_run is None else modules_run
-        self._start = len(self._log)
+        self._start = len(self._log) if start is None else start
         self._count: dict[str, int] = {}
         self._places: dict[tuple[str, Any], _Place] = {}
 

@@ -66,6 +66,31 @@ def unit_dim(tensor: torch.Tensor) -> int:
     return 1 if tensor.ndim in (4, 5) else tensor.ndim - 1
 
 
+def below_count(values: torch.Tensor, floor: float) -> torch.Tensor:
+    """How many of ``values`` are below ``floor`` (NaN: not), a float32 scalar on their device.
+
+    Counted with float operations: on a CPU a comparison into booleans and the sum of those cost
+    several times more (about 45 against 20 us for 65,000 elements)."""
+    flags = (floor - values).sign_()  # 1 below, 0 at the floor, -1 above, NaN for NaN
+    return flags.clamp_(min=0.0).nan_to_num_(0.0).sum(dtype=torch.float32)
+
+
+def _dead_units(values: torch.Tensor, y: torch.Tensor, largest_below: float | None
+                ) -> torch.Tensor:
+    """Per unit of ``y``, whether it passed no gradient for any sample: ``values`` are either
+    bool flags of the elements below the floor (``largest_below`` None), or floats where a unit
+    is dead when its largest value over the samples is below ``largest_below`` (NaN: alive)."""
+    if largest_below is not None and values.numel() == 0:  # no samples: every unit, as before
+        values, largest_below = values < largest_below, None
+    if values.ndim > 1:
+        dim = unit_dim(y) if y.ndim == values.ndim else values.ndim - 1
+        dims = tuple(i for i in range(values.ndim) if i != dim)
+        if largest_below is None:
+            return values.all(dim=dims)
+        return values.amax(dim=dims) < largest_below
+    return values if largest_below is None else values < largest_below
+
+
 class _Site:
     """Running statistics of one activation site during one step (device scalars)."""
 
@@ -128,21 +153,23 @@ class _Site:
         passes = self.spec.passes
         if passes is not None and 0.0 < floor <= 1.0:  # |f'| is 1 or 0: count where it is 1
             d = y32.reshape(1) if y32.ndim == 0 else y32
-            below = ~passes(d, params)
-            below_sum = below.sum(dtype=torch.float32)
-            gain_sum = below.numel() - below_sum  # the sum of |f'|
+            ones = passes(d, params)  # where |f'| is 1: bool, or 1.0/0.0 (the built-ins')
+            if ones.dtype == torch.bool:
+                below = ~ones
+                below_sum = below.sum(dtype=torch.float32)
+                gain_sum = below.numel() - below_sum  # the sum of |f'|
+                dead = _dead_units(below, y, None)
+            else:
+                gain_sum = ones.sum(dtype=torch.float32)
+                below_sum = ones.numel() - gain_sum
+                dead = _dead_units(ones, y, 0.5)
         else:
             d = self.spec.derivative(x32, y32, params).abs()
             if d.ndim == 0:
                 d = d.reshape(1)
-            below = d < floor
-            below_sum = below.sum(dtype=torch.float32)
+            below_sum = below_count(d, floor)
             gain_sum = d.sum(dtype=torch.float32)
-        if d.ndim > 1:  # a unit is dead when it is below the floor for every sample
-            dim = unit_dim(y) if y.ndim == d.ndim else d.ndim - 1
-            dead = below.all(dim=tuple(i for i in range(d.ndim) if i != dim))
-        else:
-            dead = below
+            dead = _dead_units(d, y, floor)
         if forward_pass != self._pass:
             self._pass, self._ordinal = forward_pass, 0
         key = (0 if same_units else self._ordinal, int(dead.numel()))

@@ -38,6 +38,17 @@ from graddiag.measure.order import GradientArrival
 log = logging.getLogger("graddiag")
 
 
+class _ZeroDerivative(dict):  # type: ignore[type-arg]
+    """``func in it``: whether a torch function is one of :data:`ZERO_GRADIENT_OPS` (by name),
+    looked up once per function."""
+
+    def __contains__(self, func: object) -> bool:
+        known = self.get(func)
+        if known is None:
+            known = self[func] = getattr(func, "__name__", None) in ZERO_GRADIENT_OPS
+        return known
+
+
 class _Interceptor(TorchFunctionMode):
     """Sees functional activations and graph-cutting operations during a watched forward."""
 
@@ -51,6 +62,10 @@ class _Interceptor(TorchFunctionMode):
         entry = watch.registry.functions.get(func)
         if entry is None or watch.paused or watch.inside_activation_module():
             result = func(*args, **kwargs)
+            # the usual operation keeps the graph: a tensor that requires grad, not zero-derivative
+            if (type(result) is torch.Tensor and result.requires_grad
+                    and func not in watch.zero_derivative):
+                return result
             if not watch.paused and torch.is_grad_enabled():
                 watch.check_cut(func, args, result)
             return result
@@ -103,14 +118,16 @@ class ActivationWatch:
         self._live: ExitStack | None = None
         self._mode: _Interceptor | None = None
         self._installed = False
-        # the running modules, each with the functional activation sites of its call, and the
-        # modules whose forward began in the watched pass (what fed each call, for its site)
-        self._stack: list[tuple[nn.Module, CallSites]] = []
+        # the running modules, each with the functional activation sites of its call (made at its
+        # first functional activation; until then the length of the log below when it began),
+        # and the modules whose forward began in the watched pass (what fed each call)
+        self._stack: list[tuple[nn.Module, CallSites | int]] = []
         self._modules_run: list[int] = []
         self._root_sites: CallSites | None = None  # calls outside any module's forward
         self._busy = False
         self.arrival: GradientArrival | None = None  # times the gradient through each site
         self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
+        self.zero_derivative = _ZeroDerivative()  # the functions in ZERO_GRADIENT_OPS seen
         self.skipped: set[str] = set()  # sites warned about once as unmeasurable
 
     # -- the context
@@ -134,7 +151,7 @@ class ActivationWatch:
         self.forward_passes += 1
         try:
             if running is not None:
-                self._stack.append((running, CallSites(self._modules_run)))
+                self._stack.append((running, len(self._modules_run)))
             self._install(self._live)
             yield
         finally:
@@ -202,7 +219,7 @@ class ActivationWatch:
     def _push(self, module: nn.Module, args: Any) -> None:
         if module._parameters:  # a layer (or a norm, an embedding): tells call sites apart
             self._modules_run.append(id(module))
-        self._stack.append((module, CallSites(self._modules_run)))
+        self._stack.append((module, len(self._modules_run)))
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack and self._stack[-1][0] is module:
@@ -218,11 +235,14 @@ class ActivationWatch:
             if self._root_sites is None:
                 self._root_sites = CallSites(self._modules_run)
             return self.root_name, self._root_sites
-        module, counts = self._stack[-1]
+        module, sites = self._stack[-1]
         name = self.names.get(module)
         if name is None:
             return None
-        return name or self.root_name, counts
+        if isinstance(sites, int):
+            sites = CallSites(self._modules_run, start=sites)
+            self._stack[-1] = (module, sites)
+        return name or self.root_name, sites
 
     def _module_hook(self, name: str, spec: ActivationSpec, params: dict[str, float]
                      ) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
