@@ -54,6 +54,7 @@ def _records(count: int) -> list[StepRecord]:
             amp_overflow=i % 9 == 0,
             amp_scale=None if i % 2 else 2.0 ** (16 - i),
             clipped=None if i % 3 == 0 else bool(i % 2),
+            clip_value=0.25 * i if i % 3 == 0 else None,
         ))
     return records
 
@@ -106,6 +107,17 @@ def test_every_field_of_every_record_round_trips_exactly() -> None:
     assert loaded.pinned == {4} and loaded.thinned == 3 and loaded.rows == history.rows
     pd.testing.assert_frame_equal(loaded.frame(), history.frame())
     pd.testing.assert_frame_equal(loaded.activation_frame(), history.activation_frame())
+
+
+def test_a_column_state_saved_before_clip_value_loads_without_it() -> None:
+    from graddiag.pipeline.history_state import decode, encode
+
+    originals = _records(7)
+    state = encode(originals)
+    del state["clip_value"]  # as saved by the version before the column
+    loaded = decode(state)
+    for i, (want, got) in enumerate(zip(originals, loaded, strict=True)):
+        _assert_same(dataclasses.replace(want, clip_value=None), got, f"record {i}")
 
 
 def test_state_is_a_few_tensors_whatever_the_number_of_records() -> None:
@@ -161,7 +173,7 @@ def _legacy_state(records: list[StepRecord]) -> dict[str, Any]:
 
 
 def test_the_previous_record_list_state_still_loads() -> None:
-    originals = _records(12)
+    originals = [dataclasses.replace(r, clip_value=None) for r in _records(12)]  # not saved then
     buffer = io.BytesIO()
     torch.save(_legacy_state(originals), buffer)
     buffer.seek(0)
@@ -225,6 +237,7 @@ def test_the_state_format_covers_every_record_field() -> None:
     assert [f.name for f in dataclasses.fields(StepRecord)] == [
         "step", "layers", "grad_norm", "has_grad", "missing", "nonfinite", "param_norm",
         "update_ratio", "activations", "grad_histograms", "optimizer", "measured", "amp_overflow",
-        "amp_scale", "clipped", "param_count", "learning_rate", "orphaned", "base_learning_rate"]
+        "amp_scale", "clipped", "param_count", "learning_rate", "orphaned", "base_learning_rate",
+        "clip_value"]
     assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
         "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops", "position"]

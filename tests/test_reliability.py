@@ -124,7 +124,7 @@ def test_clipping_measures_pre_clip_norms_and_marks_clip_events(algorithm: str |
     # Lightning clips by norm by default: Trainer(gradient_clip_val=...) alone must fill `clipped`
     cb, seen = GradientDiagnostics(print_summary=False), NaiveNorms()
     clip = 0.3
-    _fit(DeepMLP(depth=2, width=16), 8, cb, seen, gradient_clip_val=clip,
+    _fit(_model(depth=2, width=16), 8, cb, seen, gradient_clip_val=clip,
          gradient_clip_algorithm=algorithm)
     h = cb.history
     np.testing.assert_allclose(h.grad_norm.to_numpy(), np.ravel(seen.norms), rtol=1e-5)
@@ -139,6 +139,32 @@ def test_clipping_by_value_leaves_clipped_empty() -> None:
     cb = GradientDiagnostics(print_summary=False)
     _fit(DeepMLP(depth=2, width=16), 2, cb, gradient_clip_val=0.3, gradient_clip_algorithm="value")
     assert cb.history.clipped.isna().all()
+
+
+class _ScaledLoss(DeepMLP):
+    """The loss times 1e7: every gradient 1e7 x an ordinary one, far above exploding_abs."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * 1e7
+
+
+@pytest.mark.parametrize("algorithm", ["value", "norm", None])
+def test_the_exploding_remedy_knows_which_clipping_is_on(algorithm: str | None) -> None:
+    from graddiag.rules import wording
+
+    cb, seen = GradientDiagnostics(print_summary=False), NaiveNorms()
+    clipping = {} if algorithm is None else {"gradient_clip_val": 0.3,
+                                             "gradient_clip_algorithm": algorithm}
+    pl.seed_everything(0, verbose=False)
+    _fit(_ScaledLoss(depth=2, width=16), 2, cb, seen, **clipping)
+    assert min(min(row) for row in seen.norms) > 1e4  # every layer above exploding_abs
+    found = [f for f in cb.findings if f.kind == "exploding"]
+    assert found and {f.step for f in found} == {0}
+    expected = {"value": wording.EXPLODING_WHILE_CLIPPING_BY_VALUE,
+                "norm": wording.EXPLODING_WHILE_CLIPPING, None: wording.EXPLODING}[algorithm]
+    assert {f.remedy for f in found} == {expected}
+    if algorithm is not None:  # clipping is on: not suggested again as such
+        assert "gradient_clip_val" not in expected
 
 
 class TwoOptimizers(pl.LightningModule):

@@ -676,6 +676,21 @@ def test_a_layer_small_or_stalled_only_next_to_an_explosion_under_clipping_says_
     assert stalled.remedy.startswith(wording.BEHIND_AN_EXPLOSION + " ('a')")
 
 
+def test_clipping_by_value_gets_its_own_exploding_remedy() -> None:
+    model = _TwoLayers()
+    with GradientMonitor(model, reporters=[]) as monitor:
+        for _ in range(8):  # early steps (measured in full), then kept ones (judged in a block)
+            _set_grads(model, 1e6, 0.5)
+            monitor.step(clip_value=0.5)
+            torch.nn.utils.clip_grad_value_(model.parameters(), 0.5)
+    exploding = [f for f in monitor.findings if f.kind == "exploding"]
+    assert [(f.layer, f.step) for f in exploding] == [("a", 0)]
+    assert exploding[0].remedy == wording.EXPLODING_WHILE_CLIPPING_BY_VALUE
+    assert "clipping by value is already on" in exploding[0].remedy
+    assert "gradient_clip_val" not in exploding[0].remedy
+    assert all(r.clip_value == 0.5 and r.clipped is None for r in monitor.records)
+
+
 def test_without_clipping_the_exploding_remedy_suggests_it() -> None:
     monitor, _ = _explode_a(_TwoLayers(), clip=None, steps=2)
     exploding = [f for f in monitor.findings if f.kind == "exploding"]

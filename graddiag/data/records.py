@@ -64,7 +64,9 @@ class StepRecord:
             leave the state of unmeasured layers untouched.
         amp_overflow: The AMP grad scaler found inf/NaN and skips this step (not an alarm).
         amp_scale: The grad scaler's loss scale on this step (``None`` without fp16 AMP).
-        clipped: Gradient clipping will rescale this step's gradients (``None``: no clipping).
+        clipped: Gradient clipping will rescale this step's gradients (``None``: no clipping by
+            the global norm).
+        clip_value: The threshold of gradient clipping by value on this step (``None``: none).
         param_count: Elements per layer behind ``param_norm`` (with it, the weights' RMS), or
             ``None`` on steps without parameter statistics.
         learning_rate: Per-layer learning rate (the largest over the param groups holding the
@@ -96,6 +98,7 @@ class StepRecord:
     learning_rate: np.ndarray | None = None
     orphaned: dict[str, list[str]] | None = None
     base_learning_rate: np.ndarray | None = None
+    clip_value: float | None = None
 
     @cached_property
     def healthy_range(self) -> tuple[float, float] | None:

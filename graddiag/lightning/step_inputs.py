@@ -13,19 +13,21 @@ if TYPE_CHECKING:
 
 def step_inputs(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Keyword arguments of :meth:`GradientMonitor.step` for ``optimizer``'s step in
-    ``trainer`` (``optimizer``, ``params``, ``amp_scale``, ``grads_scaled``, ``clip_norm``)."""
+    ``trainer`` (``optimizer``, ``params``, ``amp_scale``, ``grads_scaled``, ``clip_norm``,
+    ``clip_value``)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     amp_scale = getattr(scaler, "_scale", None) if scaler is not None else None
     inner = getattr(optimizer, "optimizer", optimizer)
     # Lightning clips by norm unless gradient_clip_algorithm="value" is given
-    clip = (trainer.gradient_clip_val
-            if (trainer.gradient_clip_algorithm or "norm") == "norm" else None)
+    clip = trainer.gradient_clip_val
+    by_value = trainer.gradient_clip_algorithm == "value"
     return {
         "optimizer": optimizer_index(trainer, optimizer),
         "params": (p for group in inner.param_groups for p in group["params"]),
         "amp_scale": amp_scale,  # a device tensor: no host sync
         "grads_scaled": amp_scale is not None and _optimizer_unscales_itself(optimizer),
-        "clip_norm": float(clip) if clip else None,
+        "clip_norm": float(clip) if clip and not by_value else None,
+        "clip_value": float(clip) if clip and by_value else None,
     }
 
 

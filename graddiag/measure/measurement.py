@@ -95,7 +95,7 @@ class StepMeasurement:
 
     def keep(self, step: int, capacity: int, *, optimizer: int = 0,
              params: Iterable[torch.Tensor] | None = None,
-             clip_norm: float | None = None) -> bool:
+             clip_norm: float | None = None, clip_value: float | None = None) -> bool:
         """Keep a plain step (gradient norms only) as a row of
         :class:`~graddiag.measure.rows.NormRows` instead of measuring it in full; its record
         comes from :meth:`take_kept`.
@@ -119,7 +119,7 @@ class StepMeasurement:
             if not (probe.measures_all and probe.reads_rows and len(probe.row_layers)):
                 return False
             rows = self._rows = NormRows(probe, self.layers, capacity, self.norm_type)
-        missing = rows.keep(step, optimizer, clip_norm)
+        missing = rows.keep(step, optimizer, clip_norm, clip_value)
         if missing is None:
             self._failed_keeps = min(self._failed_keeps + 1, 6)
             self._next_keep = step + 2 ** self._failed_keeps
@@ -180,6 +180,7 @@ class StepMeasurement:
         amp_scale: torch.Tensor | float | None = None,
         grads_scaled: bool = False,
         clip_norm: float | None = None,
+        clip_value: float | None = None,
         activations: ActivationPack | None = None,
         deferred: bool = False,
     ) -> Callable[[], StepRecord]:
@@ -212,6 +213,7 @@ class StepMeasurement:
             host = dict(zip(names, copy.result()))
             record = self._record(step, optimizer, probe, reading, host, activations, clip_norm,
                                   layers, deferred, view)
+            record.clip_value = clip_value
             if record.activations is not None:  # where each site ran among the layers
                 record.activations.position = self.live.site_positions(record.activations.sites)
             return record

@@ -44,7 +44,7 @@ class NormRows:
         # for a NaN/Inf right after a training step (numpy's or torch's reductions cost more)
         self._memory = [memoryview(row) for row in self._values]
         # step, optimizer, clip norm, and the row positions of parameters without a gradient
-        self._kept: list[tuple[int, int, float | None, tuple[int, ...]]] = []
+        self._kept: list[tuple[int, int, float | None, float | None, tuple[int, ...]]] = []
         # per set of missing positions: (has_grad per layer, {layer: [parameter names]})
         self._absent: dict[tuple[int, ...], tuple[np.ndarray, dict[int, list[str]]]] = {}
         # columns sorted by layer, so each layer's norms are one contiguous run to reduce
@@ -63,7 +63,8 @@ class NormRows:
         return len(self._kept) == len(self._rows)
 
     def keep(self, step: int, optimizer: int = 0,
-             clip_norm: float | None = None) -> dict[int, list[str]] | None:
+             clip_norm: float | None = None,
+             clip_value: float | None = None) -> dict[int, list[str]] | None:
         """Read this step's gradient norms into the next row.
 
         Returns the step's missing gradients (``{layer: [parameter names]}``, empty when every
@@ -77,7 +78,7 @@ class NormRows:
             return None
         if not math.isfinite(sum(self._memory[row])):  # NaN/Inf anywhere: not plain
             return None
-        self._kept.append((step, optimizer, clip_norm, absent))
+        self._kept.append((step, optimizer, clip_norm, clip_value, absent))
         return self._without_gradient(absent)[1] if absent else {}
 
     def last_without_gradient(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -87,7 +88,7 @@ class NormRows:
         zeros: tuple[int, ...] = ()
         if 0.0 in self._memory[row]:  # a scan of plain floats; positions only when there is one
             zeros = tuple(np.flatnonzero(self._values[row] == 0.0).tolist())
-        return self._kept[row][3], zeros
+        return self._kept[row][4], zeros
 
     def drop_last(self) -> None:
         """Forget the last kept step (it is measured in full instead)."""
@@ -137,7 +138,7 @@ class NormRows:
             return []
         norms = self.layer_norms()
         records = []
-        for (step, optimizer, clip_norm, absent), grad_norm in zip(self._kept, norms):
+        for (step, optimizer, clip_norm, clip_value, absent), grad_norm in zip(self._kept, norms):
             has_grad, missing = self.probe.all_read, {}
             if absent:  # some parameters got no gradient: as a step measured in full says it
                 has_grad, names = self._without_gradient(absent)
@@ -149,7 +150,7 @@ class NormRows:
                 clipped = bool(math.sqrt(float(np.dot(measured, measured))) > clip_norm)
             records.append(StepRecord(step=step, layers=self.layers, grad_norm=grad_norm,
                                       has_grad=has_grad, missing=missing, optimizer=optimizer,
-                                      clipped=clipped))
+                                      clipped=clipped, clip_value=clip_value))
         self._kept.clear()
         return records
 

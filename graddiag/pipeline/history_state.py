@@ -103,6 +103,8 @@ def encode(records: list[StepRecord]) -> dict[str, Any]:
                                   for r in records])
     state["clipped"] = _tensor([-1 if r.clipped is None else int(r.clipped) for r in records],
                                torch.int8)
+    state["clip_value"] = _ragged([None if r.clip_value is None else np.array([r.clip_value])
+                                   for r in records])
     state["grad_norm"] = _ragged([r.grad_norm for r in records])
     state["has_grad"] = _ragged([r.has_grad for r in records])
     state["param_norm"] = _ragged([r.param_norm for r in records])
@@ -166,6 +168,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
     widths = state["histogram_width"].tolist()
     amp_scale = _unragged(state["amp_scale"])
     clipped = state["clipped"].tolist()
+    clip_value = _unragged(state["clip_value"]) if "clip_value" in state else [None] * count
     missing: list[dict[int, list[str]]] = [{} for _ in range(count)]
     start = 0
     for record, position, n in state["missing"]["rows"].tolist():
@@ -186,7 +189,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
             steps, state["optimizer"].tolist(), state["layers"].tolist(),
             state["amp_overflow"].tolist())):
         histograms = arrays["grad_histograms"][i]
-        scale = amp_scale[i]
+        scale, by_value = amp_scale[i], clip_value[i]
         records.append(StepRecord(
             step=step, layers=layer_lists[layers_id], grad_norm=_given(arrays["grad_norm"][i]),
             has_grad=_given(arrays["has_grad"][i]), missing=missing[i], nonfinite=nonfinite[i],
@@ -199,6 +202,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
             param_count=arrays["param_count"][i], learning_rate=arrays["learning_rate"][i],
             base_learning_rate=arrays["base_learning_rate"][i],
             orphaned=orphaned[i],
+            clip_value=None if by_value is None else float(by_value[0]),
         ))
     return records
 

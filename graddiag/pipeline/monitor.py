@@ -155,7 +155,8 @@ class GradientMonitor(MonitorResults, WatchControls):
     def step(self, step: int | None = None, *, optimizer: int = 0,
              params: Iterable[torch.Tensor] | None = None,
              amp_scale: torch.Tensor | float | None = None, grads_scaled: bool = False,
-             clip_norm: float | None = None, raise_on_alarm: bool = True,
+             clip_norm: float | None = None, clip_value: float | None = None,
+             raise_on_alarm: bool = True,
              replay: ReplayArgument = None) -> StepReport:
         """Measure (on recorded steps) and evaluate the gradients of one optimizer step.
 
@@ -172,6 +173,9 @@ class GradientMonitor(MonitorResults, WatchControls):
                 norms are divided by it on the device.
             clip_norm: The gradient-clipping threshold (2-norm) applied after this measurement;
                 records then say whether clipping will act.
+            clip_value: The threshold of gradient clipping by value (every element clamped to
+                +-clip_value) applied after this measurement: a remedy for exploding gradients
+                then knows that clipping is on.
             raise_on_alarm: Raise :class:`~graddiag.data.errors.GradientAlarm` when the action is
                 ``"raise"`` (otherwise it is only returned in the report).
             replay: Recomputes this step's loss, e.g. ``lambda: loss_fn(model(x), y)`` (the
@@ -207,7 +211,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         # kept steps are on the CPU, where a host read is deferred only when asked for
         if (amp_scale is None and self.deferred_host_read is not True
                 and self._deferral.pending is None
-                and self._try_keep(current, optimizer, params, clip_norm)):
+                and self._try_keep(current, optimizer, params, clip_norm, clip_value)):
             report = StepReport(current, True)  # kept: judged with its block
             if (self._measurement.kept_full
                     or time.perf_counter() - self._block_started > MAX_BLOCK_SECONDS):
@@ -222,7 +226,8 @@ class GradientMonitor(MonitorResults, WatchControls):
             earlier = self._judge_kept()  # steps kept before this one are judged before it
             finish = self._measurement.start(
                 current, optimizer=optimizer, params=params, amp_scale=amp_scale,
-                grads_scaled=grads_scaled, clip_norm=clip_norm, activations=pack,
+                grads_scaled=grads_scaled, clip_norm=clip_norm, clip_value=clip_value,
+                activations=pack,
                 deferred=deferred)
         if deferred:  # evaluate the previous recorded step, whose copy has long arrived
             finish = self._deferral.swap(finish)
@@ -239,7 +244,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         return report
 
     def _try_keep(self, step: int, optimizer: int, params: Iterable[torch.Tensor] | None,
-                  clip_norm: float | None) -> bool:
+                  clip_norm: float | None, clip_value: float | None = None) -> bool:
         """Keep ``step`` (read its gradient norms into a row) to be judged with the next block
         of plain steps (see the option ``evaluate_every_n_records``) if it is one: gradient
         norms only, nothing to decide on its own. ``False``: measure it in full."""
@@ -247,7 +252,8 @@ class GradientMonitor(MonitorResults, WatchControls):
                 or not self.schedule.keeps(step, self._updates.lookahead)):
             return False
         kept = self._measurement.keep(step, self.config.evaluate_every_n_records,
-                                      optimizer=optimizer, params=params, clip_norm=clip_norm)
+                                      optimizer=optimizer, params=params, clip_norm=clip_norm,
+                                      clip_value=clip_value)
         if kept and self._measurement.kept == 1:  # the first of a block
             self._block_started = time.perf_counter()
         return kept

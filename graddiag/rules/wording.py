@@ -42,6 +42,14 @@ EXPLODING_WHILE_CLIPPING = (
     "acts it shrinks every layer's update by the same factor, so the exploding layer also "
     "starves the others"
 )
+#: Exploding while gradient clipping by value is on: each element is capped, the direction bent.
+EXPLODING_WHILE_CLIPPING_BY_VALUE = (
+    "lower the learning rate; check the initialisation scale (Kaiming/Xavier instead of large "
+    "weights; for recurrent weights, an orthogonal init); add normalisation layers; check for "
+    "unnormalised inputs or targets; clipping by value is already on: it caps each gradient "
+    "element, which bounds the step but bends its direction when it acts; clipping by the "
+    "global norm keeps the direction (Trainer(gradient_clip_algorithm=\"norm\"))"
+)
 #: A layer small, or stalled, only next to another layer whose gradient exploded.
 BEHIND_AN_EXPLOSION = (
     "treat the exploding layer first (its finding says how): this layer's own gradient is "
