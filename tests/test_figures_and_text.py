@@ -13,7 +13,10 @@ from matplotlib.lines import Line2D
 from PIL import Image
 from tensorboard.plugin_util import markdown_to_safe_html
 
-from graddiag import Finding
+import torch
+from torch import nn
+
+from graddiag import Finding, GradientMonitor
 from graddiag.reporters import figures
 from graddiag.reporters.figures import (
     NONFINITE_LABEL,
@@ -240,6 +243,35 @@ def test_summary_keeps_inf_norms_and_ignores_steps_without_a_gradient() -> None:
         inf, inf, inf]
     assert summary.loc["b", ["grad_norm_median", "grad_norm_min", "grad_norm_max"]].tolist() == [
         0.375, 0.25, 0.5]
+
+
+def test_summary_tells_nan_gradients_from_no_gradient() -> None:
+    """A layer whose gradient is NaN on every step reads ``NaN`` in the console and the text
+    tab, one that never gets a gradient ``no grad``; ``nonfinite_steps`` counts the former."""
+    from graddiag.reporters.console import summary_screen
+    from graddiag.reporters.markdown import summary_markdown
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    with GradientMonitor(model, reporters=[], replay_nonfinite=False) as monitor:
+        for _ in range(4):
+            for param in model[0].parameters():
+                param.grad = torch.full_like(param, float("nan"))
+            for param in model[1].parameters():
+                param.grad = None
+            for param in model[2].parameters():
+                param.grad = torch.full_like(param, 0.5)
+            monitor.step()
+    summary = monitor.summary().set_index("layer")
+    assert summary.loc[["0", "1", "2"], "nonfinite_steps"].tolist() == [4, 0, 0]
+    assert summary.loc["2", "grad_norm_median"] == pytest.approx(0.5 * math.sqrt(6))
+    table = monitor.summary()
+    for text in (summary_screen(table, monitor.findings), summary_markdown(table)):
+        rows = {line.strip().lstrip("|").split()[0].strip("`"): line
+                for line in text.splitlines()
+                if line.strip().startswith(("0 ", "1 ", "2 ", "| `0`", "| `1`", "| `2`"))}
+        assert "NaN" in rows["0"] and "no grad" not in rows["0"], text
+        assert "no grad" in rows["1"] and "NaN" not in rows["1"], text
+        assert "1.22" in rows["2"], text
 
 
 def test_interval_rows_keep_exact_extremes_and_a_bounded_evenly_spaced_sample() -> None:

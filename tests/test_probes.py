@@ -97,6 +97,35 @@ def test_float64_gradients_beyond_float32_range_are_recorded_as_they_are(every: 
     assert "nonfinite" not in {f.kind for f in monitor.findings}
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_finite_float32_gradients_whose_norm_overflows_float32_are_recorded_finite(
+        every: int) -> None:
+    """Elements of 1e20 are finite in float32, but their squares are not: the fused norm reads
+    inf. The record holds the float64 norm, and no ``nonfinite``; a real inf still is one."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    with GradientMonitor(model, reporters=[], every_n_steps=every, early_steps=0) as monitor:
+        for step in range(6):
+            for i, value in enumerate((1e20, 0.5, 0.5)):
+                for param in model[i].parameters():
+                    param.grad = torch.full_like(param, value)
+            if step == 5:
+                model[2].bias.grad[0] = math.inf
+            monitor.step(step)
+    history = monitor.history
+    norms = history.pivot(index="step", columns="layer", values="grad_norm")
+    assert len(norms) == 6 // every
+    # 12 + 4 elements of 1e20: 4e20, from float64 arithmetic, not from graddiag
+    assert norms["0"].tolist() == pytest.approx([math.sqrt(16 * 1e40)] * len(norms), rel=1e-6)
+    assert np.isfinite(norms["0"]).all()
+    assert not history[history.layer == "0"].nonfinite.any()
+    found = [(f.kind, f.layer, f.step) for f in monitor.findings]
+    assert ("exploding", "0", 0) in found
+    exploding = next(f for f in monitor.findings if f.kind == "exploding" and f.layer == "0")
+    assert exploding.value == pytest.approx(4e20, rel=1e-6) and "inf" not in exploding.message
+    assert [k for k in found if k[0] == "nonfinite"] == ([("nonfinite", "2", 5)] if every == 1
+                                                         else [])
+
+
 def test_float64_histograms_bin_finite_values_beyond_float32_range_as_finite() -> None:
     """1e100 lands in the last finite bin (above the top edge), not the NaN/Inf bin, with its
     sum and sum of squares; 1e-60 in the first."""

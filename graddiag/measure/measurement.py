@@ -254,6 +254,11 @@ class StepMeasurement:
                 nonfinite = reading.nonfinite_tensors(np.concatenate(values))
             else:
                 nonfinite = probe.nonfinite_elements(suspicious)
+                overflowed = suspicious - set(nonfinite)  # every element finite: a float32 norm
+                if overflowed:  # overflowed; the float64 norm is the record's
+                    grad_norm = grad_norm.astype(np.float64)
+                    for lid, norm in probe.exact_norms(overflowed).items():
+                        grad_norm[lid] = norm
         clipped = None
         if clip_norm is not None and self.norm_type == 2.0:
             clipped = bool(np.sqrt(np.sum(np.square(grad_norm[has_grad]))) > clip_norm)

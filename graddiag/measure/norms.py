@@ -428,6 +428,31 @@ class GradientProbe:
             measured.extend(kind_lids)
         return measured
 
+    def exact_norms(self, layer_ids: set[int]) -> dict[int, float]:
+        """Each given layer's gradient p-norm in float64 (slow path, anomalies only): a float32
+        norm overflows to inf once its sum of squares passes 3.4e38 (elements near 1e19),
+        although every element is finite. Layers holding a sharded (DTensor) gradient are left
+        out: their local shard alone does not give the norm."""
+        p = self._aggregate.p
+        per_layer: dict[int, list[float]] = {}
+        for lid, _, param in self._flat:
+            grad = param.grad
+            if lid not in layer_ids or grad is None:
+                continue
+            if is_dtensor(grad):
+                per_layer[lid] = [math.nan]
+                continue
+            norm = float(torch.linalg.vector_norm(_local(grad).detach().double(), ord=p))
+            per_layer.setdefault(lid, []).append(norm)
+        exact: dict[int, float] = {}
+        for lid, norms in per_layer.items():
+            values = np.array(norms)
+            if np.isnan(values).any():
+                continue
+            exact[lid] = (float(values.max()) if math.isinf(p) else
+                          float(np.sum(values ** p) ** (1.0 / p)))
+        return exact
+
     def nonfinite_elements(self, layer_ids: set[int]) -> dict[int, dict[str, int]]:
         """Count NaN/Inf elements per parameter of the given layers (slow path, anomalies only)."""
         entries = [

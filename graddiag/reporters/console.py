@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from graddiag.data.findings import Finding
 from graddiag.data.snapshots import StepSnapshot
 from graddiag.reporters.labels import abbreviate
+from graddiag.reporters.summary import norm_cell
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,8 +105,10 @@ def summary_screen(
         kinds = row["first_finding"] if row["findings"] else ""
         if row["findings"] > 1:
             kinds = f"{kinds} (+{row['findings'] - 1})"
-        lines.append(f"  {abbreviate(str(row['layer'])):<28} {_norm(row['grad_norm_median']):>11} "
-                     f"{_norm(row['grad_norm_min']):>10} {_norm(row['grad_norm_max']):>10}  {kinds}")
+        cells = [norm_cell(row[c], row["nonfinite_steps"])
+                 for c in ("grad_norm_median", "grad_norm_min", "grad_norm_max")]
+        lines.append(f"  {abbreviate(str(row['layer'])):<28} {cells[0]:>11} "
+                     f"{cells[1]:>10} {cells[2]:>10}  {kinds}")
     if len(sites):
         last = {f.layer: f for f in findings}
         lines += ["", f"  {'activation site':<28} {'finding':<11} {'step':>6} {'value':>7}",
@@ -120,5 +123,4 @@ def summary_screen(
     return "\n".join(lines)
 
 
-def _norm(value: float) -> str:
-    return "no grad" if value != value else f"{value:.3g}"  # NaN: the layer never got a gradient
+

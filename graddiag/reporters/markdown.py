@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from graddiag.data.findings import Finding
+from graddiag.reporters.summary import norm_cell
 
 FINDING_COLUMNS = ["kind", "layer", "step", "value", "threshold", "evidence", "remedy"]
 LEGACY_FINDINGS_HEADER = "| kind | layer | step | value | threshold | evidence | remedy |"
@@ -123,21 +124,16 @@ def summary_markdown(summary: pd.DataFrame, *, skipped_steps: int = 0) -> str:
     lines += ["**Layers**, input side first: gradient norm over the recorded steps.", "",
               "| layer | median | min | max | findings |", "|---|---:|---:|---:|---|"]
     for _, row in layers.iterrows():
-        lines.append(f"| {_code(row['layer'])} | {_cell_number(row['grad_norm_median'])} | "
-                     f"{_cell_number(row['grad_norm_min'])} | "
-                     f"{_cell_number(row['grad_norm_max'])} | {_finding_cell(row)} |")
+        cells = [norm_cell(row[c], row["nonfinite_steps"])
+                 for c in ("grad_norm_median", "grad_norm_min", "grad_norm_max")]
+        lines.append(f"| {_code(row['layer'])} | {cells[0]} | {cells[1]} | {cells[2]} | "
+                     f"{_finding_cell(row)} |")
     if len(site_rows):
         lines += ["", "**Activation sites** with findings:", "",
                   "| site | findings |", "|---|---|"]
         for _, row in site_rows.iterrows():
             lines.append(f"| {_code(row['layer'])} | {_finding_cell(row)} |")
     return "\n".join(lines)
-
-
-def _cell_number(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "no grad"
-    return f"{float(value):.3g}"  # type: ignore[arg-type]
 
 
 def _finding_cell(row: pd.Series) -> str:
