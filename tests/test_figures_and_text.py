@@ -9,11 +9,10 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.lines import Line2D
 from PIL import Image
 from tensorboard.plugin_util import markdown_to_safe_html
-
-import torch
 from torch import nn
 
 from graddiag import Finding, GradientMonitor

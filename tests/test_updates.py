@@ -33,8 +33,10 @@ def _layer_ratios(before: list[torch.Tensor], after: list[torch.Tensor]) -> floa
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
-           steps: int, *, seed: int = 0, **options: object) -> tuple[GradientMonitor, list]:
-    """Train with a monitor; returns it and each step's weights as seen by ``monitor.step()``."""
+           steps: int, *, seed: int = 0, clip: float | None = None,
+           **options: object) -> tuple[GradientMonitor, list]:
+    """Train with a monitor (clipping by the global norm to ``clip`` when given); returns it and
+    each step's weights as seen by ``monitor.step()``."""
     x, y = data
     g = torch.Generator().manual_seed(seed)
     weights = []
@@ -46,8 +48,10 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tenso
             opt.zero_grad()
             loss.backward()
             weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
-            if monitor.step().should_skip:
+            if monitor.step(clip_norm=clip).should_skip:
                 continue
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
     return monitor, weights
 
@@ -287,6 +291,20 @@ def test_a_huge_learning_rate_is_an_unstable_update(digits) -> None:  # noqa: AN
             assert _expected_ratio(weights, step, f.layer) > 0.1
         assert f.value == pytest.approx(_expected_ratio(weights, 3, f.layer), rel=1e-3)
         assert "learning rate is 1" in f.message
+        assert f.remedy == wording.UNSTABLE_UPDATE and "clip_grad_norm_" in f.remedy
+
+
+def test_under_clipping_the_unstable_update_remedy_does_not_suggest_it(digits) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=2, width=32, init="kaiming")
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    monitor, weights = _train(model, opt, digits, 5, clip=0.1, optimizers=opt)
+    unstable = [f for f in monitor.findings if f.kind == "unstable_update"]
+    assert unstable  # Adam moves each weight by ~lr, clipped gradient or not
+    for f in unstable:
+        assert all(_expected_ratio(weights, step, f.layer) > 0.1 for step in (1, 2, 3))
+        assert f.remedy == wording.UNSTABLE_UPDATE_WHILE_CLIPPING
+        assert "clip_grad_norm_" not in f.remedy and "already on" in f.remedy
 
 
 def test_a_zero_initialised_layer_is_not_an_unstable_update(digits) -> None:  # noqa: ANN001

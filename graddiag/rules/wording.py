@@ -29,9 +29,11 @@ VANISHING_FROM_WEIGHTS = (
 VANISHING_WITHOUT_ACTIVATIONS = (
     "check the initialisation scale (Kaiming/Xavier); normalise inputs; " + VANISHING_STRUCTURE
 )
+#: How to turn gradient clipping on, in a loop and in Lightning.
+CLIP = ("clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); in Lightning, "
+        "Trainer(gradient_clip_val=1.0))")
 EXPLODING = (
-    "lower the learning rate; clip gradients (Trainer(gradient_clip_val=1.0)); check the "
-    "initialisation scale (Kaiming/Xavier instead of large weights); add normalisation layers; "
+    "lower the learning rate; " + CLIP + "; check the initialisation scale (Kaiming/Xavier instead of large weights); add normalisation layers; "
     "check for unnormalised inputs or targets"
 )
 #: Exploding while gradient clipping is on: clipping bounds the step, not the gradient.
@@ -95,11 +97,20 @@ STALLED_TINY_LR = (
     "its start: warm-up, a scheduler stepped per epoch instead of per step); Adam commonly "
     "uses 1e-4 to 1e-3"
 )
+_UNSTABLE_CHECKS = (
+    "check this layer's initialisation scale (weights near zero make any update large relative "
+    "to them); with Adam, a larger eps damps updates of parameters whose gradients are tiny"
+)
 UNSTABLE_UPDATE = (
-    "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; clip "
-    "gradients (Trainer(gradient_clip_val=1.0)); check this layer's initialisation scale (weights "
-    "near zero make any update large relative to them); with Adam, a larger eps damps updates of "
-    "parameters whose gradients are tiny"
+    "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; "
+    + CLIP + "; " + _UNSTABLE_CHECKS
+)
+#: ... while gradient clipping (by norm or by value) is already on.
+UNSTABLE_UPDATE_WHILE_CLIPPING = (
+    "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; "
+    + _UNSTABLE_CHECKS + "; gradient clipping is already on: it bounds the gradient, and an "
+    "optimizer that normalises each weight's step (Adam, RMSprop) still moves the weights by "
+    "about the learning rate"
 )
 NOT_IN_OPTIMIZER = (
     "create every submodule before building the optimizer (in Lightning: in __init__ or "
