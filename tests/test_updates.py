@@ -277,6 +277,55 @@ def test_frozen_layers_zero_lr_groups_and_warm_up_from_zero_are_not_stalled(
         assert stalled == ["2"]
 
 
+class _Recommender(nn.Module):
+    """A large embedding table (one row per item) and a small head."""
+
+    def __init__(self, items: int, sparse: bool) -> None:
+        super().__init__()
+        self.items = nn.Embedding(items, 4, sparse=sparse)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.items(ids)).squeeze(-1)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_an_embedding_table_is_judged_on_the_rows_a_step_moves(sparse: bool) -> None:
+    """A step trains 16 rows of a 1M-row table: they move by ~1e-4 of their norm (Adam at lr
+    1e-4, weights of RMS 1), the whole table by ~4e-7, below stalled_ratio. Not stalled: the
+    ratio is taken over the rows the step changed."""
+    torch.manual_seed(0)
+    model = _Recommender(1_000_000, sparse)
+    table = (torch.optim.SparseAdam if sparse else torch.optim.Adam)(
+        list(model.items.parameters()), lr=1e-4)
+    head = torch.optim.Adam(model.head.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    weights = []
+    with GradientMonitor(model, reporters=[], optimizers=[table, head],
+                         param_every_n_steps=1) as monitor:
+        for _ in range(6):
+            ids = torch.randint(0, 1_000_000, (16,), generator=g)
+            loss = (model(ids) - 1.0).pow(2).mean()
+            table.zero_grad()
+            head.zero_grad()
+            loss.backward()
+            weights.append(model.items.weight.detach().clone())
+            monitor.step()
+            table.step()
+            head.step()
+    assert not [f for f in monitor.findings if f.layer == "items"]
+    got = monitor.history.set_index(["layer", "step"]).update_ratio
+    for step in range(2, 6):
+        before, now = weights[step - 1].double(), weights[step].double()
+        moved = (now - before).abs().amax(dim=1) > 0
+        if sparse:
+            assert int(moved.sum()) <= 16  # SparseAdam moves only the rows it was given
+        expected = float((now - before).norm() / now[moved].norm())
+        assert got[("items", step)] == pytest.approx(expected, rel=1e-4)
+        assert 3e-5 < expected < 3e-4
+        assert float((now - before).norm() / now.norm()) < 1e-6  # the whole table's ratio
+
+
 # ----------------------------------------------------------------------------- unstable_update
 def test_a_huge_learning_rate_is_an_unstable_update(digits) -> None:  # noqa: ANN001
     torch.manual_seed(0)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
-from graddiag.measure.layers import LayerIndex
+from graddiag.measure.layers import LayerIndex, is_dtensor
 from graddiag.measure.norms import (
     MEASURE_ERRORS,
     LayerNormAggregator,
@@ -33,10 +34,17 @@ class ParameterProbe:
         entries = [(lid, name, p) for lid, layer in enumerate(index.layers)
                    for name, p in zip(layer.param_names, layer.params)
                    if only is None or id(p) in only]
+        tables = {id(layer.module.weight) for layer in index.layers
+                  if isinstance(layer.module, (nn.Embedding, nn.EmbeddingBag))}
         usable = _measurable_kinds([p for _, _, p in entries], [n for _, n, _ in entries],
                                    set() if warned is None else warned)
         self._params = [p for _, _, p in entries if describe(p) in usable]
         self._lids = [lid for lid, _, p in entries if describe(p) in usable]
+        #: Positions in ``_params`` of embedding tables (2-D, one row per token or item): a
+        #: step moves the rows it used, so their update is judged against those rows.
+        self._tables = [i for i, p in enumerate(self._params)
+                        if id(p) in tables and p.dim() == 2 and not is_dtensor(p)]
+        self._n_layers = len(index)
         #: Elements read per layer (the full tensor's count for sharded parameters).
         self.counts = np.zeros(len(index), dtype=np.int64)
         np.add.at(self.counts, np.asarray(self._lids, dtype=np.int64),
@@ -73,6 +81,35 @@ class ParameterProbe:
             torch._foreach_sub_(self._copy, [p.detach() for p in self._params])
             self.has_copy = False
             return self._aggregate(self._copy, self._lids)
+
+    @property
+    def has_tables(self) -> bool:
+        """Whether some layer is an embedding table (see :meth:`changed_rows_norms`)."""
+        return bool(self._tables)
+
+    def changed_rows_norms(self) -> torch.Tensor:
+        """Per-layer norm of the rows of each embedding table that the update measured by
+        :meth:`update_norms` changed (call right after it; NaN for other layers, the whole
+        table's norm when no row changed).
+
+        A step that trains on a batch moves only the rows the batch used (sparse gradients,
+        SGD, SparseAdam): a 2M-row table whose 256 used rows move by 1e-4 of their norm moves
+        by about 1e-7 of the whole table's, which would read as stalled.
+        """
+        assert self._copy is not None
+        first = self._params[self._tables[0]]
+        dtype = torch.float64 if any(self._params[i].dtype == torch.float64
+                                     for i in self._tables) else torch.float32
+        out = torch.full((self._n_layers,), float("nan"), dtype=dtype, device=first.device)
+        with torch.no_grad():
+            for i in self._tables:  # no host sync: the rows are selected by a mask
+                weight, delta = self._params[i].detach(), self._copy[i]
+                squares = weight.float().square().sum(dim=1) if weight.dtype != dtype \
+                    else weight.square().sum(dim=1)
+                changed = (delta.abs().amax(dim=1) > 0).to(squares.dtype)
+                used, whole = (squares * changed).sum().sqrt(), squares.sum().sqrt()
+                out[self._lids[i]] = torch.where(used > 0, used, whole).to(dtype)
+        return out
 
     def reset(self) -> None:
         """Forget the weight copy (frees its memory)."""

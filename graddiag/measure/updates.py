@@ -54,7 +54,8 @@ class UpdateView:
 
     def ratios(self, host: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Per-layer parameter norms and ``||w_t - w_(t-1)|| / ||w_t||`` from the host copy
-        (no ratio when the optimizer step after the copy turned out not to be applied)."""
+        (no ratio when the optimizer step after the copy turned out not to be applied); for an
+        embedding table, ``||w_t||`` over the rows the step changed."""
         param_norm = host.get("param_norm")
         if param_norm is None:
             return None, None
@@ -63,8 +64,12 @@ class UpdateView:
         update = host.get("update_norm")
         if update is None or self.copy_step in self.void:
             return param_norm, None
+        base = param_norm
+        rows = host.get("update_base")
+        if rows is not None:  # embedding tables: the rows this step moved
+            base = np.where(np.isnan(rows), param_norm, rows)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return param_norm, np.where(param_norm > 0, update / param_norm, np.nan)
+            return param_norm, np.where(base > 0, update / base, np.nan)
 
 
 @dataclass
@@ -202,6 +207,8 @@ class UpdateTracker:
                 if state.probe.has_copy and copied is not None \
                         and 0 < step - copied <= self.lookahead:
                     out["update_norm"] = state.probe.update_norms()
+                    if state.probe.has_tables:
+                        out["update_base"] = state.probe.changed_rows_norms()
                     view.copy_step = copied
             self._copy_if_due(step, optimizer, measured)
         rates, bases, orphaned = self.optimizer_view(step)
