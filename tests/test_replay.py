@@ -102,6 +102,25 @@ def test_exp_overflow_in_a_hand_written_softmax() -> None:
     assert "x.amax(dim, keepdim=True)" in finding.remedy
 
 
+def test_a_power_of_diverged_outputs_overflows_and_gets_the_divergence_remedy() -> None:
+    """``(out - y) ** 4`` of finite outputs near 4e15 is inf in float32 (and so is its
+    gradient): an overflow of values that grew too large, not a root at 0."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    with torch.no_grad():
+        model.weight.fill_(1e15)
+    x, y = torch.ones(8, 4), torch.zeros(8, 1)
+    finding = _nonfinite_finding(model, lambda: ((model(x) - y) ** 4).mean())
+    d = finding.details
+    assert (d["op"], d["phase"], d["nonfinite"]) == ("Tensor.__pow__", "forward", "inf")
+    out = float(model(x).detach().double().abs().max())
+    assert out ** 4 > torch.finfo(torch.float32).max  # the power does overflow float32
+    assert d["inputs"][0]["max_abs"] == pytest.approx(out, rel=1e-6)
+    assert "overflowed to inf" in finding.message
+    assert "their power overflows" in finding.remedy and "lower the learning rate" in finding.remedy
+    assert "inside the root" not in finding.remedy
+
+
 def test_division_by_a_zero_norm_in_a_custom_normalisation() -> None:
     torch.manual_seed(0)
     model = cases.Encoder()

@@ -10,6 +10,7 @@ from graddiag.rules import wording as remedies
 
 LOG_OPS = {"log", "log2", "log10", "log1p", "xlogy", "lgamma", "digamma", "polygamma"}
 ROOT_OPS = {"sqrt", "rsqrt", "pow", "float_power"}
+POWER_OPS = {"pow", "float_power", "square"}
 DIVISION_OPS = {"div", "divide", "true_divide", "truediv", "reciprocal", "rdiv", "rtruediv",
              "floor_divide", "remainder", "fmod"}
 DIVISOR_FIRST_OPS = {"reciprocal", "rdiv", "rtruediv", "rsqrt"}
@@ -22,6 +23,9 @@ LARGEST_VALUE = {"float16": 65504.0, "bfloat16": 3.39e38, "float32": 3.40e38, "f
 LOG_REMEDY = ("keep the argument of `{op}` away from 0 (x.clamp_min(1e-12)) or stay in log "
               "space: log_softmax / F.cross_entropy instead of log(softmax), BCEWithLogitsLoss "
               "instead of log(sigmoid), torch.logsumexp")
+POWER_OVERFLOW_REMEDY = ("the values raised by `{op}` are so large that their power "
+                         "overflows: something before it diverged (weights or activations "
+                         "growing); " + remedies.EXPLODING)
 ROOT_REMEDY = ("add a small constant inside the root (torch.sqrt(x + 1e-12)), or use "
                "torch.linalg.vector_norm, whose gradient at 0 is 0")
 DIVISION_REMEDY = ("add a small constant to the divisor (x / (n + 1e-12)) or use "
@@ -67,6 +71,8 @@ def remedy_for(o: ReplayOutcome) -> str:
     out_dtype = (o.output or {}).get("dtype") if o.phase == "forward" else None
     if base in LOG_OPS:
         return LOG_REMEDY.format(op=o.op)
+    if base in POWER_OPS and o.nonfinite in ("inf", "-inf") and _no_zero_base(o):
+        return POWER_OVERFLOW_REMEDY.format(op=o.op)  # not a root or a power of 0: too large
     if base in ROOT_OPS:
         return ROOT_REMEDY
     if base in DIVISION_OPS:
@@ -79,3 +85,9 @@ def remedy_for(o: ReplayOutcome) -> str:
         return EXP_REMEDY if base in EXP_OPS else remedies.EXPLODING
     return ""
 
+
+
+def _no_zero_base(o: ReplayOutcome) -> bool:
+    """The first tensor input (the base of a power) was seen and holds no zero."""
+    first = next((s for s in o.inputs if isinstance(s, dict)), None)
+    return first is not None and not first.get("zeros") and bool(first.get("numel"))
