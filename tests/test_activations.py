@@ -568,3 +568,25 @@ def test_an_empty_batch_adds_no_elements() -> None:
             site.add(None, torch.zeros(0, 3), {}, 0.01)
         assert site.below is not None and site.gain is not None
         assert (site.below.item(), site.gain.item(), site.elements) == (0.0, 0.0, 0)
+
+
+def test_step_called_before_backward_says_so_not_a_graph_cut() -> None:
+    """No layer has a gradient when ``monitor.step()`` comes before ``backward()``: the finding
+    points at the call order, not at argmax or a straight-through estimator."""
+    from graddiag.rules import wording
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, reporters=[]) as monitor:
+        for _ in range(4):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(torch.randn(5, 4)).pow(2).mean()
+            monitor.step()  # too early: .grad is still None everywhere
+            loss.backward()
+            optimizer.step()
+    found = [f for f in monitor.findings if f.kind == "no_gradient"]
+    assert sorted(f.layer for f in found) == ["0", "2"]
+    for f in found:
+        assert f.step == 2  # no_gradient_patience: 3 recorded steps
+        assert "before loss.backward()" in f.message
+        assert f.remedy == wording.NO_GRADIENT_ANYWHERE and "straight-through" not in f.remedy

@@ -353,6 +353,8 @@ class NoGradientRule(OnsetRule):
     def _finding(self, record: StepRecord, i: int) -> Finding:
         name = record.layers[i]
         params = record.missing[i]
+        judged = record.has_grad if record.measured is None else record.has_grad[record.measured]
+        anywhere = bool(judged.any())  # some layer got one: this layer's graph is cut
         return Finding(
             kind=self.kind,
             layer=name,
@@ -362,9 +364,13 @@ class NoGradientRule(OnsetRule):
             message=(
                 f"No gradient: trainable parameter(s) {params} of '{name}' got no gradient "
                 f"(.grad is None) for {self.onsets.patience} recorded steps, so the optimizer "
-                "never updates them. Nothing between them and the loss is differentiable, or "
-                "they are unused."
+                "never updates them. "
+                + ("Nothing between them and the loss is differentiable, or they are unused."
+                   if anywhere else
+                   "No monitored layer got a gradient on these steps: monitor.step() probably "
+                   "runs before loss.backward() (or after optimizer.zero_grad()), or the loss "
+                   "has no graph.")
             ),
-            remedy=remedies.NO_GRADIENT,
+            remedy=remedies.NO_GRADIENT if anywhere else remedies.NO_GRADIENT_ANYWHERE,
             details={"parameters": list(params)},
         )

@@ -62,6 +62,12 @@ NONFINITE = (
     "origin layer; lower the learning rate; clip gradients; use a numerically stable loss "
     "(BCEWithLogitsLoss, log_softmax); under fp16 use a GradScaler or bf16"
 )
+#: No monitored layer got a gradient at all: the call order, or a loss without a graph.
+NO_GRADIENT_ANYWHERE = (
+    "call monitor.step() after loss.backward() and before optimizer.zero_grad() (which sets "
+    ".grad to None); make sure the loss is computed from the model's outputs with gradients "
+    "enabled (not under torch.no_grad(), not from .detach()ed or .item() values)"
+)
 NO_GRADIENT = (
     "a non-differentiable operation (argmax, round, comparison, integer cast, .detach(), "
     "torch.no_grad) or an unused branch cut the graph: use a straight-through estimator "
