@@ -853,7 +853,38 @@ def test_a_stalled_layer_whose_gradient_vanished_on_its_own_is_not_blamed_on_cli
     stalled = [f for f in monitor.findings if f.kind == "stalled"]
     assert [f.layer for f in stalled] == ["fc"]
     assert "clipping by the global norm" not in stalled[0].message.lower()
-    assert "gradient has vanished" in stalled[0].message
+    assert "gradient is exactly 0" in stalled[0].message
+
+
+def test_layers_behind_a_dead_relu_site_are_told_so_not_to_swap_sigmoid_for_relu() -> None:
+    """A bias of -100 kills every unit of the second ReLU: the layers before it get a gradient
+    of exactly 0. Their ``stalled`` and ``vanishing`` findings name that site and rank the dead
+    ReLU remedies first (the net has no sigmoid/tanh to replace)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 2))
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with GradientMonitor(model, reporters=[], optimizers=opt, param_every_n_steps=1,
+                         activation_every_n_steps=1) as monitor:
+        for _ in range(6):
+            x = torch.randn(32, 8)
+            assert float(model[:4](x).abs().max()) == 0.0  # every unit of site '3' is dead
+            loss = F.cross_entropy(model(x), torch.randint(0, 2, (32,)))
+            opt.zero_grad()
+            loss.backward()
+            assert float(model[2].weight.grad.abs().max()) == 0.0
+            monitor.step()
+            opt.step()
+    found = {(f.kind, f.layer): f for f in monitor.findings}
+    stalled, vanishing = found[("stalled", "2")], found[("vanishing", "2")]
+    assert "has a .grad (all zeros)" in stalled.message
+    assert "'3' (100% dead)" in stalled.message and "'3' (100% dead)" in vanishing.message
+    assert stalled.remedy.startswith(wording.DEAD_RELU)
+    assert vanishing.remedy.startswith(wording.DEAD_RELU)
+    assert "instead of sigmoid/tanh" not in stalled.remedy
+    assert "the rest comes from the weights' scale" not in vanishing.message
 
 
 @pytest.mark.parametrize(

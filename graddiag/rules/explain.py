@@ -32,6 +32,9 @@ MOVING_FLOOR = 1e-6
 #: ... and the layer's gradient then was at most this many times its vanishing value now (the
 #: ratio was measured in the same small-gradient regime, not before the gradient died).
 SAME_REGIME = 10.0
+#: A site where at least this share of the units passed no gradient (dead, or saturated) blocks
+#: it: named when a layer behind it has a gradient of exactly 0.
+BLOCKING_SHARE = 0.99
 
 
 def _remedy_behind(acts: ActivationRecord, between: list[int], measured: float) -> str:
@@ -137,6 +140,10 @@ class Explainer:
         if not isinstance(cause, str) or cause not in finding.message \
                 or finding.details.get("cause_kind") == "learning_rate":
             return finding  # a learning rate too small is the cause, explosion or not
+        if finding.details.get("cause_kind") == "gradient" and finding.layer not in exploding \
+                and not (finding.details.get("largest_grad_layer") in exploding
+                         and record.clipped and not finding.details.get("grad_below_abs")):
+            return self._stalled_by_its_gradient(finding)
         i = record.layers.index(finding.layer) if finding.layer in record.layers else None
         own = float(record.grad_norm[i]) if i is not None else float("nan")
         largest = finding.details.get("largest_grad_layer")
@@ -158,6 +165,51 @@ class Explainer:
         return dataclasses.replace(finding, message=finding.message.replace(cause, new),
                                    remedy=remedy, details={**finding.details, "cause": new})
 
+    def _stalled_by_its_gradient(self, finding: Finding) -> Finding:
+        """A layer stalled because its gradient vanished: the remedies ranked by what sits
+        between it and the loss, as for a ``vanishing`` finding; for a gradient of exactly 0,
+        the sites that pass none named."""
+        between = self.between(finding.layer)
+        if between is None:
+            return finding
+        acts = self.activations
+        assert acts is not None
+        ratio = float(finding.details.get("grad_ratio_to_largest", float("nan")))
+        ranked = (_remedy_behind(acts, between, ratio) if between
+                  else remedies.VANISHING_WITHOUT_ACTIVATIONS)
+        blocked = self.blocking(between)
+        message = finding.message
+        if blocked and "exactly 0" in message:
+            message = f"{message} Sites passing no gradient on the way: {blocked}."
+        return dataclasses.replace(finding, message=message, remedy=ranked)
+
+    def between(self, layer: str) -> list[int] | None:
+        """The activation sites (indices into the latest activation record) between ``layer``
+        and the loss; ``None`` when no activation statistics or no position are known."""
+        acts = self.activations
+        layer_pos = self.tree.position(layer)
+        after = self.sites_after(layer)
+        if acts is None or (layer_pos is None and after is None) or not len(acts.sites):
+            return None
+        if after is not None:
+            return after
+        return [i for i, s in enumerate(acts.sites)
+                if layer_pos is not None and self.tree.site_position(s) > layer_pos]
+
+    def blocking(self, sites: list[int]) -> str:
+        """Of ``sites``, those whose every unit passed no gradient on the latest activation
+        step (dead or saturated), as text (``""``: none)."""
+        acts = self.activations
+        if acts is None:
+            return ""
+        named = []
+        for i in sites:
+            share = float(acts.dead[i] if acts.families[i] == "rectifier" else acts.saturated[i])
+            if share >= BLOCKING_SHARE:
+                what = "dead" if acts.families[i] == "rectifier" else "saturated"
+                named.append(f"'{acts.sites[i]}' ({share:.0%} {what})")
+        return ", ".join(named)
+
     def _vanishing(self, finding: Finding, record: StepRecord,
                    exploding: frozenset[str]) -> Finding:
         notes: list[str] = []
@@ -173,22 +225,21 @@ class Explainer:
                          "first."),
                 remedy=f"{remedies.BEHIND_AN_EXPLOSION} ('{largest}')",
                 details={**details, "largest_exploding": True})
+        acts = self.activations
+        between = self.between(finding.layer)
         if finding.value == 0.0:
             zero_ops = {m: ops for m, ops in self.cut_ops.items()
                         if any("zero derivative" in op for op in ops)}
+            blocked = self.blocking(between or [])
             notes.append(
-                "The gradient is exactly zero: an operation with zero derivative "
-                "(round, floor, sign, a step function) or a layer of dead units lies between "
-                "this layer and the loss."
+                "The gradient is exactly zero: "
+                + (f"sites between this layer and the loss pass none: {blocked}." if blocked
+                   else "an operation with zero derivative (round, floor, sign, a step "
+                        "function) or a layer of dead units lies between this layer and the "
+                        "loss.")
                 + (f" Seen: {zero_ops}." if zero_ops else "")
             )
-        acts = self.activations
-        layer_pos = self.tree.position(finding.layer)
-        after = self.sites_after(finding.layer)
-        if acts is not None and (layer_pos is not None or after is not None) and len(acts.sites):
-            between = after if after is not None else [
-                i for i, s in enumerate(acts.sites)
-                if layer_pos is not None and self.tree.site_position(s) > layer_pos]
+        if acts is not None and between is not None:
             if between:
                 kinds = Counter(acts.kinds[i] for i in between)
                 gains = [float(acts.gain[i]) for i in between]
@@ -196,11 +247,12 @@ class Explainer:
                 mean_gain = sum(gains) / len(gains)
                 measured = float(details.get("ratio_to_largest", float("nan")))
                 kinds_text = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+                rest = (" (the rest comes from the weights' scale, i.e. initialisation)"
+                        if measured > 0.0 else "")
                 notes.append(
                     f"Between this layer and the loss: {kinds_text} site(s), mean derivative "
                     f"{mean_gain:.3g}: expected shrink from the activations alone "
-                    f"~{expected:.2g}, measured {measured:.2g} (the rest comes from the weights' "
-                    "scale, i.e. initialisation)."
+                    f"~{expected:.2g}, measured {measured:.2g}{rest}."
                 )
                 details.update(sites_between=len(between), mean_gain=mean_gain,
                                expected_shrink=expected, activation_kinds=dict(kinds))

@@ -165,6 +165,7 @@ class StalledRule(OnsetRule):
         grad_ratio = float(record.grad_norm[i]) / top_grad if top_grad > 0 else float("nan")
         rms_all = _rms(record)
         rms = float("nan") if rms_all is None else float(rms_all[i])
+        gets = "gets gradients" if record.grad_norm[i] != 0.0 else "has a .grad (all zeros)"
         cause_kind = "learning_rate"  # what the evidence points to (the explainer reads it)
         if lr_text and lr < LR_GAP * largest_lr:
             cause = (f"{lr_text[1:-1]}, against {_fmt(largest_lr)} for other layers: too small a "
@@ -175,7 +176,13 @@ class StalledRule(OnsetRule):
                      "even an optimizer that moves every weight by about the learning rate (Adam) "
                      f"changes them by ~{_fmt(lr / rms)} of their norm per step.")
             remedy = wording.STALLED_TINY_LR
-        elif grad_ratio < self.vanishing_rel or record.grad_norm[i] == 0.0:
+        elif record.grad_norm[i] == 0.0:
+            cause_kind = "gradient"
+            cause = ("Its gradient is exactly 0: nothing flows back to these weights (units "
+                     "that pass no gradient, or an operation with zero derivative, between them "
+                     "and the loss).")
+            remedy = wording.VANISHING
+        elif grad_ratio < self.vanishing_rel:
             cause_kind = "gradient"
             cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
                      "has vanished before it reaches these weights.")
@@ -201,7 +208,7 @@ class StalledRule(OnsetRule):
             message=(f"Stalled weights: one optimizer step changes them by {_fmt(value)} of their "
                      f"norm (usual: ~1e-3; the fastest layer '{record.layers[top_pos]}' moves "
                      f"{_fmt(top)}) on {self.onsets.patience} parameter steps in a row, although "
-                     f"the layer gets gradients; it does not learn. {cause}"),
+                     f"the layer {gets}; it does not learn. {cause}"),
             remedy=remedy,
             details={"fastest_layer": record.layers[top_pos], "fastest_ratio": top,
                      "learning_rate": lr, "largest_learning_rate": largest_lr,
