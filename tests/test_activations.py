@@ -590,3 +590,21 @@ def test_step_called_before_backward_says_so_not_a_graph_cut() -> None:
         assert f.step == 2  # no_gradient_patience: 3 recorded steps
         assert "before loss.backward()" in f.message
         assert f.remedy == wording.NO_GRADIENT_ANYWHERE and "straight-through" not in f.remedy
+
+
+def test_units_of_a_poisoned_forward_are_not_reported_dead() -> None:
+    """Weights an earlier update made NaN make every ReLU output NaN, which passes no gradient:
+    ``nonfinite`` is reported, not a ``dead_relu`` site with advice about bias init."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with GradientMonitor(model, reporters=[], activation_every_n_steps=1,
+                         replay_nonfinite=False) as monitor:
+        for _ in range(4):
+            model.zero_grad()
+            out = model(torch.randn(6, 4))
+            assert torch.isnan(model[:4](torch.randn(6, 4))).all()  # every unit of both sites
+            out.sum().backward()
+            monitor.step()
+    kinds = {f.kind for f in monitor.findings}
+    assert "nonfinite" in kinds and "dead_relu" not in kinds
