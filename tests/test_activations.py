@@ -588,7 +588,7 @@ def test_step_called_before_backward_says_so_not_a_graph_cut() -> None:
     assert sorted(f.layer for f in found) == ["0", "2"]
     for f in found:
         assert f.step == 2  # no_gradient_patience: 3 recorded steps
-        assert "before loss.backward()" in f.message
+        assert "monitor.step() before loss.backward()" in f.message
         assert f.remedy == wording.NO_GRADIENT_ANYWHERE and "straight-through" not in f.remedy
 
 

@@ -246,7 +246,7 @@ def test_summary_keeps_inf_norms_and_ignores_steps_without_a_gradient() -> None:
 
 def test_summary_tells_nan_gradients_from_no_gradient() -> None:
     """A layer whose gradient is NaN on every step reads ``NaN`` in the console and the text
-    tab, one that never gets a gradient ``no grad``; ``nonfinite_steps`` counts the former."""
+    tab, one that never gets a gradient ``no grad``; ``nan_steps`` counts the former."""
     from graddiag.reporters.console import summary_screen
     from graddiag.reporters.markdown import summary_markdown
 
@@ -261,7 +261,7 @@ def test_summary_tells_nan_gradients_from_no_gradient() -> None:
                 param.grad = torch.full_like(param, 0.5)
             monitor.step()
     summary = monitor.summary().set_index("layer")
-    assert summary.loc[["0", "1", "2"], "nonfinite_steps"].tolist() == [4, 0, 0]
+    assert summary.loc[["0", "1", "2"], "nan_steps"].tolist() == [4, 0, 0]
     assert summary.loc["2", "grad_norm_median"] == pytest.approx(0.5 * math.sqrt(6))
     table = monitor.summary()
     for text in (summary_screen(table, monitor.findings), summary_markdown(table)):

@@ -121,6 +121,19 @@ def test_a_power_of_diverged_outputs_overflows_and_gets_the_divergence_remedy() 
     assert "inside the root" not in finding.remedy
 
 
+def test_a_negative_power_of_tiny_values_is_told_to_keep_the_base_away_from_0() -> None:
+    """``(1e-25 * out) ** -2`` overflows because the bases are tiny, not large."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    finding = _nonfinite_finding(model, lambda: ((model(x) * 1e-25) ** -2).mean())
+    d = finding.details
+    assert (d["op"], d["phase"], d["nonfinite"]) == ("Tensor.__pow__", "forward", "inf")
+    assert d["inputs"][0]["max_abs"] < 1e-20 and not d["inputs"][0]["zeros"]
+    assert finding.remedy.startswith("keep the base of `Tensor.__pow__` away from 0")
+    assert "their power overflows" not in finding.remedy
+
+
 def test_division_by_a_zero_norm_in_a_custom_normalisation() -> None:
     torch.manual_seed(0)
     model = cases.Encoder()

@@ -154,6 +154,31 @@ def test_activation_rules_count_only_activation_records() -> None:
     assert run(dead, seq) == [("dead_relu", "r", 2)]
 
 
+def test_activation_steps_with_nonfinite_gradients_are_not_judged_nor_explained() -> None:
+    """A poisoned step (NaN/Inf gradients, or an fp16 overflow) leaves the activation streaks
+    as they were, and the explainer keeps the activation statistics of the last sound step."""
+    from graddiag.data.tree import ModuleTree
+    from graddiag.rules.explain import Explainer
+
+    def poisoned(step: int, how: str) -> StepRecord:
+        r = _acts(step, 0.99, 1.0)
+        if how == "nan":
+            r.nonfinite = {0: {"weight": 3}}
+        else:
+            r.amp_overflow = True
+        return r
+
+    for how in ("nan", "amp"):
+        sat, dead = SaturatedRule(0.5, patience=2), DeadReluRule(0.5, patience=2)
+        seq = [_acts(0, 0.1, 0.1), poisoned(1, how), poisoned(2, how), _acts(3, 0.1, 0.1)]
+        assert run(sat, seq) == [] and run(dead, seq) == []
+        explainer = Explainer(ModuleTree((), "Model"))
+        for r in seq[:3]:
+            explainer.observe(r)
+        assert explainer.activations is not None
+        assert explainer.activations.dead.tolist() == [0.0, 0.1]  # step 0's, not step 2's
+
+
 def test_ruleset_ignores_kinds() -> None:
     rules = RuleSet(MonitorConfig(ignore=("vanishing",), vanishing_patience=1))
     assert rules.update(record(0, [0.0, 1.0])) == []

@@ -856,6 +856,23 @@ def test_a_stalled_layer_whose_gradient_vanished_on_its_own_is_not_blamed_on_cli
     assert "gradient is exactly 0" in stalled[0].message
 
 
+def test_a_stalled_layer_small_only_next_to_an_unclipped_explosion_says_so() -> None:
+    """Without clipping, ``fc``'s gradient (4e-7) is 5e-14 x the exploding ``a``'s: stalled
+    because of its small gradient, which is small only next to the explosion; the remedies are
+    the explosion's, not a vanishing gradient's."""
+    model = _TwoLayers()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, reporters=[], optimizers=opt, param_every_n_steps=1) as monitor:
+        for _ in range(6):
+            _set_grads(model, 1e6, 1e-7)
+            monitor.step()
+            opt.step()
+    stalled = [f for f in monitor.findings if f.kind == "stalled" and f.layer == "fc"]
+    assert len(stalled) == 1
+    assert "'a', is itself exploding" in stalled[0].message
+    assert stalled[0].remedy.startswith(wording.BEHIND_AN_EXPLOSION + " ('a')")
+
+
 def test_layers_behind_a_dead_relu_site_are_told_so_not_to_swap_sigmoid_for_relu() -> None:
     """A bias of -100 kills every unit of the second ReLU: the layers before it get a gradient
     of exactly 0. Their ``stalled`` and ``vanishing`` findings name that site and rank the dead

@@ -104,11 +104,12 @@ class ParameterProbe:
         with torch.no_grad():
             for i in self._tables:  # no host sync: the rows are selected by a mask
                 weight, delta = self._params[i].detach(), self._copy[i]
-                squares = weight.float().square().sum(dim=1) if weight.dtype != dtype \
-                    else weight.square().sum(dim=1)
-                changed = (delta.abs().amax(dim=1) > 0).to(squares.dtype)
-                used, whole = (squares * changed).sum().sqrt(), squares.sum().sqrt()
-                out[self._lids[i]] = torch.where(used > 0, used, whole).to(dtype)
+                # row reductions only: no temporary the size of the table
+                rows = torch.linalg.vector_norm(weight, dim=1).to(dtype)  # no cast copy
+                changed = torch.linalg.vector_norm(delta, ord=float("inf"), dim=1) > 0
+                squares = rows.square()
+                used = (squares * changed).sum().sqrt()
+                out[self._lids[i]] = torch.where(used > 0, used, squares.sum().sqrt())
         return out
 
     def reset(self) -> None:

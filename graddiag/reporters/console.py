@@ -105,7 +105,7 @@ def summary_screen(
         kinds = row["first_finding"] if row["findings"] else ""
         if row["findings"] > 1:
             kinds = f"{kinds} (+{row['findings'] - 1})"
-        cells = [norm_cell(row[c], row["nonfinite_steps"])
+        cells = [norm_cell(row[c], row["nan_steps"])
                  for c in ("grad_norm_median", "grad_norm_min", "grad_norm_max")]
         lines.append(f"  {abbreviate(str(row['layer'])):<28} {cells[0]:>11} "
                      f"{cells[1]:>10} {cells[2]:>10}  {kinds}")
@@ -121,6 +121,3 @@ def summary_screen(
         if len(sites) > max_rows:
             lines.append(f"  ... and {len(sites) - max_rows} more activation sites")
     return "\n".join(lines)
-
-
-

@@ -124,7 +124,7 @@ def summary_markdown(summary: pd.DataFrame, *, skipped_steps: int = 0) -> str:
     lines += ["**Layers**, input side first: gradient norm over the recorded steps.", "",
               "| layer | median | min | max | findings |", "|---|---:|---:|---:|---|"]
     for _, row in layers.iterrows():
-        cells = [norm_cell(row[c], row["nonfinite_steps"])
+        cells = [norm_cell(row[c], row["nan_steps"])
                  for c in ("grad_norm_median", "grad_norm_min", "grad_norm_max")]
         lines.append(f"| {_code(row['layer'])} | {cells[0]} | {cells[1]} | {cells[2]} | "
                      f"{_finding_cell(row)} |")

@@ -9,7 +9,7 @@ import pandas as pd
 from graddiag.data.findings import Finding
 
 SUMMARY_COLUMNS = ["layer", "position", "records", "grad_norm_median", "grad_norm_min",
-                   "grad_norm_max", "last_grad_norm", "nonfinite_steps", "findings", "first_finding",
+                   "grad_norm_max", "last_grad_norm", "nan_steps", "findings", "first_finding",
                    "first_finding_step", "last_finding", "last_finding_step", "activation_site"]
 
 
@@ -18,8 +18,8 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
 
     ``grad_norm_*`` ignore NaN norms (steps without a gradient, or with NaN in it) and keep inf
     (an Inf element): a layer that was inf on every step reads inf, not NaN;
-    ``nonfinite_steps`` counts the recorded steps whose gradient held NaN/Inf elements (so a
-    layer whose statistics are NaN got NaN gradients if it is above 0, and no gradient
+    ``nan_steps`` counts the recorded steps where the layer had a gradient whose norm is NaN
+    (so a layer whose statistics are NaN got NaN gradients if it is above 0, and no gradient
     otherwise); ``findings`` counts the onsets in that layer.
     ``activation_site`` is True for the rows of activation sites (they have no gradient norms).
     """
@@ -35,8 +35,9 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
                 "grad_norm_min": float(measured.min()) if len(measured) else float("nan"),
                 "grad_norm_max": float(measured.max()) if len(measured) else float("nan"),
                 "last_grad_norm": float(group["grad_norm"].iloc[-1]),
-                "nonfinite_steps": (int(group["nonfinite"].astype(bool).sum())
-                                    if "nonfinite" in group else 0),
+                "nan_steps": (int((group["has_grad"].astype(bool)
+                                   & group["grad_norm"].isna()).sum())
+                              if "has_grad" in group else 0),
             })
     layers = {r["layer"] for r in rows}
     known = set(layers)
@@ -57,9 +58,9 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
     return table.sort_values("position", kind="stable").reset_index(drop=True)
 
 
-def norm_cell(value: object, nonfinite_steps: float = 0) -> str:
+def norm_cell(value: object, nan_steps: float = 0) -> str:
     """A summary statistic as the console and the text tab show it: NaN reads ``NaN`` for a
     layer whose gradients held NaN, ``no grad`` for one that never got a gradient."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "NaN" if nonfinite_steps > 0 else "no grad"  # NaN (an activation site's): False
+        return "NaN" if nan_steps > 0 else "no grad"  # NaN (an activation site's): False
     return f"{float(value):.3g}"  # type: ignore[arg-type]

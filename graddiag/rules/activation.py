@@ -14,8 +14,9 @@ only where it sits between trainable layers, by the order gradients arrived:
   problem; a starving model behind it still shows as ``vanishing``.
 
 Where the order is unknown (``position`` NaN), every site of the family is judged. A step whose
-gradients hold NaN/Inf is not judged: its forward pass may have been NaN throughout (weights an
-earlier update poisoned), and NaN units pass no gradient without being dead or saturated.
+gradients hold NaN/Inf (an fp16 AMP overflow included) is not judged: its forward pass may have
+been NaN throughout (weights an earlier update poisoned), and NaN units pass no gradient without
+being dead or saturated.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class _FractionRule(OnsetRule):
 
     def update(self, record: StepRecord) -> list[Finding]:
         acts = record.activations
-        if acts is None or record.nonfinite:  # a poisoned step says nothing about the units
+        if acts is None or record.nonfinite or record.amp_overflow:  # a poisoned forward pass
             return []
         values = acts.saturated if self.family == "saturating" else acts.dead
         family = np.array([f == self.family for f in acts.families], dtype=bool)

@@ -82,8 +82,8 @@ class Explainer:
             for i in np.flatnonzero(finite).tolist():
                 self.updates[record.layers[i]] = (record.step, float(record.update_ratio[i]),
                                                   float(record.grad_norm[i]))
-        if record.activations is not None:
-            self.activations = record.activations
+        if record.activations is not None and not (record.nonfinite or record.amp_overflow):
+            self.activations = record.activations  # a poisoned step's units say nothing
             self.activation_layers = record.layers
             if record.activations.cut_ops:
                 self.cut_ops = record.activations.cut_ops
@@ -140,20 +140,27 @@ class Explainer:
         if not isinstance(cause, str) or cause not in finding.message \
                 or finding.details.get("cause_kind") == "learning_rate":
             return finding  # a learning rate too small is the cause, explosion or not
-        if finding.details.get("cause_kind") == "gradient" and finding.layer not in exploding \
-                and not (finding.details.get("largest_grad_layer") in exploding
-                         and record.clipped and not finding.details.get("grad_below_abs")):
-            return self._stalled_by_its_gradient(finding)
+        largest = finding.details.get("largest_grad_layer")
+        small_only_next_to_it = (largest in exploding and largest != finding.layer
+                                 and not finding.details.get("grad_below_abs"))
+        if finding.details.get("cause_kind") == "gradient" and finding.layer not in exploding:
+            if small_only_next_to_it and not record.clipped:
+                return dataclasses.replace(
+                    finding,
+                    message=(f"{finding.message} The largest layer, '{largest}', is itself "
+                             "exploding: this layer's gradient is small only next to it; treat "
+                             "that explosion first."),
+                    remedy=f"{remedies.BEHIND_AN_EXPLOSION} ('{largest}')")
+            if not small_only_next_to_it:
+                return self._stalled_by_its_gradient(finding)
         i = record.layers.index(finding.layer) if finding.layer in record.layers else None
         own = float(record.grad_norm[i]) if i is not None else float("nan")
-        largest = finding.details.get("largest_grad_layer")
         if finding.layer in exploding or own == math.inf:
             new = (f"Its own gradient has exploded (norm {own:.3g}): an update from a gradient "
                    "this large overflows the optimizer's state (Adam's running second moment "
                    "turns inf and its step becomes 0) or is clipped to nothing.")
             remedy = remedies.EXPLODING
-        elif largest in exploding and record.clipped \
-                and not finding.details.get("grad_below_abs"):  # not one that vanished alone
+        elif small_only_next_to_it and record.clipped:  # not one that vanished alone
             total = float(np.sqrt(np.nansum(np.where(record.has_grad, record.grad_norm, 0.0) ** 2)))
             new = (f"Gradient clipping by the global norm clipped this step: the total gradient "
                    f"norm is {total:.3g}, nearly all of it from the exploding layer '{largest}', "
@@ -197,8 +204,9 @@ class Explainer:
                 if layer_pos is not None and self.tree.site_position(s) > layer_pos]
 
     def blocking(self, sites: list[int]) -> str:
-        """Of ``sites``, those whose every unit passed no gradient on the latest activation
-        step (dead or saturated), as text (``""``: none)."""
+        """Of ``sites``, those where at least :data:`BLOCKING_SHARE` of the units passed no
+        gradient (dead) or almost none (saturated) on the latest activation step, as text
+        (``""``: none)."""
         acts = self.activations
         if acts is None:
             return ""

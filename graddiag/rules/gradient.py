@@ -354,7 +354,8 @@ class NoGradientRule(OnsetRule):
         name = record.layers[i]
         params = record.missing[i]
         judged = record.has_grad if record.measured is None else record.has_grad[record.measured]
-        anywhere = bool(judged.any())  # some layer got one: this layer's graph is cut
+        # some layer got one (this layer's graph is cut), or a lone layer (nothing to compare)
+        anywhere = bool(judged.any()) or judged.size < 2
         return Finding(
             kind=self.kind,
             layer=name,
@@ -367,9 +368,9 @@ class NoGradientRule(OnsetRule):
                 "never updates them. "
                 + ("Nothing between them and the loss is differentiable, or they are unused."
                    if anywhere else
-                   "No monitored layer got a gradient on these steps: monitor.step() probably "
-                   "runs before loss.backward() (or after optimizer.zero_grad()), or the loss "
-                   "has no graph.")
+                   "No monitored layer got a gradient on these steps: the gradients are read "
+                   "before the backward pass (monitor.step() before loss.backward(), or after "
+                   "optimizer.zero_grad()), or the loss has no graph.")
             ),
             remedy=remedies.NO_GRADIENT if anywhere else remedies.NO_GRADIENT_ANYWHERE,
             details={"parameters": list(params)},

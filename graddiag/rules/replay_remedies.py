@@ -26,6 +26,8 @@ LOG_REMEDY = ("keep the argument of `{op}` away from 0 (x.clamp_min(1e-12)) or s
 POWER_OVERFLOW_REMEDY = ("the values raised by `{op}` are so large that their power "
                          "overflows: something before it diverged (weights or activations "
                          "growing); " + remedies.EXPLODING)
+SMALL_BASE_REMEDY = ("keep the base of `{op}` away from 0 (x.abs().clamp_min(1e-12), or x + 1e-12 "
+                     "for a positive x): a negative power of a tiny value overflows")
 ROOT_REMEDY = ("add a small constant inside the root (torch.sqrt(x + 1e-12)), or use "
                "torch.linalg.vector_norm, whose gradient at 0 is 0")
 DIVISION_REMEDY = ("add a small constant to the divisor (x / (n + 1e-12)) or use "
@@ -71,8 +73,12 @@ def remedy_for(o: ReplayOutcome) -> str:
     out_dtype = (o.output or {}).get("dtype") if o.phase == "forward" else None
     if base in LOG_OPS:
         return LOG_REMEDY.format(op=o.op)
-    if base in POWER_OPS and o.nonfinite in ("inf", "-inf") and _no_zero_base(o):
-        return POWER_OVERFLOW_REMEDY.format(op=o.op)  # not a root or a power of 0: too large
+    if base in POWER_OPS and o.nonfinite in ("inf", "-inf"):
+        largest = _largest_base(o)
+        if largest is not None and largest > 1.0:  # finite values above 1, no zero: too large
+            return POWER_OVERFLOW_REMEDY.format(op=o.op)
+        if largest is not None:  # every value at most 1 and none 0: a negative power of tiny ones
+            return SMALL_BASE_REMEDY.format(op=o.op)
     if base in ROOT_OPS:
         return ROOT_REMEDY
     if base in DIVISION_OPS:
@@ -86,8 +92,12 @@ def remedy_for(o: ReplayOutcome) -> str:
     return ""
 
 
-
-def _no_zero_base(o: ReplayOutcome) -> bool:
-    """The first tensor input (the base of a power) was seen and holds no zero."""
+def _largest_base(o: ReplayOutcome) -> float | None:
+    """The largest finite |value| of a power's first tensor input (its base, or the exponent of
+    a number raised to a tensor), or ``None`` when it holds a zero or is unknown (a root or a
+    power of 0 then)."""
     first = next((s for s in o.inputs if isinstance(s, dict)), None)
-    return first is not None and not first.get("zeros") and bool(first.get("numel"))
+    if first is None or first.get("zeros") or not first.get("numel"):
+        return None
+    largest = first.get("max_abs")
+    return float(largest) if isinstance(largest, (int, float)) else None

@@ -50,7 +50,8 @@ EXPLODING_WHILE_CLIPPING_BY_VALUE = (
     "weights; for recurrent weights, an orthogonal init); add normalisation layers; check for "
     "unnormalised inputs or targets; clipping by value is already on: it caps each gradient "
     "element, which bounds the step but bends its direction when it acts; clipping by the "
-    "global norm keeps the direction (Trainer(gradient_clip_algorithm=\"norm\"))"
+    "global norm keeps the direction (torch.nn.utils.clip_grad_norm_; in Lightning, "
+    "Trainer(gradient_clip_algorithm=\"norm\"))"
 )
 #: A layer small, or stalled, only next to another layer whose gradient exploded.
 BEHIND_AN_EXPLOSION = (
@@ -65,7 +66,8 @@ NONFINITE = (
 #: No monitored layer got a gradient at all: the call order, or a loss without a graph.
 NO_GRADIENT_ANYWHERE = (
     "call monitor.step() after loss.backward() and before optimizer.zero_grad() (which sets "
-    ".grad to None); make sure the loss is computed from the model's outputs with gradients "
+    ".grad to None); in Lightning with manual optimization, call self.manual_backward(loss) "
+    "before the optimizer steps; make sure the loss is computed from the model's outputs with gradients "
     "enabled (not under torch.no_grad(), not from .detach()ed or .item() values)"
 )
 NO_GRADIENT = (
