@@ -93,11 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 def _fit(argv: list[str]) -> int:
     import warnings
 
+    from graddiag.data.errors import PatternMatchError
     from graddiag.lightning.fit import run_cli
 
     with warnings.catch_warnings():  # the arguments are sys.argv's own: nothing to warn about
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        run_cli(["fit", *argv])
+        try:
+            run_cli(["fit", *argv])
+        except PatternMatchError as error:  # found when the model is seen, not when parsed
+            print(f"graddiag fit: error: --diagnostics.{error}", file=sys.stderr)
+            return EXIT_USAGE
     return EXIT_OK
 
 

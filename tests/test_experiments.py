@@ -84,7 +84,7 @@ BAD_VALUES = [
     (["--diagnostics.ignore", "[vanish]"],
      "--diagnostics.ignore must be a list of finding kinds from ['vanishing', 'exploding', "
      "'nonfinite', 'no_gradient', 'saturated', 'dead_relu', 'stalled', 'unstable_update', "
-     "'not_in_optimizer'], got vanish"),
+     "'not_in_optimizer'] (or one of them), got ['vanish']"),
     (["--diagnostics.every_n_steps", "ten"],
      "--diagnostics.every_n_steps must be an integer >= 1, got ten"),
     (["--diagnostics.on_nonfinite", "panic"],
@@ -144,6 +144,55 @@ def test_good_diagnostics_values_reach_the_callback(tmp_path: Path,
     assert config.norm_type == math.inf and config.ignore == ("dead_relu",)
     assert config.exclude == ("net.0",) and config.on_exploding == "skip"
     assert "net.0" not in set(diagnostics_of(cli).history.layer)
+
+
+def test_a_single_string_is_a_one_item_list_as_in_python(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+                   "--diagnostics.ignore", "dead_relu", "--diagnostics.exclude", "net.0",
+                   "--trainer.max_steps", "2", *QUIET])
+    config = diagnostics_of(cli).config
+    assert config.ignore == ("dead_relu",) and config.exclude == ("net.0",)
+
+
+def test_an_abbreviated_option_is_not_taken_for_the_full_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+                 "--diagnostics.every_n_step", "3", *QUIET])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --diagnostics.every_n_step 3" in capsys.readouterr().err
+
+
+def test_gradient_diagnostics_under_trainer_callbacks_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "twice.yaml"
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text()
+                      + "\n".join(["", "trainer:", "  callbacks:",
+                                   "    - class_path: graddiag.GradientDiagnostics", ""]))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(config), *QUIET])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "graddiag fit: error: trainer.callbacks lists graddiag.GradientDiagnostics: graddiag "
+        "fit adds the one GradientDiagnostics itself; configure it in the diagnostics: section "
+        "instead"]
+
+
+def test_an_include_pattern_matching_no_layer_is_one_line_and_exit_status_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from graddiag.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+                 "--diagnostics.include", "[nope*]", "--trainer.max_steps", "2", *QUIET])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(
+        "graddiag fit: error: --diagnostics.include pattern 'nope*' matches no layer; layers are")
+    assert "Traceback" not in err
 
 
 def test_fit_help_documents_every_callback_option(capsys: pytest.CaptureFixture[str]) -> None:

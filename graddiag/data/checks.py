@@ -161,8 +161,8 @@ class Strings:
 
     @property
     def allowed(self) -> str:
-        text = (f"a list of {self.what} from {list(self.choices)}" if self.choices
-                else f"a list of strings ({self.what})")
+        text = (f"a list of {self.what} from {list(self.choices)} (or one of them)"
+                if self.choices else f"a list of strings ({self.what}), or one string")
         return f"None ({self.optional}) or {text}" if self.optional else text
 
     def __call__(self, name: str, value: Any) -> tuple[str, ...] | None:

@@ -16,6 +16,11 @@ class GradientAlarm(RuntimeError):
         super().__init__("; ".join(str(f) for f in self.findings))
 
 
+class PatternMatchError(ValueError):
+    """An ``include``/``exclude`` pattern that matches no layer of the model, or patterns that
+    leave no layer to monitor (found when the model is seen, not when the options are)."""
+
+
 class UnknownOptionError(ValueError, TypeError):
     """An option name that does not exist: a ``ValueError`` for graddiag's checks and a
     ``TypeError`` like any unexpected keyword argument."""

@@ -116,10 +116,10 @@ class MonitorConfig(_Checked):
     include: tuple[str, ...] | None = option(
         None, Strings("glob patterns", optional="every layer"),
         "Glob patterns (fnmatch) of layer names to monitor; None monitors every layer.",
-        given=Sequence[str] | None, identity=True)
+        given=Sequence[str] | str | None, identity=True)
     exclude: tuple[str, ...] = option(
         (), Strings("glob patterns"), "Glob patterns of layer names to leave out.",
-        given=Sequence[str], identity=True)
+        given=Sequence[str] | str, identity=True)
     param_every_n_steps: int = option(
         50, Integer(0),
         "Parameter norms, one-step update ratios and learning rates on steps divisible by this "
@@ -213,7 +213,7 @@ class MonitorConfig(_Checked):
         "warn", Choice(ACTIONS), "The same choices, for exploding gradients.")
     ignore: tuple[FindingKind, ...] = option(
         (), Strings("finding kinds", choices=FINDING_KINDS), "Finding kinds never reported.",
-        given=Sequence[FindingKind])
+        given=Sequence[FindingKind] | FindingKind)
     max_history_rows: int = option(
         200_000, Integer(1),
         "Bound on rows (steps x layers) kept in history; older records are thinned (every "

@@ -31,6 +31,11 @@ def _usage_error(line: str) -> NoReturn:
 class DiagnosticsParser(LightningArgumentParser):
     """Rejects a ``diagnostics.*`` value of the wrong type in one line: option, allowed, given."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # "--diagnostics.every_n_step 3" must not be taken for every_n_steps
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         key = _PARSER_KEY.search(message)
         if key and self.exit_on_error and key.group(1) in {o.name for o in OPTIONS}:
@@ -63,6 +68,13 @@ class GraddiagCLI(LightningCLI):
     def _check_diagnostics(self) -> None:
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        trainer = config.get("trainer") or {}
+        for callback in trainer.get("callbacks") or []:
+            path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
+            if path.rsplit(".", 1)[-1] == GradientDiagnostics.__name__:
+                _usage_error(f"trainer.callbacks lists {path}: graddiag fit adds the one "
+                             "GradientDiagnostics itself; configure it in the diagnostics: "
+                             "section instead")
         section = config.get("diagnostics")
         if section is None:
             return

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from graddiag.data.errors import PatternMatchError
 from graddiag.data.names import clean_name
 
 log = logging.getLogger("graddiag")
@@ -98,11 +99,11 @@ def discover_layers(
         for option, patterns in (("include", include or ()), ("exclude", exclude)):
             for pattern in patterns:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
-                    raise ValueError(
+                    raise PatternMatchError(
                         f"{option} pattern {pattern!r} matches no layer; layers are {all_names}"
                     )
         if all_names and not any(_selected(n, include, exclude) for n in all_names):
-            raise ValueError(
+            raise PatternMatchError(
                 f"the patterns include={None if include is None else list(include)!r} and "
                 f"exclude={list(exclude)!r} left no layer to monitor; layers are {all_names}"
             )
