@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -49,15 +50,7 @@ def report(argv: list[str]) -> int:
         return EXIT_USAGE
     for problem in data.problems:
         print(f"graddiag report: warning: {problem}", file=sys.stderr)
-    with pd.option_context("display.width", 160, "display.max_columns", 20,
-                           "display.max_rows", 500, "display.float_format", "{:.3g}".format):
-        summary = layer_summary(data.scalars)
-        print("Per-layer gradient norms:")
-        print(summary.to_string(index=False) if len(summary) else "  (no gradient norms logged)")
-        print("\nFindings:")
-        columns = ["run", "kind", "layer", "step", "value"]
-        print(data.findings[columns].to_string(index=False) if len(data.findings) else "  none")
-    if args.csv is not None:
+    if args.csv is not None:  # written first: a reader closing the pipe early still gets it
         try:
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             data.scalars.to_csv(args.csv, index=False)
@@ -65,13 +58,36 @@ def report(argv: list[str]) -> int:
             print(f"graddiag report: error: cannot write --csv {str(args.csv)!r}: "
                   f"{error.strerror or error}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"\nWrote {len(data.scalars)} rows to {args.csv}")
     alarms = data.findings[data.findings.kind.isin(args.fail_on or [])]
+    try:
+        with pd.option_context("display.width", 160, "display.max_columns", 20,
+                               "display.max_rows", 500, "display.float_format", "{:.3g}".format):
+            summary = layer_summary(data.scalars)
+            print("Per-layer gradient norms:")
+            print(summary.to_string(index=False) if len(summary)
+                  else "  (no gradient norms logged)")
+            print("\nFindings:")
+            columns = ["run", "kind", "layer", "step", "value"]
+            print(data.findings[columns].to_string(index=False) if len(data.findings)
+                  else "  none")
+        if args.csv is not None:
+            print(f"\nWrote {len(data.scalars)} rows to {args.csv}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `graddiag report ... | head`: the reader has what it wanted
+        _silence_stdout()
     if len(alarms):
         print(f"\n{len(alarms)} finding(s) of kinds {sorted(set(alarms.kind))}: failing.",
               file=sys.stderr)
         return EXIT_ALARM
     return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's final flush to a closed pipe
+    raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,3 +181,40 @@ def test_a_real_tensorboard_serves_the_dashboard(sigmoid_run) -> None:  # noqa: 
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _two_writes(logdir: Path) -> None:
+    """A run that crashed after step 5 and was resumed from step 3 into the same directory: two
+    event files, steps 3-5 written by both (1.0 first, then 2.0)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for suffix, steps, value in ((".first", range(0, 6), 1.0), (".resumed", range(3, 8), 2.0)):
+        writer = SummaryWriter(str(logdir), filename_suffix=suffix)
+        for step in steps:
+            writer.add_scalar("graddiag/grad_norm/net.0", value, step)
+        writer.close()
+        time.sleep(0.05)
+
+
+def test_report_keeps_the_value_written_last_for_a_step_written_twice(tmp_path: Path) -> None:
+    _two_writes(tmp_path)
+    scalars = read_logs(tmp_path).scalars
+    assert scalars.step.tolist() == list(range(8))  # one row per step, in step order
+    assert scalars.value.tolist() == [1.0] * 3 + [2.0] * 5
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_report_into_a_closed_pipe_writes_its_csv_and_no_traceback(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "logs"))  # a summary longer than a pipe's buffer
+    for layer in range(3000):
+        writer.add_scalar(f"graddiag/grad_norm/encoder.layers.{layer}.linear", 0.5, 0)
+    writer.close()
+    out = tmp_path / "all.csv"
+    graddiag = Path(sys.executable).parent / "graddiag"
+    result = subprocess.run(f"'{graddiag}' report '{tmp_path / 'logs'}' --csv '{out}' | head -1",
+                            shell=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "Per-layer gradient norms:"
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert len(pd.read_csv(out)) == 3000

@@ -18,7 +18,9 @@ class LogData:
     """Everything graddiag wrote under one log directory.
 
     Attributes:
-        scalars: Long format: ``run``, ``tag``, ``statistic``, ``layer``, ``step``, ``value``.
+        scalars: Long format: ``run``, ``tag``, ``statistic``, ``layer``, ``step``, ``value``;
+            one row per run, tag and step (a step written twice, as by a run resumed from a
+            checkpoint into the same directory, keeps the value written last).
         findings: ``run`` plus the columns of the findings table (kind, layer, step, ...).
         texts: ``{(run, tag): latest text}``.
         images: ``{run: [image tags]}``.
@@ -76,7 +78,8 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
             statistic, _, layer = tag[len(prefix):].partition("/")
             for event in acc.Scalars(tag):
                 rows.append({"run": run, "tag": tag, "statistic": statistic, "layer": layer,
-                             "step": event.step, "value": event.value})
+                             "step": event.step, "value": event.value,
+                             "wall_time": event.wall_time})
         for tag in tags.get("tensors", []):
             if not tag.startswith(prefix):
                 continue
@@ -91,7 +94,8 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
             table = parse_findings_markdown(text)
             table.insert(0, "run", run)
             finding_tables.append(table)
-    scalars = pd.DataFrame(rows, columns=["run", "tag", "statistic", "layer", "step", "value"])
+    scalars = _last_write_per_step(pd.DataFrame(
+        rows, columns=["run", "tag", "statistic", "layer", "step", "value", "wall_time"]))
     if scalars.empty and not texts:
         damaged = f"; unreadable event files: {'; '.join(problems)}" if problems else ""
         raise ValueError(f"no graddiag data (tags starting with {prefix!r}) under "
@@ -100,6 +104,16 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
                 pd.DataFrame(columns=["run", "kind", "layer", "step", "value", "threshold",
                                       "evidence", "remedy"]))
     return LogData(scalars, findings, texts, images, problems)
+
+
+def _last_write_per_step(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per run, tag and step: the one written last (a resumed run writes again the steps
+    between its checkpoint and the crash, into a new event file of the same directory)."""
+    if rows.empty:
+        return rows.drop(columns="wall_time")
+    order = rows.sort_values("wall_time", kind="stable")
+    last = order.drop_duplicates(["run", "tag", "step"], keep="last")
+    return last.sort_index(kind="stable").drop(columns="wall_time").reset_index(drop=True)
 
 
 def layer_summary(scalars: pd.DataFrame) -> pd.DataFrame:
