@@ -85,9 +85,12 @@ def report(argv: list[str]) -> int:
 def _silence_stdout() -> None:
     """Point stdout at the null device, so that the interpreter's final flush to a closed pipe
     raises nothing."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stream without a file descriptor
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +119,10 @@ def _fit(argv: list[str]) -> int:
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
             run_cli(["fit", *argv])
-        except PatternMatchError as error:  # found when the model is seen, not when parsed
-            print(f"graddiag fit: error: --diagnostics.{error}", file=sys.stderr)
+        except PatternMatchError as error:  # found when fit sets up, not when parsed
+            text = str(error)
+            where = text if text.startswith(error.option) else f"{error.option}: {text}"
+            print(f"graddiag fit: error: --diagnostics.{where}", file=sys.stderr)
             return EXIT_USAGE
     return EXIT_OK
 

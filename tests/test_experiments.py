@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from graddiag import GradientDiagnostics
 from graddiag.cli import main as cli_main
 from graddiag.lightning.fit import diagnostics_of, run_cli
 
@@ -178,6 +179,53 @@ def test_gradient_diagnostics_under_trainer_callbacks_is_one_line(
         "graddiag fit: error: trainer.callbacks lists graddiag.GradientDiagnostics: graddiag "
         "fit adds the one GradientDiagnostics itself; configure it in the diagnostics: section "
         "instead"]
+
+
+class _MyDiagnostics(GradientDiagnostics):
+    """A user's subclass: still a second GradientDiagnostics."""
+
+
+@pytest.mark.parametrize("callbacks", [
+    "    - class_path: tests.test_experiments._MyDiagnostics",
+    "    class_path: graddiag.GradientDiagnostics",  # one callback, not in a list
+])
+def test_a_gradient_diagnostics_or_subclass_under_trainer_callbacks_is_rejected(
+        callbacks: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "twice.yaml"
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text()
+                      + "\n".join(["", "trainer:", "  callbacks:", callbacks, ""]))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(config), *QUIET])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("graddiag fit: error: trainer.callbacks lists ")
+
+
+def test_a_single_other_callback_not_in_a_list_still_runs(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "one.yaml"
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text()
+                      + "\n".join(["", "trainer:", "  callbacks:",
+                                   "    class_path: pytorch_lightning.callbacks.ModelSummary",
+                                   "  max_steps: 2", ""]))
+    cli = run_cli(["fit", "--config", str(config), *QUIET])
+    assert len(diagnostics_of(cli).history)
+
+
+def test_patterns_leaving_no_layer_name_both_options(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from graddiag.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+                 "--diagnostics.include", "[net.0]", "--diagnostics.exclude", "[net.0]",
+                 "--trainer.max_steps", "2", *QUIET])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "graddiag fit: error: --diagnostics.include/exclude: the patterns include=['net.0'] "
+        "and exclude=['net.0'] left no layer to monitor")
 
 
 def test_an_include_pattern_matching_no_layer_is_one_line_and_exit_status_2(

@@ -203,6 +203,22 @@ def test_report_keeps_the_value_written_last_for_a_step_written_twice(tmp_path: 
     assert scalars.value.tolist() == [1.0] * 3 + [2.0] * 5
 
 
+def test_a_run_started_again_in_the_same_directory_replaces_the_abandoned_one(
+        tmp_path: Path) -> None:
+    """Run A wrote steps 0-9, run B (not a resume) 0-4: A's steps 5-9 are orphans of the
+    abandoned run, not the continuation of B."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for suffix, steps, value in ((".a", range(10), 1.0), (".b", range(5), 2.0)):
+        writer = SummaryWriter(str(tmp_path), filename_suffix=suffix)
+        for step in steps:
+            writer.add_scalar("graddiag/grad_norm/net.0", value, step)
+        writer.close()
+        time.sleep(0.05)
+    scalars = read_logs(tmp_path).scalars
+    assert scalars.step.tolist() == list(range(5)) and set(scalars.value) == {2.0}
+
+
 @pytest.mark.slow  # a fresh interpreter
 def test_report_into_a_closed_pipe_writes_its_csv_and_no_traceback(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter

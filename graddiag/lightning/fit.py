@@ -7,6 +7,7 @@ callback that every run gets, type-checked and documented in ``graddiag fit --he
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from typing import Any, NoReturn
@@ -69,9 +70,10 @@ class GraddiagCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         trainer = config.get("trainer") or {}
-        for callback in trainer.get("callbacks") or []:
-            path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
-            if path.rsplit(".", 1)[-1] == GradientDiagnostics.__name__:
+        callbacks = trainer.get("callbacks") or []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            path = callback.get("class_path") if hasattr(callback, "get") else callback
+            if isinstance(path, str) and _is_diagnostics(path):
                 _usage_error(f"trainer.callbacks lists {path}: graddiag fit adds the one "
                              "GradientDiagnostics itself; configure it in the diagnostics: "
                              "section instead")
@@ -83,6 +85,19 @@ class GraddiagCLI(LightningCLI):
             split_options(values)
         except ValueError as error:
             _usage_error(f"--diagnostics.{error}")
+
+
+def _is_diagnostics(class_path: str) -> bool:
+    """Whether ``class_path`` names GradientDiagnostics or a subclass of it (``False`` when it
+    does not import: LightningCLI says so itself)."""
+    module, _, name = class_path.rpartition(".")
+    if not module:  # a bare class name
+        return name == GradientDiagnostics.__name__
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, GradientDiagnostics)
 
 
 def run_cli(args: list[str], **kwargs: Any) -> GraddiagCLI:

@@ -19,8 +19,10 @@ class LogData:
 
     Attributes:
         scalars: Long format: ``run``, ``tag``, ``statistic``, ``layer``, ``step``, ``value``;
-            one row per run, tag and step (a step written twice, as by a run resumed from a
-            checkpoint into the same directory, keeps the value written last).
+            per run and tag, steps in increasing order, each once: where the events of a tag
+            go back to an earlier step (a run resumed from a checkpoint, or started again, in
+            the same directory), the earlier events from that step on are dropped, as
+            TensorBoard purges orphaned data.
         findings: ``run`` plus the columns of the findings table (kind, layer, step, ...).
         texts: ``{(run, tag): latest text}``.
         images: ``{run: [image tags]}``.
@@ -76,10 +78,9 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
             if not tag.startswith(prefix):
                 continue
             statistic, _, layer = tag[len(prefix):].partition("/")
-            for event in acc.Scalars(tag):
+            for step, value in _without_orphans([(e.step, e.value) for e in acc.Scalars(tag)]):
                 rows.append({"run": run, "tag": tag, "statistic": statistic, "layer": layer,
-                             "step": event.step, "value": event.value,
-                             "wall_time": event.wall_time})
+                             "step": step, "value": value})
         for tag in tags.get("tensors", []):
             if not tag.startswith(prefix):
                 continue
@@ -94,8 +95,7 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
             table = parse_findings_markdown(text)
             table.insert(0, "run", run)
             finding_tables.append(table)
-    scalars = _last_write_per_step(pd.DataFrame(
-        rows, columns=["run", "tag", "statistic", "layer", "step", "value", "wall_time"]))
+    scalars = pd.DataFrame(rows, columns=["run", "tag", "statistic", "layer", "step", "value"])
     if scalars.empty and not texts:
         damaged = f"; unreadable event files: {'; '.join(problems)}" if problems else ""
         raise ValueError(f"no graddiag data (tags starting with {prefix!r}) under "
@@ -106,14 +106,17 @@ def read_logs(logdir: str | Path, prefix: str = "graddiag/") -> LogData:
     return LogData(scalars, findings, texts, images, problems)
 
 
-def _last_write_per_step(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per run, tag and step: the one written last (a resumed run writes again the steps
-    between its checkpoint and the crash, into a new event file of the same directory)."""
-    if rows.empty:
-        return rows.drop(columns="wall_time")
-    order = rows.sort_values("wall_time", kind="stable")
-    last = order.drop_duplicates(["run", "tag", "step"], keep="last")
-    return last.sort_index(kind="stable").drop(columns="wall_time").reset_index(drop=True)
+def _without_orphans(events: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """``(step, value)`` in the order written, without the orphans: an event at a step at or
+    below one written before starts again from there (a run resumed from a checkpoint writes
+    again the steps between it and the crash; a run started again in the same directory
+    begins at 0), so the earlier events from that step on are dropped."""
+    kept: list[tuple[int, float]] = []
+    for step, value in events:
+        while kept and kept[-1][0] >= step:
+            kept.pop()
+        kept.append((step, value))
+    return kept
 
 
 def layer_summary(scalars: pd.DataFrame) -> pd.DataFrame:
