@@ -26,6 +26,11 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+#: What a spawned rank prints when torch's C++ teardown destroys a thread still running, after
+#: the script's work and its destroy_process_group() are done (seen once in about 15 FSDP runs).
+_TEARDOWN_CRASH = "terminate called without an active exception"
+
+
 def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "MASTER_PORT": _free_port(),
            "MASTER_ADDR": "127.0.0.1"}
@@ -78,6 +83,9 @@ def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path: Path, strategy: str
 def test_fsdp2_fully_shard_norms_equal_unsharded_reference(tmp_path: Path) -> None:
     out = tmp_path / "fsdp.json"
     result = _run("run_fsdp.py", str(out))
+    if result.returncode != 0 and _TEARDOWN_CRASH in result.stderr:  # torch's, rare: once more
+        out = tmp_path / "fsdp_again.json"  # a fresh rendezvous file too
+        result = _run("run_fsdp.py", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["grad_is_dtensor"]
