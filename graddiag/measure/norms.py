@@ -433,25 +433,15 @@ class GradientProbe:
         norm overflows to inf once its sum of squares passes 3.4e38 (elements near 1e19),
         although every element is finite. Layers holding a sharded (DTensor) gradient are left
         out: their local shard alone does not give the norm."""
-        p = self._aggregate.p
-        per_layer: dict[int, list[float]] = {}
-        for lid, _, param in self._flat:
-            grad = param.grad
-            if lid not in layer_ids or grad is None:
-                continue
-            if is_dtensor(grad):
-                per_layer[lid] = [math.nan]
-                continue
-            norm = float(torch.linalg.vector_norm(_local(grad).detach().double(), ord=p))
-            per_layer.setdefault(lid, []).append(norm)
-        exact: dict[int, float] = {}
-        for lid, norms in per_layer.items():
-            values = np.array(norms)
-            if np.isnan(values).any():
-                continue
-            exact[lid] = (float(values.max()) if math.isinf(p) else
-                          float(np.sum(values ** p) ** (1.0 / p)))
-        return exact
+        entries = [(lid, param.grad) for lid, _, param in self._flat
+                   if lid in layer_ids and param.grad is not None]
+        sharded = {lid for lid, grad in entries if is_dtensor(grad)}
+        entries = [(lid, grad) for lid, grad in entries if lid not in sharded]
+        if not entries:
+            return {}
+        norms = self._aggregate([_local(grad).detach().double() for _, grad in entries],
+                                [lid for lid, _ in entries]).tolist()
+        return {lid: norms[lid] for lid, _ in entries}
 
     def nonfinite_elements(self, layer_ids: set[int]) -> dict[int, dict[str, int]]:
         """Count NaN/Inf elements per parameter of the given layers (slow path, anomalies only)."""

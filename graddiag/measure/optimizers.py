@@ -47,21 +47,28 @@ def _as_float(lr: Any) -> float:
         return math.nan
 
 
-def learning_rates(optimizers: Sequence[torch.optim.Optimizer],
-                   key: str = "lr") -> dict[int, float]:
-    """``{id(parameter): learning rate}`` over every param group of every optimizer (``key``
-    ``"initial_lr"``: the schedulers' starting rates, for the groups that have one)."""
+def learning_rates(optimizers: Sequence[torch.optim.Optimizer]
+                   ) -> tuple[dict[int, float], dict[int, float]]:
+    """``{id(parameter): learning rate}`` over every param group of every optimizer, and
+    ``{id(parameter): initial_lr}`` for the groups a scheduler gave one (its starting rate); the
+    largest where several groups hold a parameter. One walk over the param groups."""
     rates: dict[int, float] = {}
+    bases: dict[int, float] = {}
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            if key not in group and key != "lr":
-                continue
-            lr = _as_float(group.get(key, math.nan))
+            lr = _as_float(group.get("lr", math.nan))
+            base = _as_float(group["initial_lr"]) if "initial_lr" in group else None
             for param in group["params"]:
-                known = rates.get(id(param))
-                if known is None or math.isnan(known) or lr > known:
-                    rates[id(param)] = lr
-    return rates
+                _keep_largest(rates, id(param), lr)
+                if base is not None:
+                    _keep_largest(bases, id(param), base)
+    return rates, bases
+
+
+def _keep_largest(rates: dict[int, float], key: int, rate: float) -> None:
+    known = rates.get(key)
+    if known is None or math.isnan(known) or rate > known:
+        rates[key] = rate
 
 
 def coverage(
@@ -75,7 +82,7 @@ def coverage(
     Modules are named as layers are (qualified name relative to ``model``); ``include`` and
     ``exclude`` glob patterns filter the reported modules as they filter layers.
     """
-    rates = learning_rates(optimizers)
+    rates, bases = learning_rates(optimizers)
     orphaned: dict[str, list[str]] = {}
     held_any = False
     seen: set[int] = set()
@@ -91,4 +98,4 @@ def coverage(
                     and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
                 orphaned.setdefault(name, []).append(pname)
     return Coverage(rates, orphaned if held_any else {}, held_any=held_any,
-                    base_rate=learning_rates(optimizers, "initial_lr"))
+                    base_rate=bases)
