@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -756,6 +757,21 @@ def test_clipping_by_value_gets_its_own_exploding_remedy() -> None:
     assert "clipping by value is already on" in exploding[0].remedy
     assert "gradient_clip_val" not in exploding[0].remedy
     assert all(r.clip_value == 0.5 and r.clipped is None for r in monitor.records)
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"clip_norm": 0.0}, "clip_norm must be a number > 0.0, got 0.0"),
+    ({"clip_value": "1"}, "clip_value must be a number > 0.0, got '1'"),
+    ({"clip_value": True}, "clip_value must be a number > 0.0, got True"),
+    ({"clip_norm": 1.0, "clip_value": 0.5}, "clip_norm and clip_value must be one of them"),
+])
+def test_a_bad_clipping_threshold_is_a_clear_error(given: dict[str, object],
+                                                   message: str) -> None:
+    model = _TwoLayers()
+    with GradientMonitor(model, reporters=[]) as monitor:
+        _set_grads(model, 0.5, 0.5)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            monitor.step(**given)  # type: ignore[arg-type]
 
 
 def test_without_clipping_the_exploding_remedy_suggests_it() -> None:

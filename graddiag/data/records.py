@@ -100,6 +100,14 @@ class StepRecord:
     base_learning_rate: np.ndarray | None = None
     clip_value: float | None = None
 
+    @property
+    def clipping(self) -> str | None:
+        """Which gradient clipping follows this step's measurement: ``"norm"``, ``"value"``,
+        or ``None``."""
+        if self.clipped is not None:
+            return "norm"
+        return None if self.clip_value is None else "value"
+
     @cached_property
     def healthy_range(self) -> tuple[float, float] | None:
         """``(smallest, largest)`` gradient norm when every layer was measured and has a

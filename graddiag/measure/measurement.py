@@ -212,8 +212,7 @@ class StepMeasurement:
         def finish() -> StepRecord:
             host = dict(zip(names, copy.result()))
             record = self._record(step, optimizer, probe, reading, host, activations, clip_norm,
-                                  layers, deferred, view)
-            record.clip_value = clip_value
+                                  layers, deferred, view, clip_value)
             if record.activations is not None:  # where each site ran among the layers
                 record.activations.position = self.live.site_positions(record.activations.sites)
             return record
@@ -228,7 +227,7 @@ class StepMeasurement:
     def _record(self, step: int, optimizer: int, probe: GradientProbe, reading: GradientReading,
                 host: dict[str, np.ndarray], activations: ActivationPack | None,
                 clip_norm: float | None, layers: list[str], deferred: bool,
-                view: UpdateView | None = None) -> StepRecord:
+                view: UpdateView | None = None, clip_value: float | None = None) -> StepRecord:
         grad_norm = host["grad_norm"]
         has_grad = reading.has_grad
         # every layer got a gradient (the usual step): nothing to mark missing
@@ -279,6 +278,7 @@ class StepMeasurement:
             amp_overflow=amp_overflow,
             amp_scale=float(host["amp_scale"][0]) if "amp_scale" in host else None,
             clipped=clipped,
+            clip_value=clip_value,
             param_count=param_count,
             learning_rate=learning_rate,
             base_learning_rate=None if view is None else view.base_learning_rate,

@@ -1,5 +1,5 @@
 """Checks of the object arguments (``model``, ``watch``, ``activation_registry``, ``reporters``)
-at construction.
+at construction, and of the clipping thresholds a step is given.
 
 Options are checked by :mod:`graddiag.data.options`; these two are objects, checked here so
 that a wrong one fails when the monitor or callback is made, not at fit or at its very end.
@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from graddiag.data.checks import reject
+from graddiag.data.checks import Number, reject
 from graddiag.measure.activations import ActivationRegistry
 
 _REPORTER = "objects with report(snapshot) (finish(run) and close() optional, callable if present)"
@@ -60,3 +60,17 @@ def check_monitor_arguments(model: Any, config: Any, options: dict[str, Any],
     if watch is not None and not callable(getattr(model, watch, None)):
         raise ValueError(f"watch must name a method of the model or be None; "
                          f"{type(model).__name__} has no method {watch!r}")
+
+
+_POSITIVE = Number(0.0, low_open=True)
+
+
+def check_clipping(clip_norm: Any, clip_value: Any) -> tuple[float | None, float | None]:
+    """``clip_norm`` and ``clip_value`` of :meth:`GradientMonitor.step` as floats: each ``None``
+    or a number > 0, and not both (one clipping follows a step)."""
+    norm = None if clip_norm is None else _POSITIVE("clip_norm", clip_norm)
+    value = None if clip_value is None else _POSITIVE("clip_value", clip_value)
+    if norm is not None and value is not None:
+        reject("clip_norm and clip_value", "one of them (the clipping that follows the step)",
+               (clip_norm, clip_value))
+    return norm, value

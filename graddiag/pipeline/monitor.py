@@ -35,6 +35,7 @@ from graddiag.measure.updates import UpdateTracker, as_optimizers
 from graddiag.pipeline.activation_scope import ActivationScope
 from graddiag.pipeline.arguments import (
     check_activation_registry,
+    check_clipping,
     check_monitor_arguments,
     check_reporters,
 )
@@ -196,6 +197,8 @@ class GradientMonitor(MonitorResults, WatchControls):
             raise RuntimeError("this GradientMonitor is closed")
         if replay is not None:
             check_replay(replay)
+        if clip_norm is not None or clip_value is not None:
+            clip_norm, clip_value = check_clipping(clip_norm, clip_value)
         current = self._next_step if step is None else int(step)
         self._next_step = self._activations.upcoming = current + 1
         measured = self.measures(current)

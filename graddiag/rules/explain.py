@@ -186,7 +186,7 @@ class Explainer:
                   else remedies.VANISHING_WITHOUT_ACTIVATIONS)
         blocked = self.blocking(between)
         message = finding.message
-        if blocked and "exactly 0" in message:
+        if blocked and finding.details.get("grad_ratio_to_largest") == 0.0:  # exactly 0
             message = f"{message} Sites passing no gradient on the way: {blocked}."
         return dataclasses.replace(finding, message=message, remedy=ranked)
 

@@ -228,9 +228,9 @@ class ExplodingRule(OnsetRule):
             value=value,
             threshold=threshold,
             message=f"Exploding gradient: {evidence}; updates this large destabilise training.",
-            remedy=(remedies.EXPLODING_WHILE_CLIPPING if record.clipped is not None
-                    else remedies.EXPLODING_WHILE_CLIPPING_BY_VALUE
-                    if record.clip_value is not None else remedies.EXPLODING),
+            remedy={"norm": remedies.EXPLODING_WHILE_CLIPPING,
+                    "value": remedies.EXPLODING_WHILE_CLIPPING_BY_VALUE,
+                    None: remedies.EXPLODING}[record.clipping],
             details={"recent_level": level},
         )
 

@@ -294,7 +294,7 @@ class UnstableUpdateRule(OnsetRule):
                      "parameter steps in a row; the weights are replaced rather than refined, "
                      "which precedes loss spikes and divergence even while gradient norms look "
                      f"ordinary.{lr_text}"),
-            remedy=(wording.UNSTABLE_UPDATE if record.clipped is None and record.clip_value is None
+            remedy=(wording.UNSTABLE_UPDATE if record.clipping is None
                     else wording.UNSTABLE_UPDATE_WHILE_CLIPPING),
             details={"learning_rate": lr},
         )
