@@ -10,25 +10,37 @@ Checks, each printed as PASS/FAIL:
 3. Host syncs: a recorded step performs exactly one device-to-host copy
    (``torch.cuda.set_sync_debug_mode`` counts synchronising calls).
 4. Lightning FSDP (2 GPUs if present, else 1): a run records finite per-layer norms.
+5. The deferred read (the default on CUDA with warn-only actions) records the same norms and
+   findings as an immediate read, one step later; ``on_nonfinite="skip"`` still decides on the
+   step itself.
+
+A check that raises is reported as FAIL with its error, and the others still run.
 
 Then the overhead table (as ``benchmarks/overhead.py`` on a CPU: mean step time over plain
 training's, configurations interleaved in blocks of 20 steps with a device sync at block
 boundaries, A/A control): hand-written loop and Lightning, a launch-bound small model (MLP
 20x256, batch 64) and a compute-bound Transformer (12 layers, d=512, batch 64 x 64 tokens),
-fp32 and bf16. Target on the launch-bound model: graddiag defaults <= floor + 0.03.
+fp32 and bf16. Target on the launch-bound model: graddiag defaults <= floor + 0.03. A second
+floor reads the norms on the host every step, as any tool deciding on the step itself must.
 
     python benchmarks/gpu_check.py --no-overhead   # the checks only
+    python benchmarks/gpu_check.py --json gpu.json # also write the table's numbers
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import sys
+import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -102,51 +114,140 @@ def fsdp_norms(devices: int) -> list[float]:
     return cb.history.grad_norm.tolist()
 
 
-def overhead_table(steps: int) -> None:
-    """The overhead table on this GPU (see the module docstring)."""
+def _nan_at_step_2(model: nn.Module, step: int) -> None:
+    """One training step's backward pass on CUDA; step 2 gets a NaN in the second layer."""
+    model.zero_grad()
+    g = torch.Generator(device="cuda").manual_seed(step)
+    model(torch.randn(32, 64, device="cuda", generator=g)).square().mean().backward()
+    if step == 2:
+        model[2].weight.grad[0, 0] = float("nan")
+
+
+def deferred_matches_immediate() -> tuple[bool, str]:
+    """Two identical models and batch streams, one monitor reading each step at once and one
+    deferring (the CUDA default): equal norms and the same finding, one step later."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                                    nn.Linear(64, 8)).cuda())
+    now, later = (GradientMonitor(m, reporters=[], early_steps=0, activation_every_n_steps=0,
+                                  evaluate_every_n_records=1) for m in models)
+    now.deferred_host_read = False  # ``later`` keeps the default: deferred on CUDA
+    recorded = []
+    for step in range(6):
+        for model in models:
+            _nan_at_step_2(model, step)
+        now.step()
+        recorded.append(later.step().recorded)
+    a, b = now.records, later.records  # reading the history evaluates the pending step
+    same = len(a) == len(b) == 6 and all(
+        x.step == y.step and np.array_equal(x.grad_norm, y.grad_norm, equal_nan=True)
+        for x, y in zip(a, b))
+    found = ([(f.kind, f.step) for f in now.findings], [(f.kind, f.step) for f in later.findings])
+    now.close()
+    later.close()
+    ok = same and found[0] == found[1] and ("nonfinite", 2) in found[0] and not recorded[0]
+    return ok, (f"records equal: {same}; findings {found[0]} and {found[1]}; step 0 deferred: "
+                f"{not recorded[0]}")
+
+
+def skip_decides_on_the_step() -> tuple[bool, str]:
+    """``on_nonfinite="skip"`` on CUDA: the NaN step's own report says skip."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8)).cuda()
+    monitor = GradientMonitor(model, reporters=[], on_nonfinite="skip", early_steps=0,
+                              activation_every_n_steps=0)
+    actions = []
+    for step in range(4):
+        _nan_at_step_2(model, step)
+        actions.append(monitor.step().action)
+    monitor.close()
+    return actions == ["continue", "continue", "skip", "continue"], f"actions {actions}"
+
+
+def run_check(name: str, fn: Callable[[], tuple[bool, str]]) -> None:
+    """``check`` on ``fn``'s verdict; an error is a failure with its message, not the end."""
+    try:
+        ok, detail = fn()
+    except Exception as error:  # noqa: BLE001 - report, do not hide
+        traceback.print_exc()
+        ok, detail = False, repr(error)
+    check(name, ok, detail)
+
+
+def _transformer() -> nn.Module:
+    from benchmarks.harness import Transformer
+
+    return Transformer(layers=12, d_model=512, in_features=64 * 64, tokens=64)
+
+
+def _mlp() -> nn.Module:
+    from benchmarks.harness import mlp
+
+    return mlp()
+
+
+#: name -> (model builder, batch size, input features)
+MODELS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
+    "launch-bound MLP 20x256, batch 64": (_mlp, 64, 256),
+    "compute-bound Transformer 12 x d512, batch 64": (_transformer, 64, 64 * 64),
+}
+
+
+def overhead_table(steps: int, device: str = "cuda",
+                   json_path: Path | None = None) -> dict[str, Any]:
+    """The overhead table on this GPU (see the module docstring); each group's numbers are
+    also written to ``json_path`` as soon as they are measured."""
     from benchmarks.harness import (
         AA,
         DEFAULTS,
         EVERY10,
         FLOOR,
-        LOOP_CONFIGS,
+        FLOOR_READ,
         PLAIN,
-        Transformer,
         measure_lightning,
         measure_loop,
-        mlp,
         ratios,
     )
 
     for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    models = {
-        "launch-bound MLP 20x256, batch 64": (mlp, 64),
-        "compute-bound Transformer 12 x d512, batch 64": (
-            lambda: Transformer(layers=12, d_model=512, in_features=64 * 64, tokens=64), 64),
-    }
-    lightning_configs = [PLAIN, AA, FLOOR, DEFAULTS, EVERY10, "graddiag, figure only at the end",
-                         "graddiag, activations and parameters off"]
-    print(f"\nOverhead on {torch.cuda.get_device_name()} (torch {torch.__version__}); mean step "
-          "time over plain's, blocks of 20 steps interleaved, device sync at block boundaries")
-    for model_name, (fn, batch) in models.items():
-        features = 256 if "MLP" in model_name else 64 * 64
+    warnings.filterwarnings("ignore")
+    loop_configs = [PLAIN, AA, FLOOR, FLOOR_READ, DEFAULTS, EVERY10]
+    lightning_configs = [PLAIN, AA, FLOOR, FLOOR_READ, DEFAULTS, EVERY10,
+                         "graddiag, figure only at the end",
+                         "graddiag, activations and parameters off",
+                         "Lightning grad_norm + log_dict every step"]
+    card = torch.cuda.get_device_name() if device == "cuda" else device
+    results: dict[str, Any] = {"device": card, "torch": torch.__version__, "steps": steps,
+                               "groups": {}}
+    print(f"\nOverhead on {card} (torch {torch.__version__}); mean step time over plain's, "
+          f"{steps} timed steps per configuration, blocks of 20 steps interleaved, device sync "
+          "at block boundaries")
+    for model_name, (fn, batch, features) in MODELS.items():
         for dtype_name, autocast, precision in (("fp32", None, "32-true"),
                                                 ("bf16", torch.bfloat16, "bf16-mixed")):
             groups = {
                 "hand-written loop": functools.partial(
-                    measure_loop, fn, steps, block=20, device="cuda", autocast=autocast,
-                    configs=LOOP_CONFIGS, batch_size=batch, features=features),
+                    measure_loop, fn, steps, block=20, device=device, autocast=autocast,
+                    configs=loop_configs, batch_size=batch, features=features),
                 "Lightning, log_every_n_steps=10": functools.partial(
                     measure_lightning, fn, lightning_configs, steps, block=20,
-                    accelerator="cuda", precision=precision, batch_size=batch,
+                    accelerator=device, precision=precision, batch_size=batch,
                     features=features),
             }
             for group, run in groups.items():
-                stats = run()
+                title = f"{model_name}, {dtype_name}, {group}"
+                try:
+                    stats = run()
+                except Exception as error:  # noqa: BLE001 - one group's failure, not the table's
+                    traceback.print_exc()
+                    print(f"  -- {title}: FAILED {error!r}")
+                    results["groups"][title] = {"error": repr(error)}
+                    continue
                 rows = ratios(stats)
-                print(f"  -- {model_name}, {dtype_name}, {group} "
-                      f"(plain {stats[PLAIN]['mean'] * 1e3:.2f} ms/step)")
+                print(f"  -- {title} (plain {stats[PLAIN]['mean'] * 1e3:.2f} ms/step)")
                 for config, row in rows.items():
                     print(f"  {config:<52} mean {row['mean']:.3f}  median {row['median']:.3f}")
                 if "launch-bound" in model_name:
@@ -154,6 +255,11 @@ def overhead_table(steps: int) -> None:
                     print(f"  target: defaults {got:.3f} <= floor {floor:.3f} + 0.03 -> "
                           f"{'met' if got <= floor + 0.03 else 'MISSED'}; every_n_steps=10 "
                           f"{rows[EVERY10]['mean']:.3f}; A/A {rows[AA]['mean']:.3f}")
+                results["groups"][title] = {"plain_ms": stats[PLAIN]["mean"] * 1e3,
+                                            "ratios": rows}
+                if json_path is not None:
+                    json_path.write_text(json.dumps(results, indent=2))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,34 +267,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead table")
     parser.add_argument("--steps", type=int, default=200,
                         help="timed steps per configuration in the overhead table")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the overhead table's numbers to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: GPU checks and overhead table skipped")
         return 0
+    print(f"GPU checks on {torch.cuda.get_device_name()} (torch {torch.__version__}, "
+          f"Lightning {pl.__version__})")
     fp32 = first_step_norms("32-true")
-    fp16 = first_step_norms("16-mixed")
-    rel = max(abs(a - b) / b for a, b in zip(fp16, fp32))
-    check("fp16 AMP norms equal fp32 reference (unscaled)", rel < 0.02, f"max rel err {rel:.2e}")
-    fused = first_step_norms("16-mixed", fused=True)
-    rel = max(abs(a - b) / b for a, b in zip(fused, fp32))
-    check("fused Adam under fp16 AMP is unscaled on device", rel < 0.02, f"max rel err {rel:.2e}")
-    copies, syncs = sync_count(deferred=False)
-    check("one device-to-host copy per recorded step", copies == 1, f"copies={copies}")
-    check("no other synchronising call in a recorded step", syncs <= 1, f"syncs={syncs}")
-    copies, syncs = sync_count(deferred=True)
-    check("deferred read (default on CUDA, warn-only): one non-blocking copy per step",
-          copies == 1, f"copies={copies}")
-    check("deferred read: at most the wait on the previous step's copy event", syncs <= 1,
-          f"syncs={syncs}")
-    try:
+
+    def unscaled(fused: bool) -> tuple[bool, str]:
+        norms = first_step_norms("16-mixed", fused=fused)
+        rel = max(abs(a - b) / b for a, b in zip(norms, fp32))
+        return len(norms) == len(fp32) > 0 and rel < 0.02, f"max rel err {rel:.2e}"
+
+    run_check("fp16 AMP norms equal fp32 reference (unscaled)", lambda: unscaled(False))
+    run_check("fused Adam under fp16 AMP is unscaled on device", lambda: unscaled(True))
+
+    def syncs(deferred: bool) -> tuple[bool, str]:
+        copies, calls = sync_count(deferred=deferred)
+        return copies == 1 and calls <= 1, f"copies={copies} synchronising calls={calls}"
+
+    run_check("one device-to-host copy and no other sync per recorded step",
+              lambda: syncs(False))
+    run_check("deferred read (default on CUDA, warn-only): one non-blocking copy per step, at "
+              "most the wait on the previous step's copy event", lambda: syncs(True))
+
+    def fsdp() -> tuple[bool, str]:
         norms = fsdp_norms(min(2, torch.cuda.device_count()))
-        check("Lightning FSDP run records finite per-layer norms",
-              all(n == n and n < float("inf") for n in norms), f"{len(norms)} rows")
-    except Exception as error:  # noqa: BLE001 - report, do not hide
-        check("Lightning FSDP run", False, repr(error))
+        return len(norms) > 0 and all(n == n and n < float("inf") for n in norms), \
+            f"{len(norms)} rows"
+
+    run_check("Lightning FSDP run records finite per-layer norms", fsdp)
+    run_check("deferred read: same norms and findings as an immediate read",
+              deferred_matches_immediate)
+    run_check("on_nonfinite='skip' decides on the step itself", skip_decides_on_the_step)
     print("FAILED: " + ", ".join(FAILURES) if FAILURES else "all GPU checks passed")
     if not args.no_overhead:
-        overhead_table(args.steps)
+        overhead_table(args.steps, json_path=args.json)
     return 1 if FAILURES else 0
 
 

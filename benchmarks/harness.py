@@ -76,12 +76,23 @@ class Classifier(pl.LightningModule):
 
 
 # ----------------------------------------------------------------------------- configurations
+def floor_step(params: Any, read: bool = False) -> None:
+    """The floor's work on one step: one fused norm over all gradients; with ``read``, those
+    norms also copied to the host (on a GPU: a sync a step must wait for)."""
+    norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+    if read:
+        torch.stack(norms).cpu()
+
+
 class Floor(pl.Callback):
-    """The floor: one fused norm over all gradients per step, nothing else."""
+    """The floor: one fused norm over all gradients per step (``read``: and one host read)."""
+
+    def __init__(self, read: bool = False) -> None:
+        self.read = read
 
     def on_before_optimizer_step(self, trainer: Any, module: pl.LightningModule,
                                  optimizer: Any) -> None:
-        torch._foreach_norm([p.grad for p in module.parameters() if p.grad is not None])
+        floor_step(module.parameters(), self.read)
 
 
 class LightningRecipe(pl.Callback):
@@ -122,11 +133,13 @@ def _diagnostics(**options: Any) -> Callable[[], list[pl.Callback]]:
 
 
 PLAIN, AA, FLOOR = "plain", "plain again (A/A control)", "floor: one _foreach_norm per step"
+FLOOR_READ = "floor + one host read per step"
 DEFAULTS, EVERY10 = "graddiag defaults", "graddiag every_n_steps=10"
 LIGHTNING_CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     PLAIN: lambda: [],
     AA: lambda: [],
     FLOOR: lambda: [Floor()],
+    FLOOR_READ: lambda: [Floor(read=True)],
     DEFAULTS: _diagnostics(),
     EVERY10: _diagnostics(every_n_steps=10),
     "graddiag, figure only at the end": _diagnostics(figure_every_n_steps=0),
@@ -322,8 +335,8 @@ def measure_loop(model_fn: Callable[[], nn.Module], steps: int, *, warmup: int =
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
-        if name == FLOOR:
-            torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if name in (FLOOR, FLOOR_READ):
+            floor_step(model.parameters(), read=name == FLOOR_READ)
         elif monitor is not None:
             monitor.step(own)
         optimizer.step()
