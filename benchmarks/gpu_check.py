@@ -7,12 +7,13 @@ Checks, each printed as PASS/FAIL:
    within 2 %, never x loss scale; overflow steps are AMP overflow, not alarms.
 2. Fused Adam under fp16 AMP: gradients still scaled at on_before_optimizer_step are unscaled
    on device (norms within 2 % of the reference).
-3. Host syncs: a recorded step performs exactly one device-to-host copy
+3. Host syncs: a step measured in full performs exactly one device-to-host copy
    (``torch.cuda.set_sync_debug_mode`` counts synchronising calls).
 4. Lightning FSDP (2 GPUs if present, else 1): a run records finite per-layer norms.
-5. The deferred read (the default on CUDA with warn-only actions) records the same norms and
-   findings as an immediate read, one step later; ``on_nonfinite="skip"`` still decides on the
-   step itself.
+5. Plain steps kept in blocks on the GPU, read on the step or (the default with warn-only
+   actions) sent to the host a block at a time, record the norms and findings of every step
+   measured in full, equal to a float64 recomputation, with no sync on a kept step;
+   ``on_nonfinite="skip"`` still decides on the step itself.
 
 A check that raises is reported as FAIL with its error, and the others still run.
 
@@ -78,7 +79,7 @@ def sync_count(deferred: bool) -> tuple[int, int]:
     """Host copies and synchronising calls in one recorded step (after a warm-up step)."""
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)]).cuda()
     monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=0,
-                              param_every_n_steps=0)
+                              param_every_n_steps=0, evaluate_every_n_records=1)
     monitor.deferred_host_read = deferred
     model(torch.randn(32, 64, device="cuda")).sum().backward()
     monitor.step()  # warm-up: index tensors, first layout
@@ -114,42 +115,64 @@ def fsdp_norms(devices: int) -> list[float]:
     return cb.history.grad_norm.tolist()
 
 
-def _nan_at_step_2(model: nn.Module, step: int) -> None:
-    """One training step's backward pass on CUDA; step 2 gets a NaN in the second layer."""
+def _backward_with_nan(model: nn.Module, step: int, nan_step: int = 2) -> None:
+    """One training step's backward pass on CUDA; ``nan_step`` gets a NaN in the second
+    layer."""
     model.zero_grad()
     g = torch.Generator(device="cuda").manual_seed(step)
     model(torch.randn(32, 64, device="cuda", generator=g)).square().mean().backward()
-    if step == 2:
+    if step == nan_step:
         model[2].weight.grad[0, 0] = float("nan")
 
 
-def deferred_matches_immediate() -> tuple[bool, str]:
-    """Two identical models and batch streams, one monitor reading each step at once and one
-    deferring (the CUDA default): equal norms and the same finding, one step later."""
+def _layer_norms(model: nn.Module) -> list[float]:
+    """Each Linear layer's gradient 2-norm, in float64, computed here independently."""
+    return [float(torch.linalg.vector_norm(torch.cat([p.grad.double().flatten()
+                                                      for p in m.parameters()])))
+            for m in model if isinstance(m, nn.Linear)]
+
+
+def device_reads_match_reference() -> tuple[bool, str]:
+    """Three identical models and batch streams: every step read in full on the step, plain
+    steps kept in blocks read on the step (``deferred_host_read=False``), and the CUDA default
+    (blocks sent to the host in one copy, a step late). Equal norms, equal to a float64
+    recomputation, the same finding; no sync on the default's kept steps."""
     models = []
-    for _ in range(2):
+    for _ in range(3):
         torch.manual_seed(0)
         models.append(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                                     nn.Linear(64, 8)).cuda())
-    now, later = (GradientMonitor(m, reporters=[], early_steps=0, activation_every_n_steps=0,
-                                  evaluate_every_n_records=1) for m in models)
-    now.deferred_host_read = False  # ``later`` keeps the default: deferred on CUDA
-    recorded = []
-    for step in range(6):
+    monitors = [GradientMonitor(m, reporters=[], early_steps=0, activation_every_n_steps=0,
+                                evaluate_every_n_records=n) for m, n in zip(models, (1, 8, 8))]
+    monitors[0].deferred_host_read = monitors[1].deferred_host_read = False
+    reference, syncs = [], 0
+    for step in range(20):
         for model in models:
-            _nan_at_step_2(model, step)
-        now.step()
-        recorded.append(later.step().recorded)
-    a, b = now.records, later.records  # reading the history evaluates the pending step
-    same = len(a) == len(b) == 6 and all(
-        x.step == y.step and np.array_equal(x.grad_norm, y.grad_norm, equal_nan=True)
-        for x, y in zip(a, b))
-    found = ([(f.kind, f.step) for f in now.findings], [(f.kind, f.step) for f in later.findings])
-    now.close()
-    later.close()
-    ok = same and found[0] == found[1] and ("nonfinite", 2) in found[0] and not recorded[0]
-    return ok, (f"records equal: {same}; findings {found[0]} and {found[1]}; step 0 deferred: "
-                f"{not recorded[0]}")
+            _backward_with_nan(model, step, nan_step=10)
+        reference.append(_layer_norms(models[0]))
+        monitors[0].step()
+        monitors[1].step()
+        quiet = 2 <= step <= 9  # kept steps of the first block, its sending and its reading
+        if quiet:
+            torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monitors[2].step()
+        torch.cuda.set_sync_debug_mode(0)
+        syncs += sum("synchroniz" in str(w.message).lower() for w in caught) if quiet else 0
+    records = [m.records for m in monitors]
+    found = [[(f.kind, f.step) for f in m.findings] for m in monitors]
+    for m in monitors:
+        m.close()
+    same = all(len(r) == 20 for r in records) and all(
+        np.allclose(a.grad_norm, b.grad_norm, rtol=1e-6, equal_nan=True)
+        for other in records[1:] for a, b in zip(records[0], other))
+    worst = max(abs(a - b) / b for record, ref in zip(records[2], reference)
+                for a, b in zip(record.grad_norm, ref) if b == b and a == a)
+    ok = (same and worst < 1e-5 and found[0] == found[1] == found[2]
+          and ("nonfinite", 10) in found[0] and syncs == 0)
+    return ok, (f"records equal: {same}; max rel err to float64 {worst:.1e}; findings "
+                f"{found[0]} / {found[1]} / {found[2]}; syncs on kept steps {syncs}")
 
 
 def skip_decides_on_the_step() -> tuple[bool, str]:
@@ -160,7 +183,7 @@ def skip_decides_on_the_step() -> tuple[bool, str]:
                               activation_every_n_steps=0)
     actions = []
     for step in range(4):
-        _nan_at_step_2(model, step)
+        _backward_with_nan(model, step)
         actions.append(monitor.step().action)
     monitor.close()
     return actions == ["continue", "continue", "skip", "continue"], f"actions {actions}"
@@ -269,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed steps per configuration in the overhead table")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the overhead table's numbers to this file")
+    parser.add_argument("--models", default="mlp,transformer",
+                        help="the overhead table's models, comma-separated: mlp, transformer")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: GPU checks and overhead table skipped")
@@ -300,11 +325,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(norms)} rows"
 
     run_check("Lightning FSDP run records finite per-layer norms", fsdp)
-    run_check("deferred read: same norms and findings as an immediate read",
-              deferred_matches_immediate)
+    run_check("kept steps on the GPU (read on the step, or sent in blocks): same norms and "
+              "findings as every step read in full", device_reads_match_reference)
     run_check("on_nonfinite='skip' decides on the step itself", skip_decides_on_the_step)
     print("FAILED: " + ", ".join(FAILURES) if FAILURES else "all GPU checks passed")
     if not args.no_overhead:
+        chosen = args.models.split(",")
+        for name in list(MODELS):
+            if not any(word in name.lower() for word in chosen):
+                del MODELS[name]
         overhead_table(args.steps, json_path=args.json)
     return 1 if FAILURES else 0
 

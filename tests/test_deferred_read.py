@@ -67,7 +67,7 @@ def test_deferred_records_and_findings_equal_immediate_ones_one_step_later() -> 
 
 def test_close_evaluates_the_pending_step() -> None:
     model = _model()
-    monitor = GradientMonitor(model, reporters=[], early_steps=0)
+    monitor = GradientMonitor(model, reporters=[], early_steps=0, evaluate_every_n_records=1)
     monitor.deferred_host_read = True
     for step in range(3):
         _backward(model, step)
@@ -111,6 +111,6 @@ def test_a_step_with_a_replay_closure_is_read_on_the_step() -> None:
     report = monitor.step(replay=lambda: model(torch.randn(16, 4)).square().mean())
     assert report.recorded and report.step == 0
     _backward(model, 1)
-    assert not monitor.step().recorded  # without a closure: deferred (nothing was pending)
+    assert monitor.step().record is None  # without a closure: deferred (kept for its block)
     monitor.close()
     assert [r.step for r in monitor._history.records] == [0, 1]

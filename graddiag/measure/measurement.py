@@ -16,7 +16,7 @@ from graddiag.measure.histograms import HistogramProbe
 from graddiag.measure.layers import LayerIndex
 from graddiag.measure.live_layers import LiveLayers
 from graddiag.measure.norms import GradientProbe, GradientReading
-from graddiag.measure.rows import NormRows
+from graddiag.measure.rows import NormRows, SentRows
 from graddiag.measure.transfer import HostCopy
 from graddiag.measure.updates import UpdateTracker, UpdateView
 
@@ -54,6 +54,7 @@ class StepMeasurement:
         self._histograms: HistogramProbe | None = None
         self._warned: set[str] = set()  # kinds of tensors already warned about as unmeasurable
         self._rows: NormRows | None = None  # plain steps kept for judging together
+        self._sent: list[SentRows] = []  # blocks of them on their way to the host
         # after a step that could not be kept (a sparse gradient, say), the next attempt
         # waits 2, 4, ... 64 steps: a model that can never be kept costs no retries
         self._failed_keeps = 0
@@ -95,30 +96,34 @@ class StepMeasurement:
 
     def keep(self, step: int, capacity: int, *, optimizer: int = 0,
              params: Iterable[torch.Tensor] | None = None,
-             clip_norm: float | None = None, clip_value: float | None = None) -> bool:
+             clip_norm: float | None = None, clip_value: float | None = None,
+             sent: bool = False) -> bool:
         """Keep a plain step (gradient norms only) as a row of
         :class:`~graddiag.measure.rows.NormRows` instead of measuring it in full; its record
-        comes from :meth:`take_kept`.
+        comes from :meth:`take_kept` (or, ``sent``, from :meth:`take_sent` after
+        :meth:`send_kept`).
 
         Returns ``False`` when the step must be measured with :meth:`start` instead: the step
-        is not plain (a gradient sparse, non-finite or not on the CPU, or one optimizer reading
-        only some layers; the next try then waits 2, 4, ... up to 64 steps), the layers
-        changed while steps are kept (take those first), or a parameter was frozen or unfrozen
-        (looked for when the parameters with a missing or all-zero gradient change; its row is
-        dropped). ``capacity``: how
-        many steps the rows hold (:meth:`take_kept` when full).
+        is not plain (a gradient sparse, a DTensor, on several devices, or non-finite when the
+        row is read on the step, or one optimizer reading only some layers; the next try then
+        waits 2, 4, ... up to 64 steps), the layers changed while steps are kept (take those
+        first), or a parameter was frozen or unfrozen (looked for when the parameters with a
+        missing or all-zero gradient change; its row is dropped). ``capacity``: how many steps
+        the rows hold (:meth:`take_kept` when full). ``sent``: nothing is read on the step
+        (see :class:`~graddiag.measure.rows.NormRows`).
         """
         if step < self._next_keep:
             return False
         # only the frozen parameters' flags: a parameter frozen since shows in its gradient
         probe = self._probe_for(optimizer, params, all_flags=False)
         rows = self._rows
-        if rows is None or rows.probe is not probe:  # another layout or optimizer's probe
+        if rows is None or rows.probe is not probe or rows.sent != sent:
+            # another layout or optimizer's probe, or another way of reading the rows
             if rows is not None and len(rows):  # the kept steps are judged first
                 return False
             if not (probe.measures_all and probe.reads_rows and len(probe.row_layers)):
                 return False
-            rows = self._rows = NormRows(probe, self.layers, capacity, self.norm_type)
+            rows = self._rows = NormRows(probe, self.layers, capacity, self.norm_type, sent)
         missing = rows.keep(step, optimizer, clip_norm, clip_value)
         if missing is None:
             self._failed_keeps = min(self._failed_keeps + 1, 6)
@@ -161,14 +166,46 @@ class StepMeasurement:
         """The rows are full: :meth:`take_kept` before keeping another step."""
         return self._rows is not None and self._rows.full
 
+    @property
+    def sends_kept(self) -> bool:
+        """The kept rows travel to the host a block at a time (:meth:`send_kept`)."""
+        return self._rows is not None and self._rows.sent
+
+    def send_kept(self) -> None:
+        """Start the kept rows' copy to the host; :meth:`take_sent` makes their records."""
+        if self._rows is not None and len(self._rows):
+            self._sent.append(self._rows.send())
+
+    def take_sent(self) -> list[StepRecord]:
+        """The records of the blocks sent to the host, oldest first. A parameter frozen while
+        they were kept shows as an all-zero gradient: it counts as without a gradient in the
+        block (not as missing), and the layers are found again before the next step."""
+        records = []
+        for block in self._sent:
+            frozen: frozenset[int] = frozenset()
+            zeros = block.zero_positions()
+            if zeros:
+                params = block.rows.probe.row_params
+                frozen = frozenset(i for i in zeros if not params[i].requires_grad)
+                if frozen:
+                    self.live.check_flags_next()  # the next step finds the layers again
+            records.extend(block.records(frozen))
+        self._sent.clear()
+        return records
+
     def take_kept(self) -> list[StepRecord]:
-        """The records of the kept steps, oldest first (none are kept afterwards)."""
-        return [] if self._rows is None else self._rows.take()
+        """The records of the kept steps, sent or not, oldest first (none are kept
+        afterwards)."""
+        if self.sends_kept:
+            self.send_kept()
+        records = self.take_sent()
+        return records + ([] if self._rows is None else self._rows.take())
 
     def discard_kept(self) -> None:
         """Forget the kept steps without making their records (a checkpoint was loaded)."""
         if self._rows is not None:
             self._rows.clear()
+        self._sent.clear()
         self._failed_keeps = self._next_keep = 0
 
     def start(

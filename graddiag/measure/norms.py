@@ -257,14 +257,21 @@ class GradientProbe:
                              key=lambda d: torch.finfo(d).bits, default=torch.float32)
         # where the present gradients' norms go, by (group's first row position, missing ones)
         self._places: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
-        #: Every group is plain tensors on the CPU, so :meth:`read_row` can write into a CPU row.
-        self.reads_rows = all(
-            g.params[0].device.type == "cpu" and not is_dtensor(g.params[0]) for g in self._groups)
+        devices = {g.params[0].device for g in self._groups}
+        #: The one device every group's gradients are on, as plain tensors (not DTensors), so
+        #: :meth:`read_row` can write them into a row there; ``None`` when there is no such one.
+        self.row_device: torch.device | None = (
+            next(iter(devices)) if len(devices) == 1
+            and not any(is_dtensor(g.params[0]) for g in self._groups) else None)
+        self.reads_rows = self.row_device is not None
+        #: The parameter of each norm :meth:`read_row` writes, in its order.
+        self.row_params = [p for g in self._groups for p in g.params]
 
     def row_views(self, row: torch.Tensor) -> list[torch.Tensor]:
-        """The parts of ``row`` (a CPU vector of ``len(row_layers)`` in :attr:`row_dtype`) that
-        :meth:`read_row` writes each group's norms into; made once per row and reused (a
-        view made on every step costs more than the read's host work after a backward pass)."""
+        """The parts of ``row`` (a vector of ``len(row_layers)`` in :attr:`row_dtype` on
+        :attr:`row_device`) that :meth:`read_row` writes each group's norms into; made once per
+        row and reused (a view made on every step costs more than the read's host work after a
+        backward pass)."""
         starts = self._row_starts
         if len(self._groups) == 1:
             return [row]
@@ -317,7 +324,8 @@ class GradientProbe:
             if len(self._places) > 16:
                 self._places.clear()
             places = self._places[group, missing] = torch.tensor(
-                [i for i, g in enumerate(grads) if g is not None], dtype=torch.long)
+                [i for i, g in enumerate(grads) if g is not None], dtype=torch.long,
+                device=row.device)
         try:
             row[places] = _norms(present, self._aggregate.p).to(row.dtype)
         except MEASURE_ERRORS:

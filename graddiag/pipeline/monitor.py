@@ -210,18 +210,27 @@ class GradientMonitor(MonitorResults, WatchControls):
             measured = False  # nothing read on the host: the step has no record
         if not measured and self._deferral.pending is None:
             return StepReport(current, False)  # nothing measured, nothing waiting to be read
-        # measured from here on (or a deferred read is pending, and then nothing is kept);
-        # kept steps are on the CPU, where a host read is deferred only when asked for
-        if (amp_scale is None and self.deferred_host_read is not True
-                and self._deferral.pending is None
-                and self._try_keep(current, optimizer, params, clip_norm, clip_value)):
-            report = StepReport(current, True)  # kept: judged with its block
+        # measured from here on (or a deferred read is pending)
+        deferred = self._deferring(replay)
+        if (measured and amp_scale is None
+                and self._try_keep(current, optimizer, params, clip_norm, clip_value,
+                                   sent=deferred)):
+            # kept: judged with its block; what was read on earlier steps has arrived (a
+            # block sent to the host, a step measured in full): judged now, oldest first
+            report = self._judge(self._measurement.take_sent()) or StepReport(current, True)
+            finish = self._deferral.take()
+            if finish is not None:
+                found = report.findings if report.step != current else []
+                report = self._evaluate(finish())
+                report.findings = found + report.findings
             if (self._measurement.kept_full
                     or time.perf_counter() - self._block_started > MAX_BLOCK_SECONDS):
-                report = self._judge_kept() or report
+                if self._measurement.sends_kept:
+                    self._measurement.send_kept()  # read on the next step
+                else:
+                    report = self._judge_kept() or report
             return report
         report = StepReport(current, False)
-        deferred = self._deferring(replay)
         finish = earlier = None
         if measured:
             pack = self._activations.take(current)
@@ -247,16 +256,19 @@ class GradientMonitor(MonitorResults, WatchControls):
         return report
 
     def _try_keep(self, step: int, optimizer: int, params: Iterable[torch.Tensor] | None,
-                  clip_norm: float | None, clip_value: float | None = None) -> bool:
+                  clip_norm: float | None, clip_value: float | None = None,
+                  sent: bool = False) -> bool:
         """Keep ``step`` (read its gradient norms into a row) to be judged with the next block
         of plain steps (see the option ``evaluate_every_n_records``) if it is one: gradient
-        norms only, nothing to decide on its own. ``False``: measure it in full."""
+        norms only, nothing to decide on its own. ``False``: measure it in full. ``sent``:
+        the host read is deferred, so the block travels to the host in one copy when full
+        and is judged on the step after."""
         if (not self._blocks or self._action != "continue"
                 or not self.schedule.keeps(step, self._updates.lookahead)):
             return False
         kept = self._measurement.keep(step, self.config.evaluate_every_n_records,
                                       optimizer=optimizer, params=params, clip_norm=clip_norm,
-                                      clip_value=clip_value)
+                                      clip_value=clip_value, sent=sent)
         if kept and self._measurement.kept == 1:  # the first of a block
             self._block_started = time.perf_counter()
         return kept
@@ -264,9 +276,13 @@ class GradientMonitor(MonitorResults, WatchControls):
     def _judge_kept(self) -> StepReport | None:
         """Judge the kept plain steps, oldest first; one report for them all (the last step's
         record and action, every finding that began on any of them), or ``None`` if none."""
+        return self._judge(self._measurement.take_kept())
+
+    def _judge(self, records: list[StepRecord]) -> StepReport | None:
+        """Judge ``records`` in order; one report for them all (see :meth:`_judge_kept`)."""
         report = None
         found: list[Finding] = []
-        for record in self._measurement.take_kept():
+        for record in records:
             report = self._evaluate(record)
             found.extend(report.findings)
         if report is not None:
