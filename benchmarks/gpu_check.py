@@ -35,6 +35,7 @@ import functools
 import json
 import logging
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -241,6 +242,7 @@ def overhead_table(steps: int, device: str = "cuda",
     lightning_configs = [PLAIN, AA, FLOOR, FLOOR_READ, DEFAULTS, EVERY10,
                          "graddiag, figure only at the end",
                          "graddiag, activations and parameters off",
+                         "graddiag, replay_nonfinite=False",
                          "Lightning grad_norm + log_dict every step"]
     card = torch.cuda.get_device_name() if device == "cuda" else device
     results: dict[str, Any] = {"device": card, "torch": torch.__version__, "steps": steps,
@@ -262,6 +264,7 @@ def overhead_table(steps: int, device: str = "cuda",
             }
             for group, run in groups.items():
                 title = f"{model_name}, {dtype_name}, {group}"
+                began = time.perf_counter()
                 try:
                     stats = run()
                 except Exception as error:  # noqa: BLE001 - one group's failure, not the table's
@@ -270,7 +273,8 @@ def overhead_table(steps: int, device: str = "cuda",
                     results["groups"][title] = {"error": repr(error)}
                     continue
                 rows = ratios(stats)
-                print(f"  -- {title} (plain {stats[PLAIN]['mean'] * 1e3:.2f} ms/step)")
+                print(f"  -- {title} (plain {stats[PLAIN]['mean'] * 1e3:.2f} ms/step; measured "
+                      f"in {time.perf_counter() - began:.0f} s)")
                 for config, row in rows.items():
                     print(f"  {config:<52} mean {row['mean']:.3f}  median {row['median']:.3f}")
                 if "launch-bound" in model_name:

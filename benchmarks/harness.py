@@ -145,6 +145,7 @@ LIGHTNING_CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "graddiag, figure only at the end": _diagnostics(figure_every_n_steps=0),
     "graddiag, activations and parameters off": _diagnostics(activation_every_n_steps=0,
                                                              param_every_n_steps=0),
+    "graddiag, replay_nonfinite=False": _diagnostics(replay_nonfinite=False),
     "graddiag everything every step": _diagnostics(activation_every_n_steps=1,
                                                    param_every_n_steps=1),
     "graddiag defaults + histograms every 10 steps": _diagnostics(histogram_every_n_steps=10),
