@@ -104,12 +104,13 @@ class MonitorConfig(_Checked):
         "step it appears, larger values trade detection latency for cost.")
     evaluate_every_n_records: int = option(
         8, Integer(1),
-        "Judge plain recorded steps (gradient norms only, all finite and on the CPU) this many "
-        "at a time, or at the first step over a second after the first: a finding then arrives "
-        "at most this many minus one recorded steps late, naming its own step, at a fraction of "
-        "the per-step cost. Non-finite gradients, activation and parameter steps, and every "
-        "step when on_exploding is not warn are judged on the step itself; 1: every step on "
-        "itself.")
+        "Judge plain recorded steps (gradient norms only, on one device) this many at a time, "
+        "or at the first step over a second after the first: a finding then arrives at most "
+        "this many minus one recorded steps late (this many on a GPU with the deferred read, "
+        "whose blocks reach the host in one copy read on the next step), naming its own step, "
+        "at a fraction of the per-step cost. Non-finite gradients (except in those GPU blocks), "
+        "activation and parameter steps, and every step when on_exploding is not warn are "
+        "judged on the step itself; 1: every step on itself.")
     norm_type: float = option(
         2.0, NormType(), "The p of each layer's gradient p-norm: 1, 2, any p > 0, or inf.",
         given=float | Literal["inf"], identity=True)

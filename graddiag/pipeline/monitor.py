@@ -217,12 +217,14 @@ class GradientMonitor(MonitorResults, WatchControls):
                                    sent=deferred)):
             # kept: judged with its block; what was read on earlier steps has arrived (a
             # block sent to the host, a step measured in full): judged now, oldest first
-            report = self._judge(self._measurement.take_sent()) or StepReport(current, True)
+            judged = self._judge(self._measurement.take_sent())
             finish = self._deferral.take()
             if finish is not None:
-                found = report.findings if report.step != current else []
-                report = self._evaluate(finish())
-                report.findings = found + report.findings
+                later = self._evaluate(finish())
+                if judged is not None:
+                    later.findings = judged.findings + later.findings
+                judged = later
+            report = judged or StepReport(current, True)
             if (self._measurement.kept_full
                     or time.perf_counter() - self._block_started > MAX_BLOCK_SECONDS):
                 if self._measurement.sends_kept:
