@@ -328,11 +328,10 @@ def test_a_layer_frozen_between_kept_steps_leaves_the_layers(zeroing: str) -> No
     assert monitor.findings == []  # neither "no_gradient" nor "vanishing" for a frozen layer
 
 
-@pytest.mark.parametrize("zeroing", ["set_to_none", "zeros"])
-def test_a_layer_frozen_inside_a_sent_block_leaves_the_layers(zeroing: str) -> None:
-    """With blocks sent to the host (a deferred read), a layer frozen at step 6 shows itself
-    by a missing gradient on the step, or by all-zero norms when its block arrives: the zero
-    steps count as without a gradient there (not missing, no finding) and the layer leaves."""
+def _freeze_run(deferred: bool | None, zeroing: str, frozen: range,
+                drop_from: int | None = None) -> GradientMonitor:
+    """Mixed trained 16 steps with ``inp`` frozen on the steps in ``frozen``; from step
+    ``drop_from`` on, ``out`` gets no gradient while it is trainable."""
     torch.manual_seed(0)
     model = Mixed()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -340,25 +339,49 @@ def test_a_layer_frozen_inside_a_sent_block_leaves_the_layers(zeroing: str) -> N
                               param_every_n_steps=0, early_steps=0, evaluate_every_n_records=8,
                               vanishing_early_patience=1, vanishing_patience=1,
                               no_gradient_patience=1)
-    monitor.deferred_host_read = True
-    for step in range(30):
-        if step == 6:
-            model.inp.requires_grad_(False)
+    monitor.deferred_host_read = deferred
+    g = torch.Generator().manual_seed(0)
+    for step in range(16):
+        model.inp.requires_grad_(step not in frozen)
         opt.zero_grad(set_to_none=zeroing != "zeros")
-        x = torch.randn(32, 6)
+        x = torch.randn(32, 6, generator=g)
         torch.nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        if drop_from is not None and step >= drop_from:
+            model.out.weight.grad = model.out.bias.grad = None  # type: ignore[union-attr]
         monitor.step()
         opt.step()
     monitor.close()
-    records = monitor.records
-    assert [r.step for r in records] == list(range(30))
-    with_inp = [r for r in records if "inp" in r.layers]
-    assert [r.step for r in with_inp[:6]] == list(range(6)) and len(with_inp) <= 10
-    for record in with_inp:
-        inp = record.layers.index("inp")
-        assert record.has_grad[inp] == (record.step < 6)
-        assert record.missing == {}
-    assert monitor.findings == []  # neither "no_gradient" nor "vanishing" for a frozen layer
+    return monitor
+
+
+@pytest.mark.parametrize("zeroing", ["set_to_none", "zeros"])
+@pytest.mark.parametrize("frozen", [range(6, 16), range(3, 5)], ids=["frozen", "frozen-unfrozen"])
+def test_sent_blocks_follow_freezing_as_steps_read_on_the_step_do(zeroing: str,
+                                                                  frozen: range) -> None:
+    """Sent rows show nothing on the step, so every flag is compared there: a layer frozen
+    (and unfrozen again inside one block, as GAN loops do) leaves the layers on the step it is
+    frozen, with no finding, exactly as when every row is read on its step."""
+    on_step = _freeze_run(None, zeroing, frozen)
+    sent = _freeze_run(True, zeroing, frozen)
+    assert [r.step for r in sent.records] == list(range(16))
+    for a, b in zip(on_step.records, sent.records):
+        assert a.layers == b.layers and a.missing == b.missing
+        np.testing.assert_array_equal(a.has_grad, b.has_grad)
+        np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-6)
+    assert [r.step for r in sent.records if "inp" in r.layers] == \
+        [s for s in range(16) if s not in frozen]
+    assert sent.findings == on_step.findings == []  # no "vanishing" for a frozen layer
+
+
+def test_a_sent_block_keeps_a_missing_gradient_of_a_layer_frozen_later() -> None:
+    """A trainable module without a gradient is ``no_gradient`` even when another layer is
+    frozen before its block is read."""
+    on_step = _freeze_run(None, "zeros", range(4, 16), drop_from=1)
+    sent = _freeze_run(True, "zeros", range(4, 16), drop_from=1)
+    found = [(f.kind, f.layer, f.step) for f in sent.findings]
+    assert found == [(f.kind, f.layer, f.step) for f in on_step.findings]
+    assert found == [("no_gradient", "out", 1)]
+    assert all(r.missing for r in sent.records[1:])
 
 
 def test_the_layout_check_without_every_flag_reads_the_frozen_ones_and_the_periodic_check() -> None:

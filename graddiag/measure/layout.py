@@ -36,7 +36,6 @@ class LayoutWatcher:
         self._modules: list[nn.Module] = []
         self._frozen: list[nn.Parameter] = []
         self._full_next = False
-        self._flags_next = False
         self.reset()
 
     def reset(self) -> None:
@@ -57,8 +56,7 @@ class LayoutWatcher:
         """
         self._calls += 1
         full = self._full_next or self._calls % self.full_check_every == 0
-        if all_flags or full or self._flags_next:
-            self._flags_next = False
+        if all_flags or full:
             if self.flags_changed():
                 return True
         elif any(p.requires_grad for p in self._frozen):
@@ -73,11 +71,6 @@ class LayoutWatcher:
         """Whether any parameter's ``requires_grad`` differs from the last :meth:`reset` (only
         the flags: no module walk, and it does not count as a call of :meth:`changed`)."""
         return [p.requires_grad for p in self._params] != self._flags
-
-    def check_flags_next(self) -> None:
-        """Read every parameter's flag on the next :meth:`changed` call (a parameter may have
-        been frozen: its gradients were all zero)."""
-        self._flags_next = True
 
     def check_modules_next(self) -> None:
         """Walk the module tree on the next :meth:`changed` call."""

@@ -84,11 +84,6 @@ class LiveLayers:
         next :meth:`update` then finds the layers again."""
         return self._watcher.flags_changed()
 
-    def check_flags_next(self) -> None:
-        """Read every parameter's ``requires_grad`` at the next :meth:`update` (a parameter
-        may have been frozen: its gradients were found all zero a step late)."""
-        self._watcher.check_flags_next()
-
     def _follow(self, all_flags: bool = True) -> bool:
         if not self._watcher.changed(all_flags):
             return False

@@ -110,12 +110,15 @@ class StepMeasurement:
         first), or a parameter was frozen or unfrozen (looked for when the parameters with a
         missing or all-zero gradient change; its row is dropped). ``capacity``: how many steps
         the rows hold (:meth:`take_kept` when full). ``sent``: nothing is read on the step
-        (see :class:`~graddiag.measure.rows.NormRows`).
+        (see :class:`~graddiag.measure.rows.NormRows`), so every parameter's
+        ``requires_grad`` is compared instead (a frozen one then leaves the layers on the
+        step it is frozen, which is measured in full).
         """
         if step < self._next_keep:
             return False
-        # only the frozen parameters' flags: a parameter frozen since shows in its gradient
-        probe = self._probe_for(optimizer, params, all_flags=False)
+        # rows read on the step: only the frozen parameters' flags (a parameter frozen since
+        # shows in its gradient); sent rows show nothing on the step: every flag
+        probe = self._probe_for(optimizer, params, all_flags=sent)
         rows = self._rows
         if rows is None or rows.probe is not probe or rows.sent != sent:
             # another layout or optimizer's probe, or another way of reading the rows
@@ -177,19 +180,8 @@ class StepMeasurement:
             self._sent.append(self._rows.send())
 
     def take_sent(self) -> list[StepRecord]:
-        """The records of the blocks sent to the host, oldest first. A parameter frozen while
-        they were kept shows as an all-zero gradient: it counts as without a gradient in the
-        block (not as missing), and the layers are found again before the next step."""
-        records = []
-        for block in self._sent:
-            frozen: frozenset[int] = frozenset()
-            zeros = block.zero_positions()
-            if zeros:
-                params = block.rows.probe.row_params
-                frozen = frozenset(i for i in zeros if not params[i].requires_grad)
-                if frozen:
-                    self.live.check_flags_next()  # the next step finds the layers again
-            records.extend(block.records(frozen))
+        """The records of the blocks sent to the host, oldest first."""
+        records = [record for block in self._sent for record in block.records()]
         self._sent.clear()
         return records
 

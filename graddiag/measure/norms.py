@@ -258,14 +258,13 @@ class GradientProbe:
         # where the present gradients' norms go, by (group's first row position, missing ones)
         self._places: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         devices = {g.params[0].device for g in self._groups}
-        #: The one device every group's gradients are on, as plain tensors (not DTensors), so
-        #: :meth:`read_row` can write them into a row there; ``None`` when there is no such one.
+        #: The one device every monitored parameter is on, as plain tensors (not DTensors), so
+        #: :meth:`read_row` can write their gradients' norms into a row there; ``None`` when
+        #: there is no such one.
         self.row_device: torch.device | None = (
             next(iter(devices)) if len(devices) == 1
             and not any(is_dtensor(g.params[0]) for g in self._groups) else None)
         self.reads_rows = self.row_device is not None
-        #: The parameter of each norm :meth:`read_row` writes, in its order.
-        self.row_params = [p for g in self._groups for p in g.params]
 
     def row_views(self, row: torch.Tensor) -> list[torch.Tensor]:
         """The parts of ``row`` (a vector of ``len(row_layers)`` in :attr:`row_dtype` on
@@ -323,9 +322,11 @@ class GradientProbe:
         if places is None:
             if len(self._places) > 16:
                 self._places.clear()
-            places = self._places[group, missing] = torch.tensor(
-                [i for i, g in enumerate(grads) if g is not None], dtype=torch.long,
-                device=row.device)
+            places = torch.tensor([i for i, g in enumerate(grads) if g is not None],
+                                  dtype=torch.long)
+            if row.device.type == "cuda":  # without a sync: from pinned memory, stream-ordered
+                places = places.pin_memory().to(row.device, non_blocking=True)
+            places = self._places[group, missing] = places.to(row.device)
         try:
             row[places] = _norms(present, self._aggregate.p).to(row.dtype)
         except MEASURE_ERRORS:

@@ -11,12 +11,14 @@ Where the rows are read decides what a step is checked for on the step itself:
 
 - on the CPU, the row is host memory: a finiteness check of the row and a scan for all-zero
   gradients (a parameter frozen since may show as one) cost a few plain-float sums;
-- on a GPU, by default, the row is also copied to the host on the step (one small blocking
-  copy), and checked there in the same way;
-- on a GPU with ``sent`` rows (a deferred host read: nothing decides on the step), nothing is
-  read on the step: a full block travels to the host in one non-blocking copy, read a step
-  later; non-finite norms and all-zero gradients are then found in the block (see
-  :class:`SentRows`).
+- on a GPU where a step may decide (a replay asked for, ``on_nonfinite`` other than warn), the
+  row is also copied to the host on the step (one small blocking copy) and checked there in
+  the same way;
+- with ``sent`` rows (a deferred host read, the GPU's default when nothing decides on the
+  step; on a CPU when asked for), nothing is read on the step: a full block travels to the
+  host in one non-blocking copy, read a step later, and a non-finite norm is found in the
+  block (see :class:`SentRows`); every parameter's ``requires_grad`` is compared on the step
+  instead, since a frozen parameter's all-zero gradient no longer shows there.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class NormRows:
         capacity: How many steps the rows hold.
         norm_type: The p of the per-layer p-norm.
         sent: Check nothing on the step: the rows travel to the host a block at a time
-            (:meth:`send`); for a deferred host read on a GPU.
+            (:meth:`send`); for a deferred host read.
     """
 
     def __init__(self, probe: GradientProbe, layers: list[str], capacity: int,
@@ -174,29 +176,23 @@ class NormRows:
         kept, self._kept = self._kept, []
         return SentRows(self, kept, HostCopy([self._buffer[:len(kept)]], deferred=True))
 
-    def records(self, values: np.ndarray, kept: list[Kept],
-                frozen: frozenset[int] = frozenset()) -> list[StepRecord]:
+    def records(self, values: np.ndarray, kept: list[Kept]) -> list[StepRecord]:
         """The records of ``kept`` steps from their rows' ``values`` (on the host), oldest
-        first. ``frozen``: row positions of parameters frozen while the steps were kept; where
-        such a parameter's norm is 0 it got no gradient (and is not reported missing)."""
+        first."""
         norms = self.layer_norms(values)
         finite = np.isfinite(values).all(axis=1)  # False only in sent rows: found a block late
         records = []
         for (step, optimizer, clip_norm, clip_value, absent), grad_norm, row, ok in zip(
                 kept, norms, values, finite):
             has_grad, missing = self.probe.all_read, {}
-            stopped = tuple(i for i in frozen if row[i] == 0.0)
-            if stopped:
-                absent = tuple(sorted({*absent, *stopped}))
             if absent:  # some parameters got no gradient: as a step measured in full says it
                 has_grad, names = self._without_gradient(absent)
-                frozen_names = {self.probe.row_names[i] for i in stopped}
-                missing = {layer: [n for n in params if n not in frozen_names]
-                           for layer, params in names.items()}
-                missing = {layer: params for layer, params in missing.items() if params}
+                missing = {layer: list(params) for layer, params in names.items()}
                 grad_norm[~has_grad] = np.nan
             nonfinite: dict[int, dict[str, int]] = {}
-            if not ok:  # which tensors: -1, the elements were not counted (they are gone)
+            # which tensors: -1, the elements were not counted (they are gone); a float32 norm
+            # that overflowed on finite elements cannot be told apart any more, either
+            if not ok:
                 for i in np.flatnonzero(~np.isfinite(row)).tolist():
                     nonfinite.setdefault(int(self.probe.row_layers[i]), {})[
                         self.probe.row_names[i]] = -1
@@ -234,12 +230,8 @@ class SentRows:
             self._values = flat.reshape(len(self.kept), -1)
         return self._values
 
-    def zero_positions(self) -> tuple[int, ...]:
-        """Row positions whose gradient was all zero on some step of the block."""
-        return tuple(np.flatnonzero((self.values() == 0.0).any(axis=0)).tolist())
-
-    def records(self, frozen: frozenset[int] = frozenset()) -> list[StepRecord]:
+    def records(self) -> list[StepRecord]:
         """The block's records, oldest first (see :meth:`NormRows.records`)."""
         if not self.kept:
             return []
-        return self.rows.records(self.values(), self.kept, frozen)
+        return self.rows.records(self.values(), self.kept)

@@ -30,7 +30,8 @@ def to_host(chunks: list[torch.Tensor]) -> list[np.ndarray]:
 
 
 class HostCopy:
-    """One recorded step's device-to-host copy, read now or one step later.
+    """One device-to-host copy (a recorded step's, or a block of kept steps'), read now or
+    one step later.
 
     ``deferred=False`` (and always on a CPU) copies at once: :meth:`result` just returns it.
     ``deferred=True`` on a CUDA device starts a non-blocking copy into pinned host memory and
