@@ -116,20 +116,24 @@ def fsdp_norms(devices: int) -> list[float]:
     return cb.history.grad_norm.tolist()
 
 
-def _backward_with_nan(model: nn.Module, step: int, nan_step: int = 2) -> None:
+def _backward_with_nan(model: nn.Module, step: int, nan_step: int = 2,
+                       missing: tuple[int, ...] = ()) -> None:
     """One training step's backward pass on CUDA; ``nan_step`` gets a NaN in the second
-    layer."""
+    layer; on the ``missing`` steps the last layer's bias gets no gradient."""
     model.zero_grad()
     g = torch.Generator(device="cuda").manual_seed(step)
     model(torch.randn(32, 64, device="cuda", generator=g)).square().mean().backward()
     if step == nan_step:
         model[2].weight.grad[0, 0] = float("nan")
+    if step in missing:
+        model[4].bias.grad = None
 
 
 def _layer_norms(model: nn.Module) -> list[float]:
     """Each Linear layer's gradient 2-norm, in float64, computed here independently."""
     return [float(torch.linalg.vector_norm(torch.cat([p.grad.double().flatten()
-                                                      for p in m.parameters()])))
+                                                      for p in m.parameters()
+                                                      if p.grad is not None])))
             for m in model if isinstance(m, nn.Linear)]
 
 
@@ -137,7 +141,8 @@ def device_reads_match_reference() -> tuple[bool, str]:
     """Three identical models and batch streams: every step read in full on the step, plain
     steps kept in blocks read on the step (``deferred_host_read=False``), and the CUDA default
     (blocks sent to the host in one copy, a step late). Equal norms, equal to a float64
-    recomputation, the same finding; no sync on the default's kept steps."""
+    recomputation, the same finding; no sync on the default's kept steps, also where a
+    gradient goes missing (steps 4-5)."""
     models = []
     for _ in range(3):
         torch.manual_seed(0)
@@ -149,7 +154,7 @@ def device_reads_match_reference() -> tuple[bool, str]:
     reference, syncs = [], 0
     for step in range(20):
         for model in models:
-            _backward_with_nan(model, step, nan_step=10)
+            _backward_with_nan(model, step, nan_step=10, missing=(4, 5))
         reference.append(_layer_norms(models[0]))
         monitors[0].step()
         monitors[1].step()
@@ -167,7 +172,8 @@ def device_reads_match_reference() -> tuple[bool, str]:
         m.close()
     same = all(len(r) == 20 for r in records) and all(
         np.allclose(a.grad_norm, b.grad_norm, rtol=1e-6, equal_nan=True)
-        for other in records[1:] for a, b in zip(records[0], other))
+        and a.missing == b.missing for other in records[1:] for a, b in zip(records[0], other))
+    same = same and records[2][4].missing == {2: ["bias"]}
     worst = max(abs(a - b) / b for record, ref in zip(records[2], reference)
                 for a, b in zip(record.grad_norm, ref) if b == b and a == a)
     ok = (same and worst < 1e-5 and found[0] == found[1] == found[2]
