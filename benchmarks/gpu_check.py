@@ -26,6 +26,7 @@ floor reads the norms on the host every step, as any tool deciding on the step i
 
     python benchmarks/gpu_check.py --no-overhead   # the checks only
     python benchmarks/gpu_check.py --json gpu.json # also write the table's numbers
+    python benchmarks/gpu_check.py --table gpu.json  # that run as the README's markdown table
 """
 
 from __future__ import annotations
@@ -295,6 +296,42 @@ def overhead_table(steps: int, device: str = "cuda",
     return results
 
 
+#: The table's columns: (heading, configuration name in the results)
+TABLE_COLUMNS = [
+    ("A/A", "plain again (A/A control)"),
+    ("floor", "floor: one _foreach_norm per step"),
+    ("floor + host read", "floor + one host read per step"),
+    ("defaults", "graddiag defaults"),
+    ("`every_n_steps=10`", "graddiag every_n_steps=10"),
+    ("figure only at end", "graddiag, figure only at the end"),
+    ("act./param. off", "graddiag, activations and parameters off"),
+    ("`replay_nonfinite=False`", "graddiag, replay_nonfinite=False"),
+    ("Lightning `grad_norm`", "Lightning grad_norm + log_dict every step"),
+]
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The overhead table of a ``--json`` output as the README's markdown: one row per model,
+    dtype and loop (mean ratios, plain ms/step in the first column), defaults in bold."""
+    lines = ["| mean ratio (plain ms/step) | " + " | ".join(h for h, _ in TABLE_COLUMNS) + " |",
+             "|---|" + "---|" * len(TABLE_COLUMNS)]
+    for title, group in results["groups"].items():  # "<model>, <dtype>, <loop>"
+        dtype = next(d for d in ("fp32", "bf16") if f", {d}, " in title)
+        model, loop = title.split(f", {dtype}, ", 1)
+        label = (f"{model.split()[1]} {dtype}, "
+                 f"{'loop' if loop.startswith('hand-written') else 'Lightning'}")
+        if "error" in group:
+            lines.append(f"| {label} | failed: {group['error']} |")
+            continue
+        cells = []
+        for _, name in TABLE_COLUMNS:
+            row = group["ratios"].get(name)
+            value = "" if row is None else f"{row['mean']:.3f}"
+            cells.append(f"**{value}**" if value and name == "graddiag defaults" else value)
+        lines.append(f"| {label} ({group['plain_ms']:.2f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="graddiag GPU checks and overhead table")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead table")
@@ -304,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the overhead table's numbers to this file")
     parser.add_argument("--models", default="mlp,transformer",
                         help="the overhead table's models, comma-separated: mlp, transformer")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="print the README's markdown table of a --json output and exit "
+                             "(no GPU needed)")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())), end="")
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device: GPU checks and overhead table skipped")
         return 0

@@ -53,6 +53,29 @@ def test_gpu_check_skips_without_cuda() -> None:
     assert "skipped" in result.stdout
 
 
+def test_gpu_table_renders_a_saved_run(tmp_path: Path) -> None:
+    """``gpu_check.py --table`` turns a run's ``--json`` output into the README's rows, without
+    a GPU: ratios to three places, plain ms/step in the label, defaults in bold, blanks where a
+    configuration was not run, and a failed group said as such."""
+    run = {"device": "X", "torch": "2", "steps": 10, "groups": {
+        "launch-bound MLP 20x256, batch 64, fp32, hand-written loop": {
+            "plain_ms": 5.5, "ratios": {"plain again (A/A control)": {"mean": 0.9554},
+                                        "graddiag defaults": {"mean": 1.07449}}},
+        "compute-bound Transformer 12 x d512, batch 64, bf16, Lightning, log_every_n_steps=10":
+            {"error": "RuntimeError('boom')"},
+    }}
+    saved = tmp_path / "gpu.json"
+    saved.write_text(json.dumps(run))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
+                             "--table", str(saved)], capture_output=True, text=True, timeout=300,
+                            env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[2] == "| MLP fp32, loop (5.50) | 0.955 |  |  | **1.074** |  |  |  |  |  |"
+    assert lines[3] == "| Transformer bf16, Lightning | failed: RuntimeError('boom') |"
+    assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+
+
 @pytest.mark.slow
 def test_early_steps_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "early.json"
