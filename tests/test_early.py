@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -151,25 +152,30 @@ class NaiveSchedule:
     """The schedule's definitions, step by step (the oracle for :class:`Schedule`)."""
 
     def __init__(self, gradients: int, parameters: int, activations: int, histograms: int,
-                 early: int, lookahead: int) -> None:
+                 early: int, lookahead: int, start: int = 0) -> None:
         self.gradients, self.parameters, self.activations = gradients, parameters, activations
         self.histograms, self.early, self.lookahead = histograms, early, lookahead
+        self.start = start
+
+    def front(self, step: int) -> bool:
+        """One of the first ``early`` steps from the monitor's first step."""
+        return self.start <= step < self.start + self.early
 
     def window_starts(self, step: int) -> bool:
-        """Every step below ``early``, then every multiple of the cadence."""
-        return bool(self.parameters) and (step < self.early or step % self.parameters == 0)
+        """Every front-loaded step, then every multiple of the cadence."""
+        return bool(self.parameters) and (self.front(step) or step % self.parameters == 0)
 
     def parameter_step(self, step: int) -> bool:
         """Some optimizer may read its parameters: below ``early``, or within ``lookahead``
         steps from a multiple of the cadence (each optimizer taking turns reads on its first
         step there)."""
-        return bool(self.parameters) and (step < self.early or any(
+        return bool(self.parameters) and (self.front(step) or any(
             s % self.parameters == 0 for s in range(max(0, step - self.lookahead + 1), step + 1)))
 
     def reads_more(self, step: int) -> bool:
         """Parameter statistics, activations or histograms read on the host."""
         return (self.parameter_step(step)
-                or bool(self.activations and (step < self.early or step % self.activations == 0))
+                or bool(self.activations and (self.front(step) or step % self.activations == 0))
                 or bool(self.histograms and step % self.histograms == 0))
 
     def copies(self, step: int) -> bool:
@@ -180,7 +186,7 @@ class NaiveSchedule:
         return step % self.gradients == 0 or self.reads_more(step) or self.copies(step)
 
     def keeps(self, step: int) -> bool:
-        return (step % self.gradients == 0 and step >= max(1, self.early)
+        return (step % self.gradients == 0 and step > self.start and not self.front(step)
                 and not self.reads_more(step))
 
     def copies_only(self, step: int) -> bool:
@@ -191,22 +197,104 @@ CADENCES = [(1, 50, 50, 0, 5, 1), (10, 50, 50, 0, 5, 1), (10, 50, 0, 0, 0, 3), (
             (10, 0, 0, 0, 0, 1), (4, 6, 0, 9, 0, 2), (2, 7, 3, 4, 0, 2), (3, 10, 0, 6, 12, 3)]
 
 
+@pytest.mark.parametrize("start", [0, 137])  # a run from scratch; a monitor joining at 137
 @pytest.mark.parametrize("cadences", CADENCES)
-def test_measured_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
-    schedule, naive = Schedule(*cadences[:5]), NaiveSchedule(*cadences)
-    lookahead, steps = cadences[5], range(400)
+def test_measured_steps_follow_the_cadences(cadences: tuple[int, ...], start: int) -> None:
+    schedule, naive = Schedule(*cadences[:5], start=start), NaiveSchedule(*cadences, start)
+    lookahead, steps = cadences[5], range(start, start + 400)
     assert [schedule.records(s, lookahead) for s in steps] == [naive.records(s) for s in steps]
     assert [schedule.copies_parameters(s, lookahead) for s in steps] == \
         [naive.copies(s) for s in steps]
 
 
+@pytest.mark.parametrize("start", [0, 137])
 @pytest.mark.parametrize("cadences", CADENCES)
-def test_kept_and_copy_only_steps_follow_the_cadences(cadences: tuple[int, ...]) -> None:
-    schedule, naive = Schedule(*cadences[:5]), NaiveSchedule(*cadences)
-    lookahead, steps = cadences[5], range(400)
+def test_kept_and_copy_only_steps_follow_the_cadences(cadences: tuple[int, ...],
+                                                      start: int) -> None:
+    schedule, naive = Schedule(*cadences[:5], start=start), NaiveSchedule(*cadences, start)
+    lookahead, steps = cadences[5], range(start, start + 400)
     assert [schedule.keeps(s, lookahead) for s in steps] == [naive.keeps(s) for s in steps]
     assert [schedule.copies_only(s, lookahead) for s in steps] == \
         [naive.copies_only(s) for s in steps]
     # where parameters are on, some copy step is kept or copies only (not measured in full)
     if cadences[1]:
         assert any(naive.copies(s) and (naive.keeps(s) or naive.copies_only(s)) for s in steps)
+
+
+def _resume_with_diagnostics(tmp_path: Path, with_state: bool) -> tuple[list[float], Any]:
+    """A saturated-sigmoid DeepMLP trained 40 steps (with or without graddiag), checkpointed,
+    then resumed with graddiag's defaults to step 50. Returns our own reading of the site's
+    saturated fraction on every resumed training forward, and the resumed callback."""
+    torch.manual_seed(0)
+    model = DeepMLP(**PATHOLOGIES["saturated"])  # type: ignore[arg-type]
+    first = [GradientDiagnostics(print_summary=False)] if with_state else []
+    trainer = pl.Trainer(max_steps=40, callbacks=first, default_root_dir=tmp_path / "a",
+                         accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False, logger=False)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    checkpoint = tmp_path / "step40.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    seen: list[float] = []
+    model.net[1].register_forward_hook(
+        lambda m, a, out: seen.append(_fraction("saturated", out)) if m.training else None)
+    cb = GradientDiagnostics(print_summary=False)
+    resumed = pl.Trainer(max_steps=50, callbacks=[cb], default_root_dir=tmp_path / "b",
+                         accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False, logger=False)
+    resumed.fit(model, DigitsDataModule(batch_size=64), ckpt_path=checkpoint)
+    assert resumed.global_step == 50 and len(seen) == 10
+    return seen, cb
+
+
+def test_a_run_resumed_without_graddiag_state_front_loads_from_its_first_step(
+        tmp_path: Path) -> None:
+    """Attached to a run resumed from a checkpoint made without it, graddiag's first five
+    steps (40-44) carry activation and parameter statistics, so the saturated sigmoid is found
+    at step 41 instead of at the next multiple of 50."""
+    seen, cb = _resume_with_diagnostics(tmp_path, with_state=False)
+    acts = cb.activation_history
+    assert sorted(acts.step.unique()) == [40, 41, 42, 43, 44]
+    mine = acts[acts.site == "net.1"].sort_values("step")["saturated_fraction"].to_numpy()
+    np.testing.assert_allclose(mine, seen[:5], rtol=1e-6)
+    assert min(seen[:2]) > 0.5
+    found = [(f.kind, f.layer, f.step) for f in cb.findings if f.kind == "saturated"]
+    assert ("saturated", "net.1", 41) in found and {step for _, _, step in found} == {41}
+    params = cb.history.dropna(subset=["param_norm"])
+    assert sorted(params.step.unique()) == [40, 41, 42, 43, 44]
+
+
+def test_a_run_resumed_with_graddiag_state_does_not_front_load_again(tmp_path: Path) -> None:
+    """Resumed with its own state, the run's front-loaded steps were at its start: steps 40-49
+    read no activation statistics (the next activation step is 50)."""
+    _, cb = _resume_with_diagnostics(tmp_path, with_state=True)
+    acts = cb.activation_history
+    assert sorted(acts.step.unique()) == [0, 1, 2, 3, 4]  # the first run's, restored
+    assert cb.monitor is not None and cb.monitor.state_dict()["first_step"] == 0
+
+
+def test_a_loop_monitor_front_loads_from_the_first_step_it_is_given() -> None:
+    torch.manual_seed(0)
+    model = build_mlp(64, 10, depth=3, width=16, activation="tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, reporters=[], optimizers=opt, watch=None) as monitor:
+        for step in range(1000, 1012):
+            with monitor.watch_activations(step):
+                loss = model(torch.randn(32, 64)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            monitor.step(step)
+            opt.step()
+        state = monitor.state_dict()
+    records = {r.step: r for r in monitor.records}
+    assert sorted(records) == list(range(1000, 1012))
+    assert [s for s, r in records.items() if r.activations is not None] == list(range(1000, 1005))
+    assert [s for s, r in records.items() if r.param_norm is not None] == list(range(1000, 1005))
+    # the update ratio spans one optimizer step: from the copy taken on the step before
+    assert [s for s, r in records.items() if r.update_ratio is not None] == \
+        list(range(1001, 1005))
+    assert state["first_step"] == 1000
+    restored = GradientMonitor(build_mlp(64, 10, depth=3, width=16, activation="tanh"),
+                               reporters=[])
+    restored.load_state_dict(state)
+    assert restored.schedule.start == 1000 and not restored.schedule.records_activations(1012)
+    restored.close()

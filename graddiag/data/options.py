@@ -137,9 +137,10 @@ class MonitorConfig(_Checked):
         "by this (0: off).")
     early_steps: int = option(
         5, Integer(0),
-        "Also record activation and parameter statistics on every optimizer step below this, "
-        "so a short run or the first minutes of a long one get saturated/dead_relu/stalled "
-        "evidence at once (0: the cadence only).")
+        "Also record activation and parameter statistics on the first this many optimizer "
+        "steps the monitor sees (from step 0, or from where a run resumed without graddiag's "
+        "state starts), so a short run or the first minutes of a long one get "
+        "saturated/dead_relu/stalled evidence at once (0: the cadence only).")
     functional_activations: bool = option(
         True, Flag(),
         "Also analyse activation functions called inside forward (torch.sigmoid, F.relu, ...) "

@@ -7,20 +7,25 @@ from dataclasses import dataclass
 from graddiag.data.options import MonitorConfig
 
 
-@dataclass(frozen=True)
+@dataclass
 class Schedule:
     """The cadences of one monitor; a cadence of 0 turns that measurement off.
 
-    Parameter and activation statistics are front-loaded: also recorded on every step below
-    ``early``, so a short run (a sweep trial, a smoke test) and the first minutes of a long one
-    get evidence at once, while a long run costs what the plain cadence costs.
+    Parameter and activation statistics are front-loaded: also recorded on the first ``early``
+    steps from ``start``, so a short run (a sweep trial, a smoke test) and the first minutes of
+    a long one get evidence at once, while a long run costs what the plain cadence costs.
+    ``start`` is the first step the monitor sees (0 for a run from scratch; the resumed step for
+    a run resumed without the monitor's state, or a monitor attached mid-run); it is set once,
+    before that step is measured, and kept in checkpoints.
 
     Attributes:
         gradients: Gradient norms on steps divisible by this (at least 1).
         parameters: Parameter norms and update ratios on steps divisible by this.
         activations: Activation statistics on steps divisible by this.
         histograms: Gradient-magnitude histograms on steps divisible by this.
-        early: Steps below this also record parameter and activation statistics (when on).
+        early: The first this many steps from ``start`` also record parameter and activation
+            statistics (when on).
+        start: The monitor's first step.
     """
 
     gradients: int = 1
@@ -28,6 +33,18 @@ class Schedule:
     activations: int = 0
     histograms: int = 0
     early: int = 0
+    start: int = 0
+
+    @property
+    def early_end(self) -> int:
+        """The first step after the front-loaded ones."""
+        return self.start + self.early
+
+    @property
+    def first_plain(self) -> int:
+        """The first step that may be kept for a block: after the front-loaded steps and after
+        the monitor's first step (where learning rates and optimizer coverage are read)."""
+        return max(self.start + 1, self.start + self.early)
 
     @classmethod
     def from_config(cls, config: MonitorConfig) -> Schedule:
@@ -40,7 +57,7 @@ class Schedule:
         return bool(every) and step % every == 0
 
     def _front_loaded(self, every: int, step: int) -> bool:
-        return bool(every) and (step < self.early or step % every == 0)
+        return bool(every) and (step < self.early_end or step % every == 0)
 
     def records_parameters(self, step: int, lookahead: int = 1) -> bool:
         """Whether ``step`` may read parameter statistics: every step below ``early``, then the
@@ -48,7 +65,7 @@ class Schedule:
         the step counter each read theirs on their first step there; see
         :meth:`copies_parameters`)."""
         parameters = self.parameters
-        return bool(parameters) and (step < self.early or step % parameters < lookahead)
+        return bool(parameters) and (step < self.early_end or step % parameters < lookahead)
 
     def records_activations(self, step: int) -> bool:
         return self._front_loaded(self.activations, step)
@@ -63,7 +80,7 @@ class Schedule:
         reads on its first step in the ``lookahead`` steps from it, one of its own steps later.
         """
         parameters = self.parameters
-        return bool(parameters) and (step + 1 < self.early
+        return bool(parameters) and (step + 1 < self.early_end
                                      or (step + lookahead) // parameters != step // parameters)
 
     def records_histograms(self, step: int) -> bool:
@@ -73,7 +90,7 @@ class Schedule:
         """Whether ``step`` reads more than gradient norms on the host: parameter statistics,
         activations or histograms (written out rather than calling the ``records_*`` methods:
         :meth:`records` runs on every step)."""
-        early = step < self.early
+        early = step < self.early_end
         parameters, activations, histograms = self.parameters, self.activations, self.histograms
         return bool(
             (parameters and (early or step % parameters < lookahead))
@@ -85,7 +102,7 @@ class Schedule:
         on the host (no parameter statistics, activations or histograms; a weight copy for the
         next parameter step is taken on the device), and not one of the first steps (where
         learning rates and optimizer coverage are read)."""
-        return (step >= max(1, self.early) and step % self.gradients == 0
+        return (step >= self.first_plain and step % self.gradients == 0
                 and not self._reads_beyond_gradients(step, lookahead))
 
     def copies_only(self, step: int, lookahead: int = 1) -> bool:

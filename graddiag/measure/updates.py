@@ -156,7 +156,7 @@ class UpdateTracker:
         taking turns reads its own layers once per window)."""
         if not self.schedule.records_parameters(step, self.lookahead):
             return False
-        if optimizer is None or step < self.schedule.early:
+        if optimizer is None or step < self.schedule.early_end:
             return True
         state = self._states.get(optimizer)
         return state is None or state.read_window != step // self.schedule.parameters
@@ -171,7 +171,7 @@ class UpdateTracker:
 
     def checks_optimizers_on(self, step: int) -> bool:
         """Learning rates and coverage: on parameter steps, and on the first steps of a run."""
-        return bool(self._optimizers) and (step < max(1, self.schedule.early)
+        return bool(self._optimizers) and (step < self.schedule.first_plain
                                            or self.is_param_step(step))
 
     # ----------------------------------------------------------------- device side

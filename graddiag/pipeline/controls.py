@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from graddiag.data.schedule import Schedule
 from graddiag.measure.updates import UpdateTracker, as_optimizers
 from graddiag.pipeline.activation_scope import ActivationScope
 
@@ -18,16 +19,29 @@ class WatchControls:
     _activations: ActivationScope
     _updates: UpdateTracker
     _closed: bool
+    _begun: bool
+    schedule: Schedule
+
+    def _begin(self, step: int) -> None:
+        """Take ``step`` as this monitor's first (unless it has seen one, or restored a state):
+        its front-loaded steps (``early_steps``) count from there."""
+        if not self._begun:
+            self._begun = True
+            self.schedule.start = step
 
     def watch_activations(self, step: int | None = None) -> AbstractContextManager[None]:
         """A context in which forward passes count for ``step``'s activation statistics (default:
         the upcoming step); a no-op context off activation steps. For loops that scope it
         themselves (``watch=None``)."""
+        if step is not None:
+            self._begin(int(step))
         return nullcontext() if self._closed else self._activations.watching(step)
 
     def expect_step(self, step: int | None) -> None:
         """Forward passes from now on belong to optimizer step ``step`` (``None``: to no step, so
         none is watched until the next :meth:`step` or call of this)."""
+        if step is not None:
+            self._begin(int(step))
         self._activations.upcoming = None if step is None else int(step)
 
     def pause_activations(self) -> None:

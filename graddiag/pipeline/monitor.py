@@ -102,6 +102,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         activation_registry = check_activation_registry(activation_registry)
         reporters = None if reporters is None else check_reporters(reporters)
         self.schedule = Schedule.from_config(c)
+        self._begun = False  # the first step seen sets the schedule's start (see _begin)
         self.model = model
         self.index = discover_layers(model, c.include, c.exclude)
         if not len(self.index):
@@ -200,6 +201,8 @@ class GradientMonitor(MonitorResults, WatchControls):
         if clip_norm is not None or clip_value is not None:
             clip_norm, clip_value = check_clipping(clip_norm, clip_value)
         current = self._next_step if step is None else int(step)
+        if not self._begun:
+            self._begin(current)
         self._next_step = self._activations.upcoming = current + 1
         measured = self.measures(current)
         # a copy and nothing else, unless the step may decide (an action other than "warn"),
@@ -299,6 +302,8 @@ class GradientMonitor(MonitorResults, WatchControls):
         asked = self._asked
         if asked[0] == step and asked[1] == lookahead:
             return asked[2]
+        if not self._begun:
+            self._begin(step)
         measured = self.schedule.records(step, lookahead)
         self._asked = (step, lookahead, measured)
         return measured

@@ -16,11 +16,12 @@ log = logging.getLogger("graddiag")
 
 
 def monitor_state(monitor: GradientMonitor) -> dict[str, Any]:
-    """Rule state, findings, history, the step counter, skipped steps and the settings of
-    ``monitor`` (plain containers and tensors only, so checkpoints load with
+    """Rule state, findings, history, the step counter, the first step, skipped steps and the
+    settings of ``monitor`` (plain containers and tensors only, so checkpoints load with
     ``weights_only=True``). A pending deferred read is evaluated first."""
     monitor.flush()
-    return {"next_step": monitor._next_step, "skipped_steps": monitor.skipped_steps,
+    return {"next_step": monitor._next_step, "first_step": monitor.schedule.start,
+            "skipped_steps": monitor.skipped_steps,
             "rules": monitor.rules.state_dict(),
             "findings": [f.to_dict() for f in monitor.findings],
             "history": monitor._history.state_dict(), "settings": monitor.config.to_dict()}
@@ -39,6 +40,9 @@ def restore_monitor(monitor: GradientMonitor, state: dict[str, Any]) -> None:
                     ", ".join(changed))
     monitor.forget_waiting()  # steps after the saved state, not yet judged: not part of it
     monitor._next_step = monitor._activations.upcoming = int(state["next_step"])
+    # the run's front-loaded steps were at its start (states saved before this was kept: 0)
+    monitor.schedule.start = int(state.get("first_step", 0))
+    monitor._begun = True
     monitor.skipped_steps = int(state.get("skipped_steps", 0))
     monitor.rules.load_state_dict(state["rules"])
     monitor.findings = [Finding.from_dict(d) for d in state["findings"]]
