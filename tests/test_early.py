@@ -166,7 +166,7 @@ class NaiveSchedule:
         return bool(self.parameters) and (self.front(step) or step % self.parameters == 0)
 
     def parameter_step(self, step: int) -> bool:
-        """Some optimizer may read its parameters: below ``early``, or within ``lookahead``
+        """Some optimizer may read its parameters: front-loaded, or within ``lookahead``
         steps from a multiple of the cadence (each optimizer taking turns reads on its first
         step there)."""
         return bool(self.parameters) and (self.front(step) or any(
@@ -201,7 +201,7 @@ CADENCES = [(1, 50, 50, 0, 5, 1), (10, 50, 50, 0, 5, 1), (10, 50, 0, 0, 0, 3), (
 @pytest.mark.parametrize("cadences", CADENCES)
 def test_measured_steps_follow_the_cadences(cadences: tuple[int, ...], start: int) -> None:
     schedule, naive = Schedule(*cadences[:5], start=start), NaiveSchedule(*cadences, start)
-    lookahead, steps = cadences[5], range(start, start + 400)
+    lookahead, steps = cadences[5], range(start + 400)  # steps before the start follow cadence
     assert [schedule.records(s, lookahead) for s in steps] == [naive.records(s) for s in steps]
     assert [schedule.copies_parameters(s, lookahead) for s in steps] == \
         [naive.copies(s) for s in steps]
@@ -212,7 +212,7 @@ def test_measured_steps_follow_the_cadences(cadences: tuple[int, ...], start: in
 def test_kept_and_copy_only_steps_follow_the_cadences(cadences: tuple[int, ...],
                                                       start: int) -> None:
     schedule, naive = Schedule(*cadences[:5], start=start), NaiveSchedule(*cadences, start)
-    lookahead, steps = cadences[5], range(start, start + 400)
+    lookahead, steps = cadences[5], range(start + 400)
     assert [schedule.keeps(s, lookahead) for s in steps] == [naive.keeps(s) for s in steps]
     assert [schedule.copies_only(s, lookahead) for s in steps] == \
         [naive.copies_only(s) for s in steps]
@@ -294,7 +294,18 @@ def test_a_loop_monitor_front_loads_from_the_first_step_it_is_given() -> None:
         list(range(1001, 1005))
     assert state["first_step"] == 1000
     restored = GradientMonitor(build_mlp(64, 10, depth=3, width=16, activation="tanh"),
-                               reporters=[])
+                               reporters=[], every_n_steps=10)
+    assert restored.measures(1013)  # asked before the state is loaded: 1013 would be its first
     restored.load_state_dict(state)
     assert restored.schedule.start == 1000 and not restored.schedule.records_activations(1012)
+    assert not restored.measures(1013)  # the restored start: 1013 is an ordinary step now
+    # steps before the start (a run rolled back past it) follow the cadence only
+    assert [s for s in range(20) if restored.schedule.records_activations(s)] == [0]
+    assert [s for s in range(20) if restored.measures(s)] == [0, 10]
     restored.close()
+    fresh = GradientMonitor(build_mlp(64, 10, depth=3, width=16, activation="tanh"),
+                            reporters=[])
+    fresh.load_state_dict(fresh.state_dict())  # a state saved before any step: start to come
+    assert fresh.state_dict()["first_step"] is None and fresh.measures(70)
+    assert fresh.schedule.start == 70 and fresh.schedule.records_activations(74)
+    fresh.close()

@@ -35,10 +35,10 @@ class Schedule:
     early: int = 0
     start: int = 0
 
-    @property
-    def early_end(self) -> int:
-        """The first step after the front-loaded ones."""
-        return self.start + self.early
+    def front(self, step: int) -> bool:
+        """One of the front-loaded steps: the first ``early`` from ``start`` (never a step
+        before ``start``, as in a run rolled back past where the monitor began)."""
+        return self.start <= step < self.start + self.early
 
     @property
     def first_plain(self) -> int:
@@ -57,15 +57,15 @@ class Schedule:
         return bool(every) and step % every == 0
 
     def _front_loaded(self, every: int, step: int) -> bool:
-        return bool(every) and (step < self.early_end or step % every == 0)
+        return bool(every) and (self.front(step) or step % every == 0)
 
     def records_parameters(self, step: int, lookahead: int = 1) -> bool:
-        """Whether ``step`` may read parameter statistics: every step below ``early``, then the
+        """Whether ``step`` may read parameter statistics: every front-loaded step, then the
         first ``lookahead`` steps from each multiple of the cadence (optimizers taking turns on
         the step counter each read theirs on their first step there; see
         :meth:`copies_parameters`)."""
         parameters = self.parameters
-        return bool(parameters) and (step < self.early_end or step % parameters < lookahead)
+        return bool(parameters) and (self.front(step) or step % parameters < lookahead)
 
     def records_activations(self, step: int) -> bool:
         return self._front_loaded(self.activations, step)
@@ -80,8 +80,11 @@ class Schedule:
         reads on its first step in the ``lookahead`` steps from it, one of its own steps later.
         """
         parameters = self.parameters
-        return bool(parameters) and (step + 1 < self.early_end
-                                     or (step + lookahead) // parameters != step // parameters)
+        return bool(parameters) and (
+            # a front-loaded step among the next ``lookahead``
+            self.early > 0 and step + lookahead >= self.start
+            and step + 1 < self.start + self.early
+            or (step + lookahead) // parameters != step // parameters)
 
     def records_histograms(self, step: int) -> bool:
         return self._due(self.histograms, step)
@@ -90,7 +93,7 @@ class Schedule:
         """Whether ``step`` reads more than gradient norms on the host: parameter statistics,
         activations or histograms (written out rather than calling the ``records_*`` methods:
         :meth:`records` runs on every step)."""
-        early = step < self.early_end
+        early = self.start <= step < self.start + self.early
         parameters, activations, histograms = self.parameters, self.activations, self.histograms
         return bool(
             (parameters and (early or step % parameters < lookahead))

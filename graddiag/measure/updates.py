@@ -156,7 +156,7 @@ class UpdateTracker:
         taking turns reads its own layers once per window)."""
         if not self.schedule.records_parameters(step, self.lookahead):
             return False
-        if optimizer is None or step < self.schedule.early_end:
+        if optimizer is None or self.schedule.front(step):
             return True
         state = self._states.get(optimizer)
         return state is None or state.read_window != step // self.schedule.parameters

@@ -20,7 +20,8 @@ def monitor_state(monitor: GradientMonitor) -> dict[str, Any]:
     settings of ``monitor`` (plain containers and tensors only, so checkpoints load with
     ``weights_only=True``). A pending deferred read is evaluated first."""
     monitor.flush()
-    return {"next_step": monitor._next_step, "first_step": monitor.schedule.start,
+    return {"next_step": monitor._next_step,
+            "first_step": monitor.schedule.start if monitor._begun else None,
             "skipped_steps": monitor.skipped_steps,
             "rules": monitor.rules.state_dict(),
             "findings": [f.to_dict() for f in monitor.findings],
@@ -40,9 +41,13 @@ def restore_monitor(monitor: GradientMonitor, state: dict[str, Any]) -> None:
                     ", ".join(changed))
     monitor.forget_waiting()  # steps after the saved state, not yet judged: not part of it
     monitor._next_step = monitor._activations.upcoming = int(state["next_step"])
-    # the run's front-loaded steps were at its start (states saved before this was kept: 0)
-    monitor.schedule.start = int(state.get("first_step", 0))
-    monitor._begun = True
+    # the run's front-loaded steps were at its start (states saved before this was kept: 0; a
+    # monitor that never stepped: its first step is still to come)
+    first = state.get("first_step", 0)
+    if first is not None:
+        monitor.schedule.start = int(first)
+        monitor._begun = True
+    monitor._asked = (-1, 0, False)  # measures() answers again under the restored schedule
     monitor.skipped_steps = int(state.get("skipped_steps", 0))
     monitor.rules.load_state_dict(state["rules"])
     monitor.findings = [Finding.from_dict(d) for d in state["findings"]]
