@@ -235,12 +235,16 @@ def test_an_include_pattern_matching_no_layer_is_one_line_and_exit_status_2(
 
     monkeypatch.chdir(tmp_path)
     code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-                 "--diagnostics.include", "[nope*]", "--trainer.max_steps", "2", *QUIET])
+                 "--diagnostics.include", "[nope*]", "--trainer.max_steps", "2",
+                 *QUIET[2:]])  # the config's TensorBoardLogger stays on
     assert code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith(
         "graddiag fit: error: --diagnostics.include pattern 'nope*' matches no layer; layers are")
     assert "Traceback" not in err
+    # found before fit starts: no logger version directory or saved config left behind
+    assert [p for p in tmp_path.rglob("*") if p.name.startswith("version_")] == []
+    assert list(tmp_path.rglob("config.yaml")) == []
 
 
 def test_fit_help_documents_every_callback_option(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from graddiag.data.options import OPTIONS, get_option, split_options
 from graddiag.lightning.callback import GradientDiagnostics
+from graddiag.measure.layers import discover_layers
 
 EXIT_USAGE = 2
 _PARSER_KEY = re.compile(r'Parser key "diagnostics\.(\w+)"')
@@ -65,6 +66,16 @@ class GraddiagCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         self._check_diagnostics()
+
+    def before_fit(self) -> None:
+        """Check the ``include``/``exclude`` patterns against the model now, before fit starts
+        and a logger makes its version directory (a :class:`PatternMatchError` ends the
+        command with one line)."""
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, GradientDiagnostics):
+                config = callback.config
+                if config.include is not None or config.exclude:
+                    discover_layers(self.model, config.include, config.exclude)
 
     def _check_diagnostics(self) -> None:
         subcommand = self.config.get("subcommand")
