@@ -22,6 +22,7 @@ from graddiag.rules.replay_remedies import (
     SOFTMAX_OPS,
     base_name,
     remedy_for,
+    tensor_inputs,
 )
 
 
@@ -124,12 +125,8 @@ def _num(x: Any) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
-def _inputs(o: ReplayOutcome) -> list[dict[str, Any]]:
-    return [s for s in o.inputs if isinstance(s, dict)]
-
-
 def _range_text(o: ReplayOutcome) -> str:
-    stats = [s for s in _inputs(o) if s.get("numel")]
+    stats = [s for s in tensor_inputs(o) if s.get("numel")]
     if not stats:
         return ""
     top = max(s["max_abs"] for s in stats if not math.isnan(s["max_abs"])) \
@@ -146,7 +143,7 @@ def _range_text(o: ReplayOutcome) -> str:
 
 
 def _divisor(o: ReplayOutcome) -> dict[str, Any] | None:
-    stats = _inputs(o)
+    stats = tensor_inputs(o)
     index = 0 if base_name(o.op) in DIVISOR_FIRST_OPS else 1
     if len(stats) > index:
         return stats[index]
@@ -155,7 +152,7 @@ def _divisor(o: ReplayOutcome) -> dict[str, Any] | None:
 
 def _what_forward(o: ReplayOutcome) -> str:
     base, word = base_name(o.op), _word(o.nonfinite)
-    first = _inputs(o)[0] if _inputs(o) else {}
+    first = tensor_inputs(o)[0] if tensor_inputs(o) else {}
     if o.constant is not None:
         return f"is {word} because the constant {_word(str(o.constant))} was passed to it"
     divisor = _divisor(o) if base in DIVISION_OPS else None
@@ -168,7 +165,7 @@ def _what_forward(o: ReplayOutcome) -> str:
     if base in LOG_OPS and first.get("zeros"):
         return f"is {word}: log of 0 (the input has {first['zeros']} zero(s))"
     if word == "NaN":
-        if any(s.get("inf") for s in _inputs(o)):
+        if any(s.get("inf") for s in tensor_inputs(o)):
             if base in SOFTMAX_OPS:
                 return ("is NaN: a row whose every entry is -inf (entirely masked) has no "
                         "softmax")
@@ -184,7 +181,7 @@ def _forward(o: ReplayOutcome) -> str:
     else:
         text = f"the forward output of `{o.op}` {where(o)} {_what_forward(o)}"
     first = o.first_forward
-    held = any(s.get("inf") or s.get("nan") for s in _inputs(o))
+    held = any(s.get("inf") or s.get("nan") for s in tensor_inputs(o))
     if first and held and first.get("op") != o.op:
         text += (f"; its input held {_word(first.get('nonfinite'))} written by `{first.get('op')}` "
                  f"{where(first, o.root)}")
@@ -210,7 +207,7 @@ def _weights(o: ReplayOutcome) -> str:
 
 def _backward_hint(o: ReplayOutcome) -> str:
     base = base_name(o.op)
-    saved = _inputs(o)
+    saved = tensor_inputs(o)
     zeros = [s for s in saved if s.get("zeros")]
     if base in ("sqrt", "log", "log2", "log10", "rsqrt") and zeros:
         return " (input 0 -> derivative inf)"

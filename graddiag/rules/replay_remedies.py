@@ -5,6 +5,8 @@ Pure: a :class:`~graddiag.data.replay.ReplayOutcome` in, a remedy out (no torch)
 
 from __future__ import annotations
 
+from typing import Any
+
 from graddiag.data.replay import ReplayOutcome
 from graddiag.rules import wording as remedies
 
@@ -92,11 +94,16 @@ def remedy_for(o: ReplayOutcome) -> str:
     return ""
 
 
+def tensor_inputs(o: ReplayOutcome) -> list[dict[str, Any]]:
+    """The statistics of the failing operation's tensor inputs, in argument order."""
+    return [s for s in o.inputs if isinstance(s, dict)]
+
+
 def _largest_base(o: ReplayOutcome) -> float | None:
     """The largest finite |value| of a power's first tensor input (its base, or the exponent of
     a number raised to a tensor), or ``None`` when it holds a zero or is unknown (a root or a
     power of 0 then)."""
-    first = next((s for s in o.inputs if isinstance(s, dict)), None)
+    first = next(iter(tensor_inputs(o)), None)
     if first is None or first.get("zeros") or not first.get("numel"):
         return None
     largest = first.get("max_abs")

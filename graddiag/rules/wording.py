@@ -33,22 +33,25 @@ VANISHING_WITHOUT_ACTIVATIONS = (
 CLIP = ("clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); in Lightning, "
         "Trainer(gradient_clip_val=1.0))")
 EXPLODING = (
-    "lower the learning rate; " + CLIP + "; check the initialisation scale (Kaiming/Xavier instead of large weights); add normalisation layers; "
-    "check for unnormalised inputs or targets"
+    "lower the learning rate; " + CLIP + "; check the initialisation scale (Kaiming/Xavier "
+    "instead of large weights); add normalisation layers; check for unnormalised inputs or "
+    "targets"
+)
+#: What to try for an exploding gradient when clipping is already on.
+_EXPLODING_UNDER_CLIPPING = (
+    "lower the learning rate; check the initialisation scale (Kaiming/Xavier instead of large "
+    "weights; for recurrent weights, an orthogonal init); add normalisation layers; check for "
+    "unnormalised inputs or targets"
 )
 #: Exploding while gradient clipping is on: clipping bounds the step, not the gradient.
 EXPLODING_WHILE_CLIPPING = (
-    "lower the learning rate; check the initialisation scale (Kaiming/Xavier instead of large "
-    "weights; for recurrent weights, an orthogonal init); add normalisation layers; check for "
-    "unnormalised inputs or targets; clipping by the global norm is already on, and when it "
-    "acts it shrinks every layer's update by the same factor, so the exploding layer also "
-    "starves the others"
+    _EXPLODING_UNDER_CLIPPING + "; clipping by the global norm is already on, and when it acts "
+    "it shrinks every layer's update by the same factor, so the exploding layer also starves "
+    "the others"
 )
 #: Exploding while gradient clipping by value is on: each element is capped, the direction bent.
 EXPLODING_WHILE_CLIPPING_BY_VALUE = (
-    "lower the learning rate; check the initialisation scale (Kaiming/Xavier instead of large "
-    "weights; for recurrent weights, an orthogonal init); add normalisation layers; check for "
-    "unnormalised inputs or targets; clipping by value is already on: it caps each gradient "
+    _EXPLODING_UNDER_CLIPPING + "; clipping by value is already on: it caps each gradient "
     "element, which bounds the step but bends its direction when it acts; clipping by the "
     "global norm keeps the direction (torch.nn.utils.clip_grad_norm_; in Lightning, "
     "Trainer(gradient_clip_algorithm=\"norm\"))"
@@ -67,7 +70,8 @@ NONFINITE = (
 NO_GRADIENT_ANYWHERE = (
     "call monitor.step() after loss.backward() and before optimizer.zero_grad() (which sets "
     ".grad to None); in Lightning with manual optimization, call self.manual_backward(loss) "
-    "before the optimizer steps; make sure the loss is computed from the model's outputs with gradients "
+    "before the optimizer steps; make sure the loss is computed from the model's outputs with "
+    "gradients "
     "enabled (not under torch.no_grad(), not from .detach()ed or .item() values)"
 )
 NO_GRADIENT = (
@@ -109,14 +113,12 @@ _UNSTABLE_CHECKS = (
     "check this layer's initialisation scale (weights near zero make any update large relative "
     "to them); with Adam, a larger eps damps updates of parameters whose gradients are tiny"
 )
-UNSTABLE_UPDATE = (
-    "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; "
-    + CLIP + "; " + _UNSTABLE_CHECKS
-)
+_UNSTABLE_FIRST = (
+    "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; ")
+UNSTABLE_UPDATE = _UNSTABLE_FIRST + CLIP + "; " + _UNSTABLE_CHECKS
 #: ... while gradient clipping (by norm or by value) is already on.
 UNSTABLE_UPDATE_WHILE_CLIPPING = (
-    "lower the learning rate (or this layer's param group's); add a learning-rate warm-up; "
-    + _UNSTABLE_CHECKS + "; gradient clipping is already on: it bounds the gradient, and an "
+    _UNSTABLE_FIRST + _UNSTABLE_CHECKS + "; gradient clipping is already on: it bounds the gradient, and an "
     "optimizer that normalises each weight's step (Adam, RMSprop) still moves the weights by "
     "about the learning rate"
 )
