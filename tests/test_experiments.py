@@ -213,34 +213,24 @@ def test_a_single_other_callback_not_in_a_list_still_runs(tmp_path: Path,
     assert len(diagnostics_of(cli).history)
 
 
-def test_patterns_leaving_no_layer_name_both_options(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(("patterns", "error"), [
+    (["--diagnostics.include", "[nope*]"],
+     "--diagnostics.include pattern 'nope*' matches no layer; layers are"),
+    (["--diagnostics.include", "[net.0]", "--diagnostics.exclude", "[net.0]"],
+     "--diagnostics.include/exclude: the patterns include=['net.0'] and exclude=['net.0'] left "
+     "no layer to monitor"),
+], ids=["matching-none", "leaving-none"])
+def test_bad_patterns_are_one_line_with_exit_status_2_and_leave_no_logs(
+        patterns: list[str], error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from graddiag.cli import main
 
     monkeypatch.chdir(tmp_path)
-    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-                 "--diagnostics.include", "[net.0]", "--diagnostics.exclude", "[net.0]",
-                 "--trainer.max_steps", "2", *QUIET])
-    assert code == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith(
-        "graddiag fit: error: --diagnostics.include/exclude: the patterns include=['net.0'] "
-        "and exclude=['net.0'] left no layer to monitor")
-
-
-def test_an_include_pattern_matching_no_layer_is_one_line_and_exit_status_2(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    from graddiag.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-                 "--diagnostics.include", "[nope*]", "--trainer.max_steps", "2",
-                 *QUIET[2:]])  # the config's TensorBoardLogger stays on
+    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *patterns,
+                 "--trainer.max_steps", "2", *QUIET[2:]])  # the config's TensorBoardLogger on
     assert code == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith(
-        "graddiag fit: error: --diagnostics.include pattern 'nope*' matches no layer; layers are")
+    assert err.splitlines()[-1].startswith(f"graddiag fit: error: {error}")
     assert "Traceback" not in err
     # found before fit starts: no logger version directory or saved config left behind
     assert [p for p in tmp_path.rglob("*") if p.name.startswith("version_")] == []

@@ -105,7 +105,7 @@ def _is_diagnostics(class_path: str) -> bool:
     if not module:  # a bare class name
         return name == GradientDiagnostics.__name__
     try:
-        cls = getattr(importlib.import_module(module), name) if module else None
+        cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return False
     return isinstance(cls, type) and issubclass(cls, GradientDiagnostics)

@@ -324,9 +324,9 @@ class GradientProbe:
                 self._places.clear()
             places = torch.tensor([i for i, g in enumerate(grads) if g is not None],
                                   dtype=torch.long)
-            if row.device.type == "cuda":  # without a sync: from pinned memory, stream-ordered
-                places = places.pin_memory().to(row.device, non_blocking=True)
-            places = self._places[group, missing] = places.to(row.device)
+            pinned = row.device.type == "cuda"  # copied without a sync, stream-ordered
+            places = self._places[group, missing] = (
+                places.pin_memory() if pinned else places).to(row.device, non_blocking=pinned)
         try:
             row[places] = _norms(present, self._aggregate.p).to(row.dtype)
         except MEASURE_ERRORS:

@@ -29,6 +29,13 @@ class WatchControls:
             self._begun = True
             self.schedule.start = step
 
+    def _restore_start(self, first: int | None) -> None:
+        """The first step of the run a saved state belongs to (its front-loaded steps are
+        behind it); ``None``: that monitor saw no step, so the next one seen is the first."""
+        if first is not None:
+            self._begun = True
+            self.schedule.start = first
+
     def watch_activations(self, step: int | None = None) -> AbstractContextManager[None]:
         """A context in which forward passes count for ``step``'s activation statistics (default:
         the upcoming step); a no-op context off activation steps. For loops that scope it

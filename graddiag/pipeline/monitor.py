@@ -133,7 +133,8 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._release = weakref.finalize(self, _release, self._activations.entry,
                                          self._measurement)
         self._next_step = 0
-        self._asked = (-1, 0, False)  # the last measures() question: step, lookahead, answer
+        # the last measures() question (step, lookahead, the schedule's start) and its answer
+        self._asked: tuple[int, int, int, bool] = (-1, 0, 0, False)
         self.skipped_steps = 0  # optimizer steps skipped on graddiag's request ("skip" actions)
         self._closed = False
         #: Defer each recorded step's host read by one step (``None``: automatically, on CUDA
@@ -201,8 +202,6 @@ class GradientMonitor(MonitorResults, WatchControls):
         if clip_norm is not None or clip_value is not None:
             clip_norm, clip_value = check_clipping(clip_norm, clip_value)
         current = self._next_step if step is None else int(step)
-        if not self._begun:
-            self._begin(current)
         self._next_step = self._activations.upcoming = current + 1
         measured = self.measures(current)
         # a copy and nothing else, unless the step may decide (an action other than "warn"),
@@ -220,14 +219,11 @@ class GradientMonitor(MonitorResults, WatchControls):
                                    sent=deferred)):
             # kept: judged with its block; what was read on earlier steps has arrived (a
             # block sent to the host, a step measured in full): judged now, oldest first
-            judged = self._judge(self._measurement.take_sent())
+            arrived = self._measurement.take_sent()
             finish = self._deferral.take()
             if finish is not None:
-                later = self._evaluate(finish())
-                if judged is not None:
-                    later.findings = judged.findings + later.findings
-                judged = later
-            report = judged or StepReport(current, True)
+                arrived.append(finish())
+            report = self._judge(arrived) or StepReport(current, True)
             if (self._measurement.kept_full
                     or time.perf_counter() - self._block_started > MAX_BLOCK_SECONDS):
                 if self._measurement.sends_kept:
@@ -300,12 +296,12 @@ class GradientMonitor(MonitorResults, WatchControls):
         step in Lightning: the last answer is kept."""
         lookahead = self._updates.lookahead
         asked = self._asked
-        if asked[0] == step and asked[1] == lookahead:
-            return asked[2]
-        if not self._begun:
+        if asked[0] == step and asked[1] == lookahead and asked[2] == self.schedule.start:
+            return asked[3]
+        if not self._begun:  # the first step this monitor sees
             self._begin(step)
         measured = self.schedule.records(step, lookahead)
-        self._asked = (step, lookahead, measured)
+        self._asked = (step, lookahead, self.schedule.start, measured)
         return measured
 
     def _deferring(self, replay: ReplayArgument = None) -> bool:

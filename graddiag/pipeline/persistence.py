@@ -41,13 +41,8 @@ def restore_monitor(monitor: GradientMonitor, state: dict[str, Any]) -> None:
                     ", ".join(changed))
     monitor.forget_waiting()  # steps after the saved state, not yet judged: not part of it
     monitor._next_step = monitor._activations.upcoming = int(state["next_step"])
-    # the run's front-loaded steps were at its start (states saved before this was kept: 0; a
-    # monitor that never stepped: its first step is still to come)
-    first = state.get("first_step", 0)
-    if first is not None:
-        monitor.schedule.start = int(first)
-        monitor._begun = True
-    monitor._asked = (-1, 0, False)  # measures() answers again under the restored schedule
+    first = state.get("first_step", 0)  # states saved before it was kept: a run from step 0
+    monitor._restore_start(None if first is None else int(first))
     monitor.skipped_steps = int(state.get("skipped_steps", 0))
     monitor.rules.load_state_dict(state["rules"])
     monitor.findings = [Finding.from_dict(d) for d in state["findings"]]
