@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             fn, repeats=20 if args.quick else 200)
         say(f"  {name}: {int(w['values'])} values: one add_scalar per key "
             f"{w['add_scalar per key']:.3f} ms, one event {w['one event']:.3f} ms "
-            f"({w['add_scalar per key'] / w['one event']:.1f}x less)")
+            f"({w['add_scalar per key'] / w['one event']:.1f}x less), one event with its "
+            f"checksums in C {w['one event, checksums in C']:.3f} ms "
+            f"({w['add_scalar per key'] / w['one event, checksums in C']:.1f}x less)")
 
     say("\nHost work of an ordinary recorded step against the fused read alone (the .grad "
         "list, one _foreach_norm, stacked; 16x16 linear layers side by side, monitor.step() "

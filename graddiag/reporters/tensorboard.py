@@ -17,6 +17,7 @@ from graddiag.data.records import StepRecord
 from graddiag.data.snapshots import RunSnapshot, StepSnapshot
 from graddiag.data.tree import SiteMark
 from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY, FIGURE_TIME_SHARE, TimeBudget
+from graddiag.reporters.checksums import CChecksums
 from graddiag.reporters.events import write_image, write_scalars
 from graddiag.reporters.figures import (
     FlowProfile,
@@ -133,6 +134,7 @@ class TensorBoardReporter:
         self._said_closed = False
         #: Set when a monitor that was never closed judges its last steps (dropped, or at exit).
         self.unattended = False
+        self._checksums = CChecksums()  # the writer's event records checksummed in C until close
 
     def _closed(self) -> bool:
         """Whether this reporter's monitor was dropped without ``close()`` (or is judged at
@@ -150,6 +152,7 @@ class TensorBoardReporter:
     def report(self, snapshot: StepSnapshot) -> None:
         if self._closed():
             return
+        self._checksums.cover(self.writer)
         record, findings = snapshot.record, snapshot.new_findings
         self._findings, self._marks = snapshot.findings, snapshot.marks
         w, p, step = self.writer, self.prefix, record.step
@@ -242,6 +245,7 @@ class TensorBoardReporter:
         """The whole-run figure (also saved as ``gradient_flow.png``) and the summary table."""
         if self._closed():
             return
+        self._checksums.cover(self.writer)
         self._findings, self._marks = run.findings, run.marks
         if run.records:
             self._last_step = max(self._last_step, run.last_step)
@@ -270,7 +274,11 @@ class TensorBoardReporter:
                         "Images tab.", path, error)
 
     def close(self) -> None:
-        self.flush()
+        """Write out the queued events and give the writer TensorBoard's own checksums back."""
+        try:
+            self.flush()
+        finally:
+            self._checksums.undo()
 
     def flush(self) -> None:
         """Write out the writer's queued events (a closed torch ``SummaryWriter`` stays closed)."""
