@@ -113,7 +113,7 @@ def _norms(step: int, values: list[float]) -> StepRecord:
 def test_early_report_is_made_once_and_again_only_after_the_condition_ended() -> None:
     rule = VanishingRule(1e-12, 1e-4, patience=10, early_rel=1e-8, early_patience=2)
     sequence = [[1e-10, 1.0]] * 2 + [[1e-6, 1.0]] * 12 + [[1e-10, 1.0]] * 3 + [[1.0, 1.0]] \
-        + [[1e-10, 1.0]] * 2
+        + [[1e-10, 1.0]] * 2 + [[1.0, 1.0]] * 10 + [[1e-10, 1.0]] * 2
     reported = []
     for step, values in enumerate(sequence):
         if step == 8:  # a resume in the middle keeps what was said
@@ -122,8 +122,9 @@ def test_early_report_is_made_once_and_again_only_after_the_condition_ended() ->
             rule.load_state_dict(state)
         reported += [(f.step, f.details["early"]) for f in rule.update(_norms(step, values))]
     # early at step 1; the condition lasts (1e-6 < 1e-4) to step 16, so no second report at
-    # step 9; it ends at step 17 and begins anew, overwhelming again at step 19
-    assert reported == [(1, True), (19, True)]
+    # step 9; gone at step 17 alone (fewer steps than the patience), it is the same condition
+    # at steps 18-19; gone for 10 steps (20-29), it begins anew, overwhelming at step 31
+    assert reported == [(1, True), (31, True)]
 
 
 def test_zero_gradient_on_the_first_step_alone_is_not_an_early_report() -> None:

@@ -15,20 +15,27 @@ from graddiag.rules.onsets import Onsets
 
 class NaiveOnsets:
     """The definition, one key at a time: a streak per key, reported once when it reaches
-    the patience, forgotten when the condition stops."""
+    the patience; a report stands until the condition has been absent for ``patience`` steps
+    in a row."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
         self.streak: dict[str, int] = {}
         self.reported: set[str] = set()
+        self.absent: dict[str, int] = {}
 
     def observe_all(self, keys: list[str], held: np.ndarray) -> list[int]:
         onsets = []
         for i, key in enumerate(keys):
             if not held[i]:
                 self.streak.pop(key, None)
-                self.reported.discard(key)
+                if key in self.reported:
+                    self.absent[key] = self.absent.get(key, 0) + 1
+                    if self.absent[key] == self.patience:
+                        self.reported.discard(key)
+                        del self.absent[key]
                 continue
+            self.absent.pop(key, None)
             self.streak[key] = self.streak.get(key, 0) + 1
             if self.streak[key] >= self.patience and key not in self.reported:
                 self.reported.add(key)
@@ -50,11 +57,16 @@ def test_onsets_match_the_definition_through_steady_runs(seed: int) -> None:
         if rng.random() < 0.2:  # reading the state in the middle of a run
             assert fast.streak == naive.streak, step
             assert fast.reported == naive.reported, step
+            assert fast.reported_count() == len(naive.reported & set(naive.streak)), step
             assert fast.any_confirmed() == any(v >= 3 for v in naive.streak.values())
     assert fast.streak == naive.streak and fast.reported == naive.reported
     restored = Onsets(3)
     restored.load_state_dict(fast.state_dict())
-    assert restored.streak == naive.streak
+    assert restored.streak == naive.streak and restored.reported == naive.reported
+    assert restored.gaps == naive.absent
+    for _ in range(30):  # the restored tracker goes on deciding as the definition does
+        held = rng.random(len(keys)) < 0.4
+        assert restored.observe_all(keys, held.copy()).tolist() == naive.observe_all(keys, held)
 
 
 def test_steady_run_then_single_key_observation() -> None:
@@ -158,3 +170,27 @@ def test_relu_statistics_with_a_zero_floor_count_nothing_below_it() -> None:
         site.add(None, torch.tensor([[1.0, -1.0], [0.0, -2.0]]), {}, 0.0)
     assert site.below is not None and site.below.item() == 0.0  # |f'| < 0 never holds
     assert site.alive is not None and site.alive.tolist() == [True, True]
+
+
+def test_a_report_stands_through_a_short_gap_and_survives_a_checkpoint() -> None:
+    fast = Onsets(3)
+    keys = ["a"]
+    on, off = np.array([True]), np.array([False])
+    assert [fast.observe_all(keys, on).tolist() for _ in range(3)] == [[], [], [0]]
+    fast.observe_all(keys, off)
+    fast.observe_all(keys, off)  # gone 2 of 3 steps: the report stands, nothing holds now
+    assert fast.reported == {"a"} and fast.reported_count() == 0 and not fast.idle
+    restored = Onsets(3)
+    restored.load_state_dict(fast.state_dict())
+    assert restored.gaps == {"a": 2}
+    assert [restored.observe_all(keys, on).tolist() for _ in range(4)] == [[], [], [], []]
+    for _ in range(3):  # gone for the whole patience: re-armed
+        restored.observe_all(keys, off)
+    assert restored.reported == set() and restored.idle
+    assert [restored.observe_all(keys, on).tolist() for _ in range(3)] == [[], [], [0]]
+
+
+def test_a_state_saved_without_gaps_keeps_only_the_reports_that_still_hold() -> None:
+    fast = Onsets(3)
+    fast.load_state_dict({"streak": {"a": 4}, "reported": ["a", "b"]})
+    assert fast.reported == {"a"}

@@ -50,9 +50,12 @@ def run(rule, sequence):  # noqa: ANN001, ANN201
         ([[1e-6, 1.0]] * 5, [("vanishing", "l0", 2)]),
         # a dip shorter than the patience is not reported
         ([[1e-6, 1.0], [1e-6, 1.0], [0.5, 1.0], [1e-6, 1.0]], []),
-        # ends and begins again -> reported twice
-        ([[1e-6, 1.0]] * 3 + [[0.5, 1.0]] + [[1e-6, 1.0]] * 3,
-         [("vanishing", "l0", 2), ("vanishing", "l0", 6)]),
+        # gone for fewer steps than the patience, then back: the same condition, said once
+        ([[1e-6, 1.0]] * 3 + [[0.5, 1.0]] * 2 + [[1e-6, 1.0]] * 3,
+         [("vanishing", "l0", 2)]),
+        # gone for the whole patience (3 steps), then back: reported anew
+        ([[1e-6, 1.0]] * 3 + [[0.5, 1.0]] * 3 + [[1e-6, 1.0]] * 3,
+         [("vanishing", "l0", 2), ("vanishing", "l0", 8)]),
         # exactly zero gradient counts as vanishing
         ([[0.0, 1.0]] * 3, [("vanishing", "l0", 2)]),
         # absolute floor: everything tiny

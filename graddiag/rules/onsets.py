@@ -1,4 +1,5 @@
-"""Onsets: a condition is reported once when it begins, after its patience; the rule base class."""
+"""Onsets: a condition is reported once when it begins, after its patience, and again only after it
+has been gone as long; the rule base class."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ class Rule(Protocol):
 class Onsets:
     """Counts consecutive steps a condition holds per key; says when it has just begun.
 
+    A reported condition stays reported through gaps shorter than the patience: a layer whose
+    ratio hovers around its threshold (below it for 30 steps, above it for one, below again) is
+    one finding, not one per crossing. It is re-armed, and can be reported anew, once it has
+    been absent for ``patience`` evaluated steps in a row.
+
     State is kept in arrays aligned with the last key list given to :meth:`observe_all` (the
     layer names of the records, one list shared by every record), so a step costs a handful of
     vectorised operations however many layers there are; keys outside that list (e.g. the
@@ -38,10 +44,13 @@ class Onsets:
         self._position: dict[str, int] = {}
         self._streak = np.zeros(0, dtype=np.int64)
         self._reported = np.zeros(0, dtype=bool)
-        self._any = False  # any aligned streak > 0 (the healthy fast path skips everything)
+        self._gap = np.zeros(0, dtype=np.int64)  # absent steps in a row since a report
+        # any aligned streak > 0 or report standing (the healthy fast path skips everything)
+        self._any = False
         self._confirmed: bool | None = False  # any aligned streak >= patience (None: unknown)
         self._other_streak: dict[str, int] = {}
         self._other_reported: set[str] = set()
+        self._other_gap: dict[str, int] = {}
         # A steady run: the same conditions held step after step, all of them reported already.
         # Such steps only lengthen the streaks, which is counted here and applied when read.
         self._steady: bytes | None = None  # the held mask of the run (its bytes)
@@ -64,19 +73,28 @@ class Onsets:
 
     @property
     def reported(self) -> set[str]:
-        """Keys whose condition was reported and still holds."""
+        """Keys whose report stands: the condition holds, or has been gone for fewer than
+        ``patience`` steps (it is not reported again if it returns within them)."""
         return self._other_reported | {self._keys[i] for i in np.flatnonzero(self._reported)}
 
+    @property
+    def gaps(self) -> dict[str, int]:
+        """``{key: steps in a row its reported condition has been absent}``, where above 0."""
+        aligned = {self._keys[i]: int(self._gap[i]) for i in np.flatnonzero(self._gap)}
+        return {**self._other_gap, **aligned}
+
     def reported_count(self) -> int:
-        """How many reported conditions still hold (no set is built)."""
-        if not self._any:  # nothing holds on the aligned keys, so nothing reported there
-            return len(self._other_reported)
-        return int(np.count_nonzero(self._reported)) + len(self._other_reported)
+        """How many reported conditions hold now (no set is built)."""
+        other = sum(1 for key in self._other_reported if key in self._other_streak)
+        if not self._any:  # nothing holds or stands on the aligned keys
+            return other
+        self._apply_pending()
+        return int(np.count_nonzero(self._reported & (self._streak > 0))) + other
 
     @property
     def idle(self) -> bool:
-        """No condition holds for any key: a step where none holds changes nothing (rules use
-        this to skip their vectorised bookkeeping on healthy steps)."""
+        """No condition holds and no report stands for any key: a step where none holds changes
+        nothing (rules use this to skip their vectorised bookkeeping on healthy steps)."""
         return not self._any and not self._other_streak and not self._other_reported
 
     def _align(self, keys: list[str]) -> None:
@@ -86,15 +104,17 @@ class Onsets:
         if keys == self._keys:
             self._keys = keys
             return
-        streak, reported = self.streak, self.reported
+        streak, reported, gaps = self.streak, self.reported, self.gaps
         self._steady = None
         self._keys = keys
         self._position = {k: i for i, k in enumerate(keys)}
         self._streak = np.array([streak.pop(k, 0) for k in keys], dtype=np.int64)
         self._reported = np.array([k in reported for k in keys], dtype=bool)
+        self._gap = np.array([gaps.pop(k, 0) for k in keys], dtype=np.int64)
         self._other_streak = streak
         self._other_reported = {k for k in reported if k not in self._position}
-        self._any = bool(self._streak.any())
+        self._other_gap = gaps
+        self._any = bool(self._streak.any() or self._reported.any())
         self._confirmed = None
 
     def observe(self, key: str, condition: bool) -> bool:
@@ -106,9 +126,13 @@ class Onsets:
             self._confirmed = None
             if not condition:
                 self._streak[i] = 0
-                self._reported[i] = False
+                if self._reported[i]:
+                    self._gap[i] += 1
+                    if self._gap[i] >= self.patience:
+                        self._reported[i], self._gap[i] = False, 0
                 return False
             self._streak[i] += 1
+            self._gap[i] = 0
             self._any = True
             if self._streak[i] >= self.patience and not self._reported[i]:
                 self._reported[i] = True
@@ -116,8 +140,13 @@ class Onsets:
             return False
         if not condition:
             self._other_streak.pop(key, None)
-            self._other_reported.discard(key)
+            if key in self._other_reported:
+                gap = self._other_gap[key] = self._other_gap.get(key, 0) + 1
+                if gap >= self.patience:
+                    self._other_reported.discard(key)
+                    del self._other_gap[key]
             return False
+        self._other_gap.pop(key, None)
         count = self._other_streak[key] = self._other_streak.get(key, 0) + 1
         if count >= self.patience and key not in self._other_reported:
             self._other_reported.add(key)
@@ -142,23 +171,29 @@ class Onsets:
         if evaluated is None:  # every key judged: a streak goes on where held, else ends
             streak = self._streak + 1
             streak *= held
-            self._reported &= held
-        else:  # keys not evaluated keep their streak and their reported flag
+            gap = (self._gap + 1) * (self._reported & ~held)
+        else:  # keys not evaluated keep their streak, their report and its gap
             ended = ~held & evaluated
             streak = np.where(held, self._streak + 1, self._streak)
             streak[ended] = 0
-            self._reported[ended] = False
-        self._streak = streak
+            gap = np.where(ended & self._reported, self._gap + 1, self._gap)
+            gap[held] = 0
+        rearmed = gap >= self.patience  # absent for a whole patience: may be reported anew
+        self._reported &= ~rearmed
+        gap[rearmed] = 0
+        self._streak, self._gap = streak, gap
         confirmed = streak >= self.patience
-        self._any = bool(streak.any())
+        self._any = bool(streak.any() or self._reported.any())
         self._confirmed = bool(confirmed.any())
         onset = (confirmed & held) > self._reported  # held, confirmed, not yet reported
         if onset.any():
             self._reported |= onset
             return np.flatnonzero(onset)
-        # a steady run begins when every held key is confirmed and reported: repeating this
-        # mask then changes nothing but the streaks (so ``_confirmed`` stays right too)
-        if evaluated is None and not (held > (self._reported & confirmed)).any():
+        # a steady run begins when every held key is confirmed and reported and every standing
+        # report is held: repeating this mask then changes nothing but the streaks (so
+        # ``_confirmed`` stays right too)
+        if (evaluated is None and not (held > (self._reported & confirmed)).any()
+                and not (self._reported > held).any()):
             self._steady, self._steady_mask = held.tobytes(), held.copy()
         return _NO_ONSETS
 
@@ -171,9 +206,11 @@ class Onsets:
         if i is not None:
             self._apply_pending()
             self._steady = None
-            self._reported[i] = True
+            self._reported[i], self._gap[i] = True, 0
+            self._any = True
         else:
             self._other_reported.add(key)
+            self._other_gap.pop(key, None)
 
     def confirmed(self, key: str) -> bool:
         """Whether ``key`` holds now and has held for at least ``patience`` steps."""
@@ -189,17 +226,22 @@ class Onsets:
         return any(v >= self.patience for v in self._other_streak.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streak": self.streak, "reported": sorted(self.reported)}
+        return {"streak": self.streak, "reported": sorted(self.reported), "gap": self.gaps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._keys, self._position = [], {}
         self._streak = np.zeros(0, dtype=np.int64)
         self._reported = np.zeros(0, dtype=bool)
+        self._gap = np.zeros(0, dtype=np.int64)
         self._any = False
         self._confirmed = False
         self._steady, self._pending = None, 0
         self._other_streak = dict(state["streak"])
         self._other_reported = set(state["reported"])
+        # states saved before gaps were kept: a standing report that no longer holds is re-armed
+        self._other_gap = dict(state.get("gap", {}))
+        if "gap" not in state:
+            self._other_reported &= set(self._other_streak)
 
 
 _NO_ONSETS = np.zeros(0, dtype=np.int64)
