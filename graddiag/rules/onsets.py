@@ -85,7 +85,8 @@ class Onsets:
 
     def reported_count(self) -> int:
         """How many reported conditions hold now (no set is built)."""
-        other = sum(1 for key in self._other_reported if key in self._other_streak)
+        other = (sum(1 for key in self._other_reported if key in self._other_streak)
+                 if self._other_reported else 0)
         if not self._any:  # nothing holds or stands on the aligned keys
             return other
         self._apply_pending()
