@@ -193,3 +193,43 @@ def test_constant_healthy_sequence_never_flags() -> None:
     rules = RuleSet(MonitorConfig())
     for s in range(200):
         assert rules.update(record(s, [0.3, 0.5, 1.2])) == []
+
+
+def _two_layers(step: int, norms: list[float]) -> StepRecord:
+    return StepRecord(step, ["l0", "l1"], np.array(norms, dtype=float), np.ones(2, dtype=bool),
+                      missing={}, nonfinite={})
+
+
+def test_an_explosion_that_ended_is_not_named_as_the_cause_of_a_later_vanishing() -> None:
+    from graddiag.data.tree import ModuleTree
+    from graddiag.rules.explain import Explainer
+
+    rules = RuleSet(MonitorConfig(exploding_patience=3, vanishing_patience=2,
+                                  vanishing_early_rel=0.0))
+    explainer = Explainer(ModuleTree(("", "l0", "l1"), "Net"))
+    said = []
+    for step, norms in enumerate([[100.0, 1e5]] * 3 + [[1e-6, 1.0]] * 3):
+        record = _two_layers(step, norms)
+        explainer.observe(record)
+        exploding = rules.reported("exploding")
+        said += [explainer.explain(f, record, exploding) for f in rules.update(record)
+                 if f.kind == "vanishing"]
+        if step == 2:  # l1 exploding for 3 steps: reported, and it holds
+            assert rules.reported("exploding") == {"l1"}
+        if step >= 3:  # l1 back at 1.0: its report stands through the gap, but it no longer holds
+            assert rules.reported("exploding") == frozenset()
+    (vanishing,) = said
+    assert vanishing.layer == "l0" and vanishing.details.get("largest_exploding") is not True
+    assert "itself exploding" not in vanishing.message
+
+
+def test_a_gap_saved_under_a_longer_patience_re_arms_under_a_shorter_one() -> None:
+    old = VanishingRule(1e-12, 1e-4, patience=10, early_rel=0.0)
+    found = [f for s in range(10) for f in old.update(_two_layers(s, [1e-6, 1.0]))]
+    assert [(f.layer, f.step) for f in found] == [("l0", 9)]
+    for s in range(10, 17):  # gone 7 steps: fewer than 10, the report stands
+        assert old.update(_two_layers(s, [0.5, 1.0])) == []
+    resumed = VanishingRule(1e-12, 1e-4, patience=5, early_rel=0.0)
+    resumed.load_state_dict(old.state_dict())  # 7 >= 5: by the new patience it was gone long enough
+    later = [f for s in range(17, 25) for f in resumed.update(_two_layers(s, [1e-6, 1.0]))]
+    assert [(f.layer, f.step) for f in later] == [("l0", 21)]

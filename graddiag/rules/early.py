@@ -13,8 +13,9 @@ class EarlyConfirmation:
     """Confirms keys of a main :class:`Onsets` after a shorter patience on a stricter condition.
 
     The stricter condition must imply the main one (it is a subset of it on every step), so a
-    condition reported early stays reported as long as the main condition holds, and is never
-    reported twice: the main tracker's ``reported`` set is the one record of what was said.
+    condition reported early stays reported as long as the main condition's report stands (it
+    holds, or has been gone for fewer steps than the main patience), and is never reported
+    twice: the main tracker's ``reported`` set is the one record of what was said.
     """
 
     def __init__(self, patience: int) -> None:

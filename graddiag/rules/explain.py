@@ -118,7 +118,8 @@ class Explainer:
     def explain(self, finding: Finding, record: StepRecord,
                 exploding: frozenset[str] = frozenset()) -> Finding:
         """``finding`` with its cause and ranked remedies; ``exploding``: the layers whose
-        exploding gradient was reported and still holds (findings next to them say so)."""
+        exploding gradient was reported and holds on this record (findings next to them say
+        so)."""
         if finding.kind == "vanishing":
             return self._vanishing(finding, record, exploding)
         if finding.kind == "stalled":

@@ -78,6 +78,13 @@ class Onsets:
         return self._other_reported | {self._keys[i] for i in np.flatnonzero(self._reported)}
 
     @property
+    def holding(self) -> set[str]:
+        """Keys whose reported condition holds now (a standing report in its gap excluded)."""
+        self._apply_pending()
+        aligned = {self._keys[i] for i in np.flatnonzero(self._reported & (self._streak > 0))}
+        return {k for k in self._other_reported if k in self._other_streak} | aligned
+
+    @property
     def gaps(self) -> dict[str, int]:
         """``{key: steps in a row its reported condition has been absent}``, where above 0."""
         aligned = {self._keys[i]: int(self._gap[i]) for i in np.flatnonzero(self._gap)}
@@ -243,6 +250,14 @@ class Onsets:
         self._other_gap = dict(state.get("gap", {}))
         if "gap" not in state:
             self._other_reported &= set(self._other_streak)
+        self._rearm_long_gaps()
+
+    def _rearm_long_gaps(self) -> None:
+        """Re-arm the reports outside the layer list whose gap already reaches the patience (a
+        state saved under a longer patience, loaded under a shorter one)."""
+        for key in [k for k, gap in self._other_gap.items() if gap >= self.patience]:
+            del self._other_gap[key]
+            self._other_reported.discard(key)
 
 
 _NO_ONSETS = np.zeros(0, dtype=np.int64)

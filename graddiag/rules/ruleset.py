@@ -46,9 +46,10 @@ class RuleSet:
         return any(rule.active for rule in self.rules if rule.kind == kind)
 
     def reported(self, kind: str) -> frozenset[str]:
-        """The keys (layers) whose condition of ``kind`` was reported and still holds."""
+        """The keys (layers) whose condition of ``kind`` was reported and holds on the latest
+        record (a report standing through a short gap is not counted)."""
         return frozenset(key for rule in self.rules if rule.kind == kind
-                         for key in rule.onsets.reported)  # type: ignore[attr-defined]
+                         for key in rule.onsets.holding)  # type: ignore[attr-defined]
 
     def active_count(self) -> int:
         """Reported conditions that still hold, over all rules."""
