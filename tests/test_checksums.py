@@ -123,3 +123,80 @@ def test_without_the_compiled_build_tensorboards_checksums_stay(tmp_path: Path,
     writer.close()
     (path,) = tmp_path.glob("events.out.tfevents.*")
     assert len(_records(path)) == 2  # the file-version record and the scalar
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_records_are_tensorboards_bytes_whatever_buffer_they_come_in(kind: type) -> None:
+    import io
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    theirs, ours = RecordWriter(io.BytesIO()), RecordWriter(io.BytesIO())
+    checksums._write(ours, b"")
+    theirs.write(b"")
+    for size in (1, 9, 1000, 70_000):
+        data = bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8))
+        theirs.write(data)
+        checksums._write(ours, kind(data))
+    assert ours._writer.getvalue() == theirs._writer.getvalue()
+
+
+def test_a_reporter_turned_off_by_an_error_gives_the_writer_its_method_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    reporter = TensorBoardReporter(writer, figure_every_n_steps=0, save_png=False)
+    monitor = GradientMonitor(nn.Sequential(nn.Linear(3, 2)), reporters=[reporter],
+                              every_n_steps=1)
+    record_writer = _record_writer(writer)
+
+    def broken(snapshot: object) -> None:
+        assert "write" in vars(record_writer)  # covered while it writes
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reporter, "_report", broken)
+    monitor.model(torch.randn(4, 3)).sum().backward()
+    monitor.step()  # the error is logged and the reporter turned off; training goes on
+    assert "write" not in vars(record_writer)
+    monitor.close()
+    writer.close()
+
+
+def test_a_monitor_never_closed_gives_the_writer_its_method_back_when_dropped(
+        tmp_path: Path) -> None:
+    import gc
+
+    writer = SummaryWriter(str(tmp_path))
+    model = nn.Sequential(nn.Linear(3, 2))
+    monitor = GradientMonitor(model, reporters=[TensorBoardReporter(writer, save_png=False)],
+                              every_n_steps=1)
+    model(torch.randn(4, 3)).sum().backward()
+    monitor.step()
+    record_writer = _record_writer(writer)
+    assert "write" in vars(record_writer)
+    del monitor
+    gc.collect()
+    assert "write" not in vars(record_writer)
+    writer.close()
+
+
+def test_undo_leaves_a_write_it_did_not_give_and_two_covers_share_one_writer(
+        tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    first, second = CChecksums(), CChecksums()
+    first.cover(writer)
+    second.cover(writer)  # already covered: the second leaves it to the first
+    record_writer = _record_writer(writer)
+    second.undo()
+    assert "write" in vars(record_writer)
+    first.undo()
+    assert "write" not in vars(record_writer)
+
+    def theirs(data: bytes) -> None:
+        raise AssertionError("not called")
+
+    record_writer.write = theirs  # someone else's method on the instance
+    first.cover(writer)
+    first.undo()
+    assert vars(record_writer)["write"] is theirs
+    del record_writer.write
+    writer.close()

@@ -12,13 +12,18 @@ bytes on disk are identical either way, so nothing that reads the event file can
 
 from __future__ import annotations
 
+import io
 import struct
 import types
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 try:
-    import google_crc32c
+    with warnings.catch_warnings():  # its pure-Python fallback warns on import: not used here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import google_crc32c
 
     _COMPILED = google_crc32c.implementation == "c"
 except ImportError:  # without it, TensorBoard's own (pure-Python) checksums are used
@@ -45,23 +50,30 @@ def fastest_masked_crc32c() -> Callable[[bytes], int]:
 def _write(record_writer: Any, data: bytes) -> None:
     """TensorBoard's ``RecordWriter.write`` with the checksums computed in C: length, its masked
     CRC, the data, its masked CRC (little-endian)."""
+    data = bytes(data)  # the C checksum takes bytes only (no copy when it is bytes already)
     header = struct.pack("<Q", len(data))
     record_writer._writer.write(header + struct.pack("<I", masked_crc32c(header)) + data
                                 + struct.pack("<I", masked_crc32c(data)))
 
 
 def _record_writer_class() -> type | None:
-    """TensorBoard's ``RecordWriter``, when its checksum is the one :func:`masked_crc32c`
-    reproduces (checked once on a sample), else ``None``."""
+    """TensorBoard's ``RecordWriter``, when its records are the ones :func:`_write` writes
+    (checked once: both write the same samples to memory and must give the same bytes), else
+    ``None``."""
     try:
-        from tensorboard.summary.writer import record_writer
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:
         return None
-    sample = b"graddiag event record"
-    reference = getattr(record_writer, "masked_crc32c", None)
-    if not callable(reference) or reference(sample) != masked_crc32c(sample):
+    samples = (b"", b"graddiag event record", bytes(range(256)) * 5)
+    try:
+        theirs, ours = RecordWriter(io.BytesIO()), RecordWriter(io.BytesIO())
+        for sample in samples:
+            theirs.write(sample)
+            _write(ours, sample)
+        same = theirs._writer.getvalue() == ours._writer.getvalue()
+    except Exception:  # noqa: BLE001 - another TensorBoard: leave its writer as it is
         return None
-    return record_writer.RecordWriter
+    return RecordWriter if same else None
 
 
 class CChecksums:
@@ -70,7 +82,8 @@ class CChecksums:
     internal layout of TensorBoard's writer it does not recognise."""
 
     def __init__(self) -> None:
-        self._covered: list[Any] = []
+        # the covered record writers, weakly (a closed one is not kept alive)
+        self._covered: list[weakref.ref[Any]] = []
         self._class = _record_writer_class() if _COMPILED else None
 
     @property
@@ -95,10 +108,15 @@ class CChecksums:
         if not hasattr(record_writer, "_writer"):
             return
         setattr(record_writer, "write", types.MethodType(_write, record_writer))  # noqa: B010
-        self._covered.append(record_writer)
+        self._covered = [ref for ref in self._covered if ref() is not None]
+        self._covered.append(weakref.ref(record_writer))
 
     def undo(self) -> None:
-        """Give every covered record writer TensorBoard's own ``write`` back."""
-        for record_writer in self._covered:
-            vars(record_writer).pop("write", None)
+        """Give every covered record writer TensorBoard's own ``write`` back (only where the
+        ``write`` it has is the one :meth:`cover` gave it)."""
+        for ref in self._covered:
+            record_writer = ref()
+            if (record_writer is not None
+                    and getattr(vars(record_writer).get("write"), "__func__", None) is _write):
+                del record_writer.write
         self._covered.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +150,20 @@ class TensorBoardReporter:
         return True
 
     def report(self, snapshot: StepSnapshot) -> None:
-        if self._closed():
-            return
+        if not self._closed():
+            self._checksummed(self._report, snapshot)
+
+    def _checksummed(self, write: Callable[[Any], None], argument: Any) -> None:
+        """``write(argument)`` with the writer's records checksummed in C; on an error (the
+        reporter is then turned off) the writer gets TensorBoard's own method back."""
         self._checksums.cover(self.writer)
+        try:
+            write(argument)
+        except BaseException:
+            self._checksums.undo()
+            raise
+
+    def _report(self, snapshot: StepSnapshot) -> None:
         record, findings = snapshot.record, snapshot.new_findings
         self._findings, self._marks = snapshot.findings, snapshot.marks
         w, p, step = self.writer, self.prefix, record.step
@@ -243,9 +254,10 @@ class TensorBoardReporter:
 
     def finish(self, run: RunSnapshot) -> None:
         """The whole-run figure (also saved as ``gradient_flow.png``) and the summary table."""
-        if self._closed():
-            return
-        self._checksums.cover(self.writer)
+        if not self._closed():
+            self._checksummed(self._finish, run)
+
+    def _finish(self, run: RunSnapshot) -> None:
         self._findings, self._marks = run.findings, run.marks
         if run.records:
             self._last_step = max(self._last_step, run.last_step)
@@ -281,8 +293,14 @@ class TensorBoardReporter:
             self._checksums.undo()
 
     def flush(self) -> None:
-        """Write out the writer's queued events (a closed torch ``SummaryWriter`` stays closed)."""
-        self.writer.flush()
+        """Write out the writer's queued events (a closed torch ``SummaryWriter`` stays closed);
+        a monitor never closed flushes last: the writer then gets TensorBoard's own checksums
+        back."""
+        try:
+            self.writer.flush()
+        finally:
+            if self.unattended:
+                self._checksums.undo()
 
 
 def _median(values: np.ndarray) -> float:
