@@ -325,7 +325,7 @@ class GradientMonitor(MonitorResults, WatchControls):
         self._explainer.observe(record)
         findings = self.rules.update(record)
         if findings:
-            exploding = self.rules.reported("exploding")
+            exploding = self.rules.holding("exploding")
             findings = [self._explainer.explain(f, record, exploding) for f in findings]
         findings = self._replay.annotate(findings, record.step, replay)  # op and line of a NaN
         self._history.append(record)

@@ -60,9 +60,14 @@ def write_image(writer: Any, tag: str, pixels: np.ndarray, step: int) -> None:
     file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
+def is_torch_writer(writer: Any) -> bool:
+    """Whether ``writer`` is torch's ``SummaryWriter``, whose event file graddiag writes to
+    directly (any other writer gets its public ``add_*`` methods)."""
+    return (getattr(type(writer), "_get_file_writer", None) is not None
+            and type(writer).__module__.startswith("torch.utils.tensorboard"))
+
+
 def _torch_file_writer(writer: Any) -> Any:
-    """The ``FileWriter`` behind torch's ``SummaryWriter``, or ``None`` for any other writer."""
-    get = getattr(type(writer), "_get_file_writer", None)
-    if get is None or not type(writer).__module__.startswith("torch.utils.tensorboard"):
-        return None
-    return writer._get_file_writer()
+    """The ``FileWriter`` behind torch's ``SummaryWriter`` (opened again if it was closed), or
+    ``None`` for any other writer."""
+    return writer._get_file_writer() if is_torch_writer(writer) else None

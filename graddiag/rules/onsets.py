@@ -247,17 +247,12 @@ class Onsets:
         self._other_streak = dict(state["streak"])
         self._other_reported = set(state["reported"])
         # states saved before gaps were kept: a standing report that no longer holds is re-armed
-        self._other_gap = dict(state.get("gap", {}))
         if "gap" not in state:
             self._other_reported &= set(self._other_streak)
-        self._rearm_long_gaps()
-
-    def _rearm_long_gaps(self) -> None:
-        """Re-arm the reports outside the layer list whose gap already reaches the patience (a
-        state saved under a longer patience, loaded under a shorter one)."""
-        for key in [k for k, gap in self._other_gap.items() if gap >= self.patience]:
-            del self._other_gap[key]
-            self._other_reported.discard(key)
+        # a gap that already reaches this patience (saved under a longer one) is re-armed
+        gaps = state.get("gap", {})
+        self._other_gap = {k: gap for k, gap in gaps.items() if gap < self.patience}
+        self._other_reported -= {k for k, gap in gaps.items() if gap >= self.patience}
 
 
 _NO_ONSETS = np.zeros(0, dtype=np.int64)

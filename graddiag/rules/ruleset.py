@@ -45,7 +45,7 @@ class RuleSet:
         """Whether a condition of ``kind`` holds on the latest record (after its patience)."""
         return any(rule.active for rule in self.rules if rule.kind == kind)
 
-    def reported(self, kind: str) -> frozenset[str]:
+    def holding(self, kind: str) -> frozenset[str]:
         """The keys (layers) whose condition of ``kind`` was reported and holds on the latest
         record (a report standing through a short gap is not counted)."""
         return frozenset(key for rule in self.rules if rule.kind == kind
