@@ -193,7 +193,14 @@ def _two_writes(logdir: Path) -> None:
         for step in steps:
             writer.add_scalar("graddiag/grad_norm/net.0", value, step)
         writer.close()
-        time.sleep(0.05)
+        _next_second()
+
+
+def _next_second() -> None:
+    """Wait for the next whole second: event file names start with the second they were made in,
+    then a per-process writer counter, and TensorBoard reads a run's files in name order (two
+    writers made in one second can sort against their order of creation, 10 before 9)."""
+    time.sleep(1.01 - time.time() % 1)
 
 
 def test_report_keeps_the_value_written_last_for_a_step_written_twice(tmp_path: Path) -> None:
@@ -214,7 +221,7 @@ def test_a_run_started_again_in_the_same_directory_replaces_the_abandoned_one(
         for step in steps:
             writer.add_scalar("graddiag/grad_norm/net.0", value, step)
         writer.close()
-        time.sleep(0.05)
+        _next_second()
     scalars = read_logs(tmp_path).scalars
     assert scalars.step.tolist() == list(range(5)) and set(scalars.value) == {2.0}
 
