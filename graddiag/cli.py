@@ -112,18 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 def _fit(argv: list[str]) -> int:
     import warnings
 
-    from graddiag.data.errors import PatternMatchError
     from graddiag.lightning.fit import run_cli
 
     with warnings.catch_warnings():  # the arguments are sys.argv's own: nothing to warn about
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        try:
-            run_cli(["fit", *argv])
-        except PatternMatchError as error:  # found when fit sets up, not when parsed
-            text = str(error)
-            where = text if text.startswith(error.option) else f"{error.option}: {text}"
-            print(f"graddiag fit: error: --diagnostics.{where}", file=sys.stderr)
-            return EXIT_USAGE
+        run_cli(["fit", *argv])
     return EXIT_OK
 
 

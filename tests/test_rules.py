@@ -211,9 +211,9 @@ def test_an_explosion_that_ended_is_not_named_as_the_cause_of_a_later_vanishing(
     for step, norms in enumerate([[100.0, 1e5]] * 3 + [[1e-6, 1.0]] * 3):
         record = _two_layers(step, norms)
         explainer.observe(record)
+        found = rules.update(record)  # then the exploding layers, as the monitor reads them
         exploding = rules.holding("exploding")
-        said += [explainer.explain(f, record, exploding) for f in rules.update(record)
-                 if f.kind == "vanishing"]
+        said += [explainer.explain(f, record, exploding) for f in found if f.kind == "vanishing"]
         if step == 2:  # l1 exploding for 3 steps: reported, and it holds
             assert rules.holding("exploding") == {"l1"}
         if step >= 3:  # l1 back at 1.0: its report stands through the gap, but it no longer holds

@@ -921,6 +921,27 @@ def test_layers_behind_a_dead_relu_site_are_told_so_not_to_swap_sigmoid_for_relu
     assert "the rest comes from the weights' scale" not in vanishing.message
 
 
+def test_a_stalled_layer_with_no_gradient_anywhere_names_the_site_that_passes_none() -> None:
+    """Every gradient of the model is exactly 0 (so there is no largest one to compare with)
+    while weight decay still moves the last layer: the stalled first layer's finding names the
+    dead ReLU site between it and the loss."""
+    from graddiag.data.records import ActivationRecord
+    from graddiag.data.tree import ModuleTree
+    from graddiag.rules.explain import Explainer
+
+    acts = ActivationRecord(sites=["1"], kinds=["relu"], families=["rectifier"],
+                            saturated=np.zeros(1), dead=np.ones(1), gain=np.zeros(1),
+                            calls=np.ones(1), position=np.array([0.5]))
+    record = StepRecord(3, ["0", "2"], np.zeros(2), np.ones(2, dtype=bool), missing={},
+                        nonfinite={}, update_ratio=np.array([1e-9, 1e-3]), activations=acts)
+    explainer = Explainer(ModuleTree(("", "0", "1", "2"), "Sequential"))
+    explainer.observe(record)
+    (found,) = StalledRule(1e-6, 1e-3, 1, 1e-4).update(record)
+    stalled = explainer.explain(found, record)
+    assert found.layer == "0" and "exactly 0" in found.message
+    assert "Sites passing no gradient on the way: '1' (100% dead)" in stalled.message
+
+
 @pytest.mark.parametrize(
     ("lrs", "base", "expected"),
     [

@@ -18,15 +18,9 @@ class GradientAlarm(RuntimeError):
 
 class PatternMatchError(ValueError):
     """An ``include``/``exclude`` pattern that matches no layer of the model, or patterns that
-    leave no layer to monitor (found when the model is seen, not when the options are).
-
-    Attributes:
-        option: The option at fault: ``"include"``, ``"exclude"`` or ``"include/exclude"``.
+    leave no layer to monitor (found when the model is seen, not when the options are); the
+    message begins with the option at fault: ``include``, ``exclude`` or ``include/exclude``.
     """
-
-    def __init__(self, option: str, message: str) -> None:
-        self.option = option
-        super().__init__(message)
 
 
 class UnknownOptionError(ValueError, TypeError):

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from graddiag.data.errors import PatternMatchError
 from graddiag.data.options import OPTIONS, get_option, split_options
 from graddiag.lightning.callback import GradientDiagnostics
 from graddiag.measure.layers import discover_layers
@@ -71,11 +72,12 @@ class GraddiagCLI(LightningCLI):
         """Check the ``include``/``exclude`` patterns against the model now, before fit starts
         and a logger makes its version directory (a :class:`PatternMatchError` ends the
         command with one line)."""
-        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, GradientDiagnostics):
-                config = callback.config
-                if config.include is not None or config.exclude:
-                    discover_layers(self.model, config.include, config.exclude)
+        config = diagnostics_of(self).config
+        if config.include is not None or config.exclude:
+            try:
+                discover_layers(self.model, config.include, config.exclude)
+            except PatternMatchError as error:
+                _usage_error(f"--diagnostics.{error}")
 
     def _check_diagnostics(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -83,7 +85,7 @@ class GraddiagCLI(LightningCLI):
         trainer = config.get("trainer") or {}
         callbacks = trainer.get("callbacks") or []
         for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-            path = callback.get("class_path") if hasattr(callback, "get") else callback
+            path = callback.get("class_path")  # jsonargparse gives every entry its full path
             if isinstance(path, str) and _is_diagnostics(path):
                 _usage_error(f"trainer.callbacks lists {path}: graddiag fit adds the one "
                              "GradientDiagnostics itself; configure it in the diagnostics: "
@@ -102,8 +104,6 @@ def _is_diagnostics(class_path: str) -> bool:
     """Whether ``class_path`` names GradientDiagnostics or a subclass of it (``False`` when it
     does not import: LightningCLI says so itself)."""
     module, _, name = class_path.rpartition(".")
-    if not module:  # a bare class name
-        return name == GradientDiagnostics.__name__
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):

@@ -100,11 +100,10 @@ def discover_layers(
             for pattern in patterns:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
                     raise PatternMatchError(
-                        option, f"{option} pattern {pattern!r} matches no layer; layers are {all_names}"
-                    )
+                        f"{option} pattern {pattern!r} matches no layer; layers are {all_names}")
         if all_names and not any(_selected(n, include, exclude) for n in all_names):
             raise PatternMatchError(
-                "include/exclude", f"the patterns include={None if include is None else list(include)!r} and "
+                f"include/exclude: the patterns include={None if include is None else list(include)!r} and "
                 f"exclude={list(exclude)!r} left no layer to monitor; layers are {all_names}"
             )
     return LayerIndex([layer for layer in candidates if _selected(layer.name, include, exclude)])

@@ -187,7 +187,7 @@ class Explainer:
                   else remedies.VANISHING_WITHOUT_ACTIVATIONS)
         blocked = self.blocking(between)
         message = finding.message
-        if blocked and finding.details.get("grad_ratio_to_largest") == 0.0:  # exactly 0
+        if blocked and finding.details.get("grad_zero"):
             message = f"{message} Sites passing no gradient on the way: {blocked}."
         return dataclasses.replace(finding, message=message, remedy=ranked)
 

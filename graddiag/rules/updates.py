@@ -212,7 +212,8 @@ class StalledRule(OnsetRule):
             remedy=remedy,
             details={"fastest_layer": record.layers[top_pos], "fastest_ratio": top,
                      "learning_rate": lr, "largest_learning_rate": largest_lr,
-                     "grad_ratio_to_largest": grad_ratio, "cause": cause,
+                     "grad_ratio_to_largest": grad_ratio,
+                     "grad_zero": bool(record.grad_norm[i] == 0.0), "cause": cause,
                      "cause_kind": cause_kind,
                      # vanished on its own: 0, or below the vanishing rule's absolute floor
                      "grad_below_abs": bool(record.grad_norm[i] <= self.vanishing_abs),
