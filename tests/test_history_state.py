@@ -55,6 +55,7 @@ def _records(count: int) -> list[StepRecord]:
             amp_scale=None if i % 2 else 2.0 ** (16 - i),
             clipped=None if i % 3 == 0 else bool(i % 2),
             clip_value=0.25 * i if i % 3 == 0 else None,
+            clip_norm=None if i % 3 == 0 else 0.5 + i,
         ))
     return records
 
@@ -109,15 +110,17 @@ def test_every_field_of_every_record_round_trips_exactly() -> None:
     pd.testing.assert_frame_equal(loaded.activation_frame(), history.activation_frame())
 
 
-def test_a_column_state_saved_before_clip_value_loads_without_it() -> None:
+@pytest.mark.parametrize("column", ["clip_value", "clip_norm"])
+def test_a_column_state_saved_before_a_clipping_column_loads_without_it(column: str) -> None:
     from graddiag.pipeline.history_state import decode, encode
 
     originals = _records(7)
     state = encode(originals)
-    del state["clip_value"]  # as saved by the version before the column
+    del state[column]  # as saved by the version before the column
     loaded = decode(state)
     for i, (want, got) in enumerate(zip(originals, loaded, strict=True)):
-        _assert_same(dataclasses.replace(want, clip_value=None), got, f"record {i}")
+        _assert_same(dataclasses.replace(want, **{column: None}), got, f"record {i}")
+        assert got.clipping == want.clipping or column == "clip_value"  # clipped still says
 
 
 def test_state_is_a_few_tensors_whatever_the_number_of_records() -> None:
@@ -173,7 +176,8 @@ def _legacy_state(records: list[StepRecord]) -> dict[str, Any]:
 
 
 def test_the_previous_record_list_state_still_loads() -> None:
-    originals = [dataclasses.replace(r, clip_value=None) for r in _records(12)]  # not saved then
+    originals = [dataclasses.replace(r, clip_value=None, clip_norm=None)  # not saved then
+                 for r in _records(12)]
     buffer = io.BytesIO()
     torch.save(_legacy_state(originals), buffer)
     buffer.seek(0)
@@ -238,6 +242,6 @@ def test_the_state_format_covers_every_record_field() -> None:
         "step", "layers", "grad_norm", "has_grad", "missing", "nonfinite", "param_norm",
         "update_ratio", "activations", "grad_histograms", "optimizer", "measured", "amp_overflow",
         "amp_scale", "clipped", "param_count", "learning_rate", "orphaned", "base_learning_rate",
-        "clip_value"]
+        "clip_value", "clip_norm"]
     assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
         "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops", "position"]

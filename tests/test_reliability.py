@@ -148,11 +148,15 @@ class _ScaledLoss(DeepMLP):
         return super().training_step(batch, batch_idx) * 1e7
 
 
-@pytest.mark.parametrize("algorithm", ["value", "norm", None])
-def test_the_exploding_remedy_knows_which_clipping_is_on(algorithm: str | None) -> None:
+@pytest.mark.parametrize(("algorithm", "norm_type"),
+                         [("value", 2.0), ("norm", 2.0), (None, 2.0), ("norm", 1.0)])
+def test_the_exploding_remedy_knows_which_clipping_is_on(algorithm: str | None,
+                                                        norm_type: float) -> None:
+    """Also when graddiag's norms are 1-norms (it then cannot say whether the 2-norm clipping
+    acts, but still knows that clipping is on)."""
     from graddiag.rules import wording
 
-    cb, seen = GradientDiagnostics(print_summary=False), NaiveNorms()
+    cb, seen = GradientDiagnostics(print_summary=False, norm_type=norm_type), NaiveNorms()
     clipping = {} if algorithm is None else {"gradient_clip_val": 0.3,
                                              "gradient_clip_algorithm": algorithm}
     pl.seed_everything(0, verbose=False)

@@ -67,6 +67,8 @@ class StepRecord:
         clipped: Gradient clipping will rescale this step's gradients (``None``: no clipping by
             the global norm).
         clip_value: The threshold of gradient clipping by value on this step (``None``: none).
+        clip_norm: The threshold of gradient clipping by norm on this step (``None``: none);
+            ``clipped`` says whether it acts (known for the 2-norm only).
         param_count: Elements per layer behind ``param_norm`` (with it, the weights' RMS), or
             ``None`` on steps without parameter statistics.
         learning_rate: Per-layer learning rate (the largest over the param groups holding the
@@ -99,12 +101,13 @@ class StepRecord:
     orphaned: dict[str, list[str]] | None = None
     base_learning_rate: np.ndarray | None = None
     clip_value: float | None = None
+    clip_norm: float | None = None
 
     @property
     def clipping(self) -> str | None:
         """Which gradient clipping follows this step's measurement: ``"norm"``, ``"value"``,
         or ``None``."""
-        if self.clipped is not None:
+        if self.clip_norm is not None or self.clipped is not None:  # (states from before clip_norm)
             return "norm"
         return None if self.clip_value is None else "value"
 

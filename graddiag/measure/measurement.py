@@ -308,6 +308,7 @@ class StepMeasurement:
             amp_scale=float(host["amp_scale"][0]) if "amp_scale" in host else None,
             clipped=clipped,
             clip_value=clip_value,
+            clip_norm=clip_norm,
             param_count=param_count,
             learning_rate=learning_rate,
             base_learning_rate=None if view is None else view.base_learning_rate,

@@ -203,7 +203,7 @@ class NormRows:
             records.append(StepRecord(step=step, layers=self.layers, grad_norm=grad_norm,
                                       has_grad=has_grad, missing=missing, optimizer=optimizer,
                                       nonfinite=nonfinite, clipped=clipped,
-                                      clip_value=clip_value))
+                                      clip_value=clip_value, clip_norm=clip_norm))
         return records
 
     def clear(self) -> None:

@@ -105,6 +105,8 @@ def encode(records: list[StepRecord]) -> dict[str, Any]:
                                torch.int8)
     state["clip_value"] = _ragged([None if r.clip_value is None else np.array([r.clip_value])
                                    for r in records])
+    state["clip_norm"] = _ragged([None if r.clip_norm is None else np.array([r.clip_norm])
+                                  for r in records])
     state["grad_norm"] = _ragged([r.grad_norm for r in records])
     state["has_grad"] = _ragged([r.has_grad for r in records])
     state["param_norm"] = _ragged([r.param_norm for r in records])
@@ -169,6 +171,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
     amp_scale = _unragged(state["amp_scale"])
     clipped = state["clipped"].tolist()
     clip_value = _unragged(state["clip_value"]) if "clip_value" in state else [None] * count
+    clip_norm = _unragged(state["clip_norm"]) if "clip_norm" in state else [None] * count
     missing: list[dict[int, list[str]]] = [{} for _ in range(count)]
     start = 0
     for record, position, n in state["missing"]["rows"].tolist():
@@ -189,7 +192,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
             steps, state["optimizer"].tolist(), state["layers"].tolist(),
             state["amp_overflow"].tolist())):
         histograms = arrays["grad_histograms"][i]
-        scale, by_value = amp_scale[i], clip_value[i]
+        scale, by_value, by_norm = amp_scale[i], clip_value[i], clip_norm[i]
         records.append(StepRecord(
             step=step, layers=layer_lists[layers_id], grad_norm=_given(arrays["grad_norm"][i]),
             has_grad=_given(arrays["has_grad"][i]), missing=missing[i], nonfinite=nonfinite[i],
@@ -203,6 +206,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
             base_learning_rate=arrays["base_learning_rate"][i],
             orphaned=orphaned[i],
             clip_value=None if by_value is None else float(by_value[0]),
+            clip_norm=None if by_norm is None else float(by_norm[0]),
         ))
     return records
 
