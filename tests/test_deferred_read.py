@@ -111,6 +111,7 @@ def test_a_step_with_a_replay_closure_is_read_on_the_step() -> None:
     report = monitor.step(replay=lambda: model(torch.randn(16, 4)).square().mean())
     assert report.recorded and report.step == 0
     _backward(model, 1)
-    assert monitor.step().record is None  # without a closure: deferred (kept for its block)
+    kept = monitor.step()  # without a closure: deferred (kept for its block)
+    assert kept.recorded and kept.record is None
     monitor.close()
     assert [r.step for r in monitor._history.records] == [0, 1]

@@ -187,7 +187,8 @@ class NaiveSchedule:
         return step % self.gradients == 0 or self.reads_more(step) or self.copies(step)
 
     def keeps(self, step: int) -> bool:
-        return (step % self.gradients == 0 and step > self.start and not self.front(step)
+        # never the monitor's first step; steps before it (a rollback) are kept as any other
+        return (step % self.gradients == 0 and step != self.start and not self.front(step)
                 and not self.reads_more(step))
 
     def copies_only(self, step: int) -> bool:
@@ -310,3 +311,13 @@ def test_a_loop_monitor_front_loads_from_the_first_step_it_is_given() -> None:
     assert fresh.state_dict()["first_step"] is None and fresh.measures(70)
     assert fresh.schedule.start == 70 and fresh.schedule.records_activations(74)
     fresh.close()
+    # a monitor that has begun, given the state of one that saw no step: starts anew
+    unstarted = GradientMonitor(build_mlp(64, 10, depth=3, width=16, activation="tanh"),
+                                reporters=[]).state_dict()
+    begun = GradientMonitor(build_mlp(64, 10, depth=3, width=16, activation="tanh"),
+                            reporters=[])
+    assert begun.measures(5) and begun.first_step == 5
+    begun.load_state_dict(unstarted)
+    assert begun.first_step is None
+    assert begun.measures(300) and begun.first_step == 300 and begun.schedule.records_activations(304)
+    begun.close()

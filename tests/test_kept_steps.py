@@ -149,7 +149,7 @@ def test_sent_blocks_travel_in_one_copy_each_and_hold_each_layers_norm(
     monkeypatch.setattr(rows, "HostCopy", counted)
     monitor, reports, references = _run(13, norm_type=norm_type, evaluate_every_n_records=4,
                                          deferred=True)
-    assert copies == [4, 4, 4]  # steps 1-4, 5-8, 9-12 (the last one sent on close)
+    assert copies == [4, 4, 4]  # steps 1-4, 5-8, 9-12, each sent when full (read on close)
     # step 0 is measured in full, read on step 1; a block sent on step 4 is judged on step 5
     judged = {s: r.record.step for s, r in enumerate(reports) if r.record is not None}
     assert judged == {1: 0, 5: 4, 9: 8}
@@ -364,7 +364,7 @@ def test_sent_blocks_follow_freezing_as_steps_read_on_the_step_do(zeroing: str,
     on_step = _freeze_run(None, zeroing, frozen)
     sent = _freeze_run(True, zeroing, frozen)
     assert [r.step for r in sent.records] == list(range(16))
-    for a, b in zip(on_step.records, sent.records):
+    for a, b in zip(on_step.records, sent.records, strict=True):
         assert a.layers == b.layers and a.missing == b.missing
         np.testing.assert_array_equal(a.has_grad, b.has_grad)
         np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-6)

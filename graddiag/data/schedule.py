@@ -40,11 +40,11 @@ class Schedule:
         before ``start``, as in a run rolled back past where the monitor began)."""
         return self.start <= step < self.start + self.early
 
-    @property
-    def first_plain(self) -> int:
-        """The first step that may be kept for a block: after the front-loaded steps and after
-        the monitor's first step (where learning rates and optimizer coverage are read)."""
-        return max(self.start + 1, self.start + self.early)
+    def first_steps(self, step: int) -> bool:
+        """One of the monitor's first steps, never kept for a block: the front-loaded ones and
+        at least the first (where learning rates and optimizer coverage are read). Steps before
+        ``start`` (a run rolled back past it) are not."""
+        return self.start <= step < max(self.start + 1, self.start + self.early)
 
     @classmethod
     def from_config(cls, config: MonitorConfig) -> Schedule:
@@ -105,7 +105,7 @@ class Schedule:
         on the host (no parameter statistics, activations or histograms; a weight copy for the
         next parameter step is taken on the device), and not one of the first steps (where
         learning rates and optimizer coverage are read)."""
-        return (step >= self.first_plain and step % self.gradients == 0
+        return (not self.first_steps(step) and step % self.gradients == 0
                 and not self._reads_beyond_gradients(step, lookahead))
 
     def copies_only(self, step: int, lookahead: int = 1) -> bool:

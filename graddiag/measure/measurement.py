@@ -15,7 +15,7 @@ from graddiag.measure.activations.packing import ActivationPack
 from graddiag.measure.histograms import HistogramProbe
 from graddiag.measure.layers import LayerIndex
 from graddiag.measure.live_layers import LiveLayers
-from graddiag.measure.norms import GradientProbe, GradientReading
+from graddiag.measure.norms import GradientProbe, GradientReading, clipping_acts
 from graddiag.measure.rows import NormRows, SentRows
 from graddiag.measure.transfer import HostCopy
 from graddiag.measure.updates import UpdateTracker, UpdateView
@@ -133,7 +133,8 @@ class StepMeasurement:
             self._next_keep = step + 2 ** self._failed_keeps
             return False
         without = rows.last_without_gradient()
-        if without != self._without and any(without):  # a parameter may have been frozen
+        # a parameter may have been frozen (sent rows compared every flag already)
+        if not sent and without != self._without and any(without):
             if self.live.flags_changed():
                 rows.drop_last()  # it was: the layers change, and this step is measured in full
                 return False
@@ -188,10 +189,7 @@ class StepMeasurement:
     def take_kept(self) -> list[StepRecord]:
         """The records of the kept steps, sent or not, oldest first (none are kept
         afterwards)."""
-        if self.sends_kept:
-            self.send_kept()
-        records = self.take_sent()
-        return records + ([] if self._rows is None else self._rows.take())
+        return self.take_sent() + ([] if self._rows is None else self._rows.take())
 
     def discard_kept(self) -> None:
         """Forget the kept steps without making their records (a checkpoint was loaded)."""
@@ -287,9 +285,7 @@ class StepMeasurement:
                     grad_norm = grad_norm.astype(np.float64)
                     for lid, norm in probe.exact_norms(overflowed).items():
                         grad_norm[lid] = norm
-        clipped = None
-        if clip_norm is not None and self.norm_type == 2.0:
-            clipped = bool(np.sqrt(np.sum(np.square(grad_norm[has_grad]))) > clip_norm)
+        clipped = clipping_acts(grad_norm, has_grad, clip_norm, self.norm_type)
         return StepRecord(
             step=step,
             layers=layers,

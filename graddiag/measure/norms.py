@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -39,12 +40,30 @@ class GradientReading:
     def nonfinite_tensors(self, values: np.ndarray) -> dict[int, dict[str, int]]:
         """``{layer: {parameter: -1}}`` for the tensors whose host-side norm ``values`` (the
         :attr:`tensor_norms` concatenated) are NaN/Inf; -1: the elements were not counted."""
-        result: dict[int, dict[str, int]] = {}
         lids = [lid for group_lids, _ in self.tensor_keys for lid in group_lids]
         names = [name for _, group_names in self.tensor_keys for name in group_names]
-        for i in np.flatnonzero(~np.isfinite(values)).tolist():
-            result.setdefault(lids[i], {})[names[i]] = -1
-        return result
+        return nonfinite_parameters(values, lids, names)
+
+
+def nonfinite_parameters(values: np.ndarray, layer_ids: Sequence[int] | np.ndarray,
+                         names: Sequence[str]) -> dict[int, dict[str, int]]:
+    """``{layer: {parameter: -1}}`` for the parameters whose norm in ``values`` is NaN/Inf
+    (``layer_ids[i]`` and ``names[i]`` say whose ``values[i]`` is); -1: the elements were not
+    counted (a norm read later, or sent, no longer has them)."""
+    result: dict[int, dict[str, int]] = {}
+    for i in np.flatnonzero(~np.isfinite(values)).tolist():
+        result.setdefault(int(layer_ids[i]), {})[names[i]] = -1
+    return result
+
+
+def clipping_acts(grad_norm: np.ndarray, has_grad: np.ndarray, clip_norm: float | None,
+                  norm_type: float) -> bool | None:
+    """Whether clipping the global 2-norm to ``clip_norm`` will rescale the gradients whose
+    per-layer norms these are (``None``: no clipping by norm, or not 2-norms to tell by)."""
+    if clip_norm is None or norm_type != 2.0:
+        return None
+    measured = grad_norm[has_grad]
+    return bool(math.sqrt(float(np.dot(measured, measured))) > clip_norm)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from graddiag.data.records import StepRecord
-from graddiag.measure.norms import GradientProbe
+from graddiag.measure.norms import GradientProbe, clipping_acts, nonfinite_parameters
 from graddiag.measure.transfer import HostCopy
 
 # step, optimizer, clip norm, clip value, and the row positions of parameters without a gradient
@@ -189,17 +189,11 @@ class NormRows:
                 has_grad, names = self._without_gradient(absent)
                 missing = {layer: list(params) for layer, params in names.items()}
                 grad_norm[~has_grad] = np.nan
-            nonfinite: dict[int, dict[str, int]] = {}
-            # which tensors: -1, the elements were not counted (they are gone); a float32 norm
-            # that overflowed on finite elements cannot be told apart any more, either
-            if not ok:
-                for i in np.flatnonzero(~np.isfinite(row)).tolist():
-                    nonfinite.setdefault(int(self.probe.row_layers[i]), {})[
-                        self.probe.row_names[i]] = -1
-            clipped = None
-            if clip_norm is not None and self.norm_type == 2.0:
-                measured = grad_norm[has_grad]
-                clipped = bool(math.sqrt(float(np.dot(measured, measured))) > clip_norm)
+            # which tensors (a float32 norm that overflowed on finite elements cannot be told
+            # apart any more, either)
+            nonfinite = ({} if ok else
+                         nonfinite_parameters(row, self.probe.row_layers, self.probe.row_names))
+            clipped = clipping_acts(grad_norm, has_grad, clip_norm, self.norm_type)
             records.append(StepRecord(step=step, layers=self.layers, grad_norm=grad_norm,
                                       has_grad=has_grad, missing=missing, optimizer=optimizer,
                                       nonfinite=nonfinite, clipped=clipped,
@@ -219,19 +213,10 @@ class SentRows:
         self.rows = rows
         self.kept = kept
         self._copy = copy
-        self._values: np.ndarray | None = None
-
-    def values(self) -> np.ndarray:
-        """The block's rows on the host, ``(steps, parameters)`` in the rows' dtype."""
-        if self._values is None:
-            # back in the rows' dtype (exactly: the copy widened it), so the per-layer norms
-            # are combined as on a step measured in full
-            flat = self._copy.result()[0].astype(self.rows.dtype)
-            self._values = flat.reshape(len(self.kept), -1)
-        return self._values
 
     def records(self) -> list[StepRecord]:
         """The block's records, oldest first (see :meth:`NormRows.records`)."""
-        if not self.kept:
-            return []
-        return self.rows.records(self.values(), self.kept)
+        # back in the rows' dtype (exactly: the copy widened it), so the per-layer norms are
+        # combined as on a step measured in full
+        values = self._copy.result()[0].astype(self.rows.dtype).reshape(len(self.kept), -1)
+        return self.rows.records(values, self.kept)

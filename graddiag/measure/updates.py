@@ -171,7 +171,7 @@ class UpdateTracker:
 
     def checks_optimizers_on(self, step: int) -> bool:
         """Learning rates and coverage: on parameter steps, and on the first steps of a run."""
-        return bool(self._optimizers) and (step < self.schedule.first_plain
+        return bool(self._optimizers) and (self.schedule.first_steps(step)
                                            or self.is_param_step(step))
 
     # ----------------------------------------------------------------- device side

@@ -29,11 +29,17 @@ class WatchControls:
             self._begun = True
             self.schedule.start = step
 
+    @property
+    def first_step(self) -> int | None:
+        """The first step this monitor saw (its front-loaded steps count from there), or
+        ``None`` before it has seen one."""
+        return self.schedule.start if self._begun else None
+
     def _restore_start(self, first: int | None) -> None:
         """The first step of the run a saved state belongs to (its front-loaded steps are
         behind it); ``None``: that monitor saw no step, so the next one seen is the first."""
+        self._begun = first is not None
         if first is not None:
-            self._begun = True
             self.schedule.start = first
 
     def watch_activations(self, step: int | None = None) -> AbstractContextManager[None]:

@@ -21,7 +21,7 @@ def monitor_state(monitor: GradientMonitor) -> dict[str, Any]:
     ``weights_only=True``). A pending deferred read is evaluated first."""
     monitor.flush()
     return {"next_step": monitor._next_step,
-            "first_step": monitor.schedule.start if monitor._begun else None,
+            "first_step": monitor.first_step,
             "skipped_steps": monitor.skipped_steps,
             "rules": monitor.rules.state_dict(),
             "findings": [f.to_dict() for f in monitor.findings],
