@@ -226,7 +226,19 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
 }
 
 
-def overhead_table(steps: int, device: str = "cuda",
+def chosen_models(words: str) -> dict[str, Any]:
+    """The models of :data:`MODELS` whose names contain one of the comma-separated ``words``
+    (``--models``); a word that names none is an error."""
+    chosen = [word.strip().lower() for word in words.split(",") if word.strip()]
+    unknown = [word for word in chosen if not any(word in name.lower() for name in MODELS)]
+    if unknown or not chosen:
+        raise SystemExit(f"gpu_check.py: error: --models {words!r}: {unknown or 'nothing'} "
+                         "names no model; allowed: mlp, transformer")
+    return {name: spec for name, spec in MODELS.items()
+            if any(word in name.lower() for word in chosen)}
+
+
+def overhead_table(steps: int, models: dict[str, Any],
                    json_path: Path | None = None) -> dict[str, Any]:
     """The overhead table on this GPU (see the module docstring); each group's numbers are
     also written to ``json_path`` as soon as they are measured."""
@@ -251,13 +263,14 @@ def overhead_table(steps: int, device: str = "cuda",
                          "graddiag, activations and parameters off",
                          "graddiag, replay_nonfinite=False",
                          "Lightning grad_norm + log_dict every step"]
-    card = torch.cuda.get_device_name() if device == "cuda" else device
+    device = "cuda"
+    card = torch.cuda.get_device_name()
     results: dict[str, Any] = {"device": card, "torch": torch.__version__, "steps": steps,
                                "groups": {}}
     print(f"\nOverhead on {card} (torch {torch.__version__}); mean step time over plain's, "
           f"{steps} timed steps per configuration, blocks of 20 steps interleaved, device sync "
           "at block boundaries")
-    for model_name, (fn, batch, features) in MODELS.items():
+    for model_name, (fn, batch, features) in models.items():
         for dtype_name, autocast, precision in (("fp32", None, "32-true"),
                                                 ("bf16", torch.bfloat16, "bf16-mixed")):
             groups = {
@@ -383,11 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     run_check("on_nonfinite='skip' decides on the step itself", skip_decides_on_the_step)
     print("FAILED: " + ", ".join(FAILURES) if FAILURES else "all GPU checks passed")
     if not args.no_overhead:
-        chosen = args.models.split(",")
-        for name in list(MODELS):
-            if not any(word in name.lower() for word in chosen):
-                del MODELS[name]
-        overhead_table(args.steps, json_path=args.json)
+        overhead_table(args.steps, chosen_models(args.models), json_path=args.json)
     return 1 if FAILURES else 0
 
 

@@ -148,7 +148,6 @@ LIGHTNING_CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "graddiag, replay_nonfinite=False": _diagnostics(replay_nonfinite=False),
     "graddiag everything every step": _diagnostics(activation_every_n_steps=1,
                                                    param_every_n_steps=1),
-    "graddiag defaults + histograms every 10 steps": _diagnostics(histogram_every_n_steps=10),
     "Lightning grad_norm + log_dict every step": lambda: [LightningRecipe()],
     "histogram hooks -> TensorBoard, every 10 steps": lambda: [HistogramHooks(10)],
     "histogram hooks -> TensorBoard, every step": lambda: [HistogramHooks(1)],

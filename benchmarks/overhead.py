@@ -75,13 +75,13 @@ def run_group(label: str, measure: Callable[[], dict[str, dict[str, float]]],
 
 
 def verdicts(results: dict[str, Any]) -> None:
-    """The targets, read off this run. Inside Lightning the defaults also draw gradient-flow
+    """The targets, read off this run. Inside Lightning graddiag also draws gradient-flow
     figures on multiples of 500 steps while they, the next one included, stay within 0.25 % of
     the wall time since the first step; a window of a few hundred steps holds none, so their
     bound is added before comparing: figures taking 0.25 % of the time make the mean step
     1 / (1 - 0.0025) times longer."""
-    say("\nTargets (mean ratios; floor = one _foreach_norm per step; Lightning defaults "
-        "with the figures at their bound, 0.25 % of the wall time):")
+    say("\nTargets (mean ratios; floor = one _foreach_norm per step; inside Lightning with "
+        "the figures at their bound, 0.25 % of the wall time):")
     for model, groups in results["models"].items():
         for label, group in groups.items():
             rows = group["rows"]
@@ -95,7 +95,8 @@ def verdicts(results: dict[str, Any]) -> None:
             line = (f"  {model}, {label}: defaults {defaults:.3f} vs floor {floor:.3f} + "
                     f"{margin:.2f} -> {'met' if defaults <= floor + margin else 'MISSED'}")
             if EVERY10 in rows and not label.startswith("hand-written"):
-                every = rows[EVERY10]["mean"]
+                every = rows[EVERY10]["mean"] / (1.0 - FIGURE_TIME_SHARE)  # it draws them too
+                group["every10_with_figure"] = every
                 line += f"; every_n_steps=10 {every:.3f} <= 1.01 -> {'met' if every <= 1.01 else 'MISSED'}"
             say(line + f" (A/A {rows[AA]['mean']:.3f})")
 
@@ -173,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             fn, repeats=20 if args.quick else 200)
         say(f"  {name}: {int(w['values'])} values: one add_scalar per key "
             f"{w['add_scalar per key']:.3f} ms, one event {w['one event']:.3f} ms "
-            f"({w['add_scalar per key'] / w['one event']:.1f}x less), one event with its "
-            f"checksums in C {w['one event, checksums in C']:.3f} ms "
-            f"({w['add_scalar per key'] / w['one event, checksums in C']:.1f}x less)")
+            f"({w['add_scalar per key'] / w['one event']:.1f}x less)"
+            + (f", one event with its checksums in C {w['one event, checksums in C']:.3f} ms "
+               f"({w['add_scalar per key'] / w['one event, checksums in C']:.1f}x less)"
+               if "one event, checksums in C" in w else ", checksums in C not available"))
 
     say("\nHost work of an ordinary recorded step against the fused read alone (the .grad "
         "list, one _foreach_norm, stacked; 16x16 linear layers side by side, monitor.step() "

@@ -114,3 +114,24 @@ def test_blocks_benchmark_runs() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if "graddiag" in line]
     assert len(rows) == 4 and all(float(row[-2]) > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_lightning_hooks_benchmark_runs() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lightning_hooks.py"),
+                             "--steps", "330"], capture_output=True, text=True, timeout=300,
+                            env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    hooks = [line.split() for line in lines if line.startswith("  on_")]
+    assert len(hooks) == 5 and all(float(row[-1]) > 0 for row in hooks)
+    assert any(line.startswith("the same calls warm") for line in lines)
+    assert any(line.startswith("findings: ") for line in lines)
+
+
+def test_gpu_check_rejects_a_model_name_it_does_not_have() -> None:
+    from benchmarks.gpu_check import chosen_models
+
+    assert [name.split()[1] for name in chosen_models("mlp")] == ["MLP"]
+    with pytest.raises(SystemExit, match="'mpl'.*names no model; allowed: mlp, transformer"):
+        chosen_models("mlp,mpl")
