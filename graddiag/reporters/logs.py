@@ -21,8 +21,8 @@ class LogData:
         scalars: Long format: ``run``, ``tag``, ``statistic``, ``layer``, ``step``, ``value``;
             per run and tag, steps in increasing order, each once: where the events of a tag
             go back to an earlier step (a run resumed from a checkpoint, or started again, in
-            the same directory), the earlier events from that step on are dropped, as
-            TensorBoard purges orphaned data.
+            the same directory), the earlier events from that step on are dropped (TensorBoard
+            does so only after a restart marker, which torch's writer does not write).
         findings: ``run`` plus the columns of the findings table (kind, layer, step, ...).
         texts: ``{(run, tag): latest text}``.
         images: ``{run: [image tags]}``.
