@@ -35,7 +35,7 @@ from graddiag.reporters.budget import DEFAULT_FIGURE_EVERY, FIGURE_TIME_SHARE
 from graddiag.reporters.checksums import CChecksums
 from graddiag.reporters.events import write_scalars
 from graddiag.reporters.figures import flow_profile
-from graddiag.reporters.scalars import scalar_metrics
+from graddiag.reporters.scalars import event_metrics
 from graddiag.reporters.tensorboard import TensorBoardReporter
 from graddiag.rules.ruleset import RuleSet
 
@@ -215,7 +215,7 @@ def scalar_write_cost(model_fn: Callable[[], nn.Module], repeats: int = 200) -> 
         F.cross_entropy(model(torch.randn(64, 256)), torch.randint(0, 10, (64,))).backward()
         monitor.step()
     monitor.close()
-    metrics = scalar_metrics(monitor.records[-1], "graddiag/", 0)
+    metrics = event_metrics(monitor.records[-1], "graddiag/", 0)  # what a logging step writes
     out: dict[str, float] = {"values": float(len(metrics))}
     with tempfile.TemporaryDirectory() as logdir:
         labels: tuple[str, ...] = ("add_scalar per key", "one event")

@@ -75,3 +75,28 @@ def log10_metrics(metrics: dict[str, float], prefix: str) -> dict[str, float]:
         if name.startswith(LOG10_STATISTICS) and value > 0 and math.isfinite(value):
             logs[f"{prefix}log10_{name}"] = math.log10(value)
     return logs
+
+
+def event_metrics(record: StepRecord, prefix: str, active_findings: int,
+                  skipped_steps: int = 0) -> dict[str, float]:
+    """What graddiag's TensorBoard event of a logging step carries: :func:`scalar_metrics`, the
+    layer-norm margin chart's three (``{prefix}layer_norm/median``, ``/min``, ``/max`` over the
+    layers with a finite gradient) and :func:`log10_metrics` of them all."""
+    metrics = scalar_metrics(record, prefix, active_findings, skipped_steps)
+    finite = record.grad_norm[record.has_grad & np.isfinite(record.grad_norm)]
+    if finite.size:
+        metrics[f"{prefix}layer_norm/median"] = _median(finite)
+        metrics[f"{prefix}layer_norm/min"] = float(finite.min())
+        metrics[f"{prefix}layer_norm/max"] = float(finite.max())
+    metrics.update(log10_metrics(metrics, prefix))
+    return metrics
+
+
+def _median(values: np.ndarray) -> float:
+    """The median of a non-empty array, from one sort (``np.median`` partitions instead, and on
+    the cold caches a training step leaves that costs about 0.1 ms more per logging step)."""
+    ordered = np.sort(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[middle])
+    return (float(ordered[middle - 1]) + float(ordered[middle])) / 2
