@@ -14,6 +14,7 @@ of a step kept to be judged in a block, the whole step). Usage::
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -119,7 +120,8 @@ def main() -> int:
 
 
 def parts_in_training(steps: int = 500) -> None:
-    """The ordinary step part by part, inside training: plain, the floor, the read and its host
+    """The ordinary step part by part, inside training: plain, the floor, the floor's norms
+    stacked into a row and checked finite (the least a kept row needs), the read and its host
     copy, the read, copy and record, a kept plain step's row (its records made eight at a time,
     not judged), and the whole gradients-only ``monitor.step()`` (kept steps judged in blocks),
     taking turns every step on one model (the order rotating each round); mean extra over
@@ -142,10 +144,17 @@ def parts_in_training(steps: int = 500) -> None:
         if measurement.kept_full:
             measurement.take_kept()
     params = list(model.parameters())
+    row = torch.zeros(len(params))
+    row_values = memoryview(row.numpy())
+
+    def checked_row(step: int) -> bool:  # the least a kept row needs: stacked, checked finite
+        torch.stack(torch._foreach_norm([p.grad for p in params]), out=row)
+        return math.isfinite(sum(row_values))
     configs: dict[str, Callable[[int], object]] = {
         "plain": lambda step: None,
         "the floor (.grad list, _foreach_norm)":
             lambda step: torch._foreach_norm([p.grad for p in params if p.grad is not None]),
+        "the floor stacked into a row, checked finite": checked_row,
         "the read and its one host copy":
             lambda step: HostCopy([probe.read().layer_norms]).result(),
         "the read, the copy and the record": lambda step: measurement.start(step + 1)(),
