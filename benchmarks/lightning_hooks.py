@@ -8,7 +8,10 @@ judge no block and measure nothing beyond the gradients; the median over them is
 the same calls repeated warm (back to back on one step's state) for comparison. Then the
 run's findings: how many, and on how many steps.
 
-    python benchmarks/lightning_hooks.py [--steps 520]
+    python benchmarks/lightning_hooks.py [--steps 520] [--no-replay]
+
+``--no-replay`` runs with ``replay_nonfinite=False``: no batch reference or random state kept
+at each batch start.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def diagnostics(trainer: pl.Trainer) -> GradientDiagnostics:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=520)
+    parser.add_argument("--no-replay", action="store_true",
+                        help="replay_nonfinite=False (no batch or random state kept per step)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     timed.wrap(GradientProbe, "read_row", "fused read into the row (GradientProbe.read_row)")
     timed.wrap(GradientMonitor, "_judge", "judging")
     clock = _Clock(timed)
-    cb = GradientDiagnostics(print_summary=False)
+    cb = GradientDiagnostics(print_summary=False, replay_nonfinite=not args.no_replay)
     pl.seed_everything(0, verbose=False)
     try:
         with tempfile.TemporaryDirectory() as logdir:
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     judged = timed.seconds["judging"]
     ordinary = [s for s in range(20, args.steps) if s % 10 and s % 50 != 49
                 and judged.get(s, 0.0) < 5e-6]
-    print(f"MLP 20x256, Lightning, {args.steps} steps, {len(ordinary)} ordinary steps; "
+    print(f"MLP 20x256, Lightning{', replay_nonfinite=False' if args.no_replay else ''}, "
+          f"{args.steps} steps, {len(ordinary)} ordinary steps; "
           "median us per ordinary step (timers add about 1 us each):")
     total = 0.0
     for label in (*HOOKS, "fused read into the row (GradientProbe.read_row)"):

@@ -104,7 +104,7 @@ def test_cold_calls_benchmark_runs() -> None:
                             capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     parts = result.stdout.split("part by part")[-1].splitlines()[1:]
-    assert len(parts) == 5 and all(line.split()[-1].lstrip("-").isdigit() for line in parts)
+    assert len(parts) == 6 and all(line.split()[-1].lstrip("-").isdigit() for line in parts)
 
 
 @pytest.mark.slow
@@ -117,12 +117,14 @@ def test_blocks_benchmark_runs() -> None:
 
 
 @pytest.mark.slow
-def test_lightning_hooks_benchmark_runs() -> None:
+@pytest.mark.parametrize("extra", [[], ["--no-replay"]])
+def test_lightning_hooks_benchmark_runs(extra: list[str]) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lightning_hooks.py"),
-                             "--steps", "330"], capture_output=True, text=True, timeout=300,
-                            env=ENV)
+                             "--steps", "330", *extra], capture_output=True, text=True,
+                            timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
+    assert ("replay_nonfinite=False" in lines[0]) == bool(extra)
     hooks = [line.split() for line in lines if line.startswith("  on_")]
     assert len(hooks) == 5 and all(float(row[-1]) > 0 for row in hooks)
     assert any(line.startswith("the same calls warm") for line in lines)
