@@ -17,6 +17,7 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import ActivationRecord, StepRecord
 from graddiag.data.tree import ModuleTree
 from graddiag.rules import wording as remedies
+from graddiag.rules.attention import score_projection, scores_note
 
 #: Below this share of the shrink (in orders of magnitude) the sigmoid/tanh sites between a
 #: vanishing layer and the loss are not what to change first: a single tanh of gain 0.9 in front
@@ -176,7 +177,15 @@ class Explainer:
     def _stalled_by_its_gradient(self, finding: Finding) -> Finding:
         """A layer stalled because its gradient vanished: the remedies ranked by what sits
         between it and the loss, as for a ``vanishing`` finding; for a gradient of exactly 0,
-        the sites that pass none named."""
+        the sites that pass none named; at an attention query or key projection, why the
+        attention scores keep its gradient small."""
+        projection = (None if finding.details.get("grad_zero")
+                      else score_projection(finding.layer, self.tree))
+        if projection is not None:
+            return dataclasses.replace(
+                finding, message=f"{finding.message} {scores_note(finding.layer, projection)}",
+                remedy=remedies.ATTENTION_SCORES,
+                details={**finding.details, **projection.details()})
         between = self.between(finding.layer)
         if between is None:
             return finding
@@ -236,6 +245,8 @@ class Explainer:
                 details={**details, "largest_exploding": True})
         acts = self.activations
         between = self.between(finding.layer)
+        # an attention query/key projection: the scores' softmax, not the weights, shrank it
+        projection = score_projection(finding.layer, self.tree) if finding.value > 0.0 else None
         if finding.value == 0.0:
             zero_ops = {m: ops for m, ops in self.cut_ops.items()
                         if any("zero derivative" in op for op in ops)}
@@ -258,6 +269,8 @@ class Explainer:
                 kinds_text = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
                 rest = (" (the rest comes from the weights' scale, i.e. initialisation)"
                         if measured > 0.0 else "")
+                if projection is not None:
+                    rest = " (the rest comes from the attention scores)"
                 notes.append(
                     f"Between this layer and the loss: {kinds_text} site(s), mean derivative "
                     f"{mean_gain:.3g}: expected shrink from the activations alone "
@@ -266,12 +279,16 @@ class Explainer:
                 details.update(sites_between=len(between), mean_gain=mean_gain,
                                expected_shrink=expected, activation_kinds=dict(kinds))
                 ranked = _remedy_behind(acts, between, measured)
-            else:
+            elif projection is None:
                 notes.append(
                     "No activation sits between this layer and the loss: the shrink comes from "
                     "the weights (initialisation scale too small) or the loss itself."
                 )
                 ranked = remedies.VANISHING_WITHOUT_ACTIVATIONS
+        if projection is not None:
+            notes.append(scores_note(finding.layer, projection))
+            details.update(projection.details())
+            ranked = remedies.ATTENTION_SCORES
         message = finding.message
         moving = self.still_moving(finding.layer, finding.value)
         if moving is not None:

@@ -136,6 +136,36 @@ def test_bert_trains_without_alarms_and_a_starved_layer_is_found() -> None:
     assert [(f.kind, f.layer, f.step) for f in run.findings] == [("vanishing", starved_name, step)]
 
 
+def test_a_narrow_bert_s_vanishing_query_and_key_are_explained_by_the_attention_scores() -> None:
+    """At hidden size 32 (head size 16) with BERT's 0.02 init, attention stays nearly uniform
+    over the first steps and the query and key projections get ~1e-5 of the classifier's
+    gradient: reported ``vanishing``, with the attention scores, not the weights, as the cause."""
+    from graddiag.rules import wording
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    run = train(model, _contains_token(model), 10, activation_every_n_steps=5)
+    names = [name for name, _ in model.named_modules()]
+    scores = {n for n in names if n.endswith((".attention.self.query", ".attention.self.key"))}
+    values = {n for n in names if n.endswith(".attention.self.value")}
+    assert len(scores) == 4 and len(values) == 2
+    for reference in run.references:  # from .grad in float64: query/key far below, value not
+        top = max(reference.values())
+        assert max(reference[n] for n in scores) < 1e-4 * top
+        assert min(reference[n] for n in values) > 1e-3 * top
+    assert {(f.kind, f.layer) for f in run.findings} == {("vanishing", n) for n in scores}
+    for finding in run.findings:
+        assert finding.remedy == wording.ATTENTION_SCORES
+        assert finding.details["attention_projection"] == finding.layer.rsplit(".", 1)[1]
+        assert finding.details["value_projection"] == finding.layer.rsplit(".", 1)[0] + ".value"
+        assert "only through the attention scores" in finding.message
+        assert "weights' scale" not in finding.message
+
+
 def vit() -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.ViTConfig(
