@@ -1,12 +1,15 @@
 """Attention query and key projections, recognised in the module tree: layers whose gradient
 reaches the loss only through the attention scores, where a small gradient has a cause of its own.
 
-While attention is nearly uniform (every position weighted about 1/sequence length, as at
-initialisation), the softmax passes little gradient back to the scores, and the scores' scale
-(1/sqrt(head size)) shrinks it again: the query and key projections then get gradients orders of
-magnitude below the value projection beside them, with nothing wrong in the weights or the
-activations. A projection that also makes the values (a fused ``qkv``/``c_attn``/``in_proj``) is
-not one of them: its gradient has the values' share.
+With scores ``q_i . k_j / sqrt(d)`` and attention weights ``p_ij`` over positions ``j``, a
+query's gradient is ``sum_j p_ij (g_ij - mean_p g_i) k_j / sqrt(d)`` and a key's
+``sum_i p_ij (g_ij - mean_p g_i) q_i / sqrt(d)``, where ``g_ij`` is how much the loss gains from
+position ``j``'s value for query ``i``. So a query projection's gradient grows with the key and
+the value weights (a key projection's with the query and the value weights): a small
+initialisation shrinks it twice over, while the value projection beside it, whose gradient does
+not pass through the scores, is shrunk once. It is also near zero where positions look alike to
+the loss, and exactly zero where attention sits on one position. A projection that also makes
+the values (a fused ``qkv``/``c_attn``/``in_proj``) is not one of them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from dataclasses import dataclass
 from graddiag.data.tree import ModuleTree
 
 #: The last name parts of the query, key and value projections of one attention module, as the
-#: models people train name them: Hugging Face BERT/RoBERTa/ViT/Swin/ALBERT (``query``), LLaMA,
-#: Mistral, OPT, BART, Whisper and CLIP (``q_proj``), T5 and MPNet (``q``), DistilBERT
-#: (``q_lin``), DeBERTa-v2 (``query_proj``), diffusers (``to_q``), hand-written attention (``wq``,
-#: ``q_linear``).
+#: models people train name them, for example: ``query``/``key``/``value`` (Hugging Face BERT,
+#: RoBERTa, ALBERT, ELECTRA), ``q_proj``/``k_proj``/``v_proj`` (LLaMA, Mistral, OPT, BART,
+#: Whisper, CLIP), ``q``/``k``/``v`` (T5, MPNet), ``q_lin`` (DistilBERT), ``query_proj``
+#: (DeBERTa-v2), ``to_q`` (diffusers), ``wq`` and ``q_linear`` (hand-written attention).
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (
     ("query", "key", "value"),
     ("q_proj", "k_proj", "v_proj"),
@@ -30,6 +33,9 @@ PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (
     ("wq", "wk", "wv"),
     ("q_linear", "k_linear", "v_linear"),
 )
+#: Parts of an adapter wrapped around a projection (peft's LoRA: ``q_proj.base_layer``,
+#: ``q_proj.lora_A.<adapter name>``): the layer is still that projection's.
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 @dataclass(frozen=True)
@@ -38,40 +44,62 @@ class ScoreProjection:
 
     Attributes:
         role: ``"query"`` or ``"key"``.
-        value: The value projection beside it (same parent module), whose presence confirms
-            the reading of the name.
+        partner: The projection on the other side of the scores (the key projection for a
+            query, the query projection for a key): its module name.
+        value: The layer of the value projection beside it that corresponds to this one (the
+            same adapter part, under LoRA), whose gradient does not pass through the scores.
     """
 
     role: str
+    partner: str
     value: str
 
-    def details(self) -> dict[str, str]:
-        """The finding details that name it: ``attention_projection`` (its role) and
-        ``value_projection``."""
-        return {"attention_projection": self.role, "value_projection": self.value}
+
+def _projection_part(parts: list[str]) -> int | None:
+    """The position of the part that names the projection: the last one, or the one an adapter
+    part follows (``base_layer``; ``lora_A``/``lora_B`` and an adapter name)."""
+    if len(parts) >= 2 and parts[-1] == "base_layer":
+        return len(parts) - 2
+    if len(parts) >= 3 and parts[-2] in _ADAPTER_PARTS:
+        return len(parts) - 3
+    return len(parts) - 1 if parts and parts[-1] else None
 
 
 def score_projection(layer: str, tree: ModuleTree) -> ScoreProjection | None:
     """``layer`` as an attention query or key projection: named as one (see
-    :data:`PROJECTION_NAMES`) with the matching value projection beside it in ``tree``; ``None``
-    for any other layer (a ``key`` without a ``value`` sibling is not taken for one)."""
-    parent, _, last = layer.rpartition(".")
+    :data:`PROJECTION_NAMES`), with the query, key and value projections of that naming all
+    under its parent module in ``tree``; ``None`` for any other layer (a ``q`` head beside a
+    ``v`` head, with no ``k``, is not taken for one)."""
+    parts = layer.split(".")
+    at = _projection_part(parts)
+    if at is None:
+        return None
+    prefix, name, suffix = parts[:at], parts[at], parts[at + 1:]
+
+    def module(part: str, tail: tuple[str, ...] = ()) -> str:
+        return ".".join([*prefix, part, *tail])
+
     for query, key, value in PROJECTION_NAMES:
-        if last in (query, key):
-            sibling = f"{parent}.{value}" if parent else value
-            if tree.position(sibling) is not None:
-                return ScoreProjection("query" if last == query else "key", sibling)
+        if name not in (query, key):
+            continue
+        if all(tree.position(module(part)) is not None for part in (query, key, value)):
+            partner = key if name == query else query
+            return ScoreProjection("query" if name == query else "key", module(partner),
+                                   module(value, tuple(suffix)))
     return None
 
 
-def scores_note(layer: str, projection: ScoreProjection) -> str:
-    """Why an attention query or key projection's gradient is small, for a finding's message."""
+def scores_note(layer: str, projection: ScoreProjection, value_ratio: float) -> str:
+    """Why an attention query or key projection's gradient is small, for a finding's message;
+    ``value_ratio``: the value projection's gradient norm over this layer's, on the same step."""
+    other = "key" if projection.role == "query" else "query"
     return (
-        f"'{layer}' is an attention {projection.role} projection (named so, beside the value "
-        f"projection '{projection.value}'): its gradient reaches the loss only through the "
-        "attention scores, scaled there by the softmax's derivative (each attention weight, "
-        "about 1/sequence length while attention is nearly uniform) and by the scores' "
-        "1/sqrt(head size). That is the usual state at initialisation, and it lasts where "
-        "nothing in the data rewards attending to particular positions; the gradient grows as "
-        "attention sharpens."
+        f"'{layer}' is an attention {projection.role} projection (beside '{projection.partner}' "
+        f"and the value projection): its gradient reaches the loss only through the attention "
+        f"scores, as the {other}s weighted by the attention weights and by how much more the "
+        "loss gains from each attended position's value than from the average one (times the "
+        "scores' scale, 1/sqrt(head size) in most models). It grows with the "
+        f"{other} and the value weights, so a small initialisation shrinks it twice over, and "
+        "it is near zero where positions look alike to the loss or attention sits on a single "
+        f"position: here '{projection.value}' gets {value_ratio:.3g} x this layer's gradient."
     )

@@ -17,7 +17,7 @@ from graddiag.data.findings import Finding
 from graddiag.data.records import ActivationRecord, StepRecord
 from graddiag.data.tree import ModuleTree
 from graddiag.rules import wording as remedies
-from graddiag.rules.attention import score_projection, scores_note
+from graddiag.rules.attention import ScoreProjection, score_projection, scores_note
 
 #: Below this share of the shrink (in orders of magnitude) the sigmoid/tanh sites between a
 #: vanishing layer and the loss are not what to change first: a single tanh of gain 0.9 in front
@@ -36,6 +36,9 @@ SAME_REGIME = 10.0
 #: A site where at least this share of the units passed no gradient (dead, or saturated) blocks
 #: it: named when a layer behind it has a gradient of exactly 0.
 BLOCKING_SHARE = 0.99
+#: An attention query or key projection's small gradient is explained by the attention scores
+#: only where its value projection's is at least this many times larger on the same step.
+VALUE_ABOVE_SCORES = 10.0
 
 
 def _remedy_behind(acts: ActivationRecord, between: list[int], measured: float) -> str:
@@ -177,15 +180,7 @@ class Explainer:
     def _stalled_by_its_gradient(self, finding: Finding) -> Finding:
         """A layer stalled because its gradient vanished: the remedies ranked by what sits
         between it and the loss, as for a ``vanishing`` finding; for a gradient of exactly 0,
-        the sites that pass none named; at an attention query or key projection, why the
-        attention scores keep its gradient small."""
-        projection = (None if finding.details.get("grad_zero")
-                      else score_projection(finding.layer, self.tree))
-        if projection is not None:
-            return dataclasses.replace(
-                finding, message=f"{finding.message} {scores_note(finding.layer, projection)}",
-                remedy=remedies.ATTENTION_SCORES,
-                details={**finding.details, **projection.details()})
+        the sites that pass none named."""
         between = self.between(finding.layer)
         if between is None:
             return finding
@@ -199,6 +194,25 @@ class Explainer:
         if blocked and finding.details.get("grad_zero"):
             message = f"{message} Sites passing no gradient on the way: {blocked}."
         return dataclasses.replace(finding, message=message, remedy=ranked)
+
+    def _attention(self, finding: Finding, record: StepRecord
+                   ) -> tuple[ScoreProjection, float] | None:
+        """The finding's layer as an attention query or key projection whose value projection
+        is not vanishing (above the vanishing rule's floor on this record) and gets at least
+        :data:`VALUE_ABOVE_SCORES` x its gradient, with that ratio; ``None`` otherwise (a value
+        projection as small says the cause lies elsewhere)."""
+        if not finding.value > 0.0:
+            return None
+        projection = score_projection(finding.layer, self.tree)
+        if projection is None or projection.value not in record.layers:
+            return None
+        i = record.layers.index(projection.value)
+        value = float(record.grad_norm[i])
+        floor = float(finding.details.get("vanishing_floor", finding.threshold))
+        if not (record.has_grad[i] and math.isfinite(value)) or value <= floor \
+                or value < VALUE_ABOVE_SCORES * finding.value:
+            return None
+        return projection, value / finding.value
 
     def between(self, layer: str) -> list[int] | None:
         """The activation sites (indices into the latest activation record) between ``layer``
@@ -245,8 +259,7 @@ class Explainer:
                 details={**details, "largest_exploding": True})
         acts = self.activations
         between = self.between(finding.layer)
-        # an attention query/key projection: the scores' softmax, not the weights, shrank it
-        projection = score_projection(finding.layer, self.tree) if finding.value > 0.0 else None
+        attention = self._attention(finding, record)  # a query/key projection, far below its value
         if finding.value == 0.0:
             zero_ops = {m: ops for m, ops in self.cut_ops.items()
                         if any("zero derivative" in op for op in ops)}
@@ -269,8 +282,6 @@ class Explainer:
                 kinds_text = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
                 rest = (" (the rest comes from the weights' scale, i.e. initialisation)"
                         if measured > 0.0 else "")
-                if projection is not None:
-                    rest = " (the rest comes from the attention scores)"
                 notes.append(
                     f"Between this layer and the loss: {kinds_text} site(s), mean derivative "
                     f"{mean_gain:.3g}: expected shrink from the activations alone "
@@ -278,16 +289,19 @@ class Explainer:
                 )
                 details.update(sites_between=len(between), mean_gain=mean_gain,
                                expected_shrink=expected, activation_kinds=dict(kinds))
-                ranked = _remedy_behind(acts, between, measured)
-            elif projection is None:
+                if attention is None:
+                    ranked = _remedy_behind(acts, between, measured)
+            else:
                 notes.append(
                     "No activation sits between this layer and the loss: the shrink comes from "
                     "the weights (initialisation scale too small) or the loss itself."
                 )
                 ranked = remedies.VANISHING_WITHOUT_ACTIVATIONS
-        if projection is not None:
-            notes.append(scores_note(finding.layer, projection))
-            details.update(projection.details())
+        if attention is not None:
+            projection, value_ratio = attention
+            notes.append(scores_note(finding.layer, projection, value_ratio))
+            details.update(attention_projection=projection.role,
+                           value_projection=projection.value, value_ratio=value_ratio)
             ranked = remedies.ATTENTION_SCORES
         message = finding.message
         moving = self.still_moving(finding.layer, finding.value)

@@ -103,7 +103,10 @@ class VanishingRule(OnsetRule):
             remedy=remedies.VANISHING,
             details={"ratio_to_largest": ratio, "largest_layer": record.layers[top_pos],
                      "largest_norm": top, "early": steps is not None,
-                     "below_abs": value < self.abs_floor},
+                     "below_abs": value < self.abs_floor,
+                     # the floor a layer must clear not to vanish (an early report's own
+                     # threshold is far below it)
+                     "vanishing_floor": max(self.abs_floor, self.rel_floor * top)},
         )
 
     def state_dict(self) -> dict[str, Any]:

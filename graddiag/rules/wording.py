@@ -29,13 +29,14 @@ VANISHING_FROM_WEIGHTS = (
 VANISHING_WITHOUT_ACTIVATIONS = (
     "check the initialisation scale (Kaiming/Xavier); normalise inputs; " + VANISHING_STRUCTURE
 )
-#: ... at an attention query or key projection, whose gradient passes through the scores' softmax.
+#: ... at an attention query or key projection far below its value projection.
 ATTENTION_SCORES = (
-    "usually nothing at first: this gradient grows as attention learns. If it stays this small, "
-    "check that the attention scores are scaled by 1/sqrt(head size) once, not twice; check the "
-    "query/key initialisation (a small std at a small width keeps attention uniform); and check "
-    "that the targets depend on which positions are attended to (otherwise attention has "
-    "nothing to learn)"
+    "usually nothing at first under Adam-like optimizers, which move these weights at their "
+    "usual rate whatever the gradient's size: the gradient grows as the query, key and value "
+    "weights grow. If it stays this small, initialise the query, key and value projections with "
+    "a larger std (about 1/sqrt(hidden size), not a small fixed std at a small width); where "
+    "attention has collapsed onto single positions, normalise queries and keys (QK-norm) or "
+    "lower the learning rate"
 )
 #: How to turn gradient clipping on, in a loop and in Lightning.
 CLIP = ("clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); in Lightning, "

@@ -137,17 +137,21 @@ def test_bert_trains_without_alarms_and_a_starved_layer_is_found() -> None:
 
 
 def test_a_narrow_bert_s_vanishing_query_and_key_are_explained_by_the_attention_scores() -> None:
-    """At hidden size 32 (head size 16) with BERT's 0.02 init, attention stays nearly uniform
-    over the first steps and the query and key projections get ~1e-5 of the classifier's
-    gradient: reported ``vanishing``, with the attention scores, not the weights, as the cause."""
+    """At hidden size 32 (head size 16) with BERT's 0.02 init, the query and key projections get
+    ~1e-5 of the classifier's gradient over the first steps, the value projections ~100 x more:
+    reported ``vanishing``, with the attention scores named and the value projection's measured
+    ratio quoted."""
     from graddiag.rules import wording
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=2)
-    model = transformers.BertForSequenceClassification(config)
+    def narrow_bert(initializer_range: float) -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, num_labels=2, initializer_range=initializer_range)
+        return transformers.BertForSequenceClassification(config)
+
+    model = narrow_bert(0.02)
     run = train(model, _contains_token(model), 10, activation_every_n_steps=5)
     names = [name for name, _ in model.named_modules()]
     scores = {n for n in names if n.endswith((".attention.self.query", ".attention.self.key"))}
@@ -159,11 +163,25 @@ def test_a_narrow_bert_s_vanishing_query_and_key_are_explained_by_the_attention_
         assert min(reference[n] for n in values) > 1e-3 * top
     assert {(f.kind, f.layer) for f in run.findings} == {("vanishing", n) for n in scores}
     for finding in run.findings:
+        reference = run.references[finding.step]
+        value = finding.layer.rsplit(".", 1)[0] + ".value"
         assert finding.remedy == wording.ATTENTION_SCORES
         assert finding.details["attention_projection"] == finding.layer.rsplit(".", 1)[1]
-        assert finding.details["value_projection"] == finding.layer.rsplit(".", 1)[0] + ".value"
+        assert finding.details["value_projection"] == value
+        assert finding.details["value_ratio"] == pytest.approx(
+            reference[value] / reference[finding.layer], rel=1e-4)
+        assert finding.details["vanishing_floor"] == pytest.approx(
+            1e-4 * max(reference.values()), rel=1e-4)
         assert "only through the attention scores" in finding.message
-        assert "weights' scale" not in finding.message
+        # the remedy's first advice: Adam grows these weights, and the gradient with them
+        first = run.references[0]
+        assert reference[finding.layer] / max(reference.values()) > \
+            first[finding.layer] / max(first.values())
+    # its second: at a std of 1/sqrt(hidden size) the same model starts them far from vanishing
+    model = narrow_bert(32 ** -0.5)
+    wider = train(model, _contains_token(model), 10, activation_every_n_steps=5)
+    assert wider.findings == []
+    assert all(min(ref[n] for n in scores) > 1e-2 * max(ref.values()) for ref in wider.references)
 
 
 def vit() -> torch.nn.Module:
