@@ -4,6 +4,8 @@ when the value projection beside it is far larger."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -142,3 +144,16 @@ def test_other_layers_and_an_exactly_zero_gradient_keep_their_explanation() -> N
     zero = _explained(f"{SELF}.query", record)
     assert "attention_projection" not in zero.details
     assert "The gradient is exactly zero" in zero.message
+
+
+def test_a_value_projection_another_optimizer_updates_is_not_compared() -> None:
+    """With several optimizers a record measures only one optimizer's layers: a value
+    projection outside them has no gradient norm of this step to compare with."""
+    record = _record()
+    measured = np.ones(len(LAYERS), bool)
+    measured[LAYERS.index(f"{SELF}.value")] = False
+    record = dataclasses.replace(record, measured=measured)
+    found = _explained(f"{SELF}.query", record)
+    assert "attention_projection" not in found.details
+    assert found.remedy != wording.ATTENTION_SCORES
+    assert _explained(f"{SELF}.query", _record()).remedy == wording.ATTENTION_SCORES

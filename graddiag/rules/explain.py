@@ -209,7 +209,8 @@ class Explainer:
         i = record.layers.index(projection.value)
         value = float(record.grad_norm[i])
         floor = float(finding.details.get("vanishing_floor", finding.threshold))
-        if not (record.has_grad[i] and math.isfinite(value)) or value <= floor \
+        measured = record.measured is None or bool(record.measured[i])  # this optimizer's
+        if not (measured and record.has_grad[i] and math.isfinite(value)) or value <= floor \
                 or value < VALUE_ABOVE_SCORES * finding.value:
             return None
         return projection, value / finding.value
