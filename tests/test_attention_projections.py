@@ -46,7 +46,8 @@ def test_every_naming_is_recognised_with_its_partner_and_value(query: str, key: 
 LORA = ("layers.0.self_attn", *(f"layers.0.self_attn.{p}{tail}"
                                 for p in ("q_proj", "k_proj", "v_proj")
                                 for tail in ("", ".base_layer", ".lora_A", ".lora_A.default",
-                                             ".lora_B", ".lora_B.default")))
+                                             ".lora_B", ".lora_B.default",
+                                             ".lora_magnitude_vector")))
 
 
 @pytest.mark.parametrize(("names", "layer", "expected"), [
@@ -55,6 +56,8 @@ LORA = ("layers.0.self_attn", *(f"layers.0.self_attn.{p}{tail}"
      ("query", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj.lora_B.default")),
     (LORA, "layers.0.self_attn.k_proj.base_layer",
      ("key", "layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj.base_layer")),
+    (LORA, "layers.0.self_attn.q_proj.lora_magnitude_vector",  # DoRA's magnitudes
+     ("query", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj.lora_magnitude_vector")),
     (LORA, "layers.0.self_attn.v_proj.lora_A.default", None),
     (("q", "k", "v"), "k", ("key", "q", "v")),  # the root's own projections
     # an actor-critic's q and v heads: no key projection, no attention
@@ -79,25 +82,31 @@ LARGEST = 0.3
 FLOOR = 1e-4 * LARGEST  # the vanishing rule's relative floor at its default
 
 
-def _record(value: float = 4e-3, with_activations: bool = True, key: float = 3e-5
-            ) -> StepRecord:
+def _record(value: float = 4e-3, with_activations: bool = True, key: float = 3e-5,
+            moving: bool = False) -> StepRecord:
     acts = None
     if with_activations:  # one GELU between the attention and the classifier
         acts = ActivationRecord(sites=["encoder.layer.0.intermediate:gelu"], kinds=["gelu"],
                                 families=["rectifier"], saturated=np.full(1, np.nan),
                                 dead=np.zeros(1), gain=np.array([0.5]), calls=np.ones(1))
+    # every layer's weights moved by 1e-3 of their norm on this step (as Adam moves them)
+    update_ratio = np.full(len(LAYERS), 1e-3) if moving else None
     return StepRecord(step=9, layers=LAYERS,
                       grad_norm=np.array([2e-5, key, value, 1e-2, 2e-2, LARGEST]),
-                      has_grad=np.ones(len(LAYERS), bool), activations=acts)
+                      has_grad=np.ones(len(LAYERS), bool), activations=acts,
+                      update_ratio=update_ratio)
 
 
-def _explained(layer: str, record: StepRecord, early: bool = False) -> Finding:
+def _explained(layer: str, record: StepRecord, early: bool = False,
+               with_floor: bool = True) -> Finding:
     value = float(record.grad_norm[LAYERS.index(layer)])
     explainer = Explainer(_tree(*BERT))
     explainer.observe(record)
+    details: dict[str, object] = {"ratio_to_largest": value / LARGEST}
+    if with_floor:
+        details["vanishing_floor"] = FLOOR
     finding = Finding("vanishing", layer, 9, value, 1e-8 * LARGEST if early else FLOOR,
-                      "Vanishing gradient.",
-                      details={"ratio_to_largest": value / LARGEST, "vanishing_floor": FLOOR})
+                      "Vanishing gradient.", details=details)
     return explainer.explain(finding, record)
 
 
@@ -116,7 +125,19 @@ def test_a_query_or_key_far_below_its_value_projection_is_explained_by_the_score
     assert f"is an attention {role} projection (beside '{partner}'" in found.message
     assert f"'{SELF}.value' gets {ratio:.3g} x this layer's gradient" in found.message
     other = "key" if role == "query" else "query"
-    assert f"It grows with the {other} and the value weights" in found.message
+    assert f"It is proportional to the {other} weights and to the value weights" in found.message
+    made_of = {"query": "as the keys weighted by the attention weights",
+               "key": "as the queries weighted by the attention each of them gives this key's"}
+    assert made_of[role] in found.message
+
+
+@pytest.mark.parametrize("moving", [False, True])
+def test_waiting_is_advised_only_where_the_weights_still_move(moving: bool) -> None:
+    found = _explained(f"{SELF}.query", _record(moving=moving))
+    assert found.remedy == (wording.ATTENTION_SCORES_MOVING if moving
+                            else wording.ATTENTION_SCORES)
+    assert ("Its weights still move" in found.message) == moving
+    assert found.remedy.startswith("nothing yet") == moving
 
 
 @pytest.mark.parametrize(("value", "key", "early"), [
@@ -133,6 +154,37 @@ def test_a_query_or_key_not_far_below_a_healthy_value_projection_keeps_the_usual
     assert "attention_projection" not in found.details
     assert found.remedy != wording.ATTENTION_SCORES
     assert "(the rest comes from the weights' scale, i.e. initialisation)" in found.message
+
+
+def _without(record: StepRecord, what: str) -> StepRecord:
+    i = LAYERS.index(f"{SELF}.value")
+    if what == "missing":  # the value projection is not among the record's layers
+        keep = [j for j in range(len(LAYERS)) if j != i]
+        return dataclasses.replace(record, layers=[LAYERS[j] for j in keep],
+                                   grad_norm=record.grad_norm[keep],
+                                   has_grad=record.has_grad[keep])
+    if what == "no_grad":
+        has_grad = record.has_grad.copy()
+        has_grad[i] = False
+        return dataclasses.replace(record, has_grad=has_grad)
+    grad_norm = record.grad_norm.copy()
+    grad_norm[i] = float(what)
+    return dataclasses.replace(record, grad_norm=grad_norm)
+
+
+@pytest.mark.parametrize("what", ["missing", "no_grad", "nan", "inf"])
+def test_no_comparison_without_a_finite_value_gradient_of_the_same_step(what: str) -> None:
+    found = _explained(f"{SELF}.query", _without(_record(), what))
+    assert "attention_projection" not in found.details
+    assert found.remedy != wording.ATTENTION_SCORES
+
+
+def test_no_comparison_without_the_vanishing_rule_s_floor() -> None:
+    """A finding without ``vanishing_floor`` (not the vanishing rule's) is not judged: its own
+    threshold may be an early report's, far below the floor."""
+    found = _explained(f"{SELF}.query", _record(), with_floor=False)
+    assert "attention_projection" not in found.details
+    assert _explained(f"{SELF}.query", _record()).details["attention_projection"] == "query"
 
 
 def test_other_layers_and_an_exactly_zero_gradient_keep_their_explanation() -> None:

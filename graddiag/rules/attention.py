@@ -4,12 +4,12 @@ reaches the loss only through the attention scores, where a small gradient has a
 With scores ``q_i . k_j / sqrt(d)`` and attention weights ``p_ij`` over positions ``j``, a
 query's gradient is ``sum_j p_ij (g_ij - mean_p g_i) k_j / sqrt(d)`` and a key's
 ``sum_i p_ij (g_ij - mean_p g_i) q_i / sqrt(d)``, where ``g_ij`` is how much the loss gains from
-position ``j``'s value for query ``i``. So a query projection's gradient grows with the key and
-the value weights (a key projection's with the query and the value weights): a small
-initialisation shrinks it twice over, while the value projection beside it, whose gradient does
-not pass through the scores, is shrunk once. It is also near zero where positions look alike to
-the loss, and exactly zero where attention sits on one position. A projection that also makes
-the values (a fused ``qkv``/``c_attn``/``in_proj``) is not one of them.
+position ``j``'s value for query ``i``. So a query projection's gradient is proportional to the
+key weights and to the value weights (a key projection's to the query and the value weights),
+which the value projection's own gradient does not depend on: small weights there keep it far
+below the value projection's. It is also near zero where positions look alike to the loss or
+attention sits on a single position. A projection that also makes the values (a fused
+``qkv``/``c_attn``/``in_proj``) is not one of them.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (
     ("wq", "wk", "wv"),
     ("q_linear", "k_linear", "v_linear"),
 )
-#: Parts of an adapter wrapped around a projection (peft's LoRA: ``q_proj.base_layer``,
-#: ``q_proj.lora_A.<adapter name>``): the layer is still that projection's.
-_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+#: Parts of an adapter wrapped around a projection (peft's LoRA and DoRA: ``q_proj.base_layer``,
+#: ``q_proj.lora_A.<adapter name>``, ``q_proj.lora_magnitude_vector``): the layer is still that
+#: projection's.
+_ADAPTER_PARTS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                  "lora_magnitude_vector")
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,9 @@ class ScoreProjection:
 
 
 def _projection_part(parts: list[str]) -> int | None:
-    """The position of the part that names the projection: the last one, or the one an adapter
-    part follows (``base_layer``; ``lora_A``/``lora_B`` and an adapter name)."""
-    if len(parts) >= 2 and parts[-1] == "base_layer":
+    """The position of the part that names the projection: the last one, or the one before an
+    adapter part (with or without an adapter name after it)."""
+    if len(parts) >= 2 and parts[-1] in _ADAPTER_PARTS:
         return len(parts) - 2
     if len(parts) >= 3 and parts[-2] in _ADAPTER_PARTS:
         return len(parts) - 3
@@ -89,17 +91,27 @@ def score_projection(layer: str, tree: ModuleTree) -> ScoreProjection | None:
     return None
 
 
+#: What a query's and a key's gradient is made of, in words.
+_MADE_OF = {
+    "query": ("the keys weighted by the attention weights and by how much more the loss gains "
+              "from each attended position's value than from the average attended one"),
+    "key": ("the queries weighted by the attention each of them gives this key's position and by "
+            "how much more the loss gains from this position's value than from the average one "
+            "that query attends"),
+}
+
+
 def scores_note(layer: str, projection: ScoreProjection, value_ratio: float) -> str:
     """Why an attention query or key projection's gradient is small, for a finding's message;
     ``value_ratio``: the value projection's gradient norm over this layer's, on the same step."""
     other = "key" if projection.role == "query" else "query"
     return (
         f"'{layer}' is an attention {projection.role} projection (beside '{projection.partner}' "
-        f"and the value projection): its gradient reaches the loss only through the attention "
-        f"scores, as the {other}s weighted by the attention weights and by how much more the "
-        "loss gains from each attended position's value than from the average one (times the "
-        "scores' scale, 1/sqrt(head size) in most models). It grows with the "
-        f"{other} and the value weights, so a small initialisation shrinks it twice over, and "
-        "it is near zero where positions look alike to the loss or attention sits on a single "
-        f"position: here '{projection.value}' gets {value_ratio:.3g} x this layer's gradient."
+        "and the value projection): its gradient reaches the loss only through the attention "
+        f"scores, as {_MADE_OF[projection.role]} (times the scores' scale, 1/sqrt(head size) in "
+        f"most models). It is proportional to the {other} weights and to the value weights, "
+        "which the value projection's own gradient does not depend on, so small weights there "
+        "keep it far below that one; it is also near zero where positions look alike to the "
+        f"loss or attention sits on a single position. Here '{projection.value}' gets "
+        f"{value_ratio:.3g} x this layer's gradient."
     )

@@ -208,7 +208,9 @@ class Explainer:
             return None
         i = record.layers.index(projection.value)
         value = float(record.grad_norm[i])
-        floor = float(finding.details.get("vanishing_floor", finding.threshold))
+        floor = finding.details.get("vanishing_floor")
+        if not isinstance(floor, float):  # without the rule's floor, not judged
+            return None
         measured = record.measured is None or bool(record.measured[i])  # this optimizer's
         if not (measured and record.has_grad[i] and math.isfinite(value)) or value <= floor \
                 or value < VALUE_ABOVE_SCORES * finding.value:
@@ -303,9 +305,11 @@ class Explainer:
             notes.append(scores_note(finding.layer, projection, value_ratio))
             details.update(attention_projection=projection.role,
                            value_projection=projection.value, value_ratio=value_ratio)
-            ranked = remedies.ATTENTION_SCORES
         message = finding.message
         moving = self.still_moving(finding.layer, finding.value)
+        if attention is not None:  # waiting is advice only where the weights still move
+            ranked = (remedies.ATTENTION_SCORES if moving is None
+                      else remedies.ATTENTION_SCORES_MOVING)
         if moving is not None:
             step, ratio, median = moving
             message = message.replace(remedies.BARELY_LEARNS, ".")

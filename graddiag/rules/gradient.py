@@ -106,7 +106,7 @@ class VanishingRule(OnsetRule):
                      "below_abs": value < self.abs_floor,
                      # the floor a layer must clear not to vanish (an early report's own
                      # threshold is far below it)
-                     "vanishing_floor": max(self.abs_floor, self.rel_floor * top)},
+                     "vanishing_floor": float(max(self.abs_floor, self.rel_floor * top))},
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -31,12 +31,16 @@ VANISHING_WITHOUT_ACTIVATIONS = (
 )
 #: ... at an attention query or key projection far below its value projection.
 ATTENTION_SCORES = (
-    "usually nothing at first under Adam-like optimizers, which move these weights at their "
-    "usual rate whatever the gradient's size: the gradient grows as the query, key and value "
-    "weights grow. If it stays this small, initialise the query, key and value projections with "
-    "a larger std (about 1/sqrt(hidden size), not a small fixed std at a small width); where "
-    "attention has collapsed onto single positions, normalise queries and keys (QK-norm) or "
-    "lower the learning rate"
+    "initialise the query, key and value projections with a larger std (about 1/sqrt(hidden "
+    "size), not a small fixed std at a small width; where the scores are not divided by "
+    "sqrt(head size), as in T5, the query's std also by 1/sqrt(head size)); where attention has "
+    "collapsed onto single positions, normalise queries and keys (QK-norm) or lower the "
+    "learning rate"
+)
+#: ... the same, where its weights still move at the usual rate (Adam).
+ATTENTION_SCORES_MOVING = (
+    "nothing yet: the weights still move, and this gradient usually grows once attention "
+    "starts to learn; if it stays this small, " + ATTENTION_SCORES
 )
 #: How to turn gradient clipping on, in a loop and in Lightning.
 CLIP = ("clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); in Lightning, "
