@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -256,10 +257,28 @@ def _data(n: int = 4096, features: int = 256) -> TensorDataset:
                          torch.randint(0, 10, (n,), generator=g))
 
 
-def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """Mean (= total wall time / steps) and median step time per configuration."""
+def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Mean (= total wall time / steps) and median step time per configuration, and the step
+    times themselves (seconds; the i-th of every configuration from the same round of turns)."""
     return {name: {"mean": statistics.fmean(t), "median": statistics.median(t), "n": len(t),
-                   "total": sum(t)} for name, t in times.items() if t}
+                   "total": sum(t), "times": list(t)} for name, t in times.items() if t}
+
+
+def bootstrap_interval(times: dict[str, list[float]],
+                       statistic: Callable[[dict[str, float]], float],
+                       resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The 95 % interval of ``statistic`` (a function of every configuration's mean step time)
+    over ``resamples`` resamplings of the timed rounds: the same rounds, drawn with
+    replacement, for every configuration, so that what they share (the machine's drifts, the
+    data) stays paired."""
+    arrays = {name: np.asarray(t, dtype=float) for name, t in times.items()}
+    rounds = min(len(a) for a in arrays.values())
+    picks = np.random.default_rng(seed).integers(0, rounds, size=(resamples, rounds))
+    means = {name: a[:rounds][picks].mean(axis=1) for name, a in arrays.items()}
+    values = np.array([statistic({name: float(m[i]) for name, m in means.items()})
+                       for i in range(resamples)])
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def measure_lightning(model_fn: Callable[[], nn.Module], configs: list[str], steps: int, *,
@@ -345,7 +364,7 @@ def measure_loop(model_fn: Callable[[], nn.Module], steps: int, *, warmup: int =
     return summarise({n: t[:steps] for n, t in times.items()})
 
 
-def ratios(stats: dict[str, dict[str, float]], base: str = PLAIN) -> dict[str, dict[str, float]]:
+def ratios(stats: dict[str, dict[str, Any]], base: str = PLAIN) -> dict[str, dict[str, float]]:
     """Each configuration's mean and median step time over the baseline's."""
     b = stats[base]
     return {name: {"mean": s["mean"] / b["mean"], "median": s["median"] / b["median"],

@@ -38,6 +38,7 @@ from benchmarks.harness import (  # noqa: E402
     LOOP_CONFIGS,
     PLAIN,
     Transformer,
+    bootstrap_interval,
     measure_lightning,
     measure_loop,
     mlp,
@@ -71,7 +72,8 @@ def run_group(label: str, measure: Callable[[], dict[str, dict[str, float]]],
     stats = measure()
     rows = ratios(stats)
     table(label, rows, stats[PLAIN]["mean"] * 1e3, int(stats[PLAIN]["n"]))
-    out[label] = {"plain_ms": stats[PLAIN]["mean"] * 1e3, "rows": rows}
+    out[label] = {"plain_ms": stats[PLAIN]["mean"] * 1e3, "rows": rows,
+                  "times": {name: s["times"] for name, s in stats.items()}}
 
 
 def verdicts(results: dict[str, Any]) -> None:
@@ -79,7 +81,9 @@ def verdicts(results: dict[str, Any]) -> None:
     figures on multiples of 500 steps while they, the next one included, stay within 0.25 % of
     the wall time since the first step; a window of a few hundred steps holds none, so their
     bound is added before comparing: figures taking 0.25 % of the time make the mean step
-    1 / (1 - 0.0025) times longer."""
+    1 / (1 - 0.0025) times longer. Each comparison has its 95 % interval beside it (see
+    :func:`~benchmarks.harness.bootstrap_interval`): a target missed or met by less than its
+    interval's half-width is within this run's noise."""
     say("\nTargets (mean ratios; floor = one _foreach_norm per step; inside Lightning with "
         "the figures at their bound, 0.25 % of the wall time):")
     for model, groups in results["models"].items():
@@ -89,15 +93,26 @@ def verdicts(results: dict[str, Any]) -> None:
                 continue
             floor, defaults = rows[FLOOR]["mean"], rows[DEFAULTS]["mean"]
             margin = 0.01 if label.startswith("hand-written") else 0.02
+            figure = 1.0 - FIGURE_TIME_SHARE if label.startswith("Lightning") else 1.0
+            defaults /= figure
             if label.startswith("Lightning"):
-                defaults /= 1.0 - FIGURE_TIME_SHARE
                 group["defaults_with_figure"] = defaults
+            above = group["above_floor_interval"] = bootstrap_interval(
+                group["times"], lambda m, figure=figure: (m[DEFAULTS] / figure - m[FLOOR])
+                / m[PLAIN])
             line = (f"  {model}, {label}: defaults {defaults:.3f} vs floor {floor:.3f} + "
-                    f"{margin:.2f} -> {'met' if defaults <= floor + margin else 'MISSED'}")
+                    f"{margin:.2f} -> {'met' if defaults <= floor + margin else 'MISSED'} "
+                    f"(defaults - floor {defaults - floor:.3f}, 95 % interval "
+                    f"{above[0]:.3f} to {above[1]:.3f})")
             if EVERY10 in rows and not label.startswith("hand-written"):
                 every = rows[EVERY10]["mean"] / (1.0 - FIGURE_TIME_SHARE)  # it draws them too
                 group["every10_with_figure"] = every
-                line += f"; every_n_steps=10 {every:.3f} <= 1.01 -> {'met' if every <= 1.01 else 'MISSED'}"
+                spread = group["every10_interval"] = bootstrap_interval(
+                    group["times"],
+                    lambda m: m[EVERY10] / (1.0 - FIGURE_TIME_SHARE) / m[PLAIN])
+                line += (f"; every_n_steps=10 {every:.3f} <= 1.01 -> "
+                         f"{'met' if every <= 1.01 else 'MISSED'} (95 % interval "
+                         f"{spread[0]:.3f} to {spread[1]:.3f})")
             say(line + f" (A/A {rows[AA]['mean']:.3f})")
 
 

@@ -43,6 +43,27 @@ def test_benchmark_quick_round(tmp_path: Path) -> None:
     assert write["one event"] > 0 and write["add_scalar per key"] > 0
     assert data["scaling"] and data["scaling_training"] and data["memory"]["graddiag_peak_mib"] > 0
     assert "Targets" in result.stdout
+    for label, group in groups.items():  # each verdict's point estimate inside its interval
+        if "graddiag defaults" not in group["rows"]:
+            continue
+        rows = group["rows"]
+        defaults = group.get("defaults_with_figure", rows["graddiag defaults"]["mean"])
+        low, high = group["above_floor_interval"]
+        above = defaults - rows["floor: one _foreach_norm per step"]["mean"]
+        assert low <= above + 1e-9 and above - 1e-9 <= high, label
+
+
+def test_bootstrap_intervals_resample_rounds_paired() -> None:
+    """Rounds are drawn with replacement, the same for every configuration: a configuration
+    taking exactly twice as long as another on every round is twice as slow on every
+    resample; one alternating 1 s and 3 s has a mean of 1 s with probability (1/2)^4 = 6.25 %
+    in four rounds (more than the 2.5 % tail), so its interval is exactly 1 to 3."""
+    from benchmarks.harness import bootstrap_interval
+
+    paired = {"a": [1.0, 2.0, 1.0, 2.0], "b": [2.0, 4.0, 2.0, 4.0]}
+    assert bootstrap_interval(paired, lambda m: m["b"] / m["a"]) == (2.0, 2.0)
+    alternating = {"a": [1.0, 3.0, 1.0, 3.0]}
+    assert bootstrap_interval(alternating, lambda m: m["a"]) == (1.0, 3.0)
 
 
 def test_gpu_check_skips_without_cuda() -> None:
