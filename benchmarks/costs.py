@@ -209,13 +209,17 @@ def scalar_write_cost(model_fn: Callable[[], nn.Module], repeats: int = 200) -> 
 
     torch.manual_seed(0)
     model = model_fn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # the weights move: update ratios
     monitor = GradientMonitor(model, reporters=[], activation_every_n_steps=1,
                               param_every_n_steps=1)
     for _ in range(2):
+        optimizer.zero_grad()
         F.cross_entropy(model(torch.randn(64, 256)), torch.randint(0, 10, (64,))).backward()
         monitor.step()
+        optimizer.step()
     monitor.close()
-    metrics = event_metrics(monitor.records[-1], "graddiag/", 0)  # what a logging step writes
+    # what a logging step that also carries parameter and activation statistics writes
+    metrics = event_metrics(monitor.records[-1], "graddiag/", 0)
     out: dict[str, float] = {"values": float(len(metrics))}
     with tempfile.TemporaryDirectory() as logdir:
         labels: tuple[str, ...] = ("add_scalar per key", "one event")

@@ -5,8 +5,10 @@ turns (one step each on a CPU, blocks of steps with a device sync at block bound
 GPU), so all of them share the machine's drifts. Each configuration sees its *own* step
 numbers 0, 1, 2, ... (a trainer proxy in Lightning), so graddiag's periodic work (logging
 every ``log_every_n_steps``, activation and parameter statistics every 50 steps, the figure)
-falls on each configuration exactly as in a run of its own. A step's time is the wall time
-from one batch start to the next: every hook, the logging and the figure included.
+falls on each configuration exactly as in a run of its own; Lightning's own logging (the
+module's ``train_loss``) is decided on the same own step numbers (see :func:`log_on_own_steps`).
+A step's time is the wall time from one batch start to the next: every hook, the logging and
+the figure included.
 """
 
 from __future__ import annotations
@@ -178,8 +180,9 @@ def turn(names: list[str], block: int, index: int) -> tuple[str, int]:
     """Who runs the ``index``-th step of an interleaved run, and its number in that one's run.
 
     Every cycle runs each configuration for ``block`` steps; the order rotates by one place per
-    cycle, so that periodic work of the framework (Lightning logs ``train_loss`` every
-    ``log_every_n_steps`` global steps) falls on every configuration alike.
+    cycle, so that no configuration always follows the same other one. (Rotation alone does
+    not spread work that comes every so many *global* steps: with 5 configurations, a write
+    every 50 global steps would fall on one configuration only; see :func:`log_on_own_steps`.)
     """
     cycle, within = divmod(index, block * len(names))
     name = names[(within // block + cycle) % len(names)]
@@ -189,6 +192,21 @@ def turn(names: list[str], block: int, index: int) -> tuple[str, int]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def log_on_own_steps(trainer: pl.Trainer, switch: Interleave) -> None:
+    """Make Lightning decide whether to write the module's logged metrics on the own step of the
+    configuration whose turn it is (every ``log_every_n_steps`` of its own steps, as in a run of
+    its own) instead of on the shared global step."""
+    connector = trainer._logger_connector
+
+    class OwnStepLogging(type(connector)):  # type: ignore[misc]
+        @property
+        def should_update_logs(self) -> bool:
+            every = self.trainer.log_every_n_steps
+            return bool(every) and (switch.own_step + 1) % every == 0
+
+    connector.__class__ = OwnStepLogging
 
 
 class Interleave(pl.Callback):
@@ -209,6 +227,11 @@ class Interleave(pl.Callback):
             setattr(self, hook, self._fan_out(hook, always=True))
         for hook in PER_STEP:
             setattr(self, hook, self._fan_out(hook, always=False))
+
+    @property
+    def own_step(self) -> int:
+        """The step number, in its own run, of the configuration whose turn it is."""
+        return self._own_step
 
     def turn(self, global_step: int) -> tuple[str, int]:
         """The configuration that runs ``global_step``, and that step's number in its own run."""
@@ -266,15 +289,27 @@ def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
 
 def bootstrap_interval(times: dict[str, list[float]],
                        statistic: Callable[[dict[str, float]], float],
-                       resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+                       resamples: int = 4000, seed: int = 0,
+                       period: int = 50) -> tuple[float, float]:
     """The 95 % interval of ``statistic`` (a function of every configuration's mean step time)
     over ``resamples`` resamplings of the timed rounds: the same rounds, drawn with
     replacement, for every configuration, so that what they share (the machine's drifts, the
-    data) stays paired."""
+    data) stays paired; and drawn within the rounds' classes modulo ``period`` (graddiag's
+    activation and parameter steps come every 50 steps, its logging every 10 or 50), so that a
+    resample holds as many of each periodic step as a run does."""
     arrays = {name: np.asarray(t, dtype=float) for name, t in times.items()}
-    rounds = min(len(a) for a in arrays.values())
-    picks = np.random.default_rng(seed).integers(0, rounds, size=(resamples, rounds))
-    means = {name: a[:rounds][picks].mean(axis=1) for name, a in arrays.items()}
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"every configuration needs as many timed rounds, got {sorted(lengths)}")
+    (rounds,) = lengths
+    rng = np.random.default_rng(seed)
+    picks = np.empty((resamples, rounds), dtype=np.int64)
+    column = 0
+    for phase in range(min(period, rounds)):
+        members = np.arange(phase, rounds, period)
+        picks[:, column:column + len(members)] = rng.choice(members, (resamples, len(members)))
+        column += len(members)
+    means = {name: a[picks].mean(axis=1) for name, a in arrays.items()}
     values = np.array([statistic({name: float(m[i]) for name, m in means.items()})
                        for i in range(resamples)])
     low, high = np.percentile(values, [2.5, 97.5])
@@ -301,6 +336,7 @@ def measure_lightning(model_fn: Callable[[], nn.Module], configs: list[str], ste
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             log_every_n_steps=log_every_n_steps, num_sanity_val_steps=0,
         )
+        log_on_own_steps(trainer, switch)
         trainer.fit(Classifier(model_fn()),
                     DataLoader(_data(features=features), batch_size=batch_size, shuffle=True,
                                drop_last=True))

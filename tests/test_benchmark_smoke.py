@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -41,29 +42,88 @@ def test_benchmark_quick_round(tmp_path: Path) -> None:
             "scalar writing (one event per logging step)"} <= set(costs["parts"])
     (write,) = data["scalar_write"].values()
     assert write["one event"] > 0 and write["add_scalar per key"] > 0
+    # the event of a logging step with parameter and activation statistics, MLP 4x64 (5 linear
+    # layers, 4 ReLU sites), counted by hand: grad_norm, param_norm, update_ratio 5 each, gain
+    # and dead 4 each, 3 run-wide values, the layer-norm margins 3; log10 of the 5 + 1 + 3 + 5
+    # gradient-norm, global-norm, margin and update-ratio values
+    assert write["values"] == 5 * 3 + 4 * 2 + 3 + 3 + (5 + 1 + 3 + 5)
     assert data["scaling"] and data["scaling_training"] and data["memory"]["graddiag_peak_mib"] > 0
     assert "Targets" in result.stdout
-    for label, group in groups.items():  # each verdict's point estimate inside its interval
-        if "graddiag defaults" not in group["rows"]:
-            continue
+    from benchmarks.overhead import FIGURE_TIME_SHARE
+
+    checked = 0
+    for label, group in groups.items():  # each verdict from the rows, inside its interval
         rows = group["rows"]
-        defaults = group.get("defaults_with_figure", rows["graddiag defaults"]["mean"])
-        low, high = group["above_floor_interval"]
+        if "graddiag defaults" not in rows:
+            continue
+        figure = 1.0 - FIGURE_TIME_SHARE if label.startswith("Lightning") else 1.0
+        defaults = rows["graddiag defaults"]["mean"] / figure
         above = defaults - rows["floor: one _foreach_norm per step"]["mean"]
-        assert low <= above + 1e-9 and above - 1e-9 <= high, label
+        assert group["above_floor"] == pytest.approx(above, abs=1e-12), label
+        every = rows["graddiag every_n_steps=10"]["mean"] / figure
+        assert group["every10_with_figure"] == pytest.approx(every, abs=1e-12), label
+        for value, (low, high) in ((above, group["above_floor_interval"]),
+                                   (every, group["every10_interval"])):
+            assert low <= value + 1e-9 and value - 1e-9 <= high, label
+        checked += 1
+    assert checked == 3
 
 
-def test_bootstrap_intervals_resample_rounds_paired() -> None:
+def test_bootstrap_intervals_resample_rounds_paired_and_by_phase() -> None:
     """Rounds are drawn with replacement, the same for every configuration: a configuration
     taking exactly twice as long as another on every round is twice as slow on every
-    resample; one alternating 1 s and 3 s has a mean of 1 s with probability (1/2)^4 = 6.25 %
-    in four rounds (more than the 2.5 % tail), so its interval is exactly 1 to 3."""
+    resample. Unstratified (``period=1``), one alternating 1 s and 3 s has a mean of 1 s with
+    probability (1/2)^4 = 6.25 % in four rounds (more than the 2.5 % tail), so its interval is
+    exactly 1 to 3; drawn within the rounds' classes modulo 2, every resample keeps two 1 s and
+    two 3 s rounds: exactly 2."""
     from benchmarks.harness import bootstrap_interval
 
     paired = {"a": [1.0, 2.0, 1.0, 2.0], "b": [2.0, 4.0, 2.0, 4.0]}
-    assert bootstrap_interval(paired, lambda m: m["b"] / m["a"]) == (2.0, 2.0)
+    assert bootstrap_interval(paired, lambda m: m["b"] / m["a"], period=1) == (2.0, 2.0)
     alternating = {"a": [1.0, 3.0, 1.0, 3.0]}
-    assert bootstrap_interval(alternating, lambda m: m["a"]) == (1.0, 3.0)
+    assert bootstrap_interval(alternating, lambda m: m["a"], period=1) == (1.0, 3.0)
+    assert bootstrap_interval(alternating, lambda m: m["a"], period=2) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="as many timed rounds"):
+        bootstrap_interval({"a": [1.0, 2.0], "b": [1.0]}, lambda m: m["a"])
+
+
+@pytest.mark.parametrize("every", [10, 50])
+def test_lightning_writes_each_configuration_s_metrics_on_its_own_steps(every: int) -> None:
+    """Five configurations taking turns: Lightning writes the module's metrics for each one
+    every ``every`` of its own steps (at own steps every - 1, 2 * every - 1, ...), as in a run
+    of its own, not every ``every`` global steps (which at 50 would all fall on one)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers.logger import Logger
+    from torch.utils.data import DataLoader
+
+    from benchmarks.harness import Classifier, Interleave, _data, log_on_own_steps, mlp
+
+    names = ["a", "b", "c", "d", "e"]
+    switch = Interleave({n: [] for n in names}, block=1, warmup=0, device=torch.device("cpu"))
+    written: list[tuple[str, int]] = []
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if "train_loss" in metrics:
+                written.append((switch._current or "", switch.own_step))
+
+        def log_hyperparams(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    own_steps = 100
+    trainer = pl.Trainer(max_steps=own_steps * len(names), accelerator="cpu",
+                         logger=Recorder(), callbacks=[switch], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=every, num_sanity_val_steps=0)
+    log_on_own_steps(trainer, switch)
+    trainer.fit(Classifier(mlp(depth=1, width=8, in_features=256)),
+                DataLoader(_data(512), batch_size=64, shuffle=True, drop_last=True))
+    expected = list(range(every - 1, own_steps, every))
+    for name in names:
+        assert sorted(s for n, s in written if n == name) == expected, name
+
 
 
 def test_gpu_check_skips_without_cuda() -> None:
