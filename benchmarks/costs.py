@@ -61,10 +61,15 @@ PARTS = [
 ]
 
 
-class _Timers:
+class Timers:
+    """Wall-clock timers around functions, while wrapped: seconds and calls per label, and the
+    seconds per label on each step (``step``: set by the caller before each step)."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.per_step: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        self.step = 0
         self._saved: list[tuple[Any, str, Any]] = []
         self.enabled = True  # off once training ends (the final figure and summary are not steps)
 
@@ -80,8 +85,10 @@ class _Timers:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                self.seconds[label] += elapsed
                 self.calls[label] += 1
+                self.per_step[label][self.step] += elapsed
 
         setattr(owner, name, timed)
 
@@ -94,7 +101,7 @@ class _Timers:
 class _StepClock(pl.Callback):
     """Wall time of every step (batch start to batch start)."""
 
-    def __init__(self, timers: _Timers) -> None:
+    def __init__(self, timers: Timers) -> None:
         self.times: list[float] = []
         self._last: float | None = None
         self._timers = timers
@@ -117,7 +124,7 @@ def part_costs(model_fn: Callable[[], nn.Module], steps: int,
     activation steps' extra forward work (hooks, the function interceptor) is the excess of
     activation steps over ordinary logging steps, net of the parts timed there.
     """
-    timers = _Timers()
+    timers = Timers()
     for label, owner, name in PARTS:
         timers.wrap(label, owner, name)
     progress = {"seconds": 0.0, "calls": 0}

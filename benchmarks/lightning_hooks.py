@@ -17,14 +17,11 @@ at each batch start.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import statistics
 import sys
 import tempfile
-import time
 import timeit
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.costs import Timers  # noqa: E402
 from benchmarks.harness import Classifier, _data, mlp  # noqa: E402
 from graddiag import GradientDiagnostics  # noqa: E402
 from graddiag.lightning.step_inputs import step_inputs  # noqa: E402
@@ -46,35 +44,8 @@ HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward",
          "on_before_optimizer_step", "on_train_batch_end")
 
 
-class _Timed:
-    """Seconds per global step of each wrapped function, while wrapped."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
-        self.step = 0
-        self._saved: list[tuple[Any, str, Any]] = []
-
-    def wrap(self, owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
-        self._saved.append((owner, name, original))
-
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[label][self.step] += time.perf_counter() - start
-
-        setattr(owner, name, timed)
-
-    def restore(self) -> None:
-        for owner, name, original in reversed(self._saved):
-            setattr(owner, name, original)
-
-
 class _Clock(pl.Callback):
-    def __init__(self, timed: _Timed) -> None:
+    def __init__(self, timed: Timers) -> None:
         self.timed = timed
         self.warm: dict[str, float] = {}
 
@@ -105,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    timed = _Timed()
+    timed = Timers()
     for hook in HOOKS:
-        timed.wrap(GradientDiagnostics, hook, hook)
-    timed.wrap(GradientProbe, "read_row", "fused read into the row (GradientProbe.read_row)")
-    timed.wrap(GradientMonitor, "_judge", "judging")
+        timed.wrap(hook, GradientDiagnostics, hook)
+    timed.wrap("fused read into the row (GradientProbe.read_row)", GradientProbe, "read_row")
+    timed.wrap("judging", GradientMonitor, "_judge")
     clock = _Clock(timed)
     cb = GradientDiagnostics(print_summary=False, replay_nonfinite=not args.no_replay)
     pl.seed_everything(0, verbose=False)
@@ -124,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       drop_last=True))
     finally:
         timed.restore()
-    judged = timed.seconds["judging"]
+    judged = timed.per_step["judging"]
     ordinary = [s for s in range(20, args.steps) if s % 10 and s % 50 != 49
                 and judged.get(s, 0.0) < 5e-6]
     print(f"MLP 20x256, Lightning{', replay_nonfinite=False' if args.no_replay else ''}, "
@@ -132,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
           "median us per ordinary step (timers add about 1 us each):")
     total = 0.0
     for label in (*HOOKS, "fused read into the row (GradientProbe.read_row)"):
-        median = statistics.median(timed.seconds[label].get(s, 0.0) for s in ordinary) * 1e6
+        median = statistics.median(timed.per_step[label].get(s, 0.0) for s in ordinary) * 1e6
         total += median if label in HOOKS else -median
         print(f"  {label:52s} {median:7.1f}")
     print(f"  {'the hooks beyond the fused read':52s} {total:7.1f}")
