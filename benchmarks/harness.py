@@ -296,12 +296,14 @@ def bootstrap_interval(times: dict[str, list[float]],
     replacement, for every configuration, so that what they share (the machine's drifts, the
     data) stays paired; and drawn within the rounds' classes modulo ``period`` (graddiag's
     activation and parameter steps come every 50 steps, its logging every 10 or 50), so that a
-    resample holds as many of each periodic step as a run does."""
+    resample holds as many of each periodic step as a run does (a window shorter than two
+    periods is drawn in classes of at least two rounds)."""
     arrays = {name: np.asarray(t, dtype=float) for name, t in times.items()}
     lengths = {len(a) for a in arrays.values()}
     if len(lengths) != 1:
         raise ValueError(f"every configuration needs as many timed rounds, got {sorted(lengths)}")
     (rounds,) = lengths
+    period = max(1, min(period, rounds // 2))  # at least two rounds in each class to draw from
     rng = np.random.default_rng(seed)
     picks = np.empty((resamples, rounds), dtype=np.int64)
     column = 0

@@ -27,7 +27,17 @@ def _tree(*names: str) -> ModuleTree:
     return ModuleTree(("", *names), "Model")
 
 
-@pytest.mark.parametrize(("query", "key", "value"), PROJECTION_NAMES)
+#: The namings the README documents, written out here.
+NAMINGS = [("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"),
+           ("q_lin", "k_lin", "v_lin"), ("query_proj", "key_proj", "value_proj"),
+           ("to_q", "to_k", "to_v"), ("wq", "wk", "wv"), ("q_linear", "k_linear", "v_linear")]
+
+
+def test_the_code_knows_exactly_the_documented_namings() -> None:
+    assert sorted(PROJECTION_NAMES) == sorted(NAMINGS)
+
+
+@pytest.mark.parametrize(("query", "key", "value"), NAMINGS)
 def test_every_naming_is_recognised_with_its_partner_and_value(query: str, key: str,
                                                                 value: str) -> None:
     tree = _tree("blocks.2.attn", f"blocks.2.attn.{query}", f"blocks.2.attn.{key}",
@@ -146,14 +156,22 @@ def test_waiting_is_advised_only_where_the_weights_still_move(moving: bool) -> N
     (FLOOR / 2, 1e-9, False),
     (FLOOR / 2, 1e-9, True),
     (5 * 3e-5, 3e-5, False),  # above the floor, but only 5 x the key's gradient
+    (9.5 * 3e-5, 3e-5, False),  # just short of 10 x
 ])
 def test_a_query_or_key_not_far_below_a_healthy_value_projection_keeps_the_usual_explanation(
         value: float, key: float, early: bool) -> None:
     record = _record(value=value, key=key)
     found = _explained(f"{SELF}.key", record, early=early)
     assert "attention_projection" not in found.details
-    assert found.remedy != wording.ATTENTION_SCORES
-    assert "(the rest comes from the weights' scale, i.e. initialisation)" in found.message
+    # the remedy for a layer behind one rectifier with no dead units, as for any other layer
+    assert found.remedy == wording.VANISHING_BEHIND_RECTIFIERS
+
+
+def test_a_key_just_over_ten_times_below_its_value_projection_is_explained_by_the_scores(
+        ) -> None:
+    found = _explained(f"{SELF}.key", _record(value=10.5 * 3e-5, key=3e-5))
+    assert found.details["attention_projection"] == "key"
+    assert found.details["value_ratio"] == pytest.approx(10.5)
 
 
 def _without(record: StepRecord, what: str) -> StepRecord:

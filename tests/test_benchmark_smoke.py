@@ -64,7 +64,8 @@ def test_benchmark_quick_round(tmp_path: Path) -> None:
         assert group["every10_with_figure"] == pytest.approx(every, abs=1e-12), label
         for value, (low, high) in ((above, group["above_floor_interval"]),
                                    (every, group["every10_interval"])):
-            assert low <= value + 1e-9 and value - 1e-9 <= high, label
+            # six rounds in classes of two: the interval has a width, the estimate inside it
+            assert low < high and low <= value + 1e-9 and value - 1e-9 <= high, label
         checked += 1
     assert checked == 3
 
@@ -83,6 +84,12 @@ def test_bootstrap_intervals_resample_rounds_paired_and_by_phase() -> None:
     alternating = {"a": [1.0, 3.0, 1.0, 3.0]}
     assert bootstrap_interval(alternating, lambda m: m["a"], period=1) == (1.0, 3.0)
     assert bootstrap_interval(alternating, lambda m: m["a"], period=2) == (2.0, 2.0)
+    # six rounds are drawn in classes of two (not one class per round, which would never vary):
+    # each of the 6 draws is 1 or 3 alike, so the mean is 1 + 2k/6 with k ~ Binomial(6, 1/2);
+    # P(k = 0) = 1/64 < 2.5 % < P(k <= 1) = 7/64, so the interval is 4/3 to 8/3
+    mixed = {"a": [1.0, 3.0, 1.0, 3.0, 1.0, 3.0]}
+    assert bootstrap_interval(mixed, lambda m: m["a"]) == (pytest.approx(4 / 3),
+                                                            pytest.approx(8 / 3))
     with pytest.raises(ValueError, match="as many timed rounds"):
         bootstrap_interval({"a": [1.0, 2.0], "b": [1.0]}, lambda m: m["a"])
 

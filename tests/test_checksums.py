@@ -3,6 +3,7 @@ writes to and only while it does."""
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -105,11 +106,16 @@ def test_cover_never_reopens_a_closed_writer_and_ignores_other_writers(tmp_path:
     assert writer.file_writer is None
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # the one made on creation
 
-    class OtherWriter:
-        file_writer = None
+    # another writer class with TensorBoard's record writer inside is left as it is
+    from types import SimpleNamespace
 
-    cover.cover(OtherWriter())
-    cover.undo()  # nothing covered: nothing to undo
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    record_writer = RecordWriter(io.BytesIO())
+    other = SimpleNamespace(file_writer=SimpleNamespace(event_writer=SimpleNamespace(
+        _async_writer=SimpleNamespace(_writer=record_writer))))
+    cover.cover(other)
+    assert "write" not in vars(record_writer)
 
 
 def test_without_the_compiled_build_tensorboards_checksums_stay(tmp_path: Path,

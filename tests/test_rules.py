@@ -223,6 +223,23 @@ def test_an_explosion_that_ended_is_not_named_as_the_cause_of_a_later_vanishing(
     assert "itself exploding" not in vanishing.message
 
 
+def test_the_monitor_names_only_an_explosion_that_still_holds() -> None:
+    """The same through the monitor: ``fc`` explodes for three steps, then is ordinary while
+    ``a`` vanishes; the vanishing finding does not call ``fc`` exploding."""
+    from graddiag import GradientMonitor
+    from tests.test_updates import _set_grads, _TwoLayers
+
+    model = _TwoLayers()
+    with GradientMonitor(model, reporters=[], exploding_patience=3, vanishing_patience=2,
+                         vanishing_early_rel=0.0) as monitor:
+        for a, fc in [(1e3, 1e5)] * 3 + [(1e-7, 0.1)] * 3:
+            _set_grads(model, a, fc)
+            monitor.step()
+    found = {(f.kind, f.layer): f for f in monitor.findings}
+    assert set(found) == {("exploding", "fc"), ("vanishing", "a")}
+    assert "itself exploding" not in found[("vanishing", "a")].message
+
+
 def test_a_gap_saved_under_a_longer_patience_re_arms_under_a_shorter_one() -> None:
     old = VanishingRule(1e-12, 1e-4, patience=10, early_rel=0.0)
     found = [f for s in range(10) for f in old.update(_two_layers(s, [1e-6, 1.0]))]

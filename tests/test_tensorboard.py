@@ -183,7 +183,21 @@ def test_a_real_tensorboard_serves_the_dashboard(sigmoid_run) -> None:  # noqa: 
         server.wait(timeout=10)
 
 
-def _two_writes(logdir: Path) -> None:
+class _WriterSeconds:
+    """A wall clock that moves a second when told: event file names start with the second their
+    writer was made in, then a per-process writer counter, and TensorBoard reads a run's files
+    in name order (two writers made in one real second can sort against their order of
+    creation, 10 before 9); each writer made after :meth:`next` is named a second later."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = float(int(time.time()))
+        monkeypatch.setattr(time, "time", lambda: self.now)
+
+    def next(self) -> None:
+        self.now += 1.0
+
+
+def _two_writes(logdir: Path, clock: _WriterSeconds) -> None:
     """A run that crashed after step 5 and was resumed from step 3 into the same directory: two
     event files, steps 3-5 written by both (1.0 first, then 2.0)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -193,35 +207,30 @@ def _two_writes(logdir: Path) -> None:
         for step in steps:
             writer.add_scalar("graddiag/grad_norm/net.0", value, step)
         writer.close()
-        _next_second()
+        clock.next()
 
 
-def _next_second() -> None:
-    """Wait for the next whole second: event file names start with the second they were made in,
-    then a per-process writer counter, and TensorBoard reads a run's files in name order (two
-    writers made in one second can sort against their order of creation, 10 before 9)."""
-    time.sleep(1.01 - time.time() % 1)
-
-
-def test_report_keeps_the_value_written_last_for_a_step_written_twice(tmp_path: Path) -> None:
-    _two_writes(tmp_path)
+def test_report_keeps_the_value_written_last_for_a_step_written_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _two_writes(tmp_path, _WriterSeconds(monkeypatch))
     scalars = read_logs(tmp_path).scalars
     assert scalars.step.tolist() == list(range(8))  # one row per step, in step order
     assert scalars.value.tolist() == [1.0] * 3 + [2.0] * 5
 
 
 def test_a_run_started_again_in_the_same_directory_replaces_the_abandoned_one(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run A wrote steps 0-9, run B (not a resume) 0-4: A's steps 5-9 are orphans of the
     abandoned run, not the continuation of B."""
     from torch.utils.tensorboard import SummaryWriter
 
+    clock = _WriterSeconds(monkeypatch)
     for suffix, steps, value in ((".a", range(10), 1.0), (".b", range(5), 2.0)):
         writer = SummaryWriter(str(tmp_path), filename_suffix=suffix)
         for step in steps:
             writer.add_scalar("graddiag/grad_norm/net.0", value, step)
         writer.close()
-        _next_second()
+        clock.next()
     scalars = read_logs(tmp_path).scalars
     assert scalars.step.tolist() == list(range(5)) and set(scalars.value) == {2.0}
 
