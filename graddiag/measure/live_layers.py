@@ -8,6 +8,13 @@ order filling in where no gradient arrived. Membership: before each measurement 
 parameters' flags, see :mod:`graddiag.measure.layout`); when
 they or the modules changed, the layers are discovered again, known layers keep their order and
 new ones take their forward-order place until the next watched backward pass sorts them.
+
+Activation sites: a site's place among the layers is timed on an activation step's backward
+pass and kept; later activation steps time nothing (no hook on the parameters or on the sites'
+outputs) while every site they see has a kept place and the layers are unchanged. A site
+without a kept place (new, or with no trainable layer timed on its input side) has the next
+activation step timed again; a change of the layers forgets every kept place, and a pass
+timed on the layers as they were before a change keeps none.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class LiveLayers:
         self._watcher = LayoutWatcher(root)
         self._missing: set[int] = set()
         self.names: list[str] = index.names  # one list shared by every record
+        self._placed: dict[str, float] = {}  # site -> its place among ``names``, from a timed pass
+        self._sites_placed = False  # every site of the last activation step has a kept place
         if record_order:
             self.arrival.watch(index.layers)  # the first backward pass gives the order
 
@@ -95,6 +104,7 @@ class LiveLayers:
             self._sort(keep_order(self.index.names, known, self._forward_order))
             self._relearn = self.record_order
         self.names = self.index.names
+        self._forget_places()
         log.info("graddiag: the trainable layers changed; now monitoring %d layer(s)",
                  len(self.index))
         return True
@@ -102,6 +112,11 @@ class LiveLayers:
     def _sort(self, names: list[str]) -> None:
         self.index.reorder({n: i for i, n in enumerate(names)})
         self.names = self.index.names
+        self._forget_places()
+
+    def _forget_places(self) -> None:
+        self._placed = {}
+        self._sites_placed = False
 
     def note_missing(self, missing: dict[int, list[str]]) -> None:
         """Known layers that stopped receiving gradients may belong to a replaced module:
@@ -112,14 +127,24 @@ class LiveLayers:
                 self._watcher.check_modules_next()
 
     def site_positions(self, sites: list[str]) -> np.ndarray:
-        """Where each site ran among :attr:`names` (see ``ActivationRecord.position``)."""
-        return self.arrival.site_positions(sites, self.names)
+        """Where each site ran among :attr:`names` (see ``ActivationRecord.position``): timed
+        in this backward pass if it was timed, else the places kept from an earlier one (NaN
+        for a site without one)."""
+        if self.arrival.layer_time:
+            positions = self.arrival.site_positions(sites, self.names)
+            if self.arrival.watched == self.names:  # not timed on layers since replaced
+                self._placed.update((s, float(p)) for s, p in zip(sites, positions) if p >= 0)
+        else:
+            positions = np.array([self._placed.get(s, np.nan) for s in sites], dtype=float)
+        self._sites_placed = all(s in self._placed for s in sites)
+        return positions
 
     def finish_step(self, watch_next: bool) -> None:
         """After a measurement: forget this step's timing; watch the next backward pass if it
-        will be measured with activations, or the layers still need sorting."""
+        will be measured with activations whose sites are not all placed yet, or the layers
+        still need sorting."""
         self.arrival.clear()
-        if self.record_order and (watch_next or self._relearn):
+        if self.record_order and (watch_next and not self._sites_placed or self._relearn):
             self.arrival.watch(self.index.layers)
 
     def close(self) -> None:

@@ -3,8 +3,10 @@
 The layer nearest the loss is the one whose gradient is complete first. During one watched
 backward pass, a hook on every monitored parameter (``register_post_accumulate_grad_hook``)
 notes when its gradient has been accumulated, and a hook on the output of every activation call
-of an activation step notes when the gradient passes through it; both read one counter, so
-layers and activation sites share one order. This is right where module definition order and
+of a timed activation step notes when the gradient passes through it; both read one counter, so
+layers and activation sites share one order. Sites are timed only while their place is not
+known (see :class:`graddiag.measure.live_layers.LiveLayers`): a place found once is kept until
+the layers change. This is right where module definition order and
 forward-hook order are not: parameters owned by the top module (``cls_token``, ``pos_embed``,
 ``logit_scale``), ``nn.MultiheadAttention.out_proj`` (whose ``forward`` never runs), activation
 checkpointing (blocks re-run during backward) and modules defined out of order.
@@ -56,6 +58,7 @@ class GradientArrival:
         self._site_ticks: dict[str, list[tuple[int, int]]] = {}  # site -> [(pass, tick)]
         self._sites_without_gradient: set[str] = set()
         self._sites_hooked: set[str] = set()
+        self.watched: list[str] = []  # the names of the layers timed, as they were then
 
     @property
     def watching(self) -> bool:
@@ -65,6 +68,8 @@ class GradientArrival:
         """Hook every parameter of ``layers`` until :meth:`clear` (idempotent)."""
         if self._handles:
             return
+        layers = list(layers)
+        self.watched = [layer.name for layer in layers]
         for layer in layers:
             for param in layer.params:
                 if not param.requires_grad:
@@ -73,8 +78,9 @@ class GradientArrival:
                 self._handles.append(param.register_post_accumulate_grad_hook(hook))
 
     def watch_site(self, name: str, output: torch.Tensor) -> None:
-        """Time the gradient passing through one activation call's ``output`` (forward only)."""
-        if self._ended or in_backward():
+        """Time the gradient passing through one activation call's ``output`` (forward only);
+        nothing unless the layers are timed in this pass (a site's place needs both)."""
+        if not self._handles or self._ended or in_backward():
             return
         if output.requires_grad:
             output.register_hook(partial(self._site_passed, name))
@@ -122,6 +128,7 @@ class GradientArrival:
         self._site_ticks = {}
         self._sites_without_gradient = set()
         self._sites_hooked = set()
+        self.watched = []
 
     def site_positions(self, sites: list[str], layers: list[str]) -> np.ndarray:
         """Where each site ran among ``layers`` (input side first), in layer-index units.
