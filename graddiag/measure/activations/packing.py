@@ -2,8 +2,9 @@
 site list every rank has agreed on.
 
 Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dead units]``. In
-one process only the device numbers travel (saturated elements, sum of |f'|, dead units: one
-stack per step); elements and calls are known on the host. With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
+one process only the device numbers travel (per site the saturated elements where counted on
+the device and the sum of |f'|, and every unit's largest |f'|: one stack and one concatenation
+per step); the host knows elements and calls and counts the dead units. With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
 (name, kind, family, unit count) and lay their rows out by the union of names in rank order; a
 site a rank did not see contributes zeros. One sum over ranks then adds the counts and, per unit,
 how many ranks saw it fire, so a unit is dead only if it fired on no rank. A site whose unit
@@ -109,29 +110,62 @@ def pack_activations(sites: list[_Site], cut_ops: dict[str, list[str]],
 
 def _pack_local(sites: list[_Site], layout: list[SiteInfo], cut_ops: dict[str, list[str]]
                 ) -> ActivationPack:
-    """One process's statistics: three device numbers per site (saturated elements, sum of
-    |f'|, dead units) in one stack; element and call counts are known on the host already."""
-    home = sites[0].below.device if sites else torch.device("cpu")  # type: ignore[union-attr]
+    """One process's statistics in two device tensors: per site the elements below the floor
+    (where counted on the device) and the sum of |f'|; and every site's per-unit largest |f'|,
+    end to end. The host knows the element and call counts, and counts the dead units itself,
+    so a step costs two device operations here whatever the number of sites."""
+    home = sites[0].gain.device if sites else torch.device("cpu")  # type: ignore[union-attr]
     values: list[torch.Tensor] = []
+    largest: list[torch.Tensor] = []
     for site in sites:
-        assert site.below is not None and site.gain is not None
-        values += [site.below, site.gain, site.dead_units()]
-    chunks = [torch.stack([v if v.device == home else v.to(home) for v in values])] if values \
-        else []
-    counts = np.array([[s.elements, s.calls] for s in sites], dtype=float).reshape(-1, 2)
-    return ActivationPack(chunks, partial(_record, layout, cut_ops, counts))
+        assert site.gain is not None
+        counted = site.counts_below
+        values += [site.below if counted else site.gain, site.gain]  # type: ignore[list-item]
+        largest += site.largest
+    chunks = [torch.stack([v if v.device == home else v.to(home) for v in values]),
+              torch.cat([v if v.device == home else v.to(home) for v in largest])] \
+        if values else []
+    host = _LocalCounts(
+        elements=np.array([s.elements for s in sites], dtype=float),
+        calls=np.array([s.calls for s in sites], dtype=float),
+        counted_below=np.array([s.counts_below for s in sites], dtype=bool),
+        site_of_unit=np.repeat(np.arange(len(sites)), [s.units for s in sites]),
+        floor_of_unit=np.repeat(np.array([s.floor for s in sites], dtype=np.float32),
+                                [s.units for s in sites]))
+    return ActivationPack(chunks, partial(_record, layout, cut_ops, host))
 
 
-def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], counts: np.ndarray | None,
+@dataclass
+class _LocalCounts:
+    """What the host knows of one process's sites: per site its elements, calls and whether its
+    saturated elements were counted on the device (else they are elements - sum of |f'|); per
+    unit (all sites end to end) its site and floor."""
+
+    elements: np.ndarray
+    calls: np.ndarray
+    counted_below: np.ndarray
+    site_of_unit: np.ndarray
+    floor_of_unit: np.ndarray
+
+    def rows(self, host: list[np.ndarray]) -> np.ndarray:
+        """Rows of :data:`COLUMNS` from the host copy of :func:`_pack_local`'s chunks."""
+        n = len(self.elements)
+        if not n:
+            return np.zeros((0, COLUMNS))
+        device = host[0].reshape(n, 2)
+        gain = device[:, 1]
+        below = np.where(self.counted_below, device[:, 0], self.elements - gain)
+        # compared in float32, as on the device: NaN is alive
+        dead_flags = host[1].astype(np.float32, copy=False) < self.floor_of_unit
+        dead = np.bincount(self.site_of_unit, weights=dead_flags, minlength=n)
+        return np.column_stack([below, gain, self.elements, self.calls, dead])
+
+
+def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCounts | None,
             host: list[np.ndarray]) -> ActivationRecord:
-    """The record from the host copy: rows of :data:`COLUMNS` (``counts`` None), or of
-    ``[saturated elements, sum of |f'|, dead units]`` with ``counts`` = ``[elements, calls]``."""
-    if counts is None:
-        values = host[0].reshape(len(layout), COLUMNS)
-    else:
-        device = host[0].reshape(len(layout), 3) if host else np.zeros((0, 3))
-        values = np.column_stack([device[:, 0], device[:, 1], counts[:, 0], counts[:, 1],
-                                  device[:, 2]])
+    """The record from the host copy: rows of :data:`COLUMNS` (``local`` None: summed over
+    ranks), or :func:`_pack_local`'s chunks read with ``local``."""
+    values = host[0].reshape(len(layout), COLUMNS) if local is None else local.rows(host)
     units = np.array([info[3] if info[3] >= 0 else np.nan for info in layout], dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return ActivationRecord(

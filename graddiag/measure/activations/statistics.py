@@ -17,6 +17,7 @@ the same units on every call: a unit is dead only if it is dead on every one.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -75,20 +76,16 @@ def below_count(values: torch.Tensor, floor: float) -> torch.Tensor:
     return flags.clamp_(min=0.0).nan_to_num_(0.0).sum(dtype=torch.float32)
 
 
-def _dead_units(values: torch.Tensor, y: torch.Tensor, largest_below: float | None
-                ) -> torch.Tensor:
-    """Per unit of ``y``, whether it passed no gradient for any sample: ``values`` are either
-    bool flags of the elements below the floor (``largest_below`` None), or floats where a unit
-    is dead when its largest value over the samples is below ``largest_below`` (NaN: alive)."""
-    if largest_below is not None and values.numel() == 0:  # no samples: every unit, as before
-        values, largest_below = values < largest_below, None
-    if values.ndim > 1:
-        dim = unit_dim(y) if y.ndim == values.ndim else values.ndim - 1
-        dims = tuple(i for i in range(values.ndim) if i != dim)
-        if largest_below is None:
-            return values.all(dim=dims)
-        return values.amax(dim=dims) < largest_below
-    return values if largest_below is None else values < largest_below
+def _largest(values: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per unit of ``y``, the largest of ``values`` (an element's |f'|, or 1.0/0.0 where it
+    passes) over the samples: a unit is dead when this is below the floor (NaN: alive). Kept as
+    a float, so that the comparison with the floor is made once for every site of the step."""
+    if values.ndim <= 1:
+        return values
+    dim = unit_dim(y) if y.ndim == values.ndim else values.ndim - 1
+    if values.numel() == 0:  # no samples: every unit, as before
+        return values.new_full((values.shape[dim],), -math.inf)
+    return values.amax(dim=tuple(i for i in range(values.ndim) if i != dim))
 
 
 class _Site:
@@ -99,20 +96,40 @@ class _Site:
         self.spec = spec
         self.calls = 0
         self.elements = 0
-        self.below: torch.Tensor | None = None
+        self.floor = 0.0
         self.gain: torch.Tensor | None = None
-        # per call position within a forward pass, and its width: units dead in every sample
+        # elements below the floor; None where |f'| is 1 or 0, so they are elements - gain
+        self._below: torch.Tensor | None = None
+        # per call position within a forward pass, and its width: each unit's largest |f'|
         self._slots: dict[tuple[int, int], torch.Tensor] = {}
         self._pass = -1
         self._ordinal = 0
+
+    @property
+    def below(self) -> torch.Tensor | None:
+        """Elements whose |f'| is below the floor (a float32 device scalar; ``None`` before
+        the first call)."""
+        if self._below is not None or self.gain is None:
+            return self._below
+        return self.elements - self.gain
+
+    @property
+    def counts_below(self) -> bool:
+        """Whether :attr:`below` is counted on the device rather than ``elements - gain``."""
+        return self._below is not None
+
+    @property
+    def largest(self) -> list[torch.Tensor]:
+        """Each call position's largest |f'| per unit (below the floor: dead), in call order."""
+        return list(self._slots.values())
 
     @property
     def alive(self) -> torch.Tensor | None:
         """Alive flags of every unit of every call position, one vector (``None`` if none)."""
         if not self._slots:
             return None
-        slots = list(self._slots.values())
-        return ~(slots[0] if len(slots) == 1 else torch.cat(slots))
+        slots = self.largest
+        return ~((slots[0] if len(slots) == 1 else torch.cat(slots)) < self.floor)
 
     @property
     def units(self) -> int:
@@ -122,11 +139,9 @@ class _Site:
     def dead_units(self) -> torch.Tensor:
         """How many units of every call position were below the floor for every sample (a
         float32 device scalar); call only after :meth:`add` recorded a call."""
-        slots = list(self._slots.values())
-        total = slots[0].sum(dtype=torch.float32)
-        for slot in slots[1:]:
-            total = total + slot.sum(dtype=torch.float32).to(total.device)
-        return total
+        alive = self.alive
+        assert alive is not None
+        return (~alive).sum(dtype=torch.float32)
 
     def add(self, x: torch.Tensor | None, y: torch.Tensor, params: dict[str, float],
             floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None,
@@ -145,42 +160,40 @@ class _Site:
                 log.warning("graddiag: activation site %r has %s outputs; its statistics are "
                             "skipped, training goes on.", self.name, y.dtype)
             return
+        self.floor = floor
         # called under no_grad: no graph is built, float32 inputs are used as they are
         y32 = y if y.dtype == torch.float32 else y.float()
         x32 = None
         if x is not None and x.is_floating_point():
             x32 = x if x.dtype == torch.float32 else x.float()
         passes = self.spec.passes
+        below_sum: torch.Tensor | None = None
         if passes is not None and 0.0 < floor <= 1.0:  # |f'| is 1 or 0: count where it is 1
             d = y32.reshape(1) if y32.ndim == 0 else y32
             ones = passes(d, params)  # where |f'| is 1: bool, or 1.0/0.0 (the built-ins')
             if ones.dtype == torch.bool:
-                below = ~ones
-                below_sum = below.sum(dtype=torch.float32)
-                gain_sum = below.numel() - below_sum  # the sum of |f'|
-                dead = _dead_units(below, y, None)
-            else:
-                gain_sum = ones.sum(dtype=torch.float32)
-                below_sum = ones.numel() - gain_sum
-                dead = _dead_units(ones, y, 0.5)
+                ones = ones.float()
+            gain_sum = ones.sum(dtype=torch.float32)  # the sum of |f'|; below: the rest
+            largest = _largest(ones, y)
         else:
             d = self.spec.derivative(x32, y32, params).abs()
             if d.ndim == 0:
                 d = d.reshape(1)
             below_sum = below_count(d, floor)
             gain_sum = d.sum(dtype=torch.float32)
-            dead = _dead_units(d, y, floor)
+            largest = _largest(d, y)
         if forward_pass != self._pass:
             self._pass, self._ordinal = forward_pass, 0
-        key = (0 if same_units else self._ordinal, int(dead.numel()))
+        key = (0 if same_units else self._ordinal, int(largest.numel()))
         self._ordinal += 1
         previous = self._slots.get(key)
-        self._slots[key] = dead if previous is None else previous & dead
-        if self.below is None or self.gain is None:
-            self.below, self.gain = below_sum, gain_sum
+        self._slots[key] = largest if previous is None else torch.maximum(previous, largest)
+        if self.gain is None:
+            self.gain, self._below = gain_sum, below_sum
         else:
-            self.below = self.below + below_sum
             self.gain = self.gain + gain_sum
+            if below_sum is not None:
+                self._below = below_sum if self._below is None else self._below + below_sum
         self.calls += 1
         self.elements += d.numel()
 

@@ -206,7 +206,7 @@ class ActivationWatch:
 
     def take(self) -> tuple[list[_Site], dict[str, list[str]]]:
         """The sites seen (forward order) and the cut operations; resets both."""
-        sites = [s for s in self.sites.values() if s.below is not None]
+        sites = [s for s in self.sites.values() if s.gain is not None]
         cut_ops = {k: list(v) for k, v in self.cut_ops.items()}
         self.discard()
         return sites, cut_ops
