@@ -177,6 +177,25 @@ def test_early_steps_benchmark_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_activation_steps_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "steps.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "activation_steps.py"),
+                             "--steps", "6", "--depth", "2", "--width", "16", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    only = data["gradients only"]
+    for name in ("activation statistics every step", "parameter statistics every step"):
+        row, extra = data[name], data[f"extra: {name}"]
+        assert set(row) == set(extra) == {"forward", "backward", "monitor.step()", "whole step"}
+        for part, value in row.items():  # what the step adds: its mean less gradients-only's
+            assert value > 0 and extra[part] == pytest.approx(value - only[part])
+        # the whole step holds its parts (and the optimizer step)
+        assert row["whole step"] > row["forward"] + row["backward"] + row["monitor.step()"]
+    assert data["plain"]["monitor.step()"] == 0.0 or data["plain"]["monitor.step()"] < 0.01
+
+
+@pytest.mark.slow
 def test_replay_benchmark_runs() -> None:
     replay = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replay_overhead.py"),
                              "--quick"], capture_output=True, text=True, timeout=300, env=ENV)
