@@ -11,26 +11,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graddiag import GradientMonitor
+from graddiag import ActivationSpec, GradientMonitor
 from graddiag.measure.activations.packing import pack_activations
 from graddiag.measure.activations.specs import RELU, TANH
 from graddiag.measure.activations.statistics import _Site
+from graddiag.measure.live_layers import KEEP_PLACES_FOR
 from graddiag.measure.order import NO_LAYER_UPSTREAM
 from graddiag.measure.transfer import to_host
 
 
 class ThreeLayers(nn.Module):
-    """Linear - Tanh - Linear - ReLU - Linear; from ``extra_from`` on, a functional sigmoid
-    between the last two layers as well."""
+    """Linear - Tanh - Linear - ReLU - Linear; with ``extra``, a functional sigmoid between the
+    last two layers as well; with ``moved``, the tanh runs after ``b`` instead of after ``a``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
         self.tanh, self.relu = nn.Tanh(), nn.ReLU()
-        self.extra = False
+        self.extra = self.moved = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.relu(self.b(self.tanh(self.a(x))))
+        if self.moved:
+            h = self.relu(self.tanh(self.b(self.a(x))))
+        else:
+            h = self.relu(self.b(self.tanh(self.a(x))))
         if self.extra:
             h = torch.sigmoid(h)
         return self.c(h)
@@ -72,6 +76,7 @@ def test_sites_are_timed_once_then_keep_their_place() -> None:
     monitor, timed, site_hooked = _run(model, 4)
     assert timed == [True, False, False, False]
     assert site_hooked == [True, False, False, False]
+    assert len(monitor.records) == 4
     for record in monitor.records:
         acts = record.activations
         assert acts is not None and acts.sites == ["tanh", "relu"]
@@ -120,6 +125,44 @@ def test_a_change_of_the_layers_forgets_every_place() -> None:
         assert acts.position.tolist() == [NO_LAYER_UPSTREAM, 0.5]
 
 
+def test_kept_places_are_timed_again_after_a_bounded_number_of_activation_steps() -> None:
+    # the tanh moves from between a and b to between b and c while the layers stay the same
+    model = ThreeLayers()
+
+    def move(step: int) -> None:
+        model.moved = step >= 3
+
+    steps = KEEP_PLACES_FOR + 2
+    assert KEEP_PLACES_FOR == 10
+    monitor, timed, _ = _run(model, steps, move)
+    assert timed == [step % KEEP_PLACES_FOR == 0 for step in range(steps)]
+    positions = [r.activations.position.tolist() for r in monitor.records if r.activations]
+    assert len(positions) == steps
+    assert positions[:3] == [[0.5, 1.5]] * 3
+    assert positions[3:KEEP_PLACES_FOR] == [[0.5, 1.5]] * (KEEP_PLACES_FOR - 3)  # kept, stale
+    assert positions[KEEP_PLACES_FOR:] == [[1.5, 1.5]] * 2  # timed again: after b
+
+
+def test_a_pass_timed_on_other_layers_than_those_measured_keeps_no_place() -> None:
+    # b is frozen at first; a new site arms the timing of step 3, and b is unfrozen before it:
+    # that pass times a and c only, its places (against a, b, c) are not kept
+    model = ThreeLayers()
+    model.b.requires_grad_(False)
+
+    def change(step: int) -> None:
+        model.extra = step >= 2
+        if step == 3:
+            model.b.requires_grad_(True)
+
+    monitor, timed, _ = _run(model, 6, change)
+    records = monitor.records
+    assert [r.layers for r in records] == [["a", "c"]] * 3 + [["a", "b", "c"]] * 3
+    assert timed == [True, False, False, True, True, False]
+    for record in records[4:]:  # tanh after a, ReLU and sigmoid after b
+        acts = record.activations
+        assert acts is not None and acts.position.tolist() == [0.5, 1.5, 1.5]
+
+
 def test_the_host_counts_dead_units_from_each_units_largest_derivative() -> None:
     relu = _Site("relu", RELU)
     tanh = _Site("tanh", TANH)
@@ -155,3 +198,27 @@ def test_a_unit_alive_in_one_micro_batch_is_alive() -> None:
     assert record.dead.tolist() == [0.5]  # unit 1 passed in the second micro-batch
     np.testing.assert_allclose(record.saturated, [5 / 6])
     assert record.calls.tolist() == [2.0]
+
+
+def test_the_host_compares_with_the_floor_in_float32_as_the_device_does() -> None:
+    identity = ActivationSpec("ident", "saturating", lambda x, y, p: y)  # |f'| = y
+    site = _Site("i", identity)
+    with torch.no_grad():  # float32(0.01) is just below 0.01 in float64, equal in float32
+        site.add(None, torch.tensor([[0.01, 0.5], [0.01, 0.5]]), {}, 0.01)
+    pack = pack_activations([site], {})
+    assert pack is not None
+    record = pack.finish(to_host(pack.chunks))
+    assert record.saturated.tolist() == [0.0] and record.dead.tolist() == [0.0]
+
+
+def test_a_nan_call_keeps_its_units_alive_across_calls() -> None:
+    identity = ActivationSpec("ident", "saturating", lambda x, y, p: y)  # |f'| = y
+    site = _Site("i", identity)
+    with torch.no_grad():  # unit 0 is NaN in one micro-batch: alive; unit 1 below in both
+        site.add(None, torch.tensor([[float("nan"), 0.001]]), {}, 0.01, forward_pass=1)
+        site.add(None, torch.tensor([[0.001, 0.001]]), {}, 0.01, forward_pass=2)
+    pack = pack_activations([site], {})
+    assert pack is not None
+    record = pack.finish(to_host(pack.chunks))
+    assert record.dead.tolist() == [0.5]
+    np.testing.assert_allclose(record.saturated, [3 / 4])  # NaN is not below the floor

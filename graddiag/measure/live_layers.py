@@ -11,10 +11,13 @@ new ones take their forward-order place until the next watched backward pass sor
 
 Activation sites: a site's place among the layers is timed on an activation step's backward
 pass and kept; later activation steps time nothing (no hook on the parameters or on the sites'
-outputs) while every site they see has a kept place and the layers are unchanged. A site
-without a kept place (new, or with no trainable layer timed on its input side) has the next
-activation step timed again; a change of the layers forgets every kept place, and a pass
-timed on the layers as they were before a change keeps none.
+outputs) while every site they see has a kept place and the layers are unchanged, and at most
+:data:`KEEP_PLACES_FOR` - 1 of them in a row (a site whose place changes while the layers do
+not, as a shared activation module run where the data decide, is then re-placed within that
+many activation steps). A site without a kept place (new, without a timing, or with no
+trainable layer timed on its input side) has the next activation step timed again; a change
+of the layers forgets every kept place, and a pass timed on other layers than those measured
+keeps none.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from graddiag.measure.layout import LayoutWatcher
 from graddiag.measure.order import GradientArrival, arrival_order, keep_order
 
 log = logging.getLogger("graddiag")
+
+#: Activation steps a kept place serves, the timed one included, before the sites are timed again.
+KEEP_PLACES_FOR = 10
 
 
 class LiveLayers:
@@ -62,6 +68,7 @@ class LiveLayers:
         self.names: list[str] = index.names  # one list shared by every record
         self._placed: dict[str, float] = {}  # site -> its place among ``names``, from a timed pass
         self._sites_placed = False  # every site of the last activation step has a kept place
+        self._untimed = 0  # activation steps in a row served from kept places
         if record_order:
             self.arrival.watch(index.layers)  # the first backward pass gives the order
 
@@ -132,11 +139,15 @@ class LiveLayers:
         for a site without one)."""
         if self.arrival.layer_time:
             positions = self.arrival.site_positions(sites, self.names)
-            if self.arrival.watched == self.names:  # not timed on layers since replaced
+            self._untimed = 0
+            # not kept when timed on other layers (a change found after the pass was armed)
+            if set(self.arrival.watched) == set(self.names):
                 self._placed.update((s, float(p)) for s, p in zip(sites, positions) if p >= 0)
         else:
             positions = np.array([self._placed.get(s, np.nan) for s in sites], dtype=float)
-        self._sites_placed = all(s in self._placed for s in sites)
+            self._untimed += 1
+        self._sites_placed = (self._untimed + 1 < KEEP_PLACES_FOR
+                              and all(s in self._placed for s in sites))
         return positions
 
     def finish_step(self, watch_next: bool) -> None:

@@ -136,13 +136,6 @@ class _Site:
         """Units over every call position (0 before the first call)."""
         return sum(int(a.numel()) for a in self._slots.values())
 
-    def dead_units(self) -> torch.Tensor:
-        """How many units of every call position were below the floor for every sample (a
-        float32 device scalar); call only after :meth:`add` recorded a call."""
-        alive = self.alive
-        assert alive is not None
-        return (~alive).sum(dtype=torch.float32)
-
     def add(self, x: torch.Tensor | None, y: torch.Tensor, params: dict[str, float],
             floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None,
             same_units: bool = False) -> None:
@@ -171,7 +164,7 @@ class _Site:
         if passes is not None and 0.0 < floor <= 1.0:  # |f'| is 1 or 0: count where it is 1
             d = y32.reshape(1) if y32.ndim == 0 else y32
             ones = passes(d, params)  # where |f'| is 1: bool, or 1.0/0.0 (the built-ins')
-            if ones.dtype == torch.bool:
+            if not ones.is_floating_point():  # a user's spec: bool (or integer) flags
                 ones = ones.float()
             gain_sum = ones.sum(dtype=torch.float32)  # the sum of |f'|; below: the rest
             largest = _largest(ones, y)
