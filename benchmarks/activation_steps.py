@@ -14,9 +14,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import mlp  # noqa: E402
+from benchmarks.harness import loop_arguments, mlp  # noqa: E402
 from graddiag import GradientMonitor  # noqa: E402
 
 PARTS = ("forward", "backward", "monitor.step()", "whole step")
@@ -78,15 +76,7 @@ def measure(steps: int, depth: int, width: int, warmup: int = 20
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250, help="timed steps per configuration")
-    parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    logging.getLogger("graddiag").setLevel(logging.ERROR)
-    torch.set_num_threads(args.threads)
+    args = loop_arguments(__doc__.splitlines()[0], argv, steps=250)
     times = measure(args.steps, args.depth, args.width)
     means = {name: {part: statistics.fmean(t) * 1e3 for part, t in parts.items()}
              for name, parts in times.items()}

@@ -12,9 +12,7 @@ steps. Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import statistics
 import sys
 import time
@@ -25,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.overhead import mlp  # noqa: E402
+from benchmarks.harness import loop_arguments, mlp  # noqa: E402
 from graddiag import GradientMonitor  # noqa: E402
 
 CONFIGS = ["plain", "plain again (A/A)", "graddiag defaults", "graddiag early_steps=0"]
@@ -68,15 +66,7 @@ def measure(steps: int, depth: int, width: int) -> dict[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500, help="timed steps per configuration")
-    parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    logging.getLogger("graddiag").setLevel(logging.ERROR)
-    torch.set_num_threads(args.threads)
+    args = loop_arguments(__doc__.splitlines()[0], argv, steps=500)
     times = measure(args.steps, args.depth, args.width)
     base = statistics.fmean(times["plain"])
     print(f"MLP {args.depth}x{args.width}, {args.steps} steps per configuration, interleaved; "

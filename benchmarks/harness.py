@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -422,6 +423,22 @@ def variant_arguments(description: str, argv: list[str] | None,
     for name in ("pytorch_lightning", "lightning.pytorch", "graddiag"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def loop_arguments(description: str, argv: list[str] | None,
+                   steps: int) -> argparse.Namespace:
+    """``--steps``, ``--depth``, ``--width``, ``--threads`` and ``--json`` of a script timing a
+    hand-written loop on an MLP; also quiets graddiag's log and sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per configuration")
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.getLogger("graddiag").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     return args
 

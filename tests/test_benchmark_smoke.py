@@ -164,26 +164,26 @@ def test_gpu_table_renders_a_saved_run(tmp_path: Path) -> None:
     assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
 
 
-@pytest.mark.slow
-def test_early_steps_benchmark_runs(tmp_path: Path) -> None:
-    out = tmp_path / "early.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "early_steps.py"),
-                             "--steps", "8", "--depth", "2", "--width", "16", "--json", str(out)],
+def _loop_script_json(script: str, steps: int, tmp_path: Path) -> dict:
+    """Runs a loop benchmark script on a 2x16 MLP and returns what it wrote with ``--json``."""
+    out = tmp_path / "out.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--steps",
+                             str(steps), "--depth", "2", "--width", "16", "--json", str(out)],
                             capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_early_steps_benchmark_runs(tmp_path: Path) -> None:
+    data = _loop_script_json("early_steps.py", 8, tmp_path)
     assert {"plain", "graddiag defaults", "graddiag early_steps=0"} <= set(data)
     assert all(math.isfinite(v["ratio"]) and v["ratio"] > 0 for k, v in data.items() if "ratio" in v)
 
 
 @pytest.mark.slow
 def test_activation_steps_benchmark_runs(tmp_path: Path) -> None:
-    out = tmp_path / "steps.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "activation_steps.py"),
-                             "--steps", "6", "--depth", "2", "--width", "16", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = _loop_script_json("activation_steps.py", 6, tmp_path)
     only = data["gradients only"]
     for name in ("activation statistics every step", "parameter statistics every step"):
         row, extra = data[name], data[f"extra: {name}"]
@@ -192,7 +192,8 @@ def test_activation_steps_benchmark_runs(tmp_path: Path) -> None:
             assert value > 0 and extra[part] == pytest.approx(value - only[part])
         # the whole step holds its parts (and the optimizer step)
         assert row["whole step"] > row["forward"] + row["backward"] + row["monitor.step()"]
-    assert data["plain"]["monitor.step()"] == 0.0 or data["plain"]["monitor.step()"] < 0.01
+    # plain training has no monitor: its "monitor.step()" is two clock reads, far below a step's
+    assert data["plain"]["monitor.step()"] < only["monitor.step()"]
 
 
 @pytest.mark.slow

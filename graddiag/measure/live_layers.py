@@ -110,8 +110,7 @@ class LiveLayers:
         if self._settled:  # otherwise the first measurement sorts them
             self._sort(keep_order(self.index.names, known, self._forward_order))
             self._relearn = self.record_order
-        self.names = self.index.names
-        self._forget_places()
+        self.names = self.index.names  # kept places are forgotten by the sort (or never made)
         log.info("graddiag: the trainable layers changed; now monitoring %d layer(s)",
                  len(self.index))
         return True

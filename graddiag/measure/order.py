@@ -6,7 +6,7 @@ notes when its gradient has been accumulated, and a hook on the output of every 
 of a timed activation step notes when the gradient passes through it; both read one counter, so
 layers and activation sites share one order. Sites are timed only while their place is not
 known (see :class:`graddiag.measure.live_layers.LiveLayers`): a place found once is kept until
-the layers change. This is right where module definition order and
+the layers change, and for at most ``KEEP_PLACES_FOR`` activation steps. This is right where module definition order and
 forward-hook order are not: parameters owned by the top module (``cls_token``, ``pos_embed``,
 ``logit_scale``), ``nn.MultiheadAttention.out_proj`` (whose ``forward`` never runs), activation
 checkpointing (blocks re-run during backward) and modules defined out of order.
@@ -80,7 +80,7 @@ class GradientArrival:
     def watch_site(self, name: str, output: torch.Tensor) -> None:
         """Time the gradient passing through one activation call's ``output`` (forward only);
         nothing unless the layers are timed in this pass (a site's place needs both)."""
-        if not self._handles or self._ended or in_backward():
+        if not self.watching or self._ended or in_backward():
             return
         if output.requires_grad:
             output.register_hook(partial(self._site_passed, name))
