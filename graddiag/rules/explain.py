@@ -300,14 +300,14 @@ class Explainer:
                     "the weights (initialisation scale too small) or the loss itself."
                 )
                 ranked = remedies.VANISHING_WITHOUT_ACTIVATIONS
+        message = finding.message
+        moving = self.still_moving(finding.layer, finding.value)
         if attention is not None:
             projection, value_ratio = attention
             notes.append(scores_note(finding.layer, projection, value_ratio))
             details.update(attention_projection=projection.role,
                            value_projection=projection.value, value_ratio=value_ratio)
-        message = finding.message
-        moving = self.still_moving(finding.layer, finding.value)
-        if attention is not None:  # waiting is advice only where the weights still move
+            # waiting is advice only where the weights still move
             ranked = (remedies.ATTENTION_SCORES if moving is None
                       else remedies.ATTENTION_SCORES_MOVING)
         if moving is not None:
