@@ -989,3 +989,30 @@ def test_adam_under_a_warm_up_stepped_per_epoch_is_not_stalled_within_the_epoch(
     monitor, _ = _train(model, opt, digits, 8, optimizers=opt)
     assert {f.layer for f in monitor.findings if f.kind == "stalled"} == {"0", "2", "4", "6"}
 
+
+
+@pytest.mark.parametrize(("ratio", "cause_kind"), [
+    (1e-7, "gradient_step"),  # exactly lr x gradient / weights: plain SGD
+    (5e-7, "gradient_step"),  # five times that: SGD with momentum
+    (1e-9, "optimizer"),  # a hundredth of it: the optimizer scaled the step down
+    (4e-6 * 1e-3, "optimizer"),  # 0.04 of it
+])
+def test_a_stalled_layer_moved_by_a_plain_gradient_step_is_told_apart(
+        ratio: float, cause_kind: str) -> None:
+    """Layer l1: learning rate 1e-3, gradient norm 0.01 (1e-2 x the largest: not vanished),
+    weight norm 100 over 100 elements, so one plain gradient step moves it by 1e-3 x 0.01 / 100
+    = 1e-7 of its norm."""
+    rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    found = []
+    for step in range(3):
+        record = _record(step, [1e-3, ratio, 1e-3], lr=[1e-3] * 3,
+                         param_norm=[1.0, 100.0, 1.0], grad=[1.0, 0.01, 1.0])
+        record.param_count = np.array([100, 100, 100])
+        found += rule.update(record)
+    assert [f.layer for f in found] == ["l1"]
+    assert found[0].details["cause_kind"] == cause_kind
+    if cause_kind == "gradient_step":
+        assert "weight norm = 1e-07)" in found[0].message
+        assert found[0].remedy == wording.STALLED_GRADIENT_STEP
+    else:
+        assert "scales its update down" in found[0].message

@@ -8,6 +8,7 @@ patience counts parameter steps.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,25 @@ def _lr_text(record: StepRecord, i: int) -> tuple[str, float]:
     return f" Its learning rate is {_fmt(float(record.learning_rate[i]))}.", float(
         record.learning_rate[i]
     )
+
+
+#: An update between these multiples of one plain gradient step (learning rate x gradient norm
+#: / weight norm) is that step: SGD gives 1, momentum up to 1 / (1 - momentum) (10 at 0.9); the
+#: gradient read on the parameter step stands for the one the measured update used.
+GRADIENT_STEP_BAND = (0.5, 20.0)
+
+
+def _about_a_gradient_step(ratio: float, lr: float, record: StepRecord, i: int) -> bool:
+    """Whether layer ``i``'s update ratio is about what stepping by ``lr`` x its gradient
+    gives (see :data:`GRADIENT_STEP_BAND`): its optimizer then moves it as plain SGD would, and
+    a small update comes from a gradient small for the weights, not from the optimizer."""
+    if record.param_norm is None:
+        return False
+    weight, grad = float(record.param_norm[i]), float(record.grad_norm[i])
+    if not (lr > 0 and weight > 0 and grad > 0 and math.isfinite(weight * grad)):
+        return False
+    low, high = GRADIENT_STEP_BAND
+    return low <= ratio / (lr * grad / weight) <= high
 
 
 def _rms(record: StepRecord) -> np.ndarray | None:
@@ -187,6 +207,15 @@ class StalledRule(OnsetRule):
             cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
                      "has vanished before it reaches these weights.")
             remedy = wording.VANISHING
+        elif lr_text and _about_a_gradient_step(value, lr, record, i):
+            cause_kind = "gradient_step"
+            step = lr * float(record.grad_norm[i]) / float(record.param_norm[i])  # type: ignore[index]
+            cause = (f"{lr_text[1:]} The update is about one plain gradient step (learning rate x "
+                     f"gradient norm / weight norm = {_fmt(step)}): the optimizer does not scale it "
+                     f"down, but the gradient ({_fmt(grad_ratio)} x the largest layer's) is small "
+                     "for weights of this size, and an optimizer that steps by the learning rate "
+                     "times the gradient (SGD) moves them that little.")
+            remedy = wording.STALLED_GRADIENT_STEP
         elif lr_text:
             cause_kind = "optimizer"
             cause = (f"{lr_text[1:]} Its gradient is not small ({_fmt(grad_ratio)} x the largest "

@@ -6,6 +6,7 @@ layer and step; norms equal float64 references computed from ``.grad``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: pip install -e ".[dev]"
 
+from graddiag import GradientMonitor  # noqa: E402
 from tests.real_models.layouts import batches, digits, nan_gradient_at  # noqa: E402
 from tests.real_models.training import Run, train  # noqa: E402
 
@@ -256,3 +258,38 @@ def test_vit_trains_without_alarms_and_a_dead_gelu_is_found_at_its_site() -> Non
     assert sorted(found) == sorted([("dead_relu", site, 1)]
                                    + [("vanishing", k, 1) for k in zero]
                                    + [("stalled", k, 3) for k in zero])
+
+
+def test_a_layer_stalled_under_plain_sgd_is_blamed_on_its_gradient_step_not_the_optimizer() -> None:
+    """Plain SGD moves weights by lr x gradient: a LayerNorm gain with a small gradient for
+    its norm stalls, and the message gives that step (lr x gradient norm / weight norm,
+    computed here from ``.grad`` and the weights) instead of blaming the optimizer."""
+    model = gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    norm = model.transformer.h[0].ln_1
+    layer = name_of(model, norm)
+    monitor = GradientMonitor(model, optimizers=optimizer, reporters=[])
+    ids = torch.randint(0, 99, (128, 16), generator=torch.Generator().manual_seed(0))
+    steps: dict[int, float] = {}
+    for step in range(8):
+        batch = ids[(step * 16) % 128:(step * 16) % 128 + 16]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            grad = torch.sqrt(sum(p.grad.double().square().sum() for p in norm.parameters()))
+            weight = torch.sqrt(sum(p.double().square().sum() for p in norm.parameters()))
+        steps[step] = 1e-3 * float(grad) / float(weight)
+        monitor.step(step)
+        optimizer.step()
+    monitor.close()
+    found = [f for f in monitor.findings if f.kind == "stalled" and f.layer == layer]
+    assert len(found) == 1, [(f.kind, f.layer) for f in monitor.findings]
+    finding = found[0]
+    assert finding.details["cause_kind"] == "gradient_step"
+    assert "scales its update down" not in finding.message
+    shown = re.search(r"weight norm = ([0-9.e+-]+)\)", finding.message)
+    assert shown is not None, finding.message
+    assert float(shown.group(1)) == pytest.approx(steps[finding.step], rel=2e-3)
+    # the measured update (of the step before) is within a factor 2 of that plain step
+    assert 0.5 <= finding.value / steps[finding.step - 1] <= 2.0
