@@ -1016,3 +1016,10 @@ def test_a_stalled_layer_moved_by_a_plain_gradient_step_is_told_apart(
         assert found[0].remedy == wording.STALLED_GRADIENT_STEP
     else:
         assert "scales its update down" in found[0].message
+
+
+def test_an_optimizers_list_with_a_bad_element_names_its_position() -> None:
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"a list of them, got NoneType at position 1$"):
+        GradientMonitor(model, optimizers=[optimizer, None])  # type: ignore[list-item]

@@ -86,13 +86,12 @@ def as_optimizers(optimizers: object) -> list[torch.optim.Optimizer]:
     if optimizers is None:
         return []
     items = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
-    if not isinstance(items, (list, tuple)) or not all(
-        isinstance(o, torch.optim.Optimizer) for o in items
-    ):
-        raise ValueError(
-            "optimizers must be a torch.optim.Optimizer or a list of them, "
-            f"got {type(optimizers).__name__}"
-        )
+    allowed = "optimizers must be a torch.optim.Optimizer or a list of them"
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{allowed}, got {type(optimizers).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.optim.Optimizer):
+            raise ValueError(f"{allowed}, got {type(item).__name__} at position {i}")
     return list(items)
 
 
