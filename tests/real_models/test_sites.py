@@ -115,6 +115,27 @@ def test_a_dead_relu_reused_across_widths_is_found() -> None:
         *(("vanishing", k, 1) for k in zero), ("dead_relu", "relu", 2)]
 
 
+def test_one_dead_call_of_a_reused_relu_is_diluted_by_its_live_calls() -> None:
+    """A known limit: a site's dead fraction is over all its call positions' units, so the
+    shared ReLU dead on its second (8-channel) call only reads about 8 of 24 units dead, under
+    ``dead_fraction``; the convolutions behind it still get their ``vanishing`` findings."""
+    torch.manual_seed(0)
+    model = ReusedReLU(wide=16, narrow=8)
+    with torch.no_grad():  # the second call of the shared ReLU is 100 % dead
+        model.conv2.weight.mul_(0.01)
+        model.conv2.bias.fill_(-10.0)
+    recorder = CallRecorder(model.relu, {0, 2})
+    run = train(model, _digits_loss(model, [recorder]), 5, activation_every_n_steps=2,
+                early_steps=0)
+    assert len(recorder.alive[0]) == 2 and not recorder.alive[0][1].any()  # call 2: all dead
+    first_dead = int((~recorder.alive[0][0]).sum())
+    assert _dead(run, "relu")[0] == pytest.approx((first_dead + 8) / 24)
+    assert _dead(run, "relu")[0] < 0.7
+    kinds = {(f.kind, f.layer) for f in run.findings}
+    assert ("dead_relu", "relu") not in kinds
+    assert {("vanishing", "conv1"), ("vanishing", "conv2")} <= kinds
+
+
 def _watched(root: nn.Module, *passes: torch.Tensor) -> ActivationRecord:
     """Activation statistics of ``root`` over one watched forward pass per input."""
     watch = ActivationWatch(root, derivative_floor=FLOOR)
