@@ -100,14 +100,17 @@ def test_fsdp2_fully_shard_norms_equal_unsharded_reference(tmp_path: Path) -> No
             assert math.isclose(ref_row[-1], shard_row[-1], rel_tol=1e-5)  # sum of squares
 
 
-def _site_statistics(derivatives: list[torch.Tensor], floor: float = 0.01) -> dict[str, object]:
-    """Saturated/dead fractions, gain and calls of one site from its local derivatives (float64)."""
+def _site_statistics(derivatives: list[torch.Tensor], floor: float = 0.01,
+                     positions: int = 1) -> dict[str, object]:
+    """Saturated/dead fractions, gain and calls of one site from its local derivatives (float64),
+    given call by call; a site called at ``positions`` positions per forward pass has units of
+    its own at each, and its dead fraction is its worst position's."""
     flat = torch.cat([d.reshape(-1) for d in derivatives])
     widths = {d.shape[-1] for d in derivatives}
     dead = None
     if len(widths) == 1:
-        below = torch.cat([(d < floor) for d in derivatives])
-        dead = below.all(dim=0).double().mean().item()
+        dead = max(torch.cat([(d < floor) for d in derivatives[k::positions]]).all(dim=0)
+                   .double().mean().item() for k in range(positions))
     return {"saturated_fraction": (flat < floor).double().mean().item(), "dead_fraction": dead,
             "gain": flat.mean().item(), "calls": float(len(derivatives))}
 
@@ -130,7 +133,9 @@ def _expected_sites(step: int, ranks: tuple[int, ...]) -> dict[str, dict[str, ob
                 sites.setdefault("only1.1", []).append(1 - t * t)
                 sites.setdefault("Branchy:relu", []).append(relu(t))
             sites.setdefault("varying", []).append(relu(x[:, : 2 + rank]))
-    return {name: _site_statistics(ds) for name, ds in sites.items()}
+            sites.setdefault("reused", []).extend([relu(x[:, :2]), relu(-x[:, 2:4].abs() - 1.0)])
+    return {name: _site_statistics(ds, positions=2 if name == "reused" else 1)
+            for name, ds in sites.items()}
 
 
 def _check(table: list[list[object]], ranks: tuple[int, ...]) -> None:

@@ -28,7 +28,8 @@ STEPS = 3
 
 class Branchy(nn.Module):
     """Rank 0 runs sites shared_act, only0.1, varying; rank 1 runs shared_act, only1.1,
-    Branchy:relu, varying (``varying`` sees 2 units on rank 0, 3 on rank 1)."""
+    Branchy:relu, varying (``varying`` sees 2 units on rank 0, 3 on rank 1); both run
+    ``reused`` twice, on 2 units that fire and on 2 that never do."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,13 +40,15 @@ class Branchy(nn.Module):
         self.only1 = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
         self.head = nn.Linear(6, 2)
         self.varying = nn.ReLU()
+        self.reused = nn.ReLU()
         self.rank = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.shared_act(self.shared(x))
         h = self.only0(h) if self.rank == 0 else torch.relu(self.only1(h))
         v = self.varying(x[:, : 2 + self.rank])
-        return self.head(h).sum() + v.sum()
+        r = self.reused(x[:, :2]).sum() + self.reused(-x[:, 2:4].abs() - 1.0).sum()
+        return self.head(h).sum() + v.sum() + r
 
 
 def batch(rank: int, step: int) -> torch.Tensor:

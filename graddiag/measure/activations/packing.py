@@ -1,20 +1,22 @@
 """Activation statistics of one step, laid out for the one host copy and, across ranks, on a
 site list every rank has agreed on.
 
-Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dead units]``. In
-one process only the device numbers travel (per site the saturated elements where counted on
-the device and the sum of |f'|, and every unit's largest |f'|: one stack and one concatenation
-per step); the host knows elements and calls and counts the dead units. With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
-(name, kind, family, unit count) and lay their rows out by the union of names in rank order; a
-site a rank did not see contributes zeros. One sum over ranks then adds the counts and, per unit,
-how many ranks saw it fire, so a unit is dead only if it fired on no rank. A site whose unit
-count differs between ranks has no dead fraction (NaN); calls of different widths on one rank
-each keep their own units (see :mod:`graddiag.measure.activations.statistics`).
+Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dead fraction]``,
+the dead fraction being that of its worst call position: a site called at several positions of
+a forward pass (a shared ``self.relu``) has different units on each (see
+:mod:`graddiag.measure.activations.statistics`), and one position whose units are all dead is a
+dead site even where the others fire. In one process only the device numbers travel (per site
+the saturated elements where counted on the device and the sum of |f'|, and every unit's
+largest |f'|: one stack and one concatenation per step); the host knows elements and calls and
+counts the dead units. With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
+(name, kind, family, unit count, units per call position) and lay their rows out by the union
+of names in rank order; a site a rank did not see contributes zeros. One sum over ranks then
+adds the counts and, per unit, how many ranks saw it fire, so a unit is dead only if it fired on
+no rank. A site whose call positions differ between ranks has no dead fraction (NaN).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,9 +28,10 @@ from graddiag.data.records import ActivationRecord
 from graddiag.measure.activations.statistics import _Site
 from graddiag.measure.ranks import RankReducer
 
-#: (name, kind, family, units): units is -1 when the site has no comparable unit mask.
-SiteInfo = tuple[str, str, str, int]
-COLUMNS = 5  # saturated elements, sum of |f'|, elements, calls, dead units
+#: (name, kind, family, units, units per call position): units is -1 (and the positions empty)
+#: when the site has no comparable unit mask.
+SiteInfo = tuple[str, str, str, int, tuple[int, ...]]
+COLUMNS = 5  # saturated elements, sum of |f'|, elements, calls, dead fraction (worst position)
 
 
 @dataclass
@@ -45,26 +48,44 @@ def _empty() -> ActivationRecord:
 
 
 def _info(site: _Site) -> SiteInfo:
-    return (site.name, site.spec.kind, site.spec.family, site.units or -1)
+    return (site.name, site.spec.kind, site.spec.family, site.units or -1, site.widths)
+
+
+def worst_dead_fraction(dead_flags: np.ndarray, widths: list[tuple[int, ...]]) -> np.ndarray:
+    """Per site, the dead fraction of its worst call position: ``dead_flags`` holds every unit
+    of every site end to end (each site's call positions in order, ``widths`` units each);
+    NaN for a site without units."""
+    sizes = np.array([w for site in widths for w in site], dtype=np.int64)
+    position = np.repeat(np.arange(len(sizes)), sizes)
+    dead = np.bincount(position, weights=dead_flags, minlength=len(sizes))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = dead / sizes
+    worst = np.full(len(widths), np.nan)
+    site = np.repeat(np.arange(len(widths)), [len(w) for w in widths])
+    if len(site):
+        worst[:] = -np.inf
+        np.maximum.at(worst, site, fraction)
+        worst[np.isneginf(worst)] = np.nan  # no positions
+    return worst
 
 
 def _agree(local: list[SiteInfo], cut_ops: dict[str, list[str]], reducer: RankReducer
            ) -> tuple[list[SiteInfo], dict[str, list[str]]]:
     """The union of every rank's sites by name (rank order) and of their cut operations."""
     union: dict[str, SiteInfo] = {}
-    widths: dict[str, set[int]] = {}
+    widths: dict[str, set[tuple[int, tuple[int, ...]]]] = {}
     merged: dict[str, list[str]] = {}
     for sites, cuts in reducer.all_gather_object([[list(i) for i in local], cut_ops]):
-        for name, kind, family, units in sites:
-            union.setdefault(name, (name, kind, family, units))
-            widths.setdefault(name, set()).add(int(units))
+        for name, kind, family, units, positions in sites:
+            union.setdefault(name, (name, kind, family, units, tuple(positions)))
+            widths.setdefault(name, set()).add((int(units), tuple(positions)))
         for caller, ops in cuts.items():
             known = merged.setdefault(caller, [])
             known.extend(op for op in ops if op not in known)
     agreed = []
-    for name, (_, kind, family, units) in union.items():
+    for name, (_, kind, family, units, positions) in union.items():
         same = len(widths[name]) == 1 and units >= 0
-        agreed.append((name, kind, family, units if same else -1))
+        agreed.append((name, kind, family, units if same else -1, positions if same else ()))
     return agreed, merged
 
 
@@ -100,12 +121,7 @@ def pack_activations(sites: list[_Site], cut_ops: dict[str, list[str]],
                 fired[offsets[i]:offsets[i + 1]] = alive.reshape(-1).to(home, torch.float32)
     flat = reducer.all_reduce_sum(torch.cat([counts.reshape(-1), fired]))
     counts, fired = flat[: counts.numel()].reshape(counts.shape), flat[counts.numel():]
-    segment = torch.from_numpy(np.repeat(np.arange(len(layout)), width)).to(home)
-    dead = torch.zeros(len(layout), device=home).index_add_(0, segment, (fired == 0).float())
-    unknown = torch.tensor([info[3] < 0 for info in layout], device=home, dtype=torch.bool)
-    dead = dead.masked_fill(unknown, math.nan)
-    return ActivationPack([torch.cat([counts, dead[:, None]], 1)],
-                          partial(_record, layout, cuts, None))
+    return ActivationPack([counts, fired], partial(_record, layout, cuts, None))
 
 
 def _pack_local(sites: list[_Site], layout: list[SiteInfo], cut_ops: dict[str, list[str]]
@@ -129,7 +145,7 @@ def _pack_local(sites: list[_Site], layout: list[SiteInfo], cut_ops: dict[str, l
         elements=np.array([s.elements for s in sites], dtype=float),
         calls=np.array([s.calls for s in sites], dtype=float),
         counted_below=np.array([s.counts_below for s in sites], dtype=bool),
-        site_of_unit=np.repeat(np.arange(len(sites)), [s.units for s in sites]),
+        widths=[s.widths for s in sites],
         floor_of_unit=np.repeat(np.array([s.floor for s in sites], dtype=np.float32),
                                 [s.units for s in sites]))
     return ActivationPack(chunks, partial(_record, layout, cut_ops, host))
@@ -137,14 +153,14 @@ def _pack_local(sites: list[_Site], layout: list[SiteInfo], cut_ops: dict[str, l
 
 @dataclass
 class _LocalCounts:
-    """What the host knows of one process's sites: per site its elements, calls and whether its
-    saturated elements were counted on the device (else they are elements - sum of |f'|); per
-    unit (all sites end to end) its site and floor."""
+    """What the host knows of one process's sites: per site its elements, calls, whether its
+    saturated elements were counted on the device (else they are elements - sum of |f'|) and
+    the units of each call position; per unit (all sites end to end) its floor."""
 
     elements: np.ndarray
     calls: np.ndarray
     counted_below: np.ndarray
-    site_of_unit: np.ndarray
+    widths: list[tuple[int, ...]]
     floor_of_unit: np.ndarray
 
     def rows(self, host: list[np.ndarray]) -> np.ndarray:
@@ -157,23 +173,28 @@ class _LocalCounts:
         below = np.where(self.counted_below, device[:, 0], self.elements - gain)
         # compared in float32, as on the device: NaN is alive
         dead_flags = host[1].astype(np.float32, copy=False) < self.floor_of_unit
-        dead = np.bincount(self.site_of_unit, weights=dead_flags, minlength=n)
+        dead = worst_dead_fraction(dead_flags, self.widths)
         return np.column_stack([below, gain, self.elements, self.calls, dead])
 
 
 def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCounts | None,
             host: list[np.ndarray]) -> ActivationRecord:
-    """The record from the host copy: rows of :data:`COLUMNS` (``local`` None: summed over
-    ranks), or :func:`_pack_local`'s chunks read with ``local``."""
-    values = host[0].reshape(len(layout), COLUMNS) if local is None else local.rows(host)
-    units = np.array([info[3] if info[3] >= 0 else np.nan for info in layout], dtype=float)
+    """The record from the host copy: ``local`` None, the counts summed over ranks and how many
+    ranks saw each unit fire (units of the sites whose positions agree, end to end); else
+    :func:`_pack_local`'s chunks read with ``local``."""
+    if local is None:
+        values = np.empty((len(layout), COLUMNS))
+        values[:, :4] = host[0].reshape(len(layout), 4)
+        values[:, 4] = worst_dead_fraction(host[1] == 0, [info[4] for info in layout])
+    else:
+        values = local.rows(host)
     with np.errstate(divide="ignore", invalid="ignore"):
         return ActivationRecord(
             sites=[info[0] for info in layout],
             kinds=[info[1] for info in layout],
             families=[info[2] for info in layout],
             saturated=values[:, 0] / values[:, 2],
-            dead=values[:, 4] / units,
+            dead=values[:, 4].copy(),
             gain=values[:, 1] / values[:, 2],
             calls=values[:, 3].copy(),
             cut_ops=cuts,

@@ -134,7 +134,12 @@ class _Site:
     @property
     def units(self) -> int:
         """Units over every call position (0 before the first call)."""
-        return sum(int(a.numel()) for a in self._slots.values())
+        return sum(self.widths)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Units of each call position, in call order (see :attr:`largest`)."""
+        return tuple(int(a.numel()) for a in self._slots.values())
 
     def add(self, x: torch.Tensor | None, y: torch.Tensor, params: dict[str, float],
             floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None,
