@@ -991,18 +991,20 @@ def test_adam_under_a_warm_up_stepped_per_epoch_is_not_stalled_within_the_epoch(
 
 
 
-@pytest.mark.parametrize(("ratio", "cause_kind"), [
-    (1e-7, "gradient_step"),  # exactly lr x gradient / weights: plain SGD
-    (5e-7, "gradient_step"),  # five times that: SGD with momentum
-    (1e-9, "optimizer"),  # a hundredth of it: the optimizer scaled the step down
-    (4e-6 * 1e-3, "optimizer"),  # 0.04 of it
+@pytest.mark.parametrize(("ratio", "norm_type", "cause_kind"), [
+    (1e-7, 2.0, "gradient_step"),  # exactly lr x gradient / weights: plain SGD
+    (5e-7, 2.0, "gradient_step"),  # five times that: SGD with momentum
+    (0.51e-7, 2.0, "gradient_step"),  # at the band's lower edge
+    (0.49e-7, 2.0, "optimizer"),  # just below it: the optimizer scaled the step down
+    (1e-9, 2.0, "optimizer"),  # a hundredth of it
+    (1e-7, 1.0, "optimizer"),  # gradient 1-norms: not comparable with the update's 2-norm
 ])
 def test_a_stalled_layer_moved_by_a_plain_gradient_step_is_told_apart(
-        ratio: float, cause_kind: str) -> None:
+        ratio: float, norm_type: float, cause_kind: str) -> None:
     """Layer l1: learning rate 1e-3, gradient norm 0.01 (1e-2 x the largest: not vanished),
     weight norm 100 over 100 elements, so one plain gradient step moves it by 1e-3 x 0.01 / 100
     = 1e-7 of its norm."""
-    rule = StalledRule(1e-6, 1e-3, 3, 1e-4)
+    rule = StalledRule(1e-6, 1e-3, 3, 1e-4, norm_type=norm_type)
     found = []
     for step in range(3):
         record = _record(step, [1e-3, ratio, 1e-3], lr=[1e-3] * 3,

@@ -101,9 +101,12 @@ class StalledRule(OnsetRule):
     kind = "stalled"
 
     def __init__(self, ratio_floor: float, rel_floor: float, patience: int,
-                 vanishing_rel: float, vanishing_abs: float = 0.0) -> None:
+                 vanishing_rel: float, vanishing_abs: float = 0.0, norm_type: float = 2.0) -> None:
         super().__init__(patience)
         self.ratio_floor = ratio_floor
+        #: The p of the records' gradient norms: a plain gradient step is compared with the
+        #: update (a 2-norm) only when it is 2.
+        self.norm_type = norm_type
         self.rel_floor = rel_floor
         self.vanishing_rel = vanishing_rel
         self.vanishing_abs = vanishing_abs
@@ -207,14 +210,13 @@ class StalledRule(OnsetRule):
             cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
                      "has vanished before it reaches these weights.")
             remedy = wording.VANISHING
-        elif lr_text and _about_a_gradient_step(value, lr, record, i):
+        elif lr_text and self.norm_type == 2.0 and _about_a_gradient_step(value, lr, record, i):
             cause_kind = "gradient_step"
             step = lr * float(record.grad_norm[i]) / float(record.param_norm[i])  # type: ignore[index]
             cause = (f"{lr_text[1:]} The update is about one plain gradient step (learning rate x "
-                     f"gradient norm / weight norm = {_fmt(step)}): the optimizer does not scale it "
-                     f"down, but the gradient ({_fmt(grad_ratio)} x the largest layer's) is small "
-                     "for weights of this size, and an optimizer that steps by the learning rate "
-                     "times the gradient (SGD) moves them that little.")
+                     f"gradient norm / weight norm = {_fmt(step)}), as SGD takes: the optimizer "
+                     f"does not scale it down, but the gradient ({_fmt(grad_ratio)} x the largest "
+                     "layer's) is small for weights of this size.")
             remedy = wording.STALLED_GRADIENT_STEP
         elif lr_text:
             cause_kind = "optimizer"
@@ -379,7 +381,7 @@ def update_rules(config: MonitorConfig) -> list[Rule]:
     """The update rules with the thresholds of ``config``."""
     return [
         StalledRule(config.stalled_ratio, config.stalled_rel, config.update_patience,
-                    config.vanishing_rel, config.vanishing_abs),
+                    config.vanishing_rel, config.vanishing_abs, config.norm_type),
         UnstableUpdateRule(config.unstable_ratio, config.update_patience),
         NotInOptimizerRule(),
     ]

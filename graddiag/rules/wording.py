@@ -119,9 +119,10 @@ STALLED_LR = (
 #: ... when the optimizer steps by the learning rate times a gradient small for the weights.
 STALLED_GRADIENT_STEP = (
     "raise this param group's learning rate (a separate group for small-gradient layers such as "
-    "norms' gains and biases), or use an optimizer that normalises each weight's step by its "
-    "gradient's running size (Adam, RMSprop); if the gradient has vanished, treat that first; "
-    "if the layer should not train, freeze it (requires_grad_(False))"
+    "norms' gains and biases); with plain SGD, an optimizer that normalises each weight's step "
+    "by its gradient's running size (Adam, RMSprop) also moves such layers; if the gradient has "
+    "vanished, treat that first; if the layer should not train, freeze it "
+    "(requires_grad_(False))"
 )
 #: ... when the learning rate is too small for the weights everywhere, not only in this group.
 STALLED_TINY_LR = (
