@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ddp
-from tests.distributed.run_sites import STEPS, Branchy, batch
+from tests.distributed.run_sites import STEPS, Branchy, batch, reused_inputs
 from tests.replay_cases import line_of
 
 HERE = Path(__file__).resolve().parent
@@ -133,8 +133,8 @@ def _expected_sites(step: int, ranks: tuple[int, ...]) -> dict[str, dict[str, ob
                 sites.setdefault("only1.1", []).append(1 - t * t)
                 sites.setdefault("Branchy:relu", []).append(relu(t))
             sites.setdefault("varying", []).append(relu(x[:, : 2 + rank]))
-            sites.setdefault("reused", []).extend([relu(x[:, :2]), relu(-x[:, 2:4].abs() - 1.0)])
-    return {name: _site_statistics(ds, positions=2 if name == "reused" else 1)
+            sites.setdefault("reused", []).extend(relu(z) for z in reused_inputs(x, rank))
+    return {name: _site_statistics(ds, positions=3 if name == "reused" else 1)
             for name, ds in sites.items()}
 
 

@@ -19,7 +19,9 @@ class ActivationRecord:
         kinds: Activation kind of each site (``"sigmoid"``, ``"relu"``, ...).
         families: ``"saturating"`` (sigmoid/tanh-like) or ``"rectifier"`` (ReLU-like) per site.
         saturated: Fraction of elements whose local derivative is below the saturation floor.
-        dead: Fraction of units whose local derivative is below the floor for every sample.
+        dead: Fraction of units whose local derivative is below the floor for every sample;
+            for a site called at several positions of a forward pass (a shared module),
+            its worst position's.
         gain: Mean absolute local derivative; the factor by which the site scales gradients.
         calls: How many times each site ran during the step (several micro-batches, reuse).
         position: Where each site ran among the layers of the step's record (input side first),

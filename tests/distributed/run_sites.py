@@ -29,7 +29,9 @@ STEPS = 3
 class Branchy(nn.Module):
     """Rank 0 runs sites shared_act, only0.1, varying; rank 1 runs shared_act, only1.1,
     Branchy:relu, varying (``varying`` sees 2 units on rank 0, 3 on rank 1); both run
-    ``reused`` twice, on 2 units that fire and on 2 that never do."""
+    ``reused`` three times on 2 units each: units that fire, units dead on rank 0 only (alive
+    once pooled), and one unit dead on both ranks next to one that fires (its worst position:
+    0.5)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,8 +49,15 @@ class Branchy(nn.Module):
         h = self.shared_act(self.shared(x))
         h = self.only0(h) if self.rank == 0 else torch.relu(self.only1(h))
         v = self.varying(x[:, : 2 + self.rank])
-        r = self.reused(x[:, :2]).sum() + self.reused(-x[:, 2:4].abs() - 1.0).sum()
-        return self.head(h).sum() + v.sum() + r
+        return self.head(h).sum() + v.sum() + sum(self.reused(z).sum() for z in reused_inputs(
+            x, self.rank))
+
+
+def reused_inputs(x: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """The inputs of ``Branchy.reused``'s three calls on ``rank``."""
+    dead_on_rank0 = x[:, 2:4] if rank == 1 else -x[:, 2:4].abs() - 1.0
+    half = torch.stack([-x[:, 0].abs() - 1.0, x[:, 1].abs() + 1.0], 1)
+    return [x[:, :2], dead_on_rank0, half]
 
 
 def batch(rank: int, step: int) -> torch.Tensor:

@@ -145,6 +145,42 @@ def _watched(root: nn.Module, *passes: torch.Tensor) -> ActivationRecord:
     return pack.finish([c.detach().double().numpy().reshape(-1) for c in pack.chunks])
 
 
+class ModuleCell(nn.Module):
+    """A recurrent cell unrolled by hand whose nonlinearity is a module: ``self.act`` is
+    called once per time step, always on the same 8 hidden units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8, bias=False)
+        self.rec = nn.Linear(8, 8, bias=False)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            h = self.act(self.inp(x[:, t]) + self.rec(h))
+        return self.head(h).sum()
+
+
+def test_a_module_called_once_per_time_step_keeps_one_set_of_units() -> None:
+    """With a zero state and a zero first frame every unit is 0 on step 1 (all dead there, if
+    steps were call positions of their own); a unit is dead only if it fired on no step for no
+    sample, counted here from the module's outputs."""
+    torch.manual_seed(0)
+    model = ModuleCell()
+    x = torch.randn(16, 6, 4)
+    x[:, 0] = 0.0
+    outputs: list[torch.Tensor] = []
+    model.act.register_forward_hook(lambda m, a, out: outputs.append(out.detach() > 0))
+    record = _watched(model, x)
+    assert len(outputs) == 6 and not outputs[0].any()  # the first step: nothing fires
+    fired = torch.stack(outputs).any(dim=0).any(dim=0)  # per unit, on any step or sample
+    expected = float((~fired).double().mean())
+    assert expected < 0.5
+    assert record.sites == ["act"] and float(record.dead[0]) == pytest.approx(expected)
+
+
 def _autograd_derivative(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.detach().double().requires_grad_(True)
     module.double()(x).sum().backward()

@@ -64,7 +64,7 @@ def worst_dead_fraction(dead_flags: np.ndarray, widths: list[tuple[int, ...]]) -
     site = np.repeat(np.arange(len(widths)), [len(w) for w in widths])
     if len(site):
         worst[:] = -np.inf
-        np.maximum.at(worst, site, fraction)
+        np.fmax.at(worst, site, fraction)  # a position without units (NaN) does not count
         worst[np.isneginf(worst)] = np.nan  # no positions
     return worst
 

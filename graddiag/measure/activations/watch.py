@@ -124,6 +124,9 @@ class ActivationWatch:
         self._stack: list[tuple[nn.Module, CallSites | int]] = []
         self._modules_run: list[int] = []
         self._root_sites: CallSites | None = None  # calls outside any module's forward
+        # per activation module of the watched pass: its calls, told apart as functional ones
+        # are (a module called once per time step of a recurrent cell acts on the same units)
+        self._module_calls: dict[str, CallSites] = {}
         self._busy = False
         self.arrival: GradientArrival | None = None  # times the gradient through each site
         self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
@@ -160,6 +163,7 @@ class ActivationWatch:
             self._stack.clear()
             self._modules_run.clear()
             self._root_sites = None
+            self._module_calls.clear()
             live.close()
 
     def _install(self, stack: ExitStack) -> None:
@@ -250,7 +254,12 @@ class ActivationWatch:
             if self.paused or not isinstance(output, torch.Tensor):
                 return
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            self._add(name or self.root_name, spec, params, x if spec.needs_input else None, output)
+            calls = self._module_calls.get(name)
+            if calls is None:
+                calls = self._module_calls[name] = CallSites(self._modules_run)
+            _, joined = calls.number(spec.kind, module, output)
+            self._add(name or self.root_name, spec, params, x if spec.needs_input else None, output,
+                      same_units=joined)
 
         return hook
 
