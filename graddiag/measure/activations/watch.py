@@ -124,9 +124,13 @@ class ActivationWatch:
         self._stack: list[tuple[nn.Module, CallSites | int]] = []
         self._modules_run: list[int] = []
         self._root_sites: CallSites | None = None  # calls outside any module's forward
-        # per activation module of the watched pass: its calls, told apart as functional ones
-        # are (a module called once per time step of a recurrent cell acts on the same units)
+        # per activation module called more than once in a watched pass (``_reused``, learned
+        # on the first such pass): its calls in this pass, told apart as functional ones are (a
+        # module called once per time step of a recurrent cell acts on the same units); a module
+        # called once per pass skips that autograd-graph search
         self._module_calls: dict[str, CallSites] = {}
+        self._module_counts: dict[str, int] = {}
+        self._reused: set[str] = set()
         self._busy = False
         self.arrival: GradientArrival | None = None  # times the gradient through each site
         self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
@@ -164,6 +168,7 @@ class ActivationWatch:
             self._modules_run.clear()
             self._root_sites = None
             self._module_calls.clear()
+            self._module_counts.clear()
             live.close()
 
     def _install(self, stack: ExitStack) -> None:
@@ -254,14 +259,25 @@ class ActivationWatch:
             if self.paused or not isinstance(output, torch.Tensor):
                 return
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            calls = self._module_calls.get(name)
-            if calls is None:
-                calls = self._module_calls[name] = CallSites(self._modules_run)
-            _, joined = calls.number(spec.kind, module, output)
             self._add(name or self.root_name, spec, params, x if spec.needs_input else None, output,
-                      same_units=joined)
+                      same_units=self._same_units(name, spec.kind, module, output))
 
         return hook
+
+    def _same_units(self, name: str, kind: str, module: nn.Module, output: torch.Tensor) -> bool:
+        """Whether this call of activation module ``name`` acts on the units of an earlier call
+        in this pass (see :mod:`graddiag.measure.activations.call_sites`). Calls of a module are
+        compared once it has been seen called more than once in a pass: on that first pass its
+        calls from the second on are positions of their own."""
+        count = self._module_counts[name] = self._module_counts.get(name, 0) + 1
+        if count == 2:
+            self._reused.add(name)
+        if name not in self._reused:
+            return False
+        calls = self._module_calls.get(name)
+        if calls is None:
+            calls = self._module_calls[name] = CallSites(self._modules_run)
+        return calls.number(kind, module, output)[1]
 
     def record_function(self, spec: ActivationSpec, params: dict[str, float],
                         x: torch.Tensor | None, y: torch.Tensor) -> None:
