@@ -57,17 +57,17 @@ def _lr_text(record: StepRecord, i: int) -> tuple[str, float]:
 GRADIENT_STEP_BAND = (0.5, 20.0)
 
 
-def _about_a_gradient_step(ratio: float, lr: float, record: StepRecord, i: int) -> bool:
-    """Whether layer ``i``'s update ratio is about what stepping by ``lr`` x its gradient
-    gives (see :data:`GRADIENT_STEP_BAND`): its optimizer then moves it as plain SGD would, and
-    a small update comes from a gradient small for the weights, not from the optimizer."""
+def _gradient_step(lr: float, record: StepRecord, i: int) -> float:
+    """The update ratio one plain gradient step gives layer ``i``: ``lr`` x its gradient norm /
+    its weight norm (NaN where a factor is unknown, zero or not finite). An update ratio within
+    :data:`GRADIENT_STEP_BAND` of it means the optimizer moves the layer as plain SGD would, so a
+    small update comes from a gradient small for the weights, not from the optimizer."""
     if record.param_norm is None:
-        return False
+        return math.nan
     weight, grad = float(record.param_norm[i]), float(record.grad_norm[i])
     if not (lr > 0 and weight > 0 and grad > 0 and math.isfinite(weight * grad)):
-        return False
-    low, high = GRADIENT_STEP_BAND
-    return low <= ratio / (lr * grad / weight) <= high
+        return math.nan
+    return lr * grad / weight
 
 
 def _rms(record: StepRecord) -> np.ndarray | None:
@@ -189,6 +189,7 @@ class StalledRule(OnsetRule):
         rms_all = _rms(record)
         rms = float("nan") if rms_all is None else float(rms_all[i])
         gets = "gets gradients" if record.grad_norm[i] != 0.0 else "has a .grad (all zeros)"
+        step = _gradient_step(lr, record, i)  # one plain gradient step's update ratio
         cause_kind = "learning_rate"  # what the evidence points to (the explainer reads it)
         if lr_text and lr < LR_GAP * largest_lr:
             cause = (f"{lr_text[1:-1]}, against {_fmt(largest_lr)} for other layers: too small a "
@@ -210,9 +211,9 @@ class StalledRule(OnsetRule):
             cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
                      "has vanished before it reaches these weights.")
             remedy = wording.VANISHING
-        elif lr_text and self.norm_type == 2.0 and _about_a_gradient_step(value, lr, record, i):
+        elif (lr_text and self.norm_type == 2.0  # NaN compares False
+              and GRADIENT_STEP_BAND[0] <= value / step <= GRADIENT_STEP_BAND[1]):
             cause_kind = "gradient_step"
-            step = lr * float(record.grad_norm[i]) / float(record.param_norm[i])  # type: ignore[index]
             cause = (f"{lr_text[1:]} The update is about one plain gradient step (learning rate x "
                      f"gradient norm / weight norm = {_fmt(step)}), as SGD takes: the optimizer "
                      f"does not scale it down, but the gradient ({_fmt(grad_ratio)} x the largest "
