@@ -166,21 +166,19 @@ class ModuleCell(nn.Module):
 def test_a_module_called_once_per_time_step_keeps_one_set_of_units() -> None:
     """With a zero state and a zero first frame every unit is 0 on step 1 (all dead there, if
     steps were call positions of their own); a unit is dead only if it fired on no step for no
-    sample, counted here from the module's outputs. The first watched pass learns that the
-    module is called more than once; the second (the next activation step) is judged."""
+    sample, counted here from the module's outputs."""
     torch.manual_seed(0)
     model = ModuleCell()
     x = torch.randn(16, 6, 4)
     x[:, 0] = 0.0
+    outputs: list[torch.Tensor] = []
+    model.act.register_forward_hook(lambda m, a, out: outputs.append(out.detach() > 0))
     watch = ActivationWatch(model, derivative_floor=FLOOR)
     with watch.watching():
         model(x)
-    watch.take()
-    outputs: list[torch.Tensor] = []
-    model.act.register_forward_hook(lambda m, a, out: outputs.append(out.detach() > 0))
-    with watch.watching():
-        model(x)
-    pack = pack_activations(*watch.take())
+    sites, cuts = watch.take()
+    assert [site.widths for site in sites] == [(8,)]  # six calls, one set of 8 units
+    pack = pack_activations(sites, cuts)
     assert pack is not None
     record = pack.finish([c.detach().double().numpy().reshape(-1) for c in pack.chunks])
     assert len(outputs) == 6 and not outputs[0].any()  # the first step: nothing fires

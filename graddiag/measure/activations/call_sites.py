@@ -15,7 +15,8 @@ cut by reentrant checkpointing), the modules alone decide, the same way. Shared 
 modules (a common scale, a shared LayerNorm, a position term) therefore do not merge layers;
 layers without modules of their own whose own weights are frozen, or out of reach behind a
 long chain of operations, and that share a trainable tensor, are one site; a call fed by
-nothing is a site of its own.
+nothing is a site of its own. The first call from a place is searched only when the place is
+called again (a place called once per pass, the usual case, searches nothing).
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ def call_site(depth: int) -> tuple[Any, int] | None:
     return None if frame is None else (frame.f_code, frame.f_lasti)
 
 
-def trainable_leaves(tensor: torch.Tensor, stop: set[Any]) -> frozenset[int]:
-    """``id``s of the trainable leaves (parameters) that feed ``tensor``: a breadth-first search
-    of its autograd graph over at most :data:`MAX_NODES` nodes that does not go past the nodes
-    in ``stop`` (the outputs of earlier calls from the same place)."""
-    node = tensor.grad_fn
+def trainable_leaves(node: Any, stop: set[Any]) -> frozenset[int]:
+    """``id``s of the trainable leaves (parameters) that feed the output of autograd ``node``
+    (a tensor's ``grad_fn``): a breadth-first search of the graph over at most
+    :data:`MAX_NODES` nodes that does not go past the nodes in ``stop`` (the outputs of earlier
+    calls from the same place)."""
     if node is None:
         return frozenset()
     found: set[int] = set()
@@ -76,6 +77,8 @@ class _Place:
     sites: list[tuple[set[int], set[int], int]] = field(default_factory=list)
     outputs: set[Any] = field(default_factory=set)
     mark: int | None = None  # the length of the modules' log at the previous call
+    # the first call, not searched yet: its output's node, the modules that fed it, its number
+    first: tuple[Any, set[int], int] | None = None
 
 
 class CallSites:
@@ -95,16 +98,32 @@ class CallSites:
         self._count: dict[str, int] = {}
         self._places: dict[tuple[str, Any], _Place] = {}
 
-    def number(self, kind: str, where: Any, output: torch.Tensor) -> tuple[int, bool]:
-        """The site number of a ``kind`` activation called at ``where`` that gave ``output``,
-        and whether it joined an earlier call's site (then it shares that site's units)."""
-        place = self._places.setdefault((kind, where), _Place())
-        since = self._start if place.mark is None else place.mark
-        tensors = set(trainable_leaves(output, place.outputs))
-        modules = set(self._log[since:])
-        place.mark = len(self._log)
-        if output.grad_fn is not None:
-            place.outputs.add(output.grad_fn)
+    def number(self, kind: str, where: Any, node: Any, at: int | None = None
+               ) -> tuple[int, bool]:
+        """The site number of a ``kind`` activation called at ``where`` whose output has the
+        autograd ``node`` (its ``grad_fn``), and whether it joined an earlier call's site (then
+        it shares that site's units). ``at``: the modules' log length when the call was made, for
+        a call numbered after it happened (default: now)."""
+        end = len(self._log) if at is None else at
+        place = self._places.get((kind, where))
+        modules = set(self._log[self._start if place is None else place.mark:end])
+        if place is None:  # the first call from here joins nothing: searched if called again
+            place = self._places[(kind, where)] = _Place(mark=end)
+            self._count[kind] = n = self._count.get(kind, 0) + 1
+            place.first = (node, modules, n)
+            if node is not None:
+                place.outputs.add(node)
+            return n, False
+        if place.first is not None:  # as it would have been searched on its own call
+            first_node, first_modules, first_n = place.first
+            place.first = None
+            first_tensors = set(trainable_leaves(first_node, set()))
+            if first_tensors or first_modules:
+                place.sites.append((first_tensors, first_modules, first_n))
+        tensors = set(trainable_leaves(node, place.outputs))
+        place.mark = end
+        if node is not None:
+            place.outputs.add(node)
         # the trainable tensors decide; where none is in reach, the modules that ran; and a
         # call that ran none of a site's modules (another layer) never joins it
         fed = tensors or modules

@@ -124,13 +124,11 @@ class ActivationWatch:
         self._stack: list[tuple[nn.Module, CallSites | int]] = []
         self._modules_run: list[int] = []
         self._root_sites: CallSites | None = None  # calls outside any module's forward
-        # per activation module called more than once in a watched pass (``_reused``, learned
-        # on the first such pass): its calls in this pass, told apart as functional ones are (a
-        # module called once per time step of a recurrent cell acts on the same units); a module
-        # called once per pass skips that autograd-graph search
+        # per activation module called more than once in this pass: its calls, told apart as
+        # functional ones are (a module called once per time step of a recurrent cell acts on
+        # the same units); until then its first call's output node and the modules' log length
         self._module_calls: dict[str, CallSites] = {}
-        self._module_counts: dict[str, int] = {}
-        self._reused: set[str] = set()
+        self._module_first: dict[str, tuple[Any, int]] = {}
         self._busy = False
         self.arrival: GradientArrival | None = None  # times the gradient through each site
         self.forward_passes = 0  # watched passes: tells a reused site from another micro-batch
@@ -168,7 +166,7 @@ class ActivationWatch:
             self._modules_run.clear()
             self._root_sites = None
             self._module_calls.clear()
-            self._module_counts.clear()
+            self._module_first.clear()
             live.close()
 
     def _install(self, stack: ExitStack) -> None:
@@ -266,18 +264,17 @@ class ActivationWatch:
 
     def _same_units(self, name: str, kind: str, module: nn.Module, output: torch.Tensor) -> bool:
         """Whether this call of activation module ``name`` acts on the units of an earlier call
-        in this pass (see :mod:`graddiag.measure.activations.call_sites`). Calls of a module are
-        compared once it has been seen called more than once in a pass: on that first pass its
-        calls from the second on are positions of their own."""
-        count = self._module_counts[name] = self._module_counts.get(name, 0) + 1
-        if count == 2:
-            self._reused.add(name)
-        if name not in self._reused:
-            return False
+        in this pass (see :mod:`graddiag.measure.activations.call_sites`)."""
         calls = self._module_calls.get(name)
         if calls is None:
-            calls = self._module_calls[name] = CallSites(self._modules_run)
-        return calls.number(kind, module, output)[1]
+            first = self._module_first.get(name)
+            if first is None:  # the usual module, called once per pass, compares nothing
+                self._module_first[name] = (output.grad_fn, len(self._modules_run))
+                return False
+            node, mark = first  # called again: the first call is numbered as it happened
+            calls = self._module_calls[name] = CallSites(self._modules_run, start=mark)
+            calls.number(kind, module, node, at=mark)
+        return calls.number(kind, module, output.grad_fn)[1]
 
     def record_function(self, spec: ActivationSpec, params: dict[str, float],
                         x: torch.Tensor | None, y: torch.Tensor) -> None:
@@ -289,7 +286,7 @@ class ActivationWatch:
         if caller is None:
             return
         name, sites = caller
-        n, joined = sites.number(spec.kind, call_site(2), y)
+        n, joined = sites.number(spec.kind, call_site(2), y.grad_fn)
         self._add(f"{name}:{spec.kind}" + (f"#{n}" if n > 1 else ""), spec, params, x, y,
                   same_units=joined)
 
