@@ -13,7 +13,7 @@ from torch import nn
 
 from graddiag import ActivationSpec, GradientMonitor, default_registry
 from graddiag.measure.activations import ActivationWatch
-from graddiag.measure.activations.packing import pack_activations
+from graddiag.measure.activations.packing import dead_by_site, pack_activations
 
 FLOOR = 0.01
 
@@ -608,3 +608,14 @@ def test_units_of_a_poisoned_forward_are_not_reported_dead() -> None:
             monitor.step()
     kinds = {f.kind for f in monitor.findings}
     assert "nonfinite" in kinds and "dead_relu" not in kinds
+
+
+def test_dead_by_site_gives_each_sites_worst_call_and_names_it_only_where_calls_differ() -> None:
+    # site a: one position of 4 units (1 dead); site b: three positions of 2, 4 and 2 units
+    # (0, 3 and 1 dead); site c: two positions, both fully dead; site d: no units
+    flags = np.array([1, 0, 0, 0] + [0, 0] + [1, 1, 0, 1] + [1, 0] + [1, 1, 1] + [1, 1, 1],
+                     dtype=float)
+    widths = [(4,), (2, 4, 2), (3, 3), ()]
+    fraction, call = dead_by_site(flags, widths)
+    assert fraction[:3].tolist() == [0.25, 0.75, 1.0] and np.isnan(fraction[3])
+    assert call.tolist() == [0, 2, 0, 0]

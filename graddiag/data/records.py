@@ -29,6 +29,11 @@ class ActivationRecord:
             ``k-1`` and ``k``; ``-0.5`` with no trainable layer on its input side (or no
             gradient through it); ``len(layers) - 0.5`` after the last layer (its gradient
             comes straight from the loss); NaN (or ``None``) where unknown.
+        dead_call: For a site called at several positions of a forward pass (a shared module,
+            each call on units of its own), which call the ``dead`` fraction is of: 1 for the
+            first, 2 for the second, ...; 0 for a site with one (``None``: not known).
+        call_positions: How many call positions each site has in a forward pass (1 usually;
+            several for a shared module; 0 without comparable units; ``None``: not known).
     """
 
     sites: list[str]
@@ -40,6 +45,8 @@ class ActivationRecord:
     calls: np.ndarray
     cut_ops: dict[str, list[str]] = field(default_factory=dict)
     position: np.ndarray | None = None
+    dead_call: np.ndarray | None = None
+    call_positions: np.ndarray | None = None
 
 
 @dataclass

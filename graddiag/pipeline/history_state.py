@@ -22,7 +22,8 @@ _ARRAYS = ("grad_norm", "has_grad", "param_norm", "update_ratio", "measured", "g
            "param_count", "learning_rate", "base_learning_rate")
 # absent from states saved before they existed
 _OPTIONAL = ("param_count", "learning_rate", "base_learning_rate")
-_ACTIVATION_ARRAYS = ("saturated", "dead", "gain", "calls", "position")
+_ACTIVATION_ARRAYS = ("saturated", "dead", "gain", "calls", "position", "dead_call",
+                      "call_positions")
 
 
 class _Names:
@@ -224,7 +225,9 @@ def _layout_state(key: tuple[Any, ...]) -> dict[str, Any]:
 
 def _activations(state: dict[str, Any], count: int) -> list[ActivationRecord | None]:
     layouts = state["activation_layouts"]
-    columns = {name: _unragged(state[f"activation_{name}"]) for name in _ACTIVATION_ARRAYS}
+    # states saved before an array existed lack its column: None for every record
+    columns = {name: (_unragged(state[f"activation_{name}"]) if f"activation_{name}" in state
+                      else [None] * count) for name in _ACTIVATION_ARRAYS}
     out: list[ActivationRecord | None] = []
     for i, layout_id in enumerate(state["activation_layout"].tolist()):
         if layout_id < 0:
@@ -237,7 +240,8 @@ def _activations(state: dict[str, Any], count: int) -> list[ActivationRecord | N
             dead=_given(columns["dead"][i]), gain=_given(columns["gain"][i]),
             calls=_given(columns["calls"][i]),
             cut_ops={site: list(ops) for site, ops in layout["cut_ops"]},
-            position=columns["position"][i],
+            position=columns["position"][i], dead_call=columns["dead_call"][i],
+            call_positions=columns["call_positions"][i],
         ))
     assert len(out) == count
     return out

@@ -21,6 +21,8 @@ being dead or saturated.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from graddiag.data.findings import Finding
@@ -98,3 +100,18 @@ class DeadReluRule(_FractionRule):
         return (f"Dead {kind} units: {value:.0%} of its units output zero (no gradient) for every "
                 f"sample of the batch, mean derivative {gain:.3g}; dead units rarely recover, so "
                 "this capacity is lost.")
+
+    def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
+        """A site run at several places of a forward pass (a shared ``self.relu``, one call in a
+        loop over blocks) has other units at each: the finding names the call they are from."""
+        finding = super()._finding(record, i, value)
+        acts = record.activations
+        assert acts is not None
+        if acts.dead_call is None or acts.call_positions is None or not acts.dead_call[i]:
+            return finding
+        call, positions = int(acts.dead_call[i]), int(acts.call_positions[i])
+        return replace(
+            finding,
+            message=(f"{finding.message} It runs {positions} times in each forward pass, on "
+                     f"other units each time: these are its call {call}'s."),
+            details={**finding.details, "call": call, "calls_per_pass": positions})

@@ -65,10 +65,15 @@ def batch(rank: int, step: int) -> torch.Tensor:
 
 
 def table(monitor: GradientMonitor) -> list[list[object]]:
+    """The activation history's rows, each with the record's dead call and call positions."""
     acts = monitor.activation_history
     columns = ["step", "site", "kind", "saturated_fraction", "dead_fraction", "gain", "calls"]
+    calls = {(r.step, site): [int(r.activations.dead_call[i]),
+                              int(r.activations.call_positions[i])]
+             for r in monitor.records if r.activations is not None
+             for i, site in enumerate(r.activations.sites)}
     return [[None if isinstance(v, float) and v != v else v for v in row]
-            for row in acts[columns].values.tolist()]
+            + calls[int(row[0]), row[1]] for row in acts[columns].values.tolist()]
 
 
 def worker(rank: int, out: str) -> None:

@@ -113,6 +113,9 @@ def test_a_dead_relu_reused_across_widths_is_found() -> None:
     assert zero == ["conv1", "conv2"]
     assert [(f.kind, f.layer, f.step) for f in run.findings] == [
         *(("vanishing", k, 1) for k in zero), ("dead_relu", "relu", 2)]
+    # every call is as dead: the fraction is each call's, and no one call is named
+    dead_relu = run.findings[-1]
+    assert "call" not in dead_relu.details and "runs" not in dead_relu.message
 
 
 def test_one_dead_call_of_a_reused_relu_among_live_ones_is_found() -> None:
@@ -132,6 +135,14 @@ def test_one_dead_call_of_a_reused_relu_among_live_ones_is_found() -> None:
     kinds = [(f.kind, f.layer, f.step) for f in run.findings]
     assert ("dead_relu", "relu", 2) in kinds
     assert {("vanishing", "conv1"), ("vanishing", "conv2")} <= {k[:2] for k in kinds}
+    # the finding names the dead call: the second of the two (the recorder's call order)
+    dead_relu = next(f for f in run.findings if f.kind == "dead_relu")
+    assert (dead_relu.details["call"], dead_relu.details["calls_per_pass"]) == (2, 2)
+    assert "runs 2 times in each forward pass" in dead_relu.message
+    assert "its call 2's" in dead_relu.message
+    for record in (r for r in run.monitor.records if r.activations is not None):
+        i = record.activations.sites.index("relu")
+        assert (record.activations.dead_call[i], record.activations.call_positions[i]) == (2, 2)
 
 
 def _watched(root: nn.Module, *passes: torch.Tensor) -> ActivationRecord:

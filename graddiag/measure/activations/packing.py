@@ -31,7 +31,9 @@ from graddiag.measure.ranks import RankReducer
 #: (name, kind, family, units, units per call position): units is -1 (and the positions empty)
 #: when the site has no comparable unit mask.
 SiteInfo = tuple[str, str, str, int, tuple[int, ...]]
-COLUMNS = 5  # saturated elements, sum of |f'|, elements, calls, dead fraction (worst position)
+#: saturated elements, sum of |f'|, elements, calls, dead fraction (worst call position), and
+#: which call position that is (1, 2, ...; 0 for a site with one)
+COLUMNS = 6
 
 
 @dataclass
@@ -51,22 +53,34 @@ def _info(site: _Site) -> SiteInfo:
     return (site.name, site.spec.kind, site.spec.family, site.units or -1, site.widths)
 
 
-def worst_dead_fraction(dead_flags: np.ndarray, widths: list[tuple[int, ...]]) -> np.ndarray:
-    """Per site, the dead fraction of its worst call position: ``dead_flags`` holds every unit
-    of every site end to end (each site's call positions in order, ``widths`` units each);
-    NaN for a site without units."""
+def dead_by_site(dead_flags: np.ndarray, widths: list[tuple[int, ...]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per site, the dead fraction of its worst call position, and which position that is.
+
+    ``dead_flags`` holds every unit of every site end to end (each site's call positions in
+    order, ``widths`` units each). Returns the fractions (NaN for a site without units) and the
+    worst positions, numbered from 1 for a site with several (the first of equals); 0 for a site
+    with one or none, or whose positions are all as dead (the fraction is every call's).
+    """
     sizes = np.array([w for site in widths for w in site], dtype=np.int64)
     position = np.repeat(np.arange(len(sizes)), sizes)
     dead = np.bincount(position, weights=dead_flags, minlength=len(sizes))
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = dead / sizes
     worst = np.full(len(widths), np.nan)
+    call = np.zeros(len(widths))
     site = np.repeat(np.arange(len(widths)), [len(w) for w in widths])
     if len(site):
         worst[:] = -np.inf
         np.fmax.at(worst, site, fraction)  # a position without units (NaN) does not count
         worst[np.isneginf(worst)] = np.nan  # no positions
-    return worst
+    start = 0
+    for i, positions in enumerate(widths):  # only a shared module has several positions
+        own = fraction[start:start + len(positions)]
+        if len(positions) > 1 and not np.isnan(worst[i]) and not (own == worst[i]).all():
+            call[i] = 1 + int(np.nanargmax(own))
+        start += len(positions)
+    return worst, call
 
 
 def _agree(local: list[SiteInfo], cut_ops: dict[str, list[str]], reducer: RankReducer
@@ -173,8 +187,8 @@ class _LocalCounts:
         below = np.where(self.counted_below, device[:, 0], self.elements - gain)
         # compared in float32, as on the device: NaN is alive
         dead_flags = host[1].astype(np.float32, copy=False) < self.floor_of_unit
-        dead = worst_dead_fraction(dead_flags, self.widths)
-        return np.column_stack([below, gain, self.elements, self.calls, dead])
+        dead, call = dead_by_site(dead_flags, self.widths)
+        return np.column_stack([below, gain, self.elements, self.calls, dead, call])
 
 
 def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCounts | None,
@@ -185,7 +199,7 @@ def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCou
     if local is None:
         values = np.empty((len(layout), COLUMNS))
         values[:, :4] = host[0].reshape(len(layout), 4)
-        values[:, 4] = worst_dead_fraction(host[1] == 0, [info[4] for info in layout])
+        values[:, 4:] = np.column_stack(dead_by_site(host[1] == 0, [info[4] for info in layout]))
     else:
         values = local.rows(host)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -198,4 +212,6 @@ def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCou
             gain=values[:, 1] / values[:, 2],
             calls=values[:, 3].copy(),
             cut_ops=cuts,
+            dead_call=values[:, 5].astype(np.int64),
+            call_positions=np.array([len(info[4]) for info in layout], dtype=np.int64),
         )
