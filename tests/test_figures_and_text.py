@@ -229,6 +229,22 @@ def test_summary_text_has_short_columns_and_activation_sites_apart() -> None:
     assert "3 optimizer step(s) skipped" in html
 
 
+def test_summary_finding_steps_are_integers_and_missing_where_a_layer_has_none() -> None:
+    import pandas as pd
+
+    history = pd.DataFrame({"step": [0, 0, 1, 1], "layer": ["net.0", "net.2"] * 2,
+                            "position": [0, 1, 0, 1], "grad_norm": [1e-9, 0.5, 2e-9, 0.7]})
+    findings = [_finding("vanishing", "net.0", 7, "m"), _finding("exploding", "net.0", 12, "m")]
+    summary = summarize(history, findings).set_index("layer")
+    for column in ("first_finding_step", "last_finding_step"):
+        assert str(summary[column].dtype) == "Int64", column
+        assert pd.isna(summary.loc["net.2", column]), column
+    assert (summary.loc["net.0", "first_finding_step"], summary.loc["net.0", "last_finding_step"]
+            ) == (7, 12)
+    assert (summary.loc["net.0", "first_finding"], summary.loc["net.0", "last_finding"]) == (
+        "vanishing", "exploding")
+
+
 def test_summary_keeps_inf_norms_and_ignores_steps_without_a_gradient() -> None:
     """A layer whose norm was inf on every step (beyond float32's range) reads inf, not NaN; a
     step without a gradient (NaN) is left out."""

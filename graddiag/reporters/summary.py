@@ -20,7 +20,8 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
     (an Inf element): a layer that was inf on every step reads inf, not NaN;
     ``nan_steps`` counts the recorded steps where the layer had a gradient whose norm is NaN
     (so a layer whose statistics are NaN got NaN gradients if it is above 0, and no gradient
-    otherwise); ``findings`` counts the onsets in that layer.
+    otherwise); ``findings`` counts the onsets in that layer; ``first_finding_step`` and
+    ``last_finding_step`` are integers (pandas ``Int64``), ``<NA>`` for a layer without one.
     ``activation_site`` is True for the rows of activation sites (they have no gradient norms).
     """
     rows = []
@@ -51,9 +52,14 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
         by_layer.setdefault(f.layer, []).append(f)
     table["findings"] = [len(by_layer.get(layer, [])) for layer in table["layer"]]
     table["first_finding"] = [by_layer[name][0].kind if name in by_layer else None for name in table["layer"]]
-    table["first_finding_step"] = [by_layer[name][0].step if name in by_layer else None for name in table["layer"]]
+    # steps stay integers: <NA> where a layer has no finding (not NaN in a float column)
+    table["first_finding_step"] = pd.array(
+        [by_layer[name][0].step if name in by_layer else None for name in table["layer"]],
+        dtype="Int64")
     table["last_finding"] = [by_layer[name][-1].kind if name in by_layer else None for name in table["layer"]]
-    table["last_finding_step"] = [by_layer[name][-1].step if name in by_layer else None for name in table["layer"]]
+    table["last_finding_step"] = pd.array(
+        [by_layer[name][-1].step if name in by_layer else None for name in table["layer"]],
+        dtype="Int64")
     table["activation_site"] = [layer not in layers for layer in table["layer"]]
     return table.sort_values("position", kind="stable").reset_index(drop=True)
 
