@@ -59,6 +59,7 @@ def _records(count: int) -> list[StepRecord]:
             clipped=None if i % 3 == 0 or i % 4 == 1 else bool(i % 2),
             clip_value=0.25 * i if i % 3 == 0 else None,
             clip_norm=None if i % 3 == 0 else 0.5 + i,
+            along_gradient=np.arange(n) % 2 == 1 if i % 2 == 0 else None,
         ))
     return records
 
@@ -111,6 +112,17 @@ def test_every_field_of_every_record_round_trips_exactly() -> None:
     assert loaded.pinned == {4} and loaded.thinned == 3 and loaded.rows == history.rows
     pd.testing.assert_frame_equal(loaded.frame(), history.frame())
     pd.testing.assert_frame_equal(loaded.activation_frame(), history.activation_frame())
+
+
+def test_a_state_saved_before_the_along_gradient_column_loads_without_it() -> None:
+    from graddiag.pipeline.history_state import decode, encode
+
+    originals = _records(6)
+    state = encode(originals)
+    del state["along_gradient"]
+    assert any(r.along_gradient is not None for r in originals)
+    for i, (want, got) in enumerate(zip(originals, decode(state), strict=True)):
+        _assert_same(dataclasses.replace(want, along_gradient=None), got, f"record {i}")
 
 
 def test_a_state_saved_before_the_dead_call_columns_loads_without_them() -> None:
@@ -210,7 +222,8 @@ def _legacy_state(records: list[StepRecord]) -> dict[str, Any]:
 
 
 def test_the_previous_record_list_state_still_loads() -> None:
-    originals = [_without_calls(dataclasses.replace(r, clip_value=None, clip_norm=None))
+    originals = [_without_calls(dataclasses.replace(r, clip_value=None, clip_norm=None,
+                                                    along_gradient=None))
                  for r in _records(12)]  # not saved then
     buffer = io.BytesIO()
     torch.save(_legacy_state(originals), buffer)
@@ -276,7 +289,7 @@ def test_the_state_format_covers_every_record_field() -> None:
         "step", "layers", "grad_norm", "has_grad", "missing", "nonfinite", "param_norm",
         "update_ratio", "activations", "grad_histograms", "optimizer", "measured", "amp_overflow",
         "amp_scale", "clipped", "param_count", "learning_rate", "orphaned", "base_learning_rate",
-        "clip_value", "clip_norm"]
+        "clip_value", "clip_norm", "along_gradient"]
     assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
         "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops", "position",
         "dead_call", "call_positions"]

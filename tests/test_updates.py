@@ -991,16 +991,18 @@ def test_adam_under_a_warm_up_stepped_per_epoch_is_not_stalled_within_the_epoch(
 
 
 
-@pytest.mark.parametrize(("ratio", "norm_type", "cause_kind"), [
-    (1e-7, 2.0, "gradient_step"),  # exactly lr x gradient / weights: plain SGD
-    (5e-7, 2.0, "gradient_step"),  # five times that: SGD with momentum
-    (0.51e-7, 2.0, "gradient_step"),  # at the band's lower edge
-    (0.49e-7, 2.0, "optimizer"),  # just below it: the optimizer scaled the step down
-    (1e-9, 2.0, "optimizer"),  # a hundredth of it
-    (1e-7, 1.0, "optimizer"),  # gradient 1-norms: not comparable with the update's 2-norm
+@pytest.mark.parametrize(("ratio", "norm_type", "along", "cause_kind"), [
+    (1e-7, 2.0, True, "gradient_step"),  # exactly lr x gradient / weights: plain SGD
+    (5e-7, 2.0, True, "gradient_step"),  # five times that: SGD with momentum
+    (0.51e-7, 2.0, True, "gradient_step"),  # at the band's lower edge
+    (0.49e-7, 2.0, True, "optimizer"),  # just below it: the optimizer scaled the step down
+    (1e-9, 2.0, True, "optimizer"),  # a hundredth of it
+    (1e-7, 1.0, True, "optimizer"),  # gradient 1-norms: not comparable with the update's 2-norm
+    (1e-7, 2.0, False, "optimizer"),  # an adaptive optimizer (Adam): the band says nothing
+    (1e-7, 2.0, None, "optimizer"),  # not known whether the optimizer follows the gradient
 ])
 def test_a_stalled_layer_moved_by_a_plain_gradient_step_is_told_apart(
-        ratio: float, norm_type: float, cause_kind: str) -> None:
+        ratio: float, norm_type: float, along: bool | None, cause_kind: str) -> None:
     """Layer l1: learning rate 1e-3, gradient norm 0.01 (1e-2 x the largest: not vanished),
     weight norm 100 over 100 elements, so one plain gradient step moves it by 1e-3 x 0.01 / 100
     = 1e-7 of its norm."""
@@ -1010,6 +1012,7 @@ def test_a_stalled_layer_moved_by_a_plain_gradient_step_is_told_apart(
         record = _record(step, [1e-3, ratio, 1e-3], lr=[1e-3] * 3,
                          param_norm=[1.0, 100.0, 1.0], grad=[1.0, 0.01, 1.0])
         record.param_count = np.array([100, 100, 100])
+        record.along_gradient = None if along is None else np.array([along] * 3)
         found += rule.update(record)
     assert [f.layer for f in found] == ["l1"]
     assert found[0].details["cause_kind"] == cause_kind
@@ -1025,3 +1028,39 @@ def test_an_optimizers_list_with_a_bad_element_names_its_position() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"a list of them, got NoneType at position 1$"):
         GradientMonitor(model, optimizers=[optimizer, None])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(("optimizer", "cause_kind"), [
+    (torch.optim.SGD, "gradient_step"), (torch.optim.Adam, "optimizer")])
+def test_an_update_near_one_gradient_step_is_blamed_on_the_gradient_only_under_sgd(
+        optimizer: type[torch.optim.Optimizer], cause_kind: str) -> None:
+    """Layer 1's weights (RMS 200) get a gradient of +-0.02 per element whose sign flips every
+    step; layer 0's (RMS 0.1) a steady 1. Under SGD (lr 1e-3) layer 1 moves by lr x gradient:
+    1e-7 of its norm, exactly one plain gradient step. Adam divides each step by the gradient's
+    running size, and its momentum cancels on a flipping sign: m/sqrt(v) -> 0.1 / 1.9 = 0.053,
+    so it moves by about 0.06 x lr / RMS = 3e-7, three plain gradient steps, inside the band
+    too, yet the gradient's size has nothing to do with it: the cause is the optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+        model[1].weight.fill_(200.0)
+    opt = optimizer(model.parameters(), lr=1e-3)
+    monitor = GradientMonitor(model, optimizers=opt, param_every_n_steps=1,
+                              activation_every_n_steps=0, reporters=[])
+    ratios = []
+    for step in range(30):
+        model[0].weight.grad = torch.ones(10, 10)
+        model[1].weight.grad = torch.full((10, 10), 0.02 * (-1) ** step)
+        before = model[1].weight.detach().clone()
+        monitor.step(step)
+        opt.step()
+        # the update over one plain gradient step (lr x gradient norm / weight norm), by hand
+        change = float((model[1].weight.detach() - before).norm() / before.norm())
+        ratios.append(change / (1e-3 * 0.2 / float(before.norm())))
+    monitor.close()
+    assert all(0.5 <= r <= 20 for r in ratios[10:])  # inside the band under both optimizers
+    stalled = [f for f in monitor.findings if f.kind == "stalled"]
+    assert [f.layer for f in stalled] == ["1"]
+    assert stalled[0].details["cause_kind"] == cause_kind
+    assert ("as SGD takes" in stalled[0].message) == (optimizer is torch.optim.SGD)

@@ -88,6 +88,10 @@ class StepRecord:
         base_learning_rate: Per-layer rate a learning-rate scheduler started from (its param
             groups' ``initial_lr``; NaN where no scheduler set one), read with
             ``learning_rate``; a rate below half of it is a warm-up or a decay, not a choice.
+        along_gradient: Per layer, whether the optimizers holding it move its weights along
+            the gradient, in proportion to it (``torch.optim.SGD``, with or without momentum;
+            False under adaptive optimizers such as Adam, unknown ones, or none), read with
+            ``learning_rate`` (``None`` when that is not read).
     """
 
     step: int
@@ -111,6 +115,7 @@ class StepRecord:
     base_learning_rate: np.ndarray | None = None
     clip_value: float | None = None
     clip_norm: float | None = None
+    along_gradient: np.ndarray | None = None
 
     @property
     def clipping(self) -> str | None:

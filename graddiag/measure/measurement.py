@@ -309,6 +309,7 @@ class StepMeasurement:
             learning_rate=learning_rate,
             base_learning_rate=None if view is None else view.base_learning_rate,
             orphaned=orphaned,
+            along_gradient=None if view is None else view.along_gradient,
         )
 
     def close(self) -> None:

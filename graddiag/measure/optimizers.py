@@ -30,12 +30,24 @@ class Coverage:
         held_any: Whether the optimizers hold any of the model's trainable parameters at all.
             When they hold none (a strategy that flattens or copies parameters, an optimizer
             built for another model), ``orphaned`` is left empty: nothing can be concluded.
+        along_gradient: ``{id(parameter): bool}``: whether every optimizer holding the
+            parameter moves it along its gradient, in proportion to it (see
+            :func:`steps_along_gradient`).
     """
 
     learning_rate: dict[int, float] = field(default_factory=dict)
     orphaned: dict[str, list[str]] = field(default_factory=dict)
     base_rate: dict[int, float] = field(default_factory=dict)
     held_any: bool = False
+    along_gradient: dict[int, bool] = field(default_factory=dict)
+
+
+def steps_along_gradient(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s update is the learning rate times the gradient, or a running sum
+    of such steps: ``torch.optim.SGD``, with or without momentum. Adaptive optimizers (Adam,
+    RMSprop, Adagrad, ...) scale each weight's step by its gradient's running size, and others
+    are unknown: for them a small gradient says nothing about the size of the update."""
+    return isinstance(optimizer, torch.optim.SGD)
 
 
 def _as_float(lr: Any) -> float:
@@ -48,21 +60,26 @@ def _as_float(lr: Any) -> float:
 
 
 def learning_rates(optimizers: Sequence[torch.optim.Optimizer]
-                   ) -> tuple[dict[int, float], dict[int, float]]:
-    """``{id(parameter): learning rate}`` over every param group of every optimizer, and
-    ``{id(parameter): initial_lr}`` for the groups a scheduler gave one (its starting rate); the
-    largest where several groups hold a parameter. One walk over the param groups."""
+                   ) -> tuple[dict[int, float], dict[int, float], dict[int, bool]]:
+    """``{id(parameter): learning rate}`` over every param group of every optimizer,
+    ``{id(parameter): initial_lr}`` for the groups a scheduler gave one (its starting rate), the
+    largest where several groups hold a parameter; and ``{id(parameter): bool}``, whether every
+    optimizer holding it steps along the gradient (:func:`steps_along_gradient`). One walk over
+    the param groups."""
     rates: dict[int, float] = {}
     bases: dict[int, float] = {}
+    along: dict[int, bool] = {}
     for optimizer in optimizers:
+        follows = steps_along_gradient(optimizer)
         for group in optimizer.param_groups:
             lr = _as_float(group.get("lr", math.nan))
             base = _as_float(group["initial_lr"]) if "initial_lr" in group else None
             for param in group["params"]:
                 _keep_largest(rates, id(param), lr)
+                along[id(param)] = follows and along.get(id(param), True)
                 if base is not None:
                     _keep_largest(bases, id(param), base)
-    return rates, bases
+    return rates, bases, along
 
 
 def _keep_largest(rates: dict[int, float], key: int, rate: float) -> None:
@@ -82,7 +99,7 @@ def coverage(
     Modules are named as layers are (qualified name relative to ``model``); ``include`` and
     ``exclude`` glob patterns filter the reported modules as they filter layers.
     """
-    rates, bases = learning_rates(optimizers)
+    rates, bases, along = learning_rates(optimizers)
     orphaned: dict[str, list[str]] = {}
     held_any = False
     seen: set[int] = set()
@@ -98,4 +115,4 @@ def coverage(
                     and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
                 orphaned.setdefault(name, []).append(pname)
     return Coverage(rates, orphaned if held_any else {}, held_any=held_any,
-                    base_rate=bases)
+                    base_rate=bases, along_gradient=along)

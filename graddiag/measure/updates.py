@@ -42,6 +42,8 @@ class UpdateView:
         learning_rate: Per-layer learning rate, or ``None`` when not read.
         base_learning_rate: Per-layer rate a scheduler started from (NaN without one).
         orphaned: Trainable parameters no optimizer holds, or ``None`` when not checked.
+        along_gradient: Per layer, whether its optimizers step along the gradient (SGD), or
+            ``None`` when not read.
     """
 
     measured: np.ndarray
@@ -49,6 +51,7 @@ class UpdateView:
     learning_rate: np.ndarray | None = None
     base_learning_rate: np.ndarray | None = None
     orphaned: dict[str, list[str]] | None = None
+    along_gradient: np.ndarray | None = None
     copy_step: int | None = None  # the step whose copy the update was measured against
     void: set[int] = field(default_factory=set)  # steps whose optimizer step was not applied
 
@@ -210,10 +213,11 @@ class UpdateTracker:
                         out["update_base"] = state.probe.changed_rows_norms()
                     view.copy_step = copied
             self._copy_if_due(step, optimizer, measured)
-        rates, bases, orphaned = self.optimizer_view(step)
+        rates, bases, along, orphaned = self.optimizer_view(step)
         if rates is not None or orphaned is not None:
             view = view or UpdateView(np.ones(len(self.index), dtype=bool))
             view.learning_rate, view.base_learning_rate, view.orphaned = rates, bases, orphaned
+            view.along_gradient = along
         return out, view
 
     def copy(self, step: int, optimizer: int, measured: np.ndarray) -> None:
@@ -247,11 +251,12 @@ class UpdateTracker:
 
     # ----------------------------------------------------------------- optimizers
     def optimizer_view(self, step: int) -> tuple[np.ndarray | None, np.ndarray | None,
-                                                  dict[str, list[str]] | None]:
-        """Per-layer learning rates, the rates schedulers started from (NaN without one), and
-        the parameters no optimizer holds (``None``: not read)."""
+                                                  np.ndarray | None, dict[str, list[str]] | None]:
+        """Per-layer learning rates, the rates schedulers started from (NaN without one),
+        whether the layer's optimizers step along the gradient (SGD; False for a layer no
+        optimizer holds), and the parameters no optimizer holds (``None``: not read)."""
         if not self.checks_optimizers_on(step):
-            return None, None, None
+            return None, None, None, None
         c = self.config
         seen = coverage(self.model, self._optimizers, c.include, c.exclude)
         if not seen.held_any:
@@ -260,10 +265,14 @@ class UpdateTracker:
                 log.info("graddiag: the optimizers hold none of the model's trainable parameters "
                          "(wrapped or flattened by a strategy?); learning rates and "
                          "not_in_optimizer are not checked.")
-            return None, None, None
+            return None, None, None, None
         rates = np.full(len(self.index), np.nan)
         bases = np.full(len(self.index), np.nan)
+        along = np.zeros(len(self.index), dtype=bool)
         for lid, layer in enumerate(self.index.layers):
+            held = [seen.along_gradient[id(p)] for p in layer.params
+                    if p.requires_grad and id(p) in seen.along_gradient]
+            along[lid] = bool(held) and all(held)
             known = [seen.learning_rate[id(p)] for p in layer.params
                      if p.requires_grad and id(p) in seen.learning_rate]
             known = [r for r in known if not np.isnan(r)]
@@ -280,4 +289,4 @@ class UpdateTracker:
             self._frozen_said.update(frozen)
             log.info("graddiag: layer(s) %s have learning rate 0 or requires_grad=False (frozen, "
                      "or a schedule at zero): not judged as stalled while that lasts.", frozen)
-        return rates, bases, seen.orphaned
+        return rates, bases, along, seen.orphaned

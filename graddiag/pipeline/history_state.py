@@ -19,9 +19,9 @@ from graddiag.data.records import ActivationRecord, StepRecord
 
 FORMAT = "graddiag.history.columns/1"
 _ARRAYS = ("grad_norm", "has_grad", "param_norm", "update_ratio", "measured", "grad_histograms",
-           "param_count", "learning_rate", "base_learning_rate")
+           "param_count", "learning_rate", "base_learning_rate", "along_gradient")
 # absent from states saved before they existed
-_OPTIONAL = ("param_count", "learning_rate", "base_learning_rate")
+_OPTIONAL = ("param_count", "learning_rate", "base_learning_rate", "along_gradient")
 _ACTIVATION_ARRAYS = ("saturated", "dead", "gain", "calls", "position", "dead_call",
                       "call_positions")
 
@@ -117,6 +117,7 @@ def encode(records: list[StepRecord]) -> dict[str, Any]:
     state["param_count"] = _ragged([r.param_count for r in records])
     state["learning_rate"] = _ragged([r.learning_rate for r in records])
     state["base_learning_rate"] = _ragged([r.base_learning_rate for r in records])
+    state["along_gradient"] = _ragged([r.along_gradient for r in records])
     state["orphaned"] = [[i, {k: list(v) for k, v in r.orphaned.items()}]
                          for i, r in enumerate(records) if r.orphaned is not None]
     state["histogram_width"] = _tensor(
@@ -205,7 +206,7 @@ def decode(state: dict[str, Any]) -> list[StepRecord]:
             clipped=None if clipped[i] < 0 else bool(clipped[i]),
             param_count=arrays["param_count"][i], learning_rate=arrays["learning_rate"][i],
             base_learning_rate=arrays["base_learning_rate"][i],
-            orphaned=orphaned[i],
+            orphaned=orphaned[i], along_gradient=arrays["along_gradient"][i],
             clip_value=None if by_value is None else float(by_value[0]),
             clip_norm=None if by_norm is None else float(by_norm[0]),
         ))

@@ -53,7 +53,8 @@ def _lr_text(record: StepRecord, i: int) -> tuple[str, float]:
 
 #: An update between these multiples of one plain gradient step (learning rate x gradient norm
 #: / weight norm) is that step: SGD gives 1, momentum up to 1 / (1 - momentum) (10 at 0.9); the
-#: gradient read on the parameter step stands for the one the measured update used.
+#: gradient read on the parameter step stands for the one the measured update used. Judged only
+#: for layers whose optimizers step along the gradient (SGD): see :func:`_steps_along_gradient`.
 GRADIENT_STEP_BAND = (0.5, 20.0)
 
 
@@ -68,6 +69,13 @@ def _gradient_step(lr: float, record: StepRecord, i: int) -> float:
     if not (lr > 0 and weight > 0 and grad > 0 and math.isfinite(weight * grad)):
         return math.nan
     return lr * grad / weight
+
+
+def _steps_along_gradient(record: StepRecord, i: int) -> bool:
+    """Whether layer ``i``'s optimizers move it in proportion to its gradient (SGD): only then
+    does an update near one plain gradient step say the gradient is what keeps it small (Adam
+    moves every weight by about the learning rate, whatever the gradient's size)."""
+    return record.along_gradient is not None and bool(record.along_gradient[i])
 
 
 def _rms(record: StepRecord) -> np.ndarray | None:
@@ -211,8 +219,8 @@ class StalledRule(OnsetRule):
             cause = (f"Its gradient norm is {_fmt(grad_ratio)} x the largest layer's: the gradient "
                      "has vanished before it reaches these weights.")
             remedy = wording.VANISHING
-        elif (lr_text and self.norm_type == 2.0  # NaN compares False
-              and GRADIENT_STEP_BAND[0] <= value / step <= GRADIENT_STEP_BAND[1]):
+        elif (lr_text and self.norm_type == 2.0 and _steps_along_gradient(record, i)
+              and GRADIENT_STEP_BAND[0] <= value / step <= GRADIENT_STEP_BAND[1]):  # NaN: False
             cause_kind = "gradient_step"
             cause = (f"{lr_text[1:]} The update is about one plain gradient step (learning rate x "
                      f"gradient norm / weight norm = {_fmt(step)}), as SGD takes: the optimizer "
@@ -222,8 +230,9 @@ class StalledRule(OnsetRule):
         elif lr_text:
             cause_kind = "optimizer"
             cause = (f"{lr_text[1:]} Its gradient is not small ({_fmt(grad_ratio)} x the largest "
-                     "layer's), so the optimizer scales its update down (e.g. Adam's eps, "
-                     "weight decay cancelling it, a custom optimizer).")
+                     "layer's), so the optimizer scales its update down (e.g. Adam's steps "
+                     "cancelling on a gradient whose sign keeps changing, its eps, weight decay "
+                     "cancelling the update, a custom optimizer).")
             remedy = wording.STALLED
         else:
             cause_kind = "unknown"
