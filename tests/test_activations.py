@@ -610,12 +610,14 @@ def test_units_of_a_poisoned_forward_are_not_reported_dead() -> None:
     assert "nonfinite" in kinds and "dead_relu" not in kinds
 
 
-def test_dead_by_site_gives_each_sites_worst_call_and_names_it_only_where_calls_differ() -> None:
+def test_dead_by_site_gives_each_sites_worst_call_and_every_calls_fraction() -> None:
     # site a: one position of 4 units (1 dead); site b: three positions of 2, 4 and 2 units
-    # (0, 3 and 1 dead); site c: two positions, both fully dead; site d: no units
+    # (0, 3 and 1 dead); site c: two positions, both fully dead, and one without units; site d:
+    # no positions
     flags = np.array([1, 0, 0, 0] + [0, 0] + [1, 1, 0, 1] + [1, 0] + [1, 1, 1] + [1, 1, 1],
                      dtype=float)
-    widths = [(4,), (2, 4, 2), (3, 3), ()]
-    fraction, call = dead_by_site(flags, widths)
-    assert fraction[:3].tolist() == [0.25, 0.75, 1.0] and np.isnan(fraction[3])
-    assert call.tolist() == [0, 2, 0, 0]
+    widths = [(4,), (2, 4, 2), (3, 0, 3), ()]
+    worst, by_call = dead_by_site(flags, widths)
+    assert worst[:3].tolist() == [0.25, 0.75, 1.0] and np.isnan(worst[3])
+    assert by_call[[0, 1, 2, 3, 4, 6]].tolist() == [0.25, 0.0, 0.75, 0.5, 1.0, 1.0]
+    assert len(by_call) == 7 and np.isnan(by_call[5])

@@ -107,16 +107,13 @@ def _site_statistics(derivatives: list[torch.Tensor], floor: float = 0.01,
     its own at each, and its dead fraction is its worst position's."""
     flat = torch.cat([d.reshape(-1) for d in derivatives])
     widths = {d.shape[-1] for d in derivatives}
-    dead, call, positions_known = None, 0, 0
+    dead, each = None, []
     if len(widths) == 1:
         each = [torch.cat([(d < floor) for d in derivatives[k::positions]]).all(dim=0)
                 .double().mean().item() for k in range(positions)]
-        dead, positions_known = max(each), positions
-        if len(set(each)) > 1:  # the worst call is named where the calls differ
-            call = 1 + each.index(dead)
+        dead = max(each)
     return {"saturated_fraction": (flat < floor).double().mean().item(), "dead_fraction": dead,
-            "gain": flat.mean().item(), "calls": float(len(derivatives)),
-            "dead_call": [call, positions_known]}
+            "gain": flat.mean().item(), "calls": float(len(derivatives)), "by_call": each}
 
 
 def _expected_sites(step: int, ranks: tuple[int, ...]) -> dict[str, dict[str, object]]:
@@ -144,9 +141,9 @@ def _expected_sites(step: int, ranks: tuple[int, ...]) -> dict[str, dict[str, ob
 
 def _check(table: list[list[object]], ranks: tuple[int, ...]) -> None:
     seen = set()
-    for step, site, _kind, saturated, dead, gain, calls, *dead_call in table:
+    for step, site, _kind, saturated, dead, gain, calls, by_call in table:
         expected = _expected_sites(int(step), ranks)[site]
-        assert dead_call == expected["dead_call"], site
+        assert by_call == pytest.approx(expected["by_call"], abs=1e-9), site
         assert saturated == pytest.approx(expected["saturated_fraction"], abs=1e-6), site
         assert gain == pytest.approx(expected["gain"], rel=1e-5), site
         assert calls == expected["calls"], site
@@ -167,10 +164,10 @@ def test_ranks_with_different_sites_agree_on_correct_statistics(tmp_path: Path) 
     _check(ranks[0]["agreed"], (0, 1))  # and equal to both ranks' batches pooled
     # a monitor on rank 0 alone, without a process group, finished: it never communicated
     _check(ranks[0]["alone"], (0,))
-    # the shared ReLU's worst call: pooled, the third (one unit dead on both ranks); on rank 0
-    # alone, the second (dead there, alive on rank 1)
-    assert {tuple(row[-2:]) for row in ranks[0]["agreed"] if row[1] == "reused"} == {(3, 3)}
-    assert {tuple(row[-2:]) for row in ranks[0]["alone"] if row[1] == "reused"} == {(2, 3)}
+    # the shared ReLU's calls, each on its own units: pooled over the ranks only the third has
+    # a dead unit (one of two); on rank 0 alone the second is dead too (it fires on rank 1)
+    assert [row[-1] for row in ranks[0]["agreed"] if row[1] == "reused"] == [[0.0, 0.0, 0.5]] * 3
+    assert [row[-1] for row in ranks[0]["alone"] if row[1] == "reused"] == [[0.0, 1.0, 0.5]] * 3
 
 
 def test_a_plain_monitor_never_communicates_unless_handed_a_process_group(

@@ -37,8 +37,8 @@ def _records(count: int) -> list[StepRecord]:
                 gain=np.array([0.1, 1e-30]), calls=np.array([1.0, 2.0 + i]),
                 cut_ops={"s1": ["argmax"], "router": ["argmax", "round"]} if i % 8 == 0 else {},
                 position=None if i % 8 == 4 else np.array([0.5, np.nan if i % 3 else n - 0.5]),
-                dead_call=None if i % 8 == 4 else np.array([0, 2], dtype=np.int64),
                 call_positions=None if i % 8 == 4 else np.array([1, 3], dtype=np.int64),
+                dead_by_call=None if i % 8 == 4 else np.array([0.0, 0.25, np.nan, 1.0 + i]),
             )
         records.append(StepRecord(
             step=3 * i + 1,
@@ -125,15 +125,15 @@ def test_a_state_saved_before_the_along_gradient_column_loads_without_it() -> No
         _assert_same(dataclasses.replace(want, along_gradient=None), got, f"record {i}")
 
 
-def test_a_state_saved_before_the_dead_call_columns_loads_without_them() -> None:
+def test_a_state_saved_before_the_call_position_columns_loads_without_them() -> None:
     from graddiag.pipeline.history_state import decode, encode
 
     originals = _records(9)
     state = encode(originals)
-    del state["activation_dead_call"], state["activation_call_positions"]
+    del state["activation_call_positions"], state["activation_dead_by_call"]
     for i, (want, got) in enumerate(zip(originals, decode(state), strict=True)):
         _assert_same(_without_calls(want), got, f"record {i}")
-    assert any(r.activations is not None and r.activations.dead_call is not None
+    assert any(r.activations is not None and r.activations.dead_by_call is not None
                for r in originals)
 
 
@@ -142,7 +142,7 @@ def _without_calls(record: StepRecord) -> StepRecord:
     if record.activations is None:
         return record
     return dataclasses.replace(record, activations=dataclasses.replace(
-        record.activations, dead_call=None, call_positions=None))
+        record.activations, call_positions=None, dead_by_call=None))
 
 
 @pytest.mark.parametrize("column", ["clip_value", "clip_norm"])
@@ -292,4 +292,4 @@ def test_the_state_format_covers_every_record_field() -> None:
         "clip_value", "clip_norm", "along_gradient"]
     assert [f.name for f in dataclasses.fields(ActivationRecord)] == [
         "sites", "kinds", "families", "saturated", "dead", "gain", "calls", "cut_ops", "position",
-        "dead_call", "call_positions"]
+        "call_positions", "dead_by_call"]

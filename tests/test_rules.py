@@ -157,6 +157,40 @@ def test_activation_rules_count_only_activation_records() -> None:
     assert run(dead, seq) == [("dead_relu", "r", 2)]
 
 
+@pytest.mark.parametrize(("by_call", "calls", "said"), [
+    ([0.8, 0.1, 0.9], [1, 3], "the dead units are those of its calls 1 and 3 "),
+    ([0.1, 0.75, 0.2], [2], "the dead units are those of its call 2 "),
+    ([0.9, 0.8, 1.0], [1, 2, 3], "the units of every call are over 70% dead"),
+    ([float("nan"), 0.9, 0.1], [2], "the dead units are those of its call 2 "),
+])
+def test_a_dead_relu_called_at_several_places_names_the_calls_over_the_fraction(
+        by_call: list[float], calls: list[int], said: str) -> None:
+    """Site ``r`` (a shared ReLU, three call positions) after a sigmoid site ``s`` with one;
+    its dead fraction is the worst position's."""
+    rule = DeadReluRule(0.7, patience=1)
+    r = _acts(0, 0.0, float(np.nanmax(by_call)))
+    assert r.activations is not None
+    r.activations.call_positions = np.array([1, 3])
+    r.activations.dead_by_call = np.array([0.0, *by_call])
+    found = rule.update(r)
+    assert [(f.kind, f.layer) for f in found] == [("dead_relu", "r")]
+    assert found[0].value == float(np.nanmax(by_call))
+    assert (found[0].details["calls"], found[0].details["call_positions"]) == (calls, 3)
+    assert "called at 3 places in each forward pass, each on units of its own" in found[0].message
+    assert said in found[0].message
+
+
+def test_a_dead_relu_called_at_one_place_names_no_call() -> None:
+    rule = DeadReluRule(0.7, patience=1)
+    r = _acts(0, 0.0, 0.9)
+    assert r.activations is not None
+    r.activations.call_positions = np.array([1, 1])
+    r.activations.dead_by_call = np.array([0.0, 0.9])
+    found = rule.update(r)
+    assert len(found) == 1 and "calls" not in found[0].details
+    assert "places" not in found[0].message
+
+
 def test_activation_steps_with_nonfinite_gradients_are_not_judged_nor_explained() -> None:
     """A poisoned step (NaN/Inf gradients, or an fp16 overflow) leaves the activation streaks
     as they were, and the explainer keeps the activation statistics of the last sound step."""

@@ -1064,3 +1064,39 @@ def test_an_update_near_one_gradient_step_is_blamed_on_the_gradient_only_under_s
     assert [f.layer for f in stalled] == ["1"]
     assert stalled[0].details["cause_kind"] == cause_kind
     assert ("as SGD takes" in stalled[0].message) == (optimizer is torch.optim.SGD)
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """A wrapper that holds the optimizer doing the steps as ``.optimizer`` and forwards its
+    param groups, as Hugging Face Accelerate's ``AcceleratedOptimizer`` does."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        return self.optimizer.step(closure)
+
+
+class _ScaledSGD(torch.optim.SGD):
+    """A subclass of SGD, which may rescale its steps (LARS-like): not known to follow the
+    gradient."""
+
+
+def test_a_layer_steps_along_its_gradient_only_where_every_optimizer_holding_it_is_sgd() -> None:
+    model = nn.Sequential(*(nn.Linear(3, 3) for _ in range(6)))
+    sgd = torch.optim.SGD([*model[0].parameters(), model[1].weight, *model[2].parameters()],
+                          lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam([model[1].bias, *model[2].parameters()], lr=1e-3)
+    wrapped = _Wrapper(torch.optim.SGD(model[4].parameters(), lr=0.1))
+    scaled = _ScaledSGD(model[5].parameters(), lr=0.1)
+    monitor = GradientMonitor(model, optimizers=[sgd, adam, wrapped, scaled], reporters=[])
+    model(torch.randn(2, 3)).sum().backward()
+    monitor.step(0)
+    monitor.close()
+    # 0: SGD only; 1: split between SGD and Adam; 2: held by both; 3: by none; 4: SGD behind a
+    # wrapper; 5: a subclass of SGD
+    assert monitor.records[0].along_gradient.tolist() == [True, False, False, False, True, False]

@@ -29,11 +29,14 @@ class ActivationRecord:
             ``k-1`` and ``k``; ``-0.5`` with no trainable layer on its input side (or no
             gradient through it); ``len(layers) - 0.5`` after the last layer (its gradient
             comes straight from the loss); NaN (or ``None``) where unknown.
-        dead_call: For a site called at several positions of a forward pass (a shared module,
-            each call on units of its own), which call the ``dead`` fraction is of: 1 for the
-            first, 2 for the second, ...; 0 for a site with one (``None``: not known).
-        call_positions: How many call positions each site has in a forward pass (1 usually;
-            several for a shared module; 0 without comparable units; ``None``: not known).
+        call_positions: How many call positions each site has in a forward pass, each with
+            units of its own: 1 usually, several for a module called at several places (a
+            shared ``self.relu``); calls on the same units (a recurrent cell's time steps) are
+            one. 0 where the ranks saw different positions (no dead fraction); ``None``: not
+            known.
+        dead_by_call: The dead fraction of every call position, the sites' positions end to end
+            (``call_positions`` of each; NaN for a position without units); ``dead`` is each
+            site's largest. ``None``: not known.
     """
 
     sites: list[str]
@@ -45,8 +48,8 @@ class ActivationRecord:
     calls: np.ndarray
     cut_ops: dict[str, list[str]] = field(default_factory=dict)
     position: np.ndarray | None = None
-    dead_call: np.ndarray | None = None
     call_positions: np.ndarray | None = None
+    dead_by_call: np.ndarray | None = None
 
 
 @dataclass
@@ -88,10 +91,11 @@ class StepRecord:
         base_learning_rate: Per-layer rate a learning-rate scheduler started from (its param
             groups' ``initial_lr``; NaN where no scheduler set one), read with
             ``learning_rate``; a rate below half of it is a warm-up or a decay, not a choice.
-        along_gradient: Per layer, whether the optimizers holding it move its weights along
-            the gradient, in proportion to it (``torch.optim.SGD``, with or without momentum;
-            False under adaptive optimizers such as Adam, unknown ones, or none), read with
-            ``learning_rate`` (``None`` when that is not read).
+        along_gradient: Per layer, whether every optimizer holding it moves its weights by the
+            learning rate times the gradient, or a running sum of such steps, plus weight decay
+            (``torch.optim.SGD``, with or without momentum); False under adaptive optimizers
+            such as Adam, unknown ones, or none. Read with ``learning_rate`` (``None`` when that
+            is not read).
     """
 
     step: int

@@ -42,12 +42,26 @@ class Coverage:
     along_gradient: dict[int, bool] = field(default_factory=dict)
 
 
+#: How many wrappers deep :func:`steps_along_gradient` looks for the optimizer doing the steps.
+_MAX_WRAPPERS = 4
+
+
 def steps_along_gradient(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s update is the learning rate times the gradient, or a running sum
-    of such steps: ``torch.optim.SGD``, with or without momentum. Adaptive optimizers (Adam,
-    RMSprop, Adagrad, ...) scale each weight's step by its gradient's running size, and others
-    are unknown: for them a small gradient says nothing about the size of the update."""
-    return isinstance(optimizer, torch.optim.SGD)
+    of such steps (momentum), plus weight decay: ``torch.optim.SGD`` itself, also behind
+    wrappers that hold it as ``.optimizer`` (Hugging Face Accelerate's) or ``._optimizer``
+    (Lightning's). Adaptive optimizers (Adam, RMSprop, Adagrad, ...) scale each weight's step
+    by its gradient's running size, and others (subclasses of SGD included, which may rescale
+    the step) are unknown: for them a small gradient says nothing about the size of the
+    update."""
+    for _ in range(_MAX_WRAPPERS):
+        if type(optimizer) is torch.optim.SGD:
+            return True
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            return False
+        optimizer = inner
+    return False
 
 
 def _as_float(lr: Any) -> float:

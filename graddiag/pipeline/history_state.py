@@ -22,8 +22,8 @@ _ARRAYS = ("grad_norm", "has_grad", "param_norm", "update_ratio", "measured", "g
            "param_count", "learning_rate", "base_learning_rate", "along_gradient")
 # absent from states saved before they existed
 _OPTIONAL = ("param_count", "learning_rate", "base_learning_rate", "along_gradient")
-_ACTIVATION_ARRAYS = ("saturated", "dead", "gain", "calls", "position", "dead_call",
-                      "call_positions")
+_ACTIVATION_ARRAYS = ("saturated", "dead", "gain", "calls", "position", "call_positions",
+                      "dead_by_call")
 
 
 class _Names:
@@ -241,8 +241,8 @@ def _activations(state: dict[str, Any], count: int) -> list[ActivationRecord | N
             dead=_given(columns["dead"][i]), gain=_given(columns["gain"][i]),
             calls=_given(columns["calls"][i]),
             cut_ops={site: list(ops) for site, ops in layout["cut_ops"]},
-            position=columns["position"][i], dead_call=columns["dead_call"][i],
-            call_positions=columns["call_positions"][i],
+            position=columns["position"][i], call_positions=columns["call_positions"][i],
+            dead_by_call=columns["dead_by_call"][i],
         ))
     assert len(out) == count
     return out

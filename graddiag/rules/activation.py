@@ -102,16 +102,30 @@ class DeadReluRule(_FractionRule):
                 "this capacity is lost.")
 
     def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
-        """A site run at several places of a forward pass (a shared ``self.relu``, one call in a
-        loop over blocks) has other units at each: the finding names the call they are from."""
+        """A module called at several places of a forward pass (a shared ``self.relu``) has
+        units of its own at each: the finding names the calls whose units are this dead."""
         finding = super()._finding(record, i, value)
         acts = record.activations
         assert acts is not None
-        if acts.dead_call is None or acts.call_positions is None or not acts.dead_call[i]:
+        counts, fractions = acts.call_positions, acts.dead_by_call
+        if counts is None or fractions is None or counts[i] < 2:
             return finding
-        call, positions = int(acts.dead_call[i]), int(acts.call_positions[i])
+        start = int(np.sum(counts[:i]))
+        own = fractions[start:start + int(counts[i])]
+        with np.errstate(invalid="ignore"):
+            calls = [int(k) + 1 for k in np.flatnonzero(own > self.fraction)]
+        if not calls:  # not expected: the worst position is over the fraction
+            return finding
+        n = len(own)
+        if len(calls) == n:
+            which = f"the units of every call are over {self.fraction:.0%} dead"
+        else:
+            listed = ", ".join(str(k) for k in calls[:-1]) + (" and " if len(calls) > 1 else "")
+            which = (f"the dead units are those of its call{'s' if len(calls) > 1 else ''} "
+                     f"{listed}{calls[-1]}")
         return replace(
             finding,
-            message=(f"{finding.message} It runs {positions} times in each forward pass, on "
-                     f"other units each time: these are its call {call}'s."),
-            details={**finding.details, "call": call, "calls_per_pass": positions})
+            message=(f"{finding.message} It is called at {n} places in each forward pass, each "
+                     f"on units of its own, and {which} (the fraction above is the worst "
+                     "call's)."),
+            details={**finding.details, "calls": calls, "call_positions": n})

@@ -72,9 +72,11 @@ def _gradient_step(lr: float, record: StepRecord, i: int) -> float:
 
 
 def _steps_along_gradient(record: StepRecord, i: int) -> bool:
-    """Whether layer ``i``'s optimizers move it in proportion to its gradient (SGD): only then
-    does an update near one plain gradient step say the gradient is what keeps it small (Adam
-    moves every weight by about the learning rate, whatever the gradient's size)."""
+    """Whether layer ``i``'s optimizers step along its gradient (SGD): only then does an update
+    near one plain gradient step say the gradient is what keeps it small (Adam moves every
+    weight by about the learning rate, whatever the gradient's size unless it is near Adam's
+    eps). Unknown (a record without ``along_gradient``, which live records read with the
+    learning rates always carry): not judged."""
     return record.along_gradient is not None and bool(record.along_gradient[i])
 
 
@@ -233,7 +235,7 @@ class StalledRule(OnsetRule):
                      "layer's), so the optimizer scales its update down (e.g. Adam's steps "
                      "cancelling on a gradient whose sign keeps changing, its eps, weight decay "
                      "cancelling the update, a custom optimizer).")
-            remedy = wording.STALLED
+            remedy = wording.STALLED_OPTIMIZER
         else:
             cause_kind = "unknown"
             cause = ("Causes: too small a learning rate for this layer's param group, a vanished "

@@ -111,6 +111,14 @@ STALLED = (
     "Kaiming/Xavier init, normalisation, residual connections); if the layer should not train, "
     "freeze it (requires_grad_(False))"
 )
+#: ... when the optimizer scales the step of a layer with a fair gradient down.
+STALLED_OPTIMIZER = (
+    "find what shrinks this layer's steps: with Adam on a gradient whose sign keeps changing "
+    "(noise), a larger batch or gradient accumulation steadies it; lower a large eps or weight "
+    "decay (leave norms' gains and biases out of weight decay); check a custom optimizer's "
+    "update; raising the param group's learning rate moves it too; if the layer should not "
+    "train, freeze it (requires_grad_(False))"
+)
 STALLED_LR = (
     "raise this param group's learning rate towards the others' (check per-group lr settings "
     "and any per-layer lr decay); if the layer should not train, freeze it "

@@ -65,13 +65,19 @@ def batch(rank: int, step: int) -> torch.Tensor:
 
 
 def table(monitor: GradientMonitor) -> list[list[object]]:
-    """The activation history's rows, each with the record's dead call and call positions."""
+    """The activation history's rows, each with the record's dead fraction of every call
+    position of the site (``None`` for a position without units)."""
     acts = monitor.activation_history
     columns = ["step", "site", "kind", "saturated_fraction", "dead_fraction", "gain", "calls"]
-    calls = {(r.step, site): [int(r.activations.dead_call[i]),
-                              int(r.activations.call_positions[i])]
-             for r in monitor.records if r.activations is not None
-             for i, site in enumerate(r.activations.sites)}
+    calls = {}
+    for r in monitor.records:
+        if r.activations is None:
+            continue
+        a = r.activations
+        ends = a.call_positions.cumsum()
+        for i, site in enumerate(a.sites):
+            own = a.dead_by_call[ends[i] - a.call_positions[i]:ends[i]].tolist()
+            calls[r.step, site] = [[None if v != v else v for v in own]]
     return [[None if isinstance(v, float) and v != v else v for v in row]
             + calls[int(row[0]), row[1]] for row in acts[columns].values.tolist()]
 

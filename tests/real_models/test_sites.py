@@ -113,9 +113,11 @@ def test_a_dead_relu_reused_across_widths_is_found() -> None:
     assert zero == ["conv1", "conv2"]
     assert [(f.kind, f.layer, f.step) for f in run.findings] == [
         *(("vanishing", k, 1) for k in zero), ("dead_relu", "relu", 2)]
-    # every call is as dead: the fraction is each call's, and no one call is named
+    # every call is dead, and the finding says so
     dead_relu = run.findings[-1]
-    assert "call" not in dead_relu.details and "runs" not in dead_relu.message
+    assert (dead_relu.details["calls"], dead_relu.details["call_positions"]) == ([1, 2], 2)
+    assert "called at 2 places in each forward pass" in dead_relu.message
+    assert "the units of every call are over 70% dead" in dead_relu.message
 
 
 def test_one_dead_call_of_a_reused_relu_among_live_ones_is_found() -> None:
@@ -137,12 +139,19 @@ def test_one_dead_call_of_a_reused_relu_among_live_ones_is_found() -> None:
     assert {("vanishing", "conv1"), ("vanishing", "conv2")} <= {k[:2] for k in kinds}
     # the finding names the dead call: the second of the two (the recorder's call order)
     dead_relu = next(f for f in run.findings if f.kind == "dead_relu")
-    assert (dead_relu.details["call"], dead_relu.details["calls_per_pass"]) == (2, 2)
-    assert "runs 2 times in each forward pass" in dead_relu.message
-    assert "its call 2's" in dead_relu.message
+    assert (dead_relu.details["calls"], dead_relu.details["call_positions"]) == ([2], 2)
+    assert "called at 2 places in each forward pass" in dead_relu.message
+    assert "the dead units are those of its call 2 " in dead_relu.message
+    # and each call's own dead fraction, as counted from the module's outputs
+    checked = 0
     for record in (r for r in run.monitor.records if r.activations is not None):
-        i = record.activations.sites.index("relu")
-        assert (record.activations.dead_call[i], record.activations.call_positions[i]) == (2, 2)
+        acts = record.activations
+        assert acts.sites == ["relu"] and acts.call_positions.tolist() == [2]
+        if record.step in recorder.alive:
+            per_call = [float((~alive).double().mean()) for alive in recorder.alive[record.step]]
+            assert acts.dead_by_call.tolist() == pytest.approx(per_call)
+            checked += 1
+    assert checked == 2
 
 
 def _watched(root: nn.Module, *passes: torch.Tensor) -> ActivationRecord:
@@ -197,6 +206,44 @@ def test_a_module_called_once_per_time_step_keeps_one_set_of_units() -> None:
     expected = float((~fired).double().mean())
     assert expected < 0.5
     assert record.sites == ["act"] and float(record.dead[0]) == pytest.approx(expected)
+    assert record.call_positions.tolist() == [1]
+
+
+class SharedBeforeCell(ModuleCell):
+    """:class:`ModuleCell` whose ``act`` is also called once before the time loop, on units of
+    another layer (``pre``, whose 8 units are all dead: a bias of -10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 8)
+        with torch.no_grad():
+            self.pre.weight.zero_()
+            self.pre.bias.fill_(-10.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 8)
+        start = self.act(self.pre(x[:, 0]))
+        for t in range(x.shape[1]):
+            h = self.act(self.inp(x[:, t]) + self.rec(h))
+        return self.head(h + start).sum()
+
+
+def test_a_module_called_before_a_time_loop_keeps_the_loops_units_apart_from_that_call() -> None:
+    """``act`` runs once on ``pre``'s units (all dead) and then once per time step on the
+    cell's: two call positions, the first 100 % dead, the second dead only where a unit fired
+    on no step (counted from the module's outputs), not merged with the first call's."""
+    torch.manual_seed(0)
+    model = SharedBeforeCell()
+    x = torch.randn(16, 6, 4)
+    outputs: list[torch.Tensor] = []
+    model.act.register_forward_hook(lambda m, a, out: outputs.append(out.detach() > 0))
+    record = _watched(model, x)
+    assert len(outputs) == 7 and not outputs[0].any()  # the call before the loop: all dead
+    fired = torch.stack(outputs[1:]).any(dim=0).any(dim=0)  # the cell's units, on any step
+    expected = float((~fired).double().mean())
+    assert expected < 0.5
+    assert record.sites == ["act"] and record.call_positions.tolist() == [2]
+    assert record.dead_by_call.tolist() == pytest.approx([1.0, expected])
 
 
 def _autograd_derivative(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

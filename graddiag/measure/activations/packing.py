@@ -5,7 +5,7 @@ Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dea
 the dead fraction being that of its worst call position: a site called at several positions of
 a forward pass (a shared ``self.relu``) has different units on each (see
 :mod:`graddiag.measure.activations.statistics`), and one position whose units are all dead is a
-dead site even where the others fire. In one process only the device numbers travel (per site
+dead site even where the others fire; each position's own fraction travels beside the rows. In one process only the device numbers travel (per site
 the saturated elements where counted on the device and the sum of |f'|, and every unit's
 largest |f'|: one stack and one concatenation per step); the host knows elements and calls and
 counts the dead units. With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
@@ -31,9 +31,7 @@ from graddiag.measure.ranks import RankReducer
 #: (name, kind, family, units, units per call position): units is -1 (and the positions empty)
 #: when the site has no comparable unit mask.
 SiteInfo = tuple[str, str, str, int, tuple[int, ...]]
-#: saturated elements, sum of |f'|, elements, calls, dead fraction (worst call position), and
-#: which call position that is (1, 2, ...; 0 for a site with one)
-COLUMNS = 6
+COLUMNS = 5  # saturated elements, sum of |f'|, elements, calls, dead fraction (worst position)
 
 
 @dataclass
@@ -55,12 +53,12 @@ def _info(site: _Site) -> SiteInfo:
 
 def dead_by_site(dead_flags: np.ndarray, widths: list[tuple[int, ...]]
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Per site, the dead fraction of its worst call position, and which position that is.
+    """Per site, the dead fraction of its worst call position; and per call position, its own.
 
     ``dead_flags`` holds every unit of every site end to end (each site's call positions in
-    order, ``widths`` units each). Returns the fractions (NaN for a site without units) and the
-    worst positions, numbered from 1 for a site with several (the first of equals); 0 for a site
-    with one or none, or whose positions are all as dead (the fraction is every call's).
+    order, ``widths`` units each). Returns the worst fraction of each site (NaN for a site
+    without units) and the fraction of each call position, the sites' positions end to end
+    (NaN for a position without units).
     """
     sizes = np.array([w for site in widths for w in site], dtype=np.int64)
     position = np.repeat(np.arange(len(sizes)), sizes)
@@ -68,19 +66,12 @@ def dead_by_site(dead_flags: np.ndarray, widths: list[tuple[int, ...]]
     with np.errstate(divide="ignore", invalid="ignore"):
         fraction = dead / sizes
     worst = np.full(len(widths), np.nan)
-    call = np.zeros(len(widths))
     site = np.repeat(np.arange(len(widths)), [len(w) for w in widths])
     if len(site):
         worst[:] = -np.inf
         np.fmax.at(worst, site, fraction)  # a position without units (NaN) does not count
         worst[np.isneginf(worst)] = np.nan  # no positions
-    start = 0
-    for i, positions in enumerate(widths):  # only a shared module has several positions
-        own = fraction[start:start + len(positions)]
-        if len(positions) > 1 and not np.isnan(worst[i]) and not (own == worst[i]).all():
-            call[i] = 1 + int(np.nanargmax(own))
-        start += len(positions)
-    return worst, call
+    return worst, fraction
 
 
 def _agree(local: list[SiteInfo], cut_ops: dict[str, list[str]], reducer: RankReducer
@@ -177,18 +168,19 @@ class _LocalCounts:
     widths: list[tuple[int, ...]]
     floor_of_unit: np.ndarray
 
-    def rows(self, host: list[np.ndarray]) -> np.ndarray:
-        """Rows of :data:`COLUMNS` from the host copy of :func:`_pack_local`'s chunks."""
+    def rows(self, host: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of :data:`COLUMNS` from the host copy of :func:`_pack_local`'s chunks, and the
+        dead fraction of every call position (see :func:`dead_by_site`)."""
         n = len(self.elements)
         if not n:
-            return np.zeros((0, COLUMNS))
+            return np.zeros((0, COLUMNS)), np.zeros(0)
         device = host[0].reshape(n, 2)
         gain = device[:, 1]
         below = np.where(self.counted_below, device[:, 0], self.elements - gain)
         # compared in float32, as on the device: NaN is alive
         dead_flags = host[1].astype(np.float32, copy=False) < self.floor_of_unit
-        dead, call = dead_by_site(dead_flags, self.widths)
-        return np.column_stack([below, gain, self.elements, self.calls, dead, call])
+        dead, by_call = dead_by_site(dead_flags, self.widths)
+        return np.column_stack([below, gain, self.elements, self.calls, dead]), by_call
 
 
 def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCounts | None,
@@ -199,9 +191,9 @@ def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCou
     if local is None:
         values = np.empty((len(layout), COLUMNS))
         values[:, :4] = host[0].reshape(len(layout), 4)
-        values[:, 4:] = np.column_stack(dead_by_site(host[1] == 0, [info[4] for info in layout]))
+        values[:, 4], by_call = dead_by_site(host[1] == 0, [info[4] for info in layout])
     else:
-        values = local.rows(host)
+        values, by_call = local.rows(host)
     with np.errstate(divide="ignore", invalid="ignore"):
         return ActivationRecord(
             sites=[info[0] for info in layout],
@@ -212,6 +204,6 @@ def _record(layout: list[SiteInfo], cuts: dict[str, list[str]], local: _LocalCou
             gain=values[:, 1] / values[:, 2],
             calls=values[:, 3].copy(),
             cut_ops=cuts,
-            dead_call=values[:, 5].astype(np.int64),
             call_positions=np.array([len(info[4]) for info in layout], dtype=np.int64),
+            dead_by_call=by_call,
         )

@@ -103,7 +103,8 @@ class _Site:
         # per call position within a forward pass, and its width: each unit's largest |f'|
         self._slots: dict[tuple[int, int], torch.Tensor] = {}
         self._pass = -1
-        self._ordinal = 0
+        self._next = 0  # the next new call position in this forward pass
+        self._latest = 0  # the latest call position with units of its own
 
     @property
     def below(self) -> torch.Tensor | None:
@@ -143,12 +144,15 @@ class _Site:
 
     def add(self, x: torch.Tensor | None, y: torch.Tensor, params: dict[str, float],
             floor: float, *, forward_pass: int = 0, skipped: set[str] | None = None,
-            same_units: bool = False) -> None:
+            same_units: bool = False, position: int | None = None) -> None:
         """Add one call's statistics (``forward_pass`` numbers the outermost forward calls).
 
-        ``same_units``: every call of this site has the same units (a recurrent cell's, one
-        call per time step), so a unit is dead only if it is dead on every call; otherwise each
-        call position within a forward pass keeps units of its own.
+        Each call position within a forward pass keeps units of its own. ``position``: this
+        call's, where the caller knows it (a module's calls, numbered by
+        :class:`~graddiag.measure.activations.call_sites.CallSites`: calls on the same units, a
+        recurrent cell's time steps, share one). Otherwise a call starts a new position, or,
+        ``same_units``, acts on the units of the latest one (the next time step of the cell
+        that began there), so a unit is dead only if it is dead on every such call.
         """
         if in_backward():  # re-run by activation checkpointing: the forward already counted
             return
@@ -181,9 +185,12 @@ class _Site:
             gain_sum = d.sum(dtype=torch.float32)
             largest = _largest(d, y)
         if forward_pass != self._pass:
-            self._pass, self._ordinal = forward_pass, 0
-        key = (0 if same_units else self._ordinal, int(largest.numel()))
-        self._ordinal += 1
+            self._pass, self._next, self._latest = forward_pass, 0, 0
+        if position is None:  # a new position, or the units of the latest one
+            if not same_units:
+                self._latest, self._next = self._next, self._next + 1
+            position = self._latest
+        key = (position, int(largest.numel()))
         previous = self._slots.get(key)
         self._slots[key] = largest if previous is None else torch.maximum(previous, largest)
         if self.gain is None:

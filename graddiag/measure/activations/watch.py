@@ -258,23 +258,26 @@ class ActivationWatch:
                 return
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             self._add(name or self.root_name, spec, params, x if spec.needs_input else None, output,
-                      same_units=self._same_units(name, spec.kind, module, output))
+                      position=self._module_position(name, spec.kind, module, output))
 
         return hook
 
-    def _same_units(self, name: str, kind: str, module: nn.Module, output: torch.Tensor) -> bool:
-        """Whether this call of activation module ``name`` acts on the units of an earlier call
-        in this pass (see :mod:`graddiag.measure.activations.call_sites`)."""
+    def _module_position(self, name: str, kind: str, module: nn.Module,
+                         output: torch.Tensor) -> int:
+        """The call position in this pass of this call of activation module ``name``: 0 for its
+        first call, and for a later one the position of an earlier call whose units it acts on
+        (a time step of a recurrent cell), else a new one (see
+        :mod:`graddiag.measure.activations.call_sites`)."""
         calls = self._module_calls.get(name)
         if calls is None:
             first = self._module_first.get(name)
             if first is None:  # the usual module, called once per pass, compares nothing
                 self._module_first[name] = (output.grad_fn, len(self._modules_run))
-                return False
+                return 0
             node, mark = first  # called again: the first call is numbered as it happened
             calls = self._module_calls[name] = CallSites(self._modules_run, start=mark)
             calls.number(kind, module, node, at=mark)
-        return calls.number(kind, module, output.grad_fn)[1]
+        return calls.number(kind, module, output.grad_fn)[0] - 1
 
     def record_function(self, spec: ActivationSpec, params: dict[str, float],
                         x: torch.Tensor | None, y: torch.Tensor) -> None:
@@ -291,7 +294,8 @@ class ActivationWatch:
                   same_units=joined)
 
     def _add(self, name: str, spec: ActivationSpec, params: dict[str, float],
-             x: torch.Tensor | None, y: torch.Tensor, *, same_units: bool = False) -> None:
+             x: torch.Tensor | None, y: torch.Tensor, *, same_units: bool = False,
+             position: int | None = None) -> None:
         if self._busy:
             return
         self._busy = True
@@ -304,7 +308,7 @@ class ActivationWatch:
                 if site is None:
                     site = self.sites[name] = _Site(name, spec)
                 site.add(x, y, params, self.floor, forward_pass=self.forward_passes,
-                         skipped=self.skipped, same_units=same_units)
+                         skipped=self.skipped, same_units=same_units, position=position)
         finally:
             self._busy = False
 
