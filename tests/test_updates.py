@@ -399,8 +399,37 @@ def test_a_module_created_after_the_optimizer_is_not_in_optimizer(digits) -> Non
 
 
 def test_optimizers_argument_is_checked() -> None:
-    with pytest.raises(ValueError, match="optimizers must be a torch.optim.Optimizer or a list"):
+    with pytest.raises(ValueError, match=r"optimizers must be a torch.optim.Optimizer \(or a "
+                       r"wrapper holding one as .optimizer\) or a list of them, got str$"):
         GradientMonitor(nn.Linear(2, 2), optimizers="adam")  # type: ignore[arg-type]
+
+
+class _DuckWrapper:
+    """A wrapper that is no ``torch.optim.Optimizer`` but holds one as ``.optimizer``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+
+def test_a_wrapper_holding_an_optimizer_stands_for_it() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    sgd = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    adam = torch.optim.Adam(model[1].parameters(), lr=1e-3)
+    for given in (_DuckWrapper(sgd), [_DuckWrapper(sgd), adam]):
+        monitor = GradientMonitor(model, optimizers=given, reporters=[])  # type: ignore[arg-type]
+        model(torch.randn(2, 3)).sum().backward()
+        monitor.step(0)
+        monitor.close()
+        record = monitor.records[0]
+        expected_lr = [0.1, 1e-3] if isinstance(given, list) else [0.1, float("nan")]
+        np.testing.assert_array_equal(record.learning_rate, expected_lr)
+        assert record.along_gradient.tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"got _DuckWrapper at position 1$"):
+        GradientMonitor(model, optimizers=[sgd, _DuckWrapper(None)])  # type: ignore[list-item]
 
 
 # ----------------------------------------------------------------------------- the rules alone

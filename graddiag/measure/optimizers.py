@@ -46,6 +46,20 @@ class Coverage:
 _MAX_WRAPPERS = 4
 
 
+def wrapped_optimizer(wrapper: object) -> torch.optim.Optimizer | None:
+    """The ``torch.optim.Optimizer`` a wrapper that is none holds as ``.optimizer`` (Hugging
+    Face Accelerate's) or ``._optimizer`` (Lightning's), looked for a few wrappers deep; ``None``
+    where there is none."""
+    for _ in range(_MAX_WRAPPERS):
+        inner = getattr(wrapper, "optimizer", None) or getattr(wrapper, "_optimizer", None)
+        if inner is None or inner is wrapper:
+            return None
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+        wrapper = inner
+    return None
+
+
 def steps_along_gradient(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s update is the learning rate times the gradient, or a running sum
     of such steps (momentum), plus weight decay: ``torch.optim.SGD`` itself, also behind

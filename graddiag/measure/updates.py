@@ -22,7 +22,7 @@ from torch import nn
 from graddiag.data.options import MonitorConfig
 from graddiag.data.schedule import Schedule
 from graddiag.measure.layers import LayerIndex
-from graddiag.measure.optimizers import coverage
+from graddiag.measure.optimizers import coverage, wrapped_optimizer
 from graddiag.measure.parameters import ParameterProbe
 
 log = logging.getLogger("graddiag")
@@ -85,17 +85,24 @@ class _OptimizerState:
 
 
 def as_optimizers(optimizers: object) -> list[torch.optim.Optimizer]:
-    """One optimizer or a sequence of them as a list; ``ValueError`` for anything else."""
+    """One optimizer or a sequence of them as a list (a wrapper that is no
+    ``torch.optim.Optimizer`` but holds one as ``.optimizer`` or ``._optimizer`` stands for
+    it); ``ValueError`` for anything else."""
     if optimizers is None:
         return []
-    items = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
-    allowed = "optimizers must be a torch.optim.Optimizer or a list of them"
+    single = isinstance(optimizers, torch.optim.Optimizer) or wrapped_optimizer(optimizers)
+    items = [optimizers] if single else optimizers
+    allowed = ("optimizers must be a torch.optim.Optimizer (or a wrapper holding one as "
+               ".optimizer) or a list of them")
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"{allowed}, got {type(optimizers).__name__}")
+    found: list[torch.optim.Optimizer] = []
     for i, item in enumerate(items):
-        if not isinstance(item, torch.optim.Optimizer):
+        inner = item if isinstance(item, torch.optim.Optimizer) else wrapped_optimizer(item)
+        if inner is None:
             raise ValueError(f"{allowed}, got {type(item).__name__} at position {i}")
-    return list(items)
+        found.append(inner)
+    return found
 
 
 class UpdateTracker:

@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from graddiag.data.findings import Finding
-from graddiag.data.records import StepRecord
+from graddiag.data.records import ActivationRecord, StepRecord
 from graddiag.rules import wording as remedies
 from graddiag.rules.onsets import OnsetRule
 
@@ -61,14 +61,19 @@ class _FractionRule(OnsetRule):
             remedy=self.remedy, details={"activation": a.kinds[i], "gain": gain},
         )
 
+    def _placed_by_one_call(self, acts: ActivationRecord) -> np.ndarray:
+        """Sites judged wherever their place says they ran: none here (see :class:`DeadReluRule`)."""
+        return np.zeros(len(acts.sites), dtype=bool)
+
     def update(self, record: StepRecord) -> list[Finding]:
         acts = record.activations
         if acts is None or record.nonfinite or record.amp_overflow:  # a poisoned forward pass
             return []
         values = acts.saturated if self.family == "saturating" else acts.dead
         family = np.array([f == self.family for f in acts.families], dtype=bool)
-        judged = family & between_trainable_layers(acts.position, len(acts.sites),
-                                                   len(record.layers))
+        judged = family & (between_trainable_layers(acts.position, len(acts.sites),
+                                                    len(record.layers))
+                           | self._placed_by_one_call(acts))
         with np.errstate(invalid="ignore"):
             condition = judged & (values > self.fraction)
         onsets = self.onsets.observe_all(acts.sites, condition, evaluated=family)
@@ -100,6 +105,15 @@ class DeadReluRule(_FractionRule):
         return (f"Dead {kind} units: {value:.0%} of its units output zero (no gradient) for every "
                 f"sample of the batch, mean derivative {gain:.3g}; dead units rarely recover, so "
                 "this capacity is lost.")
+
+    def _placed_by_one_call(self, acts: ActivationRecord) -> np.ndarray:
+        """Sites called at several places of a forward pass (a shared module): their place is
+        their call nearest the loss, which may come after the last trainable layer while
+        another call, the dead one, sits between layers. Their dead fraction is each call's
+        own, so they are judged wherever that one place is."""
+        if acts.call_positions is None:
+            return np.zeros(len(acts.sites), dtype=bool)
+        return np.asarray(acts.call_positions) > 1
 
     def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
         """A module called at several places of a forward pass (a shared ``self.relu``) has

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import activations as hf
 
+from graddiag import GradientMonitor
 from graddiag.data.records import ActivationRecord
 from graddiag.measure.activations import ActivationWatch
 from graddiag.measure.activations.packing import pack_activations
@@ -315,3 +316,51 @@ def test_units_of_a_call_position_add_up_over_micro_batches() -> None:
     assert record.calls[0] == 4
     assert float(record.dead[0]) == pytest.approx(expected)
     assert 0 < expected < 1
+
+
+class SharedOutputReLU(nn.Module):
+    """One ``nn.ReLU`` after two hidden layers and on the output (a non-negative regression):
+    the site's place is its call nearest the loss, after the last trainable layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        x = self.act(self.fc2(x))
+        return self.act(self.out(x))
+
+
+def test_a_shared_relu_whose_last_call_feeds_the_loss_is_still_judged() -> None:
+    """The second call (after ``fc2``, bias -30) is 100 % dead, counted from the module's
+    outputs; the site's last call comes after the last layer, yet the dead call sits between
+    layers and is reported, named."""
+    torch.manual_seed(0)
+    model = SharedOutputReLU()
+    with torch.no_grad():
+        model.fc2.bias.fill_(-30.0)
+        model.out.bias.fill_(1.0)
+    recorder = CallRecorder(model.act, {1})
+    x_all = torch.randn(512, 16)
+    y_all = x_all[:, :4].abs().sum(1, keepdim=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = GradientMonitor(model, optimizers=optimizer, reporters=[])
+    for step in range(6):
+        recorder.step = step
+        idx = torch.randint(0, 512, (64,), generator=torch.Generator().manual_seed(step))
+        loss = F.mse_loss(model(x_all[idx]), y_all[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        monitor.step(step)
+        optimizer.step()
+    monitor.close()
+    per_call = [float((~alive).double().mean()) for alive in recorder.alive[1]]
+    assert len(per_call) == 3 and per_call[1] == 1.0 and max(per_call[0], per_call[2]) < 0.7
+    record = next(r for r in monitor.records if r.step == 1).activations
+    assert record is not None and record.sites == ["act"]
+    assert record.position[0] == len(monitor.records[-1].layers) - 0.5  # placed after the last
+    assert record.dead_by_call.tolist() == pytest.approx(per_call)
+    found = [f for f in monitor.findings if f.kind == "dead_relu"]
+    assert [(f.layer, f.details["calls"]) for f in found] == [("act", [2])]
