@@ -1129,3 +1129,60 @@ def test_a_layer_steps_along_its_gradient_only_where_every_optimizer_holding_it_
     # 0: SGD only; 1: split between SGD and Adam; 2: held by both; 3: by none; 4: SGD behind a
     # wrapper; 5: a subclass of SGD
     assert monitor.records[0].along_gradient.tolist() == [True, False, False, False, True, False]
+
+
+class _ScaledMiddle(nn.Module):
+    """Three linear layers, each followed by a LayerNorm, and a head; ``fc2``'s weights are
+    multiplied by ``scale`` (a scale applied twice, a checkpoint in other units)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.fc1, self.n1 = nn.Linear(20, 64), nn.LayerNorm(64)
+        self.fc2, self.n2 = nn.Linear(64, 64), nn.LayerNorm(64)
+        self.fc3, self.n3 = nn.Linear(64, 64), nn.LayerNorm(64)
+        self.head = nn.Linear(64, 5)
+        with torch.no_grad():
+            self.fc2.weight.mul_(scale)
+            self.fc2.bias.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.n1(self.fc1(x)))
+        x = F.relu(self.n2(self.fc2(x)))
+        return self.head(F.relu(self.n3(self.fc3(x))))
+
+
+@pytest.mark.parametrize(("optimizer", "lr", "scale"), [
+    (torch.optim.SGD, 0.05, 1e4), (torch.optim.Adam, 1e-3, 1e5)])
+def test_a_layer_stalled_by_weights_of_another_scale_is_told_so(
+        optimizer: type[torch.optim.Optimizer], lr: float, scale: float) -> None:
+    """``fc2``'s weights, thousands of times the other layers' (RMS from the weights here),
+    stall under SGD and Adam alike: the cause named is their scale, not the learning rate or a
+    vanished gradient, and the remedy points at how they were initialised or loaded."""
+    torch.manual_seed(0)
+    model = _ScaledMiddle(scale)
+    opt = optimizer(model.parameters(), lr=lr)
+    x_all = torch.randn(1024, 20)
+    y_all = (x_all[:, :5] * torch.randn(5)).argmax(1)
+    monitor = GradientMonitor(model, optimizers=opt, reporters=[])
+    rms: dict[int, dict[str, float]] = {}
+    for step in range(8):
+        rms[step] = {name: float(torch.cat([p.detach().double().reshape(-1)
+                                            for p in module.parameters()]).square().mean().sqrt())
+                     for name, module in model.named_children()}
+        idx = torch.randint(0, 1024, (64,), generator=torch.Generator().manual_seed(step))
+        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        monitor.step(step)
+        opt.step()
+    monitor.close()
+    stalled = [f for f in monitor.findings if f.kind == "stalled"]
+    assert [f.layer for f in stalled] == ["fc2"]
+    finding = stalled[0]
+    assert finding.details["cause_kind"] == "weight_scale"
+    assert finding.remedy == wording.STALLED_WEIGHT_SCALE
+    seen = rms[finding.step]
+    others = sorted(v for k, v in seen.items() if k != "fc2")
+    expected = seen["fc2"] / float(np.median(others))
+    assert expected > 1000
+    assert finding.details["weight_scale"] == pytest.approx(expected, rel=1e-3)

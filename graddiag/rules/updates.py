@@ -56,6 +56,9 @@ def _lr_text(record: StepRecord, i: int) -> tuple[str, float]:
 #: gradient read on the parameter step stands for the one the measured update used. Judged only
 #: for layers whose optimizers step along the gradient (SGD): see :func:`_steps_along_gradient`.
 GRADIENT_STEP_BAND = (0.5, 20.0)
+#: A layer whose weights' RMS is this many times the median of the other layers' has weights of
+#: another scale (a LayerNorm gain, RMS 1, is about 50x a GPT-2 linear layer's 0.02).
+WEIGHT_SCALE_GAP = 100.0
 
 
 def _gradient_step(lr: float, record: StepRecord, i: int) -> float:
@@ -78,6 +81,19 @@ def _steps_along_gradient(record: StepRecord, i: int) -> bool:
     eps). Unknown (a record without ``along_gradient``, which live records read with the
     learning rates always carry): not judged."""
     return record.along_gradient is not None and bool(record.along_gradient[i])
+
+
+def _weight_scale(rms: np.ndarray | None, i: int) -> tuple[float, float]:
+    """Layer ``i``'s weight RMS over the median of the other layers' (NaN with fewer than two
+    others with weights), and that median."""
+    if rms is None:
+        return math.nan, math.nan
+    others = np.delete(rms, i)
+    others = others[np.isfinite(others) & (others > 0)]
+    if len(others) < 2 or not rms[i] > 0:
+        return math.nan, math.nan
+    median = float(np.median(others))
+    return float(rms[i]) / median, median
 
 
 def _rms(record: StepRecord) -> np.ndarray | None:
@@ -201,10 +217,18 @@ class StalledRule(OnsetRule):
         gets = "gets gradients" if record.grad_norm[i] != 0.0 else "has a .grad (all zeros)"
         step = _gradient_step(lr, record, i)  # one plain gradient step's update ratio
         cause_kind = "learning_rate"  # what the evidence points to (the explainer reads it)
+        scale, median_rms = _weight_scale(rms_all, i)
         if lr_text and lr < LR_GAP * largest_lr:
             cause = (f"{lr_text[1:-1]}, against {_fmt(largest_lr)} for other layers: too small a "
                      "learning rate for this layer.")
             remedy = wording.STALLED_LR
+        elif scale > WEIGHT_SCALE_GAP and record.grad_norm[i] != 0.0:  # NaN compares False
+            cause_kind = "weight_scale"
+            cause = (f"Its weights are {_fmt(scale)} x larger than the other layers' (RMS "
+                     f"{_fmt(rms)} against a median of {_fmt(median_rms)}): an update of the usual "
+                     "size is a tiny fraction of them, and where a normalisation follows them "
+                     "their gradient is smaller by the same factor.")
+            remedy = wording.STALLED_WEIGHT_SCALE
         elif lr_text and rms > 0 and lr / rms < self.ratio_floor:
             cause = (f"{lr_text[1:-1]}: too small for weights of this size (RMS {_fmt(rms)}); "
                      "even an optimizer that moves every weight by about the learning rate (Adam) "
@@ -261,7 +285,9 @@ class StalledRule(OnsetRule):
                      # vanished on its own: 0, or below the vanishing rule's absolute floor
                      "grad_below_abs": bool(record.grad_norm[i] <= self.vanishing_abs),
                      "largest_grad_layer": (record.layers[top_grad_pos] if top_grad > 0
-                                            else None)},
+                                            else None),
+                     # its weights' RMS over the median of the other layers' (NaN: unknown)
+                     "weight_scale": scale},
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -111,6 +111,13 @@ STALLED = (
     "Kaiming/Xavier init, normalisation, residual connections); if the layer should not train, "
     "freeze it (requires_grad_(False))"
 )
+#: ... when the layer's weights are of another scale than the other layers'.
+STALLED_WEIGHT_SCALE = (
+    "check how this layer's weights were initialised or loaded (a scale applied twice, a "
+    "checkpoint in other units, an init meant for another shape) and bring them to the other "
+    "layers' scale (re-initialise or rescale them); weight decay lowers them only slowly; if "
+    "the layer should not train, freeze it (requires_grad_(False))"
+)
 #: ... when the optimizer scales the step of a layer with a fair gradient down.
 STALLED_OPTIMIZER = (
     "find what shrinks this layer's steps: with Adam on a gradient whose sign keeps changing "
