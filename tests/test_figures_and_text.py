@@ -221,6 +221,7 @@ def test_summary_text_has_short_columns_and_activation_sites_apart() -> None:
     findings = [_finding("vanishing", "net.0", 1, "m"), _finding("dead_relu", "net.1", 1, "m")]
     summary = summarize(history, findings)
     assert list(summary.activation_site) == [False, False, True]
+    assert summary.nan_steps.tolist() == [0, 0, 0] and str(summary.nan_steps.dtype) == "int64"
     html = markdown_to_safe_html(summary_markdown(summary, skipped_steps=3))
     assert html.count("<table>") == 2
     first, second = html.split("</table>")[:2]

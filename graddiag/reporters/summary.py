@@ -45,7 +45,7 @@ def summarize(history: pd.DataFrame, findings: list[Finding]) -> pd.DataFrame:
     for f in findings:
         if f.layer not in known:
             known.add(f.layer)
-            rows.append({"layer": f.layer, "position": len(rows), "records": 0})
+            rows.append({"layer": f.layer, "position": len(rows), "records": 0, "nan_steps": 0})
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:8])
     by_layer: dict[str, list[Finding]] = {}
     for f in findings:
