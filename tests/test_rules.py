@@ -178,6 +178,8 @@ def test_a_dead_relu_called_at_several_places_names_the_calls_over_the_fraction(
     assert (found[0].details["calls"], found[0].details["call_positions"]) == (calls, 3)
     assert "called at 3 places in each forward pass, each on units of its own" in found[0].message
     assert said in found[0].message
+    assert found[0].message.endswith(
+        "(the fraction above is the worst call's, the mean derivative all calls').")
 
 
 def test_a_dead_relu_called_at_one_place_names_no_call() -> None:

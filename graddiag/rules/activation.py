@@ -141,5 +141,5 @@ class DeadReluRule(_FractionRule):
             finding,
             message=(f"{finding.message} It is called at {n} places in each forward pass, each "
                      f"on units of its own, and {which} (the fraction above is the worst "
-                     "call's)."),
+                     "call's, the mean derivative all calls')."),
             details={**finding.details, "calls": calls, "call_positions": n})
