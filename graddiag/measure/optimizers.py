@@ -42,7 +42,7 @@ class Coverage:
     along_gradient: dict[int, bool] = field(default_factory=dict)
 
 
-#: How many wrappers deep :func:`steps_along_gradient` looks for the optimizer doing the steps.
+#: How many wrappers deep :func:`wrapped_optimizer` looks for the optimizer doing the steps.
 _MAX_WRAPPERS = 4
 
 
@@ -68,13 +68,11 @@ def steps_along_gradient(optimizer: torch.optim.Optimizer) -> bool:
     by its gradient's running size, and others (subclasses of SGD included, which may rescale
     the step) are unknown: for them a small gradient says nothing about the size of the
     update."""
-    for _ in range(_MAX_WRAPPERS):
-        if type(optimizer) is torch.optim.SGD:
-            return True
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None or inner is optimizer:
-            return False
-        optimizer = inner
+    inner: torch.optim.Optimizer | None = optimizer
+    for _ in range(_MAX_WRAPPERS):  # an Optimizer subclass may wrap another (Accelerate's)
+        if inner is None or type(inner) is torch.optim.SGD:
+            return inner is not None
+        inner = wrapped_optimizer(inner)
     return False
 
 

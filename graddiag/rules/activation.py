@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from graddiag.data.findings import Finding
-from graddiag.data.records import ActivationRecord, StepRecord
+from graddiag.data.records import StepRecord
 from graddiag.rules import wording as remedies
 from graddiag.rules.onsets import OnsetRule
 
@@ -43,6 +43,9 @@ class _FractionRule(OnsetRule):
     family = ""
     kind = ""
     remedy = ""
+    #: Judge a site called at several places of a forward pass (a shared module) wherever its
+    #: one place is: only where its fraction is its calls' own (see :class:`DeadReluRule`).
+    judges_shared_sites = False
 
     def __init__(self, fraction: float, patience: int) -> None:
         super().__init__(patience)
@@ -61,19 +64,16 @@ class _FractionRule(OnsetRule):
             remedy=self.remedy, details={"activation": a.kinds[i], "gain": gain},
         )
 
-    def _placed_by_one_call(self, acts: ActivationRecord) -> np.ndarray:
-        """Sites judged wherever their place says they ran: none here (see :class:`DeadReluRule`)."""
-        return np.zeros(len(acts.sites), dtype=bool)
-
     def update(self, record: StepRecord) -> list[Finding]:
         acts = record.activations
         if acts is None or record.nonfinite or record.amp_overflow:  # a poisoned forward pass
             return []
         values = acts.saturated if self.family == "saturating" else acts.dead
         family = np.array([f == self.family for f in acts.families], dtype=bool)
-        judged = family & (between_trainable_layers(acts.position, len(acts.sites),
-                                                    len(record.layers))
-                           | self._placed_by_one_call(acts))
+        judged = between_trainable_layers(acts.position, len(acts.sites), len(record.layers))
+        if self.judges_shared_sites and acts.call_positions is not None:
+            judged = judged | (np.asarray(acts.call_positions) > 1)
+        judged &= family
         with np.errstate(invalid="ignore"):
             condition = judged & (values > self.fraction)
         onsets = self.onsets.observe_all(acts.sites, condition, evaluated=family)
@@ -100,20 +100,14 @@ class DeadReluRule(_FractionRule):
     kind = "dead_relu"
     family = "rectifier"
     remedy = remedies.DEAD_RELU
+    # a shared site's place is its call nearest the loss, which may come after the last
+    # trainable layer while another call, the dead one, sits between layers
+    judges_shared_sites = True
 
     def _message(self, kind: str, value: float, gain: float) -> str:
         return (f"Dead {kind} units: {value:.0%} of its units output zero (no gradient) for every "
                 f"sample of the batch, mean derivative {gain:.3g}; dead units rarely recover, so "
                 "this capacity is lost.")
-
-    def _placed_by_one_call(self, acts: ActivationRecord) -> np.ndarray:
-        """Sites called at several places of a forward pass (a shared module): their place is
-        their call nearest the loss, which may come after the last trainable layer while
-        another call, the dead one, sits between layers. Their dead fraction is each call's
-        own, so they are judged wherever that one place is."""
-        if acts.call_positions is None:
-            return np.zeros(len(acts.sites), dtype=bool)
-        return np.asarray(acts.call_positions) > 1
 
     def _finding(self, record: StepRecord, i: int, value: float) -> Finding:
         """A module called at several places of a forward pass (a shared ``self.relu``) has

@@ -5,14 +5,16 @@ Each site becomes a row ``[saturated elements, sum of |f'|, elements, calls, dea
 the dead fraction being that of its worst call position: a site called at several positions of
 a forward pass (a shared ``self.relu``) has different units on each (see
 :mod:`graddiag.measure.activations.statistics`), and one position whose units are all dead is a
-dead site even where the others fire; each position's own fraction travels beside the rows. In one process only the device numbers travel (per site
-the saturated elements where counted on the device and the sum of |f'|, and every unit's
-largest |f'|: one stack and one concatenation per step); the host knows elements and calls and
-counts the dead units. With a :class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists
-(name, kind, family, unit count, units per call position) and lay their rows out by the union
-of names in rank order; a site a rank did not see contributes zeros. One sum over ranks then
-adds the counts and, per unit, how many ranks saw it fire, so a unit is dead only if it fired on
-no rank. A site whose call positions differ between ranks has no dead fraction (NaN).
+dead site even where the others fire; each position's own fraction travels beside the rows.
+
+In one process only the device numbers travel (per site the saturated elements where counted on
+the device and the sum of |f'|, and every unit's largest |f'|: one stack and one concatenation
+per step); the host knows elements and calls and counts the dead units. With a
+:class:`~graddiag.measure.ranks.RankReducer` the ranks first exchange their site lists (name,
+kind, family, unit count, units per call position) and lay their rows out by the union of names
+in rank order; a site a rank did not see contributes zeros. One sum over ranks then adds the
+counts and, per unit, how many ranks saw it fire, so a unit is dead only if it fired on no rank.
+A site whose call positions differ between ranks has no dead fraction (NaN).
 """
 
 from __future__ import annotations
